@@ -1,0 +1,77 @@
+"""autometa: a plugin-based AutoML meta-optimizer for meta-learning in PyTorch.
+
+Importing ``autometa`` is cheap: torch-backed names below are imported on first use, so
+``autometa --help``, ``autometa plugins`` and plugin registration never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from autometa.errors import AutometaError, ConfigError, DataError, PluginError
+from autometa.hookspecs import hookimpl, hookspec
+from autometa.plugins import PluginHost, Registration, create_host
+from autometa.space import Categorical, Float, Int
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it, imported lazily (these modules import torch).
+_LAZY = {
+    "Task": "autometa.task",
+    "TaskSpec": "autometa.task",
+    "Episodes": "autometa.task",
+    "SourceModel": "autometa.source_model",
+    "Backbone": "autometa.source_model",
+    "MetaAlgorithm": "autometa.algorithm",
+    "Metric": "autometa.metrics",
+    "SearchConfig": "autometa.config",
+    "search": "autometa.study",
+    "run_search": "autometa.study",
+    "Leaderboard": "autometa.leaderboard",
+    "load_leaderboard": "autometa.leaderboard",
+}
+
+__all__ = [
+    "AutometaError",
+    "Backbone",
+    "Categorical",
+    "ConfigError",
+    "DataError",
+    "Episodes",
+    "Float",
+    "Int",
+    "Leaderboard",
+    "MetaAlgorithm",
+    "Metric",
+    "PluginError",
+    "PluginHost",
+    "Registration",
+    "SearchConfig",
+    "SourceModel",
+    "Task",
+    "TaskSpec",
+    "create_host",
+    "hookimpl",
+    "hookspec",
+    "load_leaderboard",
+    "run_search",
+    "search",
+]
+
+if TYPE_CHECKING:
+    from autometa.algorithm import MetaAlgorithm
+    from autometa.config import SearchConfig
+    from autometa.leaderboard import Leaderboard, load_leaderboard
+    from autometa.metrics import Metric
+    from autometa.source_model import Backbone, SourceModel
+    from autometa.study import run_search, search
+    from autometa.task import Episodes, Task, TaskSpec
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autometa' has no attribute {name!r}")

@@ -1,0 +1,69 @@
+"""The meta-algorithm contract.
+
+Life cycle, driven by the engine for every trial:
+
+1. ``algo = Algorithm(model, task, **hyperparameters)``: the model comes from the chosen
+   source model, already on the run's device; build optimizers and any learned state here.
+2. ``algo.meta_step(task.sample(algo.tasks_per_step, generator))`` repeated for the
+   trial's budget of meta-steps (skipped when ``meta_trains`` is False). Every
+   ``eval_every`` steps the engine scores ``adapt_and_predict`` on the meta-val episodes
+   and reports it to Optuna, which may prune the trial.
+3. ``algo.adapt_and_predict(episodes)``: adapt to each episode's support set and return
+   predictions for its query set. Used for meta-val, then meta-test on the leaderboard.
+4. ``algo.state_dict()`` is saved with the trial; ``load_state_dict`` restores it to
+   evaluate the trial on meta-test later.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from autometa.metrics import TaskKind
+from autometa.source_model import Backbone
+from autometa.space import SearchSpace
+from autometa.task import Episodes, Task
+
+
+class MetaAlgorithm(ABC):
+    """Base class of meta-algorithms.
+
+    Hyperparameters are the keyword arguments of ``__init__`` after ``model`` and
+    ``task`` (with defaults); the ones worth searching are declared in
+    :meth:`search_space` with their ranges.
+    """
+
+    #: Task kinds this algorithm supports.
+    kinds: ClassVar[frozenset[TaskKind]] = frozenset({"classification", "regression"})
+    #: False for algorithms that only adapt (a linear probe): the engine skips meta-training.
+    meta_trains: ClassVar[bool] = True
+
+    def __init__(self, model: Backbone, task: Task) -> None:
+        self.model = model
+        self.task = task
+        self.tasks_per_step = 1  # meta-batch size: episodes sampled per meta_step
+
+    @classmethod
+    def search_space(cls) -> SearchSpace:
+        """Hyperparameters to search and their ranges (default: none)."""
+        return {}
+
+    @abstractmethod
+    def meta_step(self, batch: Episodes) -> float:
+        """One meta-update on a batch of meta-train episodes; returns its training loss."""
+
+    @abstractmethod
+    def adapt_and_predict(self, episodes: Episodes) -> Tensor:
+        """Adapt to each support set, predict each query set.
+
+        Returns (tasks, n_query, output_size); must not change the meta-trained state.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to reproduce ``adapt_and_predict`` (default: the model)."""
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])

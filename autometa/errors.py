@@ -1,0 +1,35 @@
+"""Exception families. Each message names the offending value, what was expected and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AutometaError(Exception):
+    """Base of every error autometa raises on purpose (the CLI prints these as one line)."""
+
+
+class ConfigError(AutometaError, ValueError):
+    """An invalid configuration key or value."""
+
+
+class PluginError(AutometaError):
+    """A plugin that cannot be found, loaded or used."""
+
+
+class DataError(AutometaError, ValueError):
+    """Data that a task cannot use."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def unknown(what: str, name: str, choices: Iterable[str]) -> str:
+    """Message for an unknown name: lists the valid ones and the closest match."""
+    choices = sorted(choices)
+    listed = ", ".join(choices) if choices else "none"
+    return f"unknown {what} {name!r}{closest(name, choices)}; available: {listed}"

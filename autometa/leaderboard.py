@@ -1,0 +1,206 @@
+"""The leaderboard: trials ranked on meta-val, the best ``top_k`` scored on meta-test.
+
+Ranking uses validation scores only; the meta-test episodes are touched once per listed
+trial, after the search, and the result (mean and 95% confidence interval over episodes)
+is cached in the study so that re-reading a leaderboard does not re-evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from autometa.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autometa.plugins import PluginHost
+    from autometa.task import Task
+
+#: Study user attribute caching meta-test results: {trial number: {mean, ci95, episodes}}.
+TEST_ATTR = "autometa.test"
+
+
+@dataclass
+class Leaderboard:
+    """A ranked table of a study's completed trials.
+
+    Attributes:
+        frame: one row per completed trial, best first. Columns: ``rank``, ``trial``,
+            ``algorithm``, ``source``, ``val_<metric>``, ``test_<metric>``,
+            ``test_ci95`` (half-width), ``test_episodes``, ``params``. Test columns are
+            empty beyond the ``top_k`` best.
+        counts: trials per final state (complete, pruned, failed, running).
+    """
+
+    study_name: str
+    task: str
+    metric: str
+    direction: str
+    frame: pd.DataFrame
+    counts: dict[str, int]
+
+    @property
+    def best(self) -> pd.Series:
+        """The top row."""
+        if self.frame.empty:
+            raise ConfigError(f"study {self.study_name!r} has no completed trial yet")
+        return self.frame.iloc[0]
+
+    def to_markdown(self) -> str:
+        """A Markdown report: a header line and the table."""
+        arrow = "lower is better" if self.direction == "minimize" else "higher is better"
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
+        lines = [
+            f"# autometa leaderboard: {self.study_name}",
+            "",
+            f"Task `{self.task}`, metric {self.metric} ({arrow}); trials: {counts or 'none'}. "
+            "Ranked on meta-val; meta-test shown as mean ± 95% CI over episodes.",
+            "",
+        ]
+        rows = self.display_rows()
+        header = list(rows[0]) if rows else list(self.display_columns())
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        for row in rows:
+            lines.append("| " + " | ".join(_md_escape(v) for v in row.values()) + " |")
+        return "\n".join(lines) + "\n"
+
+    def display_columns(self) -> list[str]:
+        return ["rank", "trial", "algorithm", "source", f"val {self.metric}",
+                f"test {self.metric} (95% CI)", "params"]
+
+    def display_rows(self) -> list[dict[str, str]]:
+        """Rows formatted for people (terminal and Markdown)."""
+        out = []
+        for d in self.frame.to_dict("records"):
+            test = d[f"test_{self.metric}"]
+            test_text = "" if _nan(test) else f"{test:.4g} ± {d['test_ci95']:.2g}"
+            values = [str(d["rank"]), str(d["trial"]), d["algorithm"], d["source"],
+                      f"{d[f'val_{self.metric}']:.4g}", test_text, d["params"]]
+            out.append(dict(zip(self.display_columns(), values, strict=True)))
+        return out
+
+    def write(self, directory: str | Path) -> list[Path]:
+        """Write ``<study>.csv`` and ``<study>.md`` into ``directory``; returns the paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        csv_path = directory / f"{self.study_name}.csv"
+        md_path = directory / f"{self.study_name}.md"
+        self.frame.to_csv(csv_path, index=False)
+        md_path.write_text(self.to_markdown(), encoding="utf-8")
+        return [csv_path, md_path]
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def compute_leaderboard(
+    study: optuna.Study, task: Task, host: PluginHost, *, top_k: int, artifacts: Path
+) -> Leaderboard:
+    """Rank ``study``'s completed trials and score the ``top_k`` best on meta-test."""
+    from optuna.trial import TrialState
+
+    from autometa.metrics import mean_ci95
+    from autometa.study import CONFIG_ATTR
+    from autometa.trial import TrialPlan, build, evaluate, load_state, trial_seed
+
+    metric = task.metric
+    stored = study.user_attrs.get(CONFIG_ATTR, {})
+    search_seed = stored.get("config", {}).get("seed", 0)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    sign = 1.0 if metric.direction == "minimize" else -1.0
+    ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
+
+    cache: dict[str, dict[str, float]] = dict(study.user_attrs.get(TEST_ATTR, {}))
+    rows = []
+    for rank, t in enumerate(ranked, start=1):
+        plan = TrialPlan(**{k: t.user_attrs[k] for k in
+                            ("algorithm", "source", "algorithm_params", "source_params")})
+        test: dict[str, float] = {"mean": math.nan, "ci95": math.nan, "episodes": 0}
+        if rank <= top_k:
+            key = str(t.number)
+            if key not in cache:
+                state = artifacts / f"trial-{t.number}.pt"
+                if not state.is_file():
+                    raise ConfigError(
+                        f"trial {t.number} of study {study.study_name!r} has no saved state at "
+                        f"{state}; was the artifacts directory moved or deleted?"
+                    )
+                algorithm = build(host, task, plan, trial_seed(search_seed, t.number))
+                load_state(algorithm, state)
+                scores = evaluate(algorithm, task.meta_test(), task)
+                mean, half = mean_ci95(scores)
+                cache[key] = {"mean": mean, "ci95": half, "episodes": len(scores)}
+                study.set_user_attr(TEST_ATTR, cache)
+            test = cache[key]
+        rows.append({
+            "rank": rank,
+            "trial": t.number,
+            "algorithm": plan.algorithm,
+            "source": plan.source,
+            f"val_{metric.name}": t.value,
+            f"test_{metric.name}": test["mean"],
+            "test_ci95": test["ci95"],
+            "test_episodes": int(test["episodes"]),
+            "params": plan.params_text(),
+        })
+    columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",
+               f"test_{metric.name}", "test_ci95", "test_episodes", "params"]
+    counts = {
+        "complete": len(complete),
+        "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
+        "failed": sum(t.state == TrialState.FAIL for t in study.trials),
+        "running": sum(t.state == TrialState.RUNNING for t in study.trials),
+    }
+    return Leaderboard(
+        study_name=study.study_name,
+        task=stored.get("config", {}).get("task", "?"),
+        metric=metric.name,
+        direction=metric.direction,
+        frame=pd.DataFrame(rows, columns=columns),
+        counts=counts,
+    )
+
+
+def load_leaderboard(
+    study_name: str,
+    storage: str | None = None,
+    *,
+    host: PluginHost | None = None,
+    top_k: int | None = None,
+) -> Leaderboard:
+    """The leaderboard of a stored study (evaluating on meta-test what is not cached yet)."""
+    import optuna
+
+    from autometa.config import DEFAULT_STORAGE, SearchConfig
+    from autometa.plugins import create_host
+    from autometa.study import CONFIG_ATTR, build_task, open_storage
+
+    storage = storage or DEFAULT_STORAGE
+    store = open_storage(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = optuna.get_all_study_names(store)
+        from autometa.errors import unknown
+
+        raise ConfigError(unknown(f"study in {storage}", study_name, names)) from None
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        raise ConfigError(f"study {study_name!r} in {storage} was not made by autometa")
+    config = SearchConfig.from_dict(stored["config"], where=f"study {study_name!r}")
+    host = host or create_host()
+    task = build_task(config, host)
+    return compute_leaderboard(study, task, host, top_k=top_k or config.top_k,
+                               artifacts=Path(stored["artifacts_path"]))

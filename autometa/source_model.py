@@ -1,0 +1,68 @@
+"""The source-model contract: builds the network a meta-algorithm adapts.
+
+A source model turns a :class:`~autometa.task.TaskSpec` (input shape, output size) into a
+:class:`Backbone`: a feature extractor followed by a head. Gradient-based algorithms
+adapt all of it; head-only algorithms (ANIL, linear probes) adapt the head; metric-based
+ones (ProtoNets) use the features alone. A source model may load pretrained weights in
+:meth:`SourceModel.build`, from local files only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from autometa.space import SearchSpace
+from autometa.task import TaskSpec
+
+
+class Backbone(nn.Module):
+    """``head(features(x))``, with the split exposed as two submodules."""
+
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.features = features  # (n, *input_shape) -> (n, feature_dim)
+        self.head = head  # (n, feature_dim) -> (n, output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class SourceModel(ABC):
+    """Base class of source models.
+
+    Hyperparameters are the keyword arguments of ``__init__`` (with defaults); the ones
+    worth searching are declared in :meth:`search_space` with their ranges.
+    """
+
+    def __init__(self, **hyperparameters: Any) -> None:
+        if hyperparameters:
+            raise TypeError(f"unexpected hyperparameters {sorted(hyperparameters)}")
+
+    @classmethod
+    def search_space(cls) -> SearchSpace:
+        """Hyperparameters to search and their ranges (default: none)."""
+        return {}
+
+    #: Input ranks accepted: 1 for flat feature vectors, 3 for (C, H, W) images.
+    input_ranks: ClassVar[tuple[int, ...]] = (1, 3)
+
+    @classmethod
+    def incompatibility(cls, spec: TaskSpec) -> str | None:
+        """Why this source model cannot serve ``spec``, or None if it can."""
+        if len(spec.input_shape) not in cls.input_ranks:
+            return (
+                f"accepts inputs of rank {list(cls.input_ranks)}, the task's inputs have "
+                f"shape {list(spec.input_shape)}"
+            )
+        return None
+
+    @abstractmethod
+    def build(self, spec: TaskSpec) -> Backbone:
+        """A freshly initialised (or pretrained) network for ``spec``, on the CPU.
+
+        The engine seeds torch's global generator before calling this and moves the
+        result to the run's device.
+        """

@@ -1,0 +1,114 @@
+"""The task contract: what a meta-learning problem offers to the engine.
+
+A task has a kind (classification or regression), an input shape, an output size, a
+metric with its direction, and three deterministic splits of episodes:
+
+* **meta-train**: sampled afresh (from the trial's generator) for meta-learning;
+* **meta-val**: fixed episodes, identical for every trial, that the search ranks on;
+* **meta-test**: fixed episodes for the final leaderboard, never seen by the search.
+
+An episode is a support set (to adapt on) and a query set (to score on). A plain target
+dataset fits the same contract: one episode whose support is its training split and
+whose query is its validation (meta-val) or test (meta-test) split.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from autometa.metrics import ACCURACY, MSE, Metric, TaskKind, loss_for
+from autometa.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The part of a task a source model needs to build a network."""
+
+    kind: TaskKind
+    input_shape: tuple[int, ...]  # one example, e.g. (1,) or (1, 28, 28)
+    output_size: int  # classes (classification) or target dimensions (regression)
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """A batch of episodes with equal sizes, tasks along the first dimension.
+
+    Shapes: ``support_x`` (tasks, n_support, *input_shape); ``support_y`` (tasks, n_support)
+    integer labels for classification or (tasks, n_support, out) for regression; the
+    query tensors likewise with n_query.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def __getitem__(self, index: slice) -> Episodes:
+        return Episodes(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def to(self, device: torch.device | str) -> Episodes:
+        return Episodes(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+class Task(ABC):
+    """Base class of task definitions (see the module docstring for the life cycle).
+
+    Subclasses take their parameters as keyword arguments with defaults, plus ``seed``
+    (which fixes the data, the class splits and the meta-val/meta-test episodes) and
+    ``device`` (where the tensors live). The engine builds a task once per search and
+    shares it between trials, so build data in ``__init__``, not per call.
+    """
+
+    #: Parameters a user may set from the config (``task_params``), for validation/help.
+    params: ClassVar[SearchSpace] = {}
+
+    kind: TaskKind
+    input_shape: tuple[int, ...]
+    output_size: int
+
+    def __init__(self, *, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.seed = seed
+        self.device = torch.device(device)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec(self.kind, tuple(self.input_shape), self.output_size)
+
+    @property
+    def metric(self) -> Metric:
+        """MSE for regression, accuracy for classification; override for others."""
+        return MSE if self.kind == "regression" else ACCURACY
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Training loss averaged over all leading dimensions."""
+        return loss_for(self.kind, pred, target)
+
+    @abstractmethod
+    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
+        """Sample ``n_tasks`` meta-train episodes using ``generator`` (on ``self.device``)."""
+
+    @abstractmethod
+    def meta_val(self) -> Episodes:
+        """The fixed validation episodes (same for every call and every trial)."""
+
+    @abstractmethod
+    def meta_test(self) -> Episodes:
+        """The fixed test episodes (same for every call and every trial)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts shown in reports."""
+        return {
+            "kind": self.kind,
+            "input_shape": list(self.input_shape),
+            "output_size": self.output_size,
+            "metric": self.metric.name,
+            "direction": self.metric.direction,
+        }

@@ -1,0 +1,136 @@
+"""One trial: build the source model for the task, meta-train it with the algorithm,
+score it on meta-val episodes along the way, and save what it learned."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autometa.algorithm import MetaAlgorithm
+from autometa.errors import PluginError
+from autometa.plugins import PluginHost
+from autometa.task import Episodes, Task
+
+#: Episodes evaluated at once; bounds memory on large meta-val/meta-test sets.
+EVAL_CHUNK = 200
+
+
+class Diverged(Exception):
+    """The meta-training loss or the validation score became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """The configuration a trial runs: plugin names and their hyperparameters."""
+
+    algorithm: str
+    source: str
+    algorithm_params: dict[str, Any] = field(default_factory=dict)
+    source_params: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs."""
+        return f"{self.algorithm}({_kv(self.algorithm_params, ', ')}) + " \
+               f"{self.source}({_kv(self.source_params, ', ')})"
+
+    def params_text(self) -> str:
+        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins."""
+        return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}"
+
+
+def _kv(params: dict[str, Any], sep: str) -> str:
+    return sep.join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_seed(search_seed: int, trial_number: int) -> int:
+    """A distinct, reproducible seed per trial."""
+    return (search_seed * 1_000_003 + trial_number * 7_919) % (2**31 - 1)
+
+
+def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int) -> MetaAlgorithm:
+    """Instantiate the source model's network on the task's device and wrap it in the algorithm."""
+    source_cls = host.get("source", plan.source).load()
+    algorithm_cls = host.get("algorithm", plan.algorithm).load()
+    torch.manual_seed(seed)  # network initialisation
+    try:
+        model = source_cls(**plan.source_params).build(task.spec).to(task.device)
+        return algorithm_cls(model, task, **plan.algorithm_params)
+    except TypeError as exc:
+        raise PluginError(f"cannot build {plan.describe()}: {exc}") from exc
+
+
+def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task) -> Tensor:
+    """Per-episode scores of the adapted model on ``episodes``: (tasks,)."""
+    algorithm.model.eval()
+    scores = []
+    for start in range(0, len(episodes), EVAL_CHUNK):
+        chunk = episodes[start : start + EVAL_CHUNK]
+        pred = algorithm.adapt_and_predict(chunk)  # (chunk, n_query, out)
+        scores.append(task.metric(pred.detach(), chunk.query_y))
+    algorithm.model.train()
+    return torch.cat(scores)
+
+
+def meta_train(
+    algorithm: MetaAlgorithm,
+    task: Task,
+    *,
+    meta_steps: int,
+    eval_every: int,
+    generator: torch.Generator,
+    on_eval: Callable[[int, float], None] = lambda step, score: None,
+    on_step: Callable[[int], None] = lambda step: None,
+) -> float:
+    """Meta-train for ``meta_steps`` and return the final meta-val score.
+
+    ``on_eval(step, score)`` runs after each evaluation (every ``eval_every`` steps and at
+    the end); it may raise ``optuna.TrialPruned`` to stop the trial.
+
+    Raises:
+        Diverged: the training loss or a validation score is not finite.
+    """
+    algorithm.model.train()
+    steps = meta_steps if algorithm.meta_trains else 0
+    score = math.nan
+    for step in range(1, steps + 1):
+        loss = algorithm.meta_step(task.sample(algorithm.tasks_per_step, generator))
+        if not math.isfinite(loss):
+            raise Diverged(f"meta-training loss is {loss} at step {step}")
+        on_step(step)
+        if step % eval_every == 0 or step == steps:
+            score = _val_score(algorithm, task)
+            on_eval(step, score)
+    if steps == 0:
+        score = _val_score(algorithm, task)
+        on_eval(0, score)
+    return score
+
+
+def _val_score(algorithm: MetaAlgorithm, task: Task) -> float:
+    score = float(evaluate(algorithm, task.meta_val(), task).mean())
+    if not math.isfinite(score):
+        raise Diverged(f"meta-val {task.metric.name} is {score}")
+    return score
+
+
+def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
+    """Save the trained state (tensors only, loadable with ``weights_only=True``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(algorithm.state_dict(), tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written state
+
+
+def load_state(algorithm: MetaAlgorithm, path: Path) -> None:
+    state = torch.load(path, map_location=algorithm.task.device, weights_only=True)
+    algorithm.load_state_dict(state)
