@@ -220,6 +220,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, info in sorted(host.plugins.items()):
         dist = f"{info.distribution} {info.version}" if info.distribution else "in-process"
         provides = ", ".join(f"{KINDS[r.kind][1]} {r.name}" for r in info.provides)
+        plugin = host.pm.get_plugin(name)
+        hooks = [h.name for h in host.pm.get_hookcallers(plugin) or []] if plugin else []
+        lifecycle = [h for h in hooks if h not in {hook for hook, _ in KINDS.values()}]
+        if lifecycle:
+            provides = ", ".join(filter(None, [provides, "hooks " + ", ".join(lifecycle)]))
         status = info.status if info.status != "broken" else f"broken: {info.error}"
         table.add_row(_plain(name), _plain(dist), _plain(status), _plain(provides))
     console = _console()
@@ -238,11 +243,12 @@ def _print_entries(console: Any, host: Any) -> None:
     from autometa.space import describe
 
     table = Table(title="entries")
-    for column in ("kind", "name", "from", "description", "search space"):
+    for column in ("kind", "name", "from", "description", "parameters / search space"):
         table.add_column(column, overflow="fold")
     for reg in host.registrations():
         try:
-            space = describe(reg.load().search_space()) if reg.kind != "task" else ""
+            cls = reg.load()
+            space = describe(cls.params if reg.kind == "task" else cls.search_space())
         except AutometaError as exc:
             space = f"unavailable: {exc}"
         table.add_row(*(_plain(v) for v in (KINDS[reg.kind][1], reg.name, reg.plugin,

@@ -43,7 +43,6 @@ class RichProgress(Progress):
     """Two bars on stderr: trials of the search, meta-steps of the running trial."""
 
     def __init__(self) -> None:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -59,7 +58,7 @@ class RichProgress(Progress):
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
+            console=_stderr_console(),
             transient=False,
         )
         self._search: Any = None
@@ -104,3 +103,11 @@ class RichProgress(Progress):
         self.bars.console.print(Text(line), highlight=False)
         best_text = f"best {self.metric} {best:.4g}" if best is not None else "no result yet"
         self.bars.update(self._search, advance=1, info=best_text)
+
+
+def _stderr_console() -> Any:
+    """stderr; not folded at 80 columns when it is a pipe or a log file."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=200)

@@ -78,13 +78,13 @@ def _restrict_one(key: str, param: Param, value: Any) -> Any:
         if not value:
             raise ConfigError(f"{key}: an empty list of choices")
         for v in value:
-            _check_value(key, param, v)
+            check_value(key, param, v)
         return Categorical(tuple(value)) if len(value) > 1 else value[0]
-    _check_value(key, param, value)
+    check_value(key, param, value)
     return value
 
 
-def _check_value(key: str, param: Param, value: Any) -> None:
+def check_value(key: str, param: Param, value: Any) -> None:
     if isinstance(param, Categorical):
         if value not in param.choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(param.choices)}")
@@ -118,7 +118,7 @@ def describe(space: SearchSpace) -> str:
     parts = []
     for name, p in space.items():
         if isinstance(p, Categorical):
-            parts.append(f"{name} in {list(p.choices)}")
+            parts.append(f"{name} in {{{', '.join(map(repr, p.choices))}}}")
         else:
             parts.append(f"{name} in [{p.low}, {p.high}]{' log' if p.log else ''}")
     return "; ".join(parts)

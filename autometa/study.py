@@ -26,7 +26,7 @@ from autometa.errors import ConfigError, PluginError, unknown
 from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
-from autometa.space import restrict, suggest
+from autometa.space import check_value, restrict, suggest
 from autometa.task import Task
 from autometa.trial import Diverged, TrialPlan, build, meta_train, save_state, trial_seed
 
@@ -64,9 +64,11 @@ def build_task(config: SearchConfig, host: PluginHost) -> Task:
     """Build the task once for the whole search (data live on ``config.device``)."""
     task_cls = host.get("task", config.task).load()
     accepted = [n for n in inspect.signature(task_cls).parameters if n not in {"seed", "device"}]
-    for name in config.task_params:
+    for name, value in config.task_params.items():
         if name not in accepted:
             raise ConfigError(unknown(f"parameter of task {config.task!r}", name, accepted))
+        if name in task_cls.params:
+            check_value(f"task_params.{name}", task_cls.params[name], value)
     try:
         device = torch.device(config.device)
     except RuntimeError as exc:

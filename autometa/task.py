@@ -67,7 +67,7 @@ class Task(ABC):
     shares it between trials, so build data in ``__init__``, not per call.
     """
 
-    #: Parameters a user may set from the config (``task_params``), for validation/help.
+    #: Declared ranges of the keyword parameters (``task_params``), checked before building.
     params: ClassVar[SearchSpace] = {}
 
     kind: TaskKind

@@ -17,7 +17,13 @@ class Sinusoid(Task):
     kind = "regression"
     input_shape = (1,)
     output_size = 1
-    params = {"shots": Int(1, 100), "queries": Int(1, 1000)}
+    params = {  # validated by the engine before the task is built
+        "shots": Int(1, 1000),
+        "queries": Int(1, 1000),
+        "eval_queries": Int(1, 10_000),
+        "val_episodes": Int(1, 100_000),
+        "test_episodes": Int(2, 100_000),
+    }
 
     def __init__(
         self,
