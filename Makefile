@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh machine (Python >= 3.10 with venv):
+#   make quickstart   creates .venv, installs the pinned set, runs the quickstart search
+#   make test         creates .venv, installs the pinned set, runs ruff, mypy and pytest
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -e .
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/autometa run --config examples/quickstart.toml
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) autometa.db autometa-artifacts autometa-reports
