@@ -9,7 +9,7 @@ fix a hyperparameter (a scalar), restrict it to choices (a list) or narrow a ran
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,17 +48,29 @@ Param = Float | Int | Categorical
 SearchSpace = Mapping[str, Param]
 
 
-def restrict(owner: str, space: SearchSpace, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def restrict(
+    owner: str,
+    space: SearchSpace,
+    overrides: Mapping[str, Any],
+    settable: Collection[str] = (),
+) -> dict[str, Any]:
     """Apply user overrides to ``space``; returns ``{name: Param or fixed value}``.
+
+    Args:
+        settable: other keyword parameters of the plugin that a user may fix although they
+            are not searched (e.g. MAML's ``strategy``); their values pass through as given.
 
     Raises:
         ConfigError: an unknown hyperparameter, or a value outside its declared type/range.
     """
     out: dict[str, Any] = dict(space)
     for name, value in overrides.items():
-        if name not in space:
-            raise ConfigError(unknown(f"hyperparameter of {owner}", name, space))
-        out[name] = _restrict_one(f"{owner}.{name}", space[name], value)
+        if name in space:
+            out[name] = _restrict_one(f"{owner}.{name}", space[name], value)
+        elif name in settable:
+            out[name] = value
+        else:
+            raise ConfigError(unknown(f"hyperparameter of {owner}", name, {*space, *settable}))
     return out
 
 

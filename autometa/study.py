@@ -77,6 +77,13 @@ def build_task(config: SearchConfig, host: PluginHost) -> Task:
     return task
 
 
+def keyword_parameters(cls: type) -> list[str]:
+    """Keyword parameters of a plugin class's constructor (its hyperparameters)."""
+    skip = {"self", "model", "task"}
+    return [n for n, p in inspect.signature(cls).parameters.items()
+            if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def _choose(
     host: PluginHost,
     kind: Any,
@@ -95,7 +102,8 @@ def _choose(
                 raise ConfigError(f"{label} {name!r} cannot be used here: it {reason}")
             log.info("leaving %s %r out of the search: it %s", label, name, reason)
             continue
-        chosen[name] = restrict(name, cls.search_space(), overrides.get(name, {}))
+        chosen[name] = restrict(name, cls.search_space(), overrides.get(name, {}),
+                                settable=keyword_parameters(cls))
     for name in overrides:
         if name not in chosen:
             raise ConfigError(

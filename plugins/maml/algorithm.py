@@ -26,7 +26,7 @@ class MAML(MetaAlgorithm):
         meta_lr: float = 1e-3,  # beta: Adam step size of the meta-update
         meta_batch_size: int = 25,  # tasks per meta-update
         first_order: bool = False,  # FOMAML: ignore second-order terms of the meta-gradient
-        strategy: Strategy = "vmap",  # how episodes are batched through the inner loop
+        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto" times both once
     ) -> None:
         super().__init__(model, task)
         self.inner_lr = inner_lr
