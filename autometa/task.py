@@ -103,6 +103,17 @@ class Task(ABC):
     def meta_test(self) -> Episodes:
         """The fixed test episodes (same for every call and every trial)."""
 
+    #: Meta-train classes with global labels, for supervised pre-training (0: none).
+    train_classes: int = 0
+
+    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` meta-train examples with global labels in ``[0, train_classes)``.
+
+        Used by supervised pre-training (the fine-tuning baselines, pretrained sources).
+        Classification tasks with a class split should implement it.
+        """
+        raise NotImplementedError(f"task {type(self).__name__} has no labelled meta-train pool")
+
     def describe(self) -> dict[str, Any]:
         """Facts shown in reports."""
         return {

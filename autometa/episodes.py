@@ -1,0 +1,99 @@
+"""Vectorised N-way K-shot episode sampling over a pool of labelled examples.
+
+Classification tasks hold their examples once, as tensors on the run's device, grouped by
+class in a :class:`ClassPool`; an episode batch is then a handful of indexing operations,
+with no Python loop over tasks, classes or examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from autometa.errors import DataError
+from autometa.task import Episodes
+
+
+class ClassPool:
+    """Examples of some classes, relabelled ``0..n_classes-1`` in the order given.
+
+    Args:
+        x: all examples, (n, *input_shape); kept on its device.
+        y: their integer class ids, (n,).
+        classes: the class ids of this pool (e.g. the meta-train split).
+        name: used in error messages (e.g. "digits meta-train").
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, classes: Sequence[int], *, name: str) -> None:
+        self.name = name
+        self.classes = [int(c) for c in classes]
+        members = [torch.nonzero(y == c).flatten() for c in self.classes]
+        empty = [c for c, m in zip(self.classes, members, strict=True) if len(m) == 0]
+        if empty:
+            raise DataError(f"{name}: class(es) {empty} have no examples")
+        self.counts = torch.tensor([len(m) for m in members], device=x.device)  # (classes,)
+        width = int(self.counts.max())
+        # (classes, width): example indices per class, padded by repeating the first one.
+        self.index = torch.stack([
+            torch.cat([m, m[:1].expand(width - len(m))]) for m in members
+        ]).to(x.device)
+        self.x = x
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def check(self, ways: int, per_class: int) -> None:
+        """Raise DataError unless ``ways``-way episodes with ``per_class`` examples fit."""
+        if ways > self.n_classes:
+            raise DataError(
+                f"{self.name}: {ways}-way episodes need {ways} classes, only "
+                f"{self.n_classes} are available; lower 'ways'"
+            )
+        smallest = int(self.counts.min())
+        if per_class > smallest:
+            cls = self.classes[int(self.counts.argmin())]
+            raise DataError(
+                f"{self.name}: class {cls} has {smallest} examples, fewer than shots + queries "
+                f"= {per_class}; lower 'shots' or 'queries'"
+            )
+
+    def sample(
+        self, n_tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator
+    ) -> Episodes:
+        """``n_tasks`` episodes; labels are 0..ways-1 in each episode, in class order.
+
+        Shapes: support (tasks, ways*shots, *input_shape), query (tasks, ways*queries, ...).
+        """
+        self.check(ways, shots + queries)
+        device = self.x.device
+        k = shots + queries
+        # Random classes per task: the first `ways` of a random permutation.
+        classes = torch.rand(n_tasks, self.n_classes, generator=generator,
+                             device=device).argsort(1)[:, :ways]  # (tasks, ways)
+        # Random distinct examples per class: padding sorts last, so never drawn.
+        width = self.index.shape[1]
+        keys = torch.rand(n_tasks, ways, width, generator=generator, device=device)
+        padding = torch.arange(width, device=device) >= self.counts[classes][..., None]
+        keys = keys.masked_fill(padding, 2.0)
+        picks = keys.argsort(-1)[..., :k]  # (tasks, ways, k)
+        examples = self.index[classes[..., None], picks]  # (tasks, ways, k)
+        x = self.x[examples]  # (tasks, ways, k, *input_shape)
+        labels = torch.arange(ways, device=device).view(1, ways, 1).expand(n_tasks, ways, k)
+        shape = x.shape[3:]
+        return Episodes(
+            support_x=x[:, :, :shots].reshape(n_tasks, ways * shots, *shape),
+            support_y=labels[:, :, :shots].reshape(n_tasks, ways * shots),
+            query_x=x[:, :, shots:].reshape(n_tasks, ways * queries, *shape),
+            query_y=labels[:, :, shots:].reshape(n_tasks, ways * queries),
+        )
+
+    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` random examples with their pool labels: (n, *input_shape), (n,)."""
+        device = self.x.device
+        label = torch.randint(self.n_classes, (n,), generator=generator, device=device)
+        slot = (torch.rand(n, generator=generator, device=device)
+                * self.counts[label]).long()
+        return self.x[self.index[label, slot]], label
