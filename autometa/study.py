@@ -95,7 +95,13 @@ def _choose(
     names = requested or host.names(kind)
     chosen: dict[str, dict[str, Any]] = {}
     for name in names:
-        cls = host.get(kind, name).load()
+        try:
+            cls = host.get(kind, name).load()
+        except PluginError as exc:
+            if requested or host.strict:
+                raise
+            log.warning("leaving %s %r out of the search: %s", label, name, exc)
+            continue
         reason = incompatibility(cls)
         if reason:
             if requested:
