@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from autometa.space import SearchSpace
-from autometa.task import TaskSpec
+from autometa.task import Task, TaskSpec
 
 
 class Backbone(nn.Module):
@@ -58,6 +58,13 @@ class SourceModel(ABC):
                 f"shape {list(spec.input_shape)}"
             )
         return None
+
+    def prepare(self, task: Task) -> None:
+        """Called with the task before :meth:`build` in every trial; default: nothing.
+
+        For work that needs the task's data, such as supervised pre-training on its
+        meta-train classes; cache the result on disk (``task.identity`` names the task).
+        """
 
     @abstractmethod
     def build(self, spec: TaskSpec) -> Backbone:

@@ -74,6 +74,7 @@ def build_task(config: SearchConfig, host: PluginHost) -> Task:
     except RuntimeError as exc:
         raise ConfigError(f"device: {exc}") from exc
     task: Task = task_cls(**config.task_params, seed=config.seed, device=device)
+    task.identity = {"task": config.task, "params": config.task_params, "seed": config.seed}
     return task
 
 

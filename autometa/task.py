@@ -77,6 +77,8 @@ class Task(ABC):
     def __init__(self, *, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.seed = seed
         self.device = torch.device(device)
+        # What built this task; the engine sets the registered name and parameters.
+        self.identity: dict[str, Any] = {"task": type(self).__name__, "params": {}, "seed": seed}
 
     @property
     def spec(self) -> TaskSpec:

@@ -63,7 +63,9 @@ def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int) -> MetaAlgor
     algorithm_cls = host.get("algorithm", plan.algorithm).load()
     torch.manual_seed(seed)  # network initialisation
     try:
-        model = source_cls(**plan.source_params).build(task.spec).to(task.device)
+        source = source_cls(**plan.source_params)
+        source.prepare(task)
+        model = source.build(task.spec).to(task.device)
         return algorithm_cls(model, task, **plan.algorithm_params)
     except TypeError as exc:
         raise PluginError(f"cannot build {plan.describe()}: {exc}") from exc
