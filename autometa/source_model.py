@@ -65,6 +65,7 @@ class SourceModel(ABC):
         For work that needs the task's data, such as supervised pre-training on its
         meta-train classes; cache the result on disk (``task.identity`` names the task).
         """
+        return None
 
     @abstractmethod
     def build(self, spec: TaskSpec) -> Backbone:
