@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autometa import __version__
 from autometa.config import SearchConfig
-from autometa.errors import ConfigError, PluginError, unknown
+from autometa.errors import AutometaError, ConfigError, PluginError, unknown
 from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
-from autometa.space import check_value, restrict, suggest
+from autometa.space import Categorical, Float, Int, check_value, restrict, suggest
 from autometa.task import Task
 from autometa.trial import Diverged, TrialPlan, build, meta_train, save_state, trial_seed
 
@@ -52,11 +52,27 @@ class Prepared:
 def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
     """Resolve plugins and build the task; raises before anything is stored."""
     task = build_task(config, host)
+
+    def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
+        if task.kind in cls.kinds:
+            return None
+        return f"it supports {' and '.join(sorted(cls.kinds))} tasks; task {config.task!r} " \
+               f"is {task.kind}"
+
+    def source_problem(cls: Any, space: dict[str, Any]) -> str | None:
+        # Set the source up with its fixed settings now, so that a missing setting (a
+        # checkpoint's path, an uninstalled library) fails before anything is stored.
+        fixed = {k: v for k, v in space.items() if not isinstance(v, Float | Int | Categorical)}
+        try:
+            source = cls(**fixed)
+        except AutometaError as exc:
+            return str(exc)
+        reason = source.incompatibility(task.spec)
+        return f"it {reason} (task {config.task!r})" if reason else None
+
     algorithms = _choose(host, "algorithm", config.algorithms, config.algorithm_params,
-                         lambda cls: None if task.kind in cls.kinds else
-                         f"supports {sorted(cls.kinds)} tasks, {config.task!r} is {task.kind}")
-    sources = _choose(host, "source", config.sources, config.source_params,
-                      lambda cls: cls.incompatibility(task.spec))
+                         algorithm_problem)
+    sources = _choose(host, "source", config.sources, config.source_params, source_problem)
     return Prepared(config, host, task, algorithms, sources)
 
 
@@ -90,8 +106,13 @@ def _choose(
     kind: Any,
     requested: list[str],
     overrides: Mapping[str, Mapping[str, Any]],
-    incompatibility: Any,
+    problem: Callable[[Any, dict[str, Any]], str | None],
 ) -> dict[str, dict[str, Any]]:
+    """The plugins of ``kind`` in the search, each with its restricted search space.
+
+    Plugins asked for by name must work (else an error); of the others, those that cannot
+    load or ``problem`` rejects are left out with a log message.
+    """
     label = "algorithm" if kind == "algorithm" else "source model"
     names = requested or host.names(kind)
     chosen: dict[str, dict[str, Any]] = {}
@@ -103,14 +124,15 @@ def _choose(
                 raise
             log.warning("leaving %s %r out of the search: %s", label, name, exc)
             continue
-        reason = incompatibility(cls)
+        space = restrict(name, cls.search_space(), overrides.get(name, {}),
+                         settable=keyword_parameters(cls))
+        reason = problem(cls, space)
         if reason:
             if requested:
-                raise ConfigError(f"{label} {name!r} cannot be used here: it {reason}")
-            log.info("leaving %s %r out of the search: it %s", label, name, reason)
+                raise ConfigError(f"{label} {name!r} cannot be used here: {reason}")
+            log.info("leaving %s %r out of the search: %s", label, name, reason)
             continue
-        chosen[name] = restrict(name, cls.search_space(), overrides.get(name, {}),
-                                settable=keyword_parameters(cls))
+        chosen[name] = space
     for name in overrides:
         if name not in chosen:
             raise ConfigError(
