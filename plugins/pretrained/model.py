@@ -1,0 +1,187 @@
+"""Pretrained: a backbone pre-trained on the task's meta-train classes (the "Baseline").
+
+Chen et al. (2019, "A Closer Look at Few-shot Classification") showed that plain
+supervised pre-training is a strong few-shot baseline: train the features and a temporary
+linear classifier over all meta-train classes (global labels, ``task.sample_labelled``),
+then keep the features and put a fresh head on them for the task's episodes.
+
+Pre-training happens in :meth:`Pretrained.prepare`, once: the features' ``state_dict`` is
+cached on disk under a name hashing everything that determines it (the task's identity,
+the backbone and its parameters, the pre-training settings), so every later trial and
+every later search with the same settings loads it instead (``weights_only`` loading).
+It is seeded by ``seed`` alone and leaves torch's global generator untouched, so a cache
+hit and a miss build exactly the same network.
+
+Cache directory: ``cache_dir``, else ``$AUTOMETA_CACHE``, else ``autometa-cache`` in the
+working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from autometa import Backbone, ConfigError, DataError, SourceModel, Task, TaskSpec
+from autometa_plugins.checkpoint.model import resolve_architecture
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the recipe changes, so that older cache files are not reused.
+RECIPE = 1
+DEFAULT_CACHE = "autometa-cache"
+
+
+class Pretrained(SourceModel):
+    input_ranks = (1, 2, 3)  # whatever the backbone accepts: checked in prepare()
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "conv4",  # registered source model (or "module:SourceModelClass")
+        backbone_params: Mapping[str, Any] | None = None,  # the backbone's hyperparameters
+        steps: int = 1000,  # optimiser steps of pre-training
+        batch_size: int = 64,  # labelled examples per step
+        optimizer: str = "adam",  # "adam" or "sgd" (momentum 0.9)
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,  # pre-training's own seed: every trial shares its result
+        cache_dir: str | None = None,  # default: $AUTOMETA_CACHE or ./autometa-cache
+    ) -> None:
+        source_cls = resolve_architecture(backbone)
+        if not (isinstance(source_cls, type) and issubclass(source_cls, SourceModel)):
+            raise ConfigError(f"pretrained.backbone: {backbone!r} is not a source model")
+        if optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"pretrained.optimizer: {optimizer!r} is not 'adam' or 'sgd'")
+        for name, value in (("steps", steps), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"pretrained.{name}: expected a positive integer, got {value!r}")
+        self.backbone = backbone
+        self.backbone_params = dict(backbone_params or {})
+        try:
+            self.source: SourceModel = source_cls(**self.backbone_params)
+        except TypeError as exc:
+            raise ConfigError(f"pretrained.backbone_params {self.backbone_params} do not fit "
+                              f"backbone {backbone!r}: {exc}") from exc
+        self.settings = {  # everything that determines the pre-trained weights, but the task
+            "recipe": RECIPE, "backbone": backbone, "backbone_params": self.backbone_params,
+            "steps": steps, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+            "weight_decay": weight_decay, "seed": seed,
+        }
+        self.cache_dir = Path(cache_dir or os.environ.get("AUTOMETA_CACHE") or DEFAULT_CACHE)
+        self._features: dict[str, Tensor] | None = None
+        self._input_shape: tuple[int, ...] | None = None
+
+    def cache_path(self, task: Task) -> Path:
+        """The cache file for ``task`` and these settings."""
+        key = json.dumps({"task": task.identity, **self.settings}, sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.backbone)
+        return self.cache_dir / f"pretrained-{name}-{digest}.pt"
+
+    def prepare(self, task: Task) -> None:
+        task_name = task.identity.get("task", type(task).__name__)
+        if task.train_classes < 1:
+            raise ConfigError(
+                f"pretrained: task {task_name!r} has no labelled meta-train classes "
+                "(train_classes = 0); supervised pre-training needs a classification task "
+                "with a meta-train class split; choose another source model"
+            )
+        reason = self.source.incompatibility(task.spec)
+        if reason:
+            raise ConfigError(
+                f"pretrained: backbone {self.backbone!r} cannot serve task {task_name!r}: "
+                f"it {reason}"
+            )
+        self.source.prepare(task)
+        path = self.cache_path(task)
+        if path.is_file():
+            log.info("pretrained %s: reusing %s", self.backbone, path)
+            self._features = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            log.info("pretrained %s: pre-training on %d meta-train classes for %d steps "
+                     "(cached in %s)", self.backbone, task.train_classes,
+                     self.settings["steps"], path)
+            self._features = pretrain(self.source, task, **_recipe(self.settings))
+            _save(self._features, path, {"task": task.identity, **self.settings})
+        self._input_shape = tuple(task.input_shape)
+
+    def build(self, spec: TaskSpec) -> Backbone:
+        if self._features is None:
+            raise RuntimeError("Pretrained.build() needs prepare(task) first (the engine "
+                               "calls it in every trial)")
+        if tuple(spec.input_shape) != self._input_shape:
+            raise ConfigError(f"pretrained: features were pre-trained on inputs of shape "
+                              f"{list(self._input_shape or ())}, not {list(spec.input_shape)}")
+        model = self.source.build(spec)  # its head is fresh, for the task's outputs
+        try:
+            model.features.load_state_dict(self._features)
+        except RuntimeError as exc:  # the backbone's code changed since the cache was written
+            raise DataError(
+                f"cached pre-trained weights for {self.backbone!r} no longer fit it; delete "
+                f"the files 'pretrained-*' in '{self.cache_dir}' to pre-train again "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
+        return model
+
+
+def pretrain(
+    source: SourceModel,
+    task: Task,
+    *,
+    steps: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Train ``source``'s network on the meta-train classes; return its features' state (CPU)."""
+    spec = TaskSpec(task.kind, tuple(task.input_shape), task.train_classes)
+    with torch.random.fork_rng(devices=[]):  # the trial's initialisation stays as seeded
+        torch.manual_seed(seed)
+        model = source.build(spec).to(task.device)  # head: the temporary linear classifier
+    generator = torch.Generator(device=task.device).manual_seed(seed)
+    params = model.parameters()
+    opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if optimizer == "adam"
+           else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay))
+    model.train()
+    with torch.enable_grad():
+        for step in range(1, steps + 1):
+            try:
+                x, y = task.sample_labelled(batch_size, generator)  # (b, *input_shape), (b,)
+            except NotImplementedError as exc:
+                raise ConfigError(f"pretrained: {exc}; supervised pre-training needs it") from exc
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step % 50 == 0 or step == steps) and not math.isfinite(loss.item()):
+                raise DataError(f"pretrained: pre-training diverged (loss {loss.item()} at "
+                                f"step {step}); lower 'lr'")
+    log.info("pretrained: final pre-training loss %.4f", loss.item())
+    return {k: v.detach().cpu().clone() for k, v in model.features.state_dict().items()}
+
+
+def _recipe(settings: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("steps", "batch_size", "optimizer", "lr", "weight_decay", "seed")
+    return {k: settings[k] for k in keys}
+
+
+def _save(state: dict[str, Tensor], path: Path, key: Mapping[str, Any]) -> None:
+    """Write ``state`` and a readable ``.json`` of its key; atomic, safe between processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a concurrent trial never reads a half-written file
+    path.with_suffix(".json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,218 @@
+"""Checkpoint source model: weights from a local file, weights_only loading, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from autometa import Backbone, ConfigError, DataError, PluginError, TaskSpec
+from autometa_plugins.checkpoint.model import Checkpoint, read_state_dict
+from autometa_plugins.conv4.model import Conv4
+from autometa_plugins.sinusoid.task import Sinusoid
+
+SPEC = TaskSpec("classification", (1, 8, 8), 5)
+X = torch.rand(6, 1, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Custom:
+    """Not a tensor: torch.save pickles it, and weights_only loading refuses it."""
+
+
+def conv4(channels: int = 8, outputs: int = 5, seed: int = 1) -> Backbone:
+    torch.manual_seed(seed)
+    return Conv4(channels=channels).build(TaskSpec("classification", (1, 8, 8), outputs))
+
+
+def save(obj, path: Path) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+def make_features(width: int = 6) -> nn.Module:
+    """A plain feature extractor, as a ``module:factory`` architecture."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU())
+
+
+def make_backbone(spec: TaskSpec, hidden: int = 6) -> Backbone:
+    """A factory that takes the task's spec and returns a whole Backbone."""
+    return Backbone(make_features(hidden), nn.Linear(hidden, spec.output_size))
+
+
+@pytest.mark.parametrize("layout", ["raw", "model", "state_dict"])
+def test_round_trip_gives_identical_outputs(tmp_path, layout):
+    saved = conv4()
+    state = saved.state_dict()
+    wrapped = {"raw": state, "model": {"model": state, "step": 3},
+               "state_dict": {"state_dict": state}}[layout]
+    path = save(wrapped, tmp_path / "conv4.pt")
+    torch.manual_seed(99)  # a different initialisation: everything must come from the file
+    loaded = Checkpoint(path=path, arch="conv4", arch_params={"channels": 8}).build(SPEC)
+    assert torch.equal(loaded(X), saved(X))
+
+
+def test_architecture_by_module_path(tmp_path):
+    from autometa_plugins.resnet12.model import ResNet12
+
+    torch.manual_seed(0)
+    saved = ResNet12(channels="4-4-8-8").build(SPEC)
+    path = save(saved.state_dict(), tmp_path / "r12.pt")
+    source = Checkpoint(path=path, arch="autometa_plugins.resnet12.model:ResNet12",
+                        arch_params={"channels": "4-4-8-8"})
+    assert torch.equal(source.build(SPEC)(X), saved(X))
+
+
+def test_factory_returning_a_plain_module_gets_a_fresh_head(tmp_path):
+    features = make_features()
+    path = save(features.state_dict(), tmp_path / "features.pt")
+    model = Checkpoint(path=path, arch=f"{__name__}:make_features").build(SPEC)
+    assert torch.equal(model.features(X), features(X))
+    assert model(X).shape == (6, 5)
+
+
+def test_factory_receives_the_spec_and_arch_params(tmp_path):
+    saved = make_backbone(SPEC, hidden=3)
+    path = save({"model": saved.state_dict()}, tmp_path / "bb.pt")
+    model = Checkpoint(path=path, arch=f"{__name__}:make_backbone",
+                       arch_params={"hidden": 3}).build(SPEC)
+    assert torch.equal(model(X), saved(X))
+
+
+def test_a_trial_artifact_loads(tmp_path):
+    """autometa saves trials as {"model": Backbone.state_dict(), ...}: a valid checkpoint."""
+    saved = conv4()
+    path = save({"model": saved.state_dict(), "lrs": {"x": torch.ones(1)}}, tmp_path / "t.pt")
+    loaded = Checkpoint(path=path, arch_params={"channels": 8}).build(SPEC)
+    assert torch.equal(loaded(X), saved(X))
+
+
+def test_pickled_code_is_refused_with_the_reason_and_the_remedy(tmp_path):
+    path = save({"model": conv4().state_dict(), "extra": Custom()}, tmp_path / "pickled.pt")
+    source = Checkpoint(path=path, arch_params={"channels": 8})
+    with pytest.raises(DataError) as info:
+        source.build(SPEC)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(tmp_path / "pickled.pt") in message
+    assert "Custom" in message  # what the file would have run
+    assert "can execute arbitrary code" in message
+    assert "trust_pickle=True" in message
+
+
+def test_trust_pickle_loads_it(tmp_path):
+    saved = conv4()
+    path = save({"model": saved.state_dict(), "extra": Custom()}, tmp_path / "pickled.pt")
+    loaded = Checkpoint(path=path, arch_params={"channels": 8}, trust_pickle=True).build(SPEC)
+    assert torch.equal(loaded(X), saved(X))
+
+
+def test_trust_pickle_accepts_a_whole_pickled_module(tmp_path):
+    saved = conv4()
+    path = save(saved, tmp_path / "module.pt")
+    with pytest.raises(DataError, match="pickled Python objects"):
+        read_state_dict(path)
+    state = read_state_dict(path, trust_pickle=True)
+    assert state.keys() == saved.state_dict().keys()
+
+
+def test_mismatched_tensors_are_listed_in_one_error(tmp_path):
+    path = save(conv4(channels=8).state_dict(), tmp_path / "c8.pt")
+    with pytest.raises(ConfigError) as info:
+        Checkpoint(path=path, arch_params={"channels": 16}).build(SPEC)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"weights file '{tmp_path / 'c8.pt'}' does not fit architecture "
+                              "'conv4': 17 mismatch(es): features.0.weight is [8, 1, 3, 3] in "
+                              "the file, [16, 1, 3, 3] in the model; ")
+    assert "(and 12 more)" in message
+    assert "set 'arch' and its parameters" in message
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    state = conv4().state_dict()
+    state["features.99.weight"] = torch.zeros(1)
+    del state["features.4.bias"]
+    path = save(state, tmp_path / "odd.pt")
+    with pytest.raises(ConfigError, match=r"2 mismatch\(es\): missing features\.4\.bias; "
+                                          r"unexpected features\.99\.weight;"):
+        Checkpoint(path=path, arch_params={"channels": 8}).build(SPEC)
+
+
+def test_only_the_head_differs_keeps_features_and_a_fresh_head(tmp_path):
+    saved = conv4(outputs=10)  # e.g. pre-trained on 10 classes
+    path = save(saved.state_dict(), tmp_path / "ten.pt")
+    model = Checkpoint(path=path, arch_params={"channels": 8}).build(SPEC)
+    assert torch.equal(model.features(X), saved.features(X))
+    assert model(X).shape == (6, 5)
+    with pytest.raises(ConfigError, match=r"head\.weight is \[10, 8\] in the file, \[5, 8\] "
+                                          r"in the model.*set replace_head=True"):
+        Checkpoint(path=path, arch_params={"channels": 8}, replace_head=False).build(SPEC)
+
+
+def test_features_only_file_with_replace_head(tmp_path):
+    saved = conv4()
+    state = {k: v for k, v in saved.state_dict().items() if k.startswith("features.")}
+    path = save(state, tmp_path / "features.pt")
+    model = Checkpoint(path=path, arch_params={"channels": 8}).build(SPEC)
+    assert torch.equal(model.features(X), saved.features(X))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"weights file 'nowhere\.pt' does not exist \(relative "
+                                          r"to .*\); set 'path' to a local file"):
+        Checkpoint(path="nowhere.pt").build(SPEC)
+    with pytest.raises(ConfigError, match="checkpoint.path: no weights file given"):
+        Checkpoint()
+
+
+def test_not_a_torch_file_and_not_a_state_dict(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    with pytest.raises(DataError, match=r"cannot read weights file '.*junk\.pt': "):
+        read_state_dict(junk)
+    listed = save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(DataError, match=r"holds a list; expected a state_dict"):
+        read_state_dict(listed)
+    mixed = save({"a": torch.zeros(1), "epoch": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(DataError, match=r"entry 'epoch' is not a tensor"):
+        read_state_dict(mixed)
+
+
+def test_data_parallel_prefix_is_stripped(tmp_path):
+    saved = conv4()
+    path = save({f"module.{k}": v for k, v in saved.state_dict().items()}, tmp_path / "dp.pt")
+    assert torch.equal(Checkpoint(path=path, arch_params={"channels": 8}).build(SPEC)(X),
+                       saved(X))
+
+
+def test_unknown_architecture_and_bad_params(tmp_path):
+    path = save(conv4().state_dict(), tmp_path / "c.pt")
+    with pytest.raises(PluginError, match=r"unknown source model 'conv5' \(did you mean 'conv4'"):
+        Checkpoint(path=path, arch="conv5")
+    with pytest.raises(PluginError, match=r"architecture 'no_such_module:f' cannot be imported"):
+        Checkpoint(path=path, arch="no_such_module:f")
+    with pytest.raises(ConfigError, match=r"arch_params \{'width': 3\} do not fit architecture"):
+        Checkpoint(path=path, arch_params={"width": 3})
+
+
+def test_architecture_that_cannot_serve_the_task_is_refused_naming_both(tmp_path):
+    path = save(conv4().state_dict(), tmp_path / "c.pt")
+    task = Sinusoid(val_episodes=2, test_episodes=2)
+    task.identity["task"] = "sinusoid"
+    source = Checkpoint(path=path, arch_params={"channels": 8})
+    with pytest.raises(ConfigError, match=r"checkpoint: architecture 'conv4' cannot serve task "
+                                          r"'sinusoid': it accepts inputs of rank \[3\]"):
+        source.prepare(task)
+    with pytest.raises(ConfigError, match="cannot serve the task"):
+        source.build(task.spec)

@@ -1,0 +1,176 @@
+"""Pretrained source model: supervised pre-training on digits' meta-train classes, cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from autometa import ConfigError, PluginError, create_host
+from autometa.trial import TrialPlan, build
+from autometa_plugins import maml
+from autometa_plugins import pretrained as pretrained_plugin
+from autometa_plugins.conv4.model import Conv4
+from autometa_plugins.digits.task import Digits
+from autometa_plugins.pretrained import model as pretrained
+from autometa_plugins.pretrained.model import Pretrained
+from autometa_plugins.sinusoid.task import Sinusoid
+
+FAST = {"backbone": "conv4", "backbone_params": {"channels": 8}, "steps": 60}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = Digits(ways=5, shots=1, queries=5, val_episodes=4, test_episodes=4)
+    t.identity = {"task": "digits", "params": {"val_episodes": 4}, "seed": 0}
+    return t
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts pre-training runs."""
+    counter = []
+    original = pretrained.pretrain
+
+    def counting(*args, **kwargs):
+        counter.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pretrained, "pretrain", counting)
+    return counter
+
+
+def probe_accuracy(features, task) -> float:
+    """Linear probe on the meta-train classes: fit on 300 examples, score on 300 others."""
+    x, y = task.sample_labelled(600, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        f = features(x)
+    clf = LogisticRegression(max_iter=500).fit(f[:300], y[:300])
+    return clf.score(f[300:], y[300:])
+
+
+def test_prepare_pretrains_caches_and_builds(task, tmp_path, calls):
+    source = Pretrained(**FAST, cache_dir=str(tmp_path))
+    source.prepare(task)
+    model = source.build(task.spec)
+    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 5)  # fresh head for 5-way episodes
+    path = source.cache_path(task)
+    assert path.parent == tmp_path and path.name.startswith("pretrained-conv4-")
+    saved = torch.load(path, map_location="cpu", weights_only=True)  # a plain state_dict
+    assert saved.keys() == model.features.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.features.state_dict().items())
+    key = json.loads(path.with_suffix(".json").read_text())
+    assert key["task"]["task"] == "digits" and key["steps"] == 60
+    assert len(calls) == 1
+
+
+def test_second_prepare_reuses_the_cache(task, tmp_path, calls):
+    Pretrained(**FAST, cache_dir=str(tmp_path)).prepare(task)
+    path = Pretrained(**FAST, cache_dir=str(tmp_path)).cache_path(task)
+    written = path.stat().st_mtime_ns
+    again = Pretrained(**FAST, cache_dir=str(tmp_path))  # a later trial, or a later search
+    again.prepare(task)
+    assert len(calls) == 1
+    assert path.stat().st_mtime_ns == written
+    assert again.build(task.spec)(torch.rand(2, 1, 8, 8)).shape == (2, 5)
+
+
+def test_cache_key_covers_task_backbone_and_settings(task, tmp_path):
+    base = Pretrained(**FAST, cache_dir=str(tmp_path))
+    other_task = Digits(ways=5, shots=1, queries=5, val_episodes=4, test_episodes=4, seed=1)
+    other_task.identity = {**task.identity, "seed": 1}
+    variants = [
+        Pretrained(**{**FAST, "steps": 61}, cache_dir=str(tmp_path)),
+        Pretrained(**{**FAST, "backbone_params": {"channels": 4}}, cache_dir=str(tmp_path)),
+        Pretrained(**{**FAST, "lr": 0.01}, cache_dir=str(tmp_path)),
+        Pretrained(**{**FAST, "seed": 1}, cache_dir=str(tmp_path)),
+    ]
+    paths = {base.cache_path(task), base.cache_path(other_task),
+             *(v.cache_path(task) for v in variants)}
+    assert len(paths) == 6
+    assert Pretrained(**FAST, cache_dir=str(tmp_path)).cache_path(task) == base.cache_path(task)
+
+
+def test_cache_directory_from_the_environment(task, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOMETA_CACHE", str(tmp_path / "env-cache"))
+    assert Pretrained(**FAST).cache_path(task).parent == tmp_path / "env-cache"
+    monkeypatch.delenv("AUTOMETA_CACHE")
+    assert str(Pretrained(**FAST).cache_path(task).parent) == "autometa-cache"
+
+
+def test_seeded_deterministic_and_a_cache_hit_builds_the_same_network(task, tmp_path):
+    def build(cache: str) -> torch.nn.Module:
+        torch.manual_seed(7)  # what the engine does before prepare() and build()
+        source = Pretrained(**FAST, cache_dir=str(tmp_path / cache))
+        source.prepare(task)
+        return source.build(task.spec)
+
+    first, second, hit = build("a"), build("b"), build("a")
+    for other in (second, hit):
+        for (name, p), q in zip(first.state_dict().items(), other.state_dict().values(),
+                                strict=True):
+            assert torch.equal(p, q), name
+
+
+def test_pretraining_improves_the_features(task, tmp_path):
+    source = Pretrained(**FAST, cache_dir=str(tmp_path))
+    source.prepare(task)
+    trained = probe_accuracy(source.build(task.spec).features, task)
+    torch.manual_seed(0)
+    random = probe_accuracy(Conv4(channels=8).build(task.spec).features, task)
+    assert trained > 0.85  # 5 classes: chance is 0.2
+    assert trained > random + 0.1
+
+
+def test_a_task_without_labelled_meta_train_data_is_refused(tmp_path):
+    task = Sinusoid(val_episodes=2, test_episodes=2)
+    task.identity["task"] = "sinusoid"
+    with pytest.raises(ConfigError, match=r"pretrained: task 'sinusoid' has no labelled "
+                                          r"meta-train classes \(train_classes = 0\)"):
+        Pretrained(backbone="mlp", cache_dir=str(tmp_path)).prepare(task)
+
+
+def test_a_backbone_that_cannot_serve_the_task_is_refused_naming_both(task, tmp_path):
+    class FlatDigits(Digits):
+        input_shape = (64,)
+
+    flat = FlatDigits(val_episodes=2, test_episodes=2)
+    flat.identity["task"] = "flat-digits"
+    with pytest.raises(ConfigError, match=r"pretrained: backbone 'conv4' cannot serve task "
+                                          r"'flat-digits': it accepts inputs of rank \[3\]"):
+        Pretrained(**FAST, cache_dir=str(tmp_path)).prepare(flat)
+
+
+def test_configuration_errors(task, tmp_path):
+    with pytest.raises(PluginError, match=r"unknown source model 'conv5'"):
+        Pretrained(backbone="conv5")
+    with pytest.raises(ConfigError, match=r"backbone_params \{'width': 3\} do not fit"):
+        Pretrained(backbone="conv4", backbone_params={"width": 3})
+    with pytest.raises(ConfigError, match="pretrained.optimizer: 'rmsprop'"):
+        Pretrained(optimizer="rmsprop")
+    with pytest.raises(ConfigError, match="pretrained.steps: expected a positive integer"):
+        Pretrained(steps=0)
+    with pytest.raises(RuntimeError, match=r"needs prepare\(task\) first"):
+        Pretrained(**FAST, cache_dir=str(tmp_path)).build(task.spec)
+
+
+def test_the_engine_prepares_and_builds_it_in_a_trial(task, tmp_path, calls):
+    host = create_host(entry_points=False,
+                       plugins={"maml": maml, "pretrained": pretrained_plugin})
+    plan = TrialPlan("maml", "pretrained", source_params={**FAST, "cache_dir": str(tmp_path)})
+    first = build(host, task, plan, seed=1)
+    second = build(host, task, plan, seed=2)
+    assert len(calls) == 1
+    assert torch.equal(first.model.features[0].weight, second.model.features[0].weight)
+    assert not torch.equal(first.model.head.weight, second.model.head.weight)  # trial-seeded
