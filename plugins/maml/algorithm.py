@@ -8,6 +8,8 @@ order); ``first_order`` drops the second-order terms (FOMAML).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,9 @@ from autometa.inner_loop import Strategy, adapt_and_predict, parameters_of
 
 
 class MAML(MetaAlgorithm):
+    #: Names of the parameters the inner loop adapts (None: all). ANIL adapts the head only.
+    inner_params: Callable[[str], bool] | None = None
+
     def __init__(
         self,
         model: Backbone,
@@ -58,6 +63,7 @@ class MAML(MetaAlgorithm):
             steps=self.inner_steps,
             lr=self.inner_lr,
             first_order=first_order,
+            adapt_only=self.inner_params,
             strategy=self.strategy,
         )
 

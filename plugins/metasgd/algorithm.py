@@ -21,11 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autometa import Backbone, Categorical, Episodes, Float, MetaAlgorithm, Task
-from autometa.inner_loop import Strategy, adapt_and_predict, parameters_of
+from autometa import Backbone, Categorical, Float, Task
+from autometa.inner_loop import Strategy
+from autometa_plugins.maml.algorithm import MAML
 
 
-class MetaSGD(MetaAlgorithm):
+class MetaSGD(MAML):
+    """MAML whose scalar inner step is replaced by learned per-entry rates ``inner_lr``."""
+
     def __init__(
         self,
         model: Backbone,
@@ -38,11 +41,9 @@ class MetaSGD(MetaAlgorithm):
         first_order: bool = False,  # ignore second-order terms of the meta-gradient
         strategy: Strategy = "auto",  # episodes vmapped or looped; "auto" times both once
     ) -> None:
-        super().__init__(model, task)
-        self.inner_steps = inner_steps
-        self.first_order = first_order
-        self.strategy: Strategy = strategy
-        self.tasks_per_step = meta_batch_size
+        super().__init__(model, task, inner_steps=inner_steps, meta_lr=meta_lr,
+                         meta_batch_size=meta_batch_size, first_order=first_order,
+                         strategy=strategy)
         # alpha: one learned rate per parameter entry, on each parameter's device and dtype.
         # A plain dict, not an nn.ParameterDict: parameter names contain dots.
         self.inner_lr: dict[str, Tensor] = {
@@ -63,34 +64,6 @@ class MetaSGD(MetaAlgorithm):
             "meta_batch_size": Categorical((4, 16, 32)),
             "first_order": Categorical((False, True)),
         }
-
-    def _predict(self, episodes: Episodes, first_order: bool) -> Tensor:
-        return adapt_and_predict(
-            self.model,
-            parameters_of(self.model),
-            episodes.support_x,
-            episodes.support_y,
-            episodes.query_x,
-            self.task.loss,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
-            first_order=first_order,
-            strategy=self.strategy,
-        )
-
-    def meta_step(self, batch: Episodes) -> float:
-        pred = self._predict(batch, self.first_order)  # (tasks, n_query, out)
-        loss = self.task.loss(pred, batch.query_y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def adapt_and_predict(self, episodes: Episodes) -> Tensor:
-        # torch.func.grad ignores an outer no_grad: the inner steps still see gradients,
-        # but no graph back to theta or alpha is kept.
-        with torch.no_grad():
-            return self._predict(episodes, first_order=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {
