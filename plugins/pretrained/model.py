@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from autometa import Backbone, ConfigError, DataError, SourceModel, Task, TaskSpec
-from autometa_plugins.checkpoint.model import resolve_architecture
+from autometa.weights import resolve_architecture
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from autometa import Backbone, ConfigError, PluginError, SourceModel, TaskSpec
 from autometa.errors import unknown
-from autometa_plugins.checkpoint.model import load_weights, read_state_dict
+from autometa.weights import load_weights, read_state_dict
 from autometa_plugins.torchvision_models import missing_reason
 
 #: Auxiliary classifiers (GoogLeNet, Inception v3): dropped, they only serve ImageNet training.

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from autometa import Backbone, ConfigError, DataError, PluginError, TaskSpec
-from autometa_plugins.checkpoint.model import Checkpoint, read_state_dict
+from autometa.weights import read_state_dict
+from autometa_plugins.checkpoint.model import Checkpoint
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.sinusoid.task import Sinusoid
 
