@@ -171,7 +171,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def _quiet_optuna() -> None:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report trials
 
 
 def _show(board: Leaderboard, out: Path) -> None:
