@@ -4,10 +4,14 @@ Parameters are handled functionally, as a ``{name: tensor}`` dict evaluated thro
 ``torch.func.functional_call``. Adaptation is differentiable end to end: the meta-gradient
 flows through the inner SGD steps (second order) unless ``first_order`` treats the inner
 gradients as constants. Episodes are processed either all at once with ``torch.func.vmap``
-(``"vmap"``) or one at a time (``"loop"``); both give the same values and gradients.
+(``"vmap"``) or one at a time (``"loop"``); both give the same values and gradients,
+with one exception: PyTorch's vmap batching rule for the double backward of BatchNorm is
+wrong (functorch issue #534), so a second-order meta-gradient through a BatchNorm layer in
+training mode is computed with the loop ("auto") or refused ("vmap").
 Which is faster depends on the model and the device (vmap was ~10x faster than the loop for
 a small MLP on a 2-core CPU, ~3x slower for a conv4), so ``"auto"`` times both once per
-model signature, episode shape and device, and remembers the winner for the process.
+model signature, episode shape and device, on a few of the tasks, and remembers the winner
+for the process.
 """
 
 from __future__ import annotations
@@ -97,11 +101,19 @@ def adapt_and_predict(
                      first_order=first_order, adapt_only=adapt_only)
         return functional_call(model, fast, (qx,))
 
-    def run(chosen: Strategy) -> Tensor:
+    def run(chosen: Strategy, tasks: int | None = None) -> Tensor:
+        sx, sy, qx = support_x[:tasks], support_y[:tasks], query_x[:tasks]
         if chosen == "vmap":
-            return vmap(one)(support_x, support_y, query_x)
-        return torch.stack([one(*t) for t in zip(support_x, support_y, query_x, strict=True)])
+            return vmap(one)(sx, sy, qx)
+        return torch.stack([one(*t) for t in zip(sx, sy, qx, strict=True)])
 
+    if torch.is_grad_enabled() and not first_order and _batch_norm_in_training(model):
+        if strategy == "vmap":
+            raise ValueError(
+                "strategy 'vmap' gives wrong second-order meta-gradients through BatchNorm "
+                "(PyTorch functorch issue #534); use 'loop' or 'auto', or first_order=True"
+            )
+        strategy = "loop"
     if strategy == "auto":
         key = (
             type(model).__qualname__,
@@ -126,7 +138,16 @@ CLEAR_WIN = 1.5
 _CHOSEN: dict[Hashable, Strategy] = {}
 
 
-def _probe(what: str, run: Callable[[Strategy], Tensor], params: Params) -> Strategy:
+def _batch_norm_in_training(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for m in model.modules())
+
+
+#: Tasks of the batch that the "auto" probe times (the whole batch would cost seconds).
+PROBE_TASKS = 8
+
+
+def _probe(what: str, run: Callable[[Strategy, int], Tensor], params: Params) -> Strategy:
     """Time both strategies (forward and, in training, backward) and remember the faster."""
     wrt = [p for p in params.values() if p.requires_grad] if torch.is_grad_enabled() else []
     seconds: dict[Strategy, float] = {}
@@ -134,7 +155,7 @@ def _probe(what: str, run: Callable[[Strategy], Tensor], params: Params) -> Stra
         timings = []
         for _ in range(2):  # the first call pays one-off costs (allocations, dispatch caches)
             start = time.perf_counter()
-            out = run(candidate)
+            out = run(candidate, PROBE_TASKS)
             if wrt:  # autograd.grad, not backward(): leaves no .grad behind
                 torch.autograd.grad(out.sum(), wrt, allow_unused=True)
             elif out.device.type == "cuda":
