@@ -25,7 +25,7 @@ RUN_FLAGS = {
     "task": "task", "algorithms": "algorithms", "sources": "sources", "trials": "n_trials",
     "timeout": "timeout", "meta_steps": "meta_steps", "eval_every": "eval_every",
     "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
-    "device": "device", "top_k": "top_k", "pruner": "pruner",
+    "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
 }
 
 
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts", help="directory of trained trial states")
     run.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
+    run.add_argument("--threads", type=int,
+                     help="torch CPU threads (default: torch's; 1 is fastest for small models)")
     run.add_argument("--pruner", choices=["median", "none"], help="trial pruning (median)")
     run.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                      help="task parameter, e.g. shots=5 (repeatable)")

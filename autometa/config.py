@@ -43,6 +43,7 @@ class SearchConfig:
     storage: str = DEFAULT_STORAGE  # any Optuna storage URL
     artifacts: str = "autometa-artifacts"  # directory for trained trial states
     device: str = "cpu"  # torch device of every trial, e.g. "cuda:0"
+    threads: int | None = None  # torch CPU threads during the search (None: torch's default)
     top_k: int = 3  # best trials (on meta-val) evaluated on meta-test
     pruner: str = "median"  # "median" or "none"
 
@@ -140,6 +141,8 @@ class SearchConfig:
         _positive_int(self.meta_steps, "meta_steps")
         _positive_int(self.eval_every, "eval_every")
         _positive_int(self.top_k, "top_k")
+        if self.threads is not None:
+            _positive_int(self.threads, "threads")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed: expected a non-negative integer, got {self.seed!r}")
         if self.study_name is not None:

@@ -149,6 +149,16 @@ def run_search(
 ) -> Leaderboard:
     """Run (or resume) the search described by ``config`` and return its leaderboard."""
     host = host or create_host()
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, host, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: SearchConfig, host: PluginHost, progress: Progress | None) -> Leaderboard:
     prepared = prepare(config, host)
     study = _open_study(prepared)
     progress = progress or NullProgress()
