@@ -1,0 +1,81 @@
+"""The benchmarks run end to end on tiny settings and write the tables they promise.
+
+Structure only (files, tables, columns, statuses); never timings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return lambda name: importlib.import_module(name)
+
+
+def written(out: Path, name: str) -> tuple[dict, str]:
+    assert sorted(p.name for p in out.iterdir() if p.stem == name) == [f"{name}.json",
+                                                                       f"{name}.md"]
+    return json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text()
+
+
+def test_speed(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    speed = bench("speed")
+    speed.main(["--models", "sinusoid,conv4", "--inner-steps", "1", "--repeats", "1",
+                "--sinusoid-batches", "1", "--conv4-channels", "2", "--conv4-meta-batch", "2",
+                "--conv4-side", "8", "--pool-classes", "10",
+                "--contenders", "autometa-auto,autometa-loop,reference-loop,higher",
+                "--prototypes", "proto-per-task-backward", "--out", str(tmp_path), "--quiet"])
+    result, md = written(tmp_path, "speed")
+    assert {"environment", "settings", "summary", "speed", "gradients", "sampling",
+            "prototypes", "unavailable"} <= set(result)
+    assert result["environment"]["versions"]["torch"]
+    keys = {(r["model"], r["contender"]) for r in result["speed"]}
+    for model in ("sinusoid", "conv4"):
+        assert {(model, "autometa-auto"), (model, "reference-loop"),
+                (model, "proto-per-task-backward")} <= keys
+    assert all(r["tasks_per_s"] > 0 for r in result["speed"])
+    sinusoid = [g for g in result["gradients"] if g["model"] == "sinusoid"]
+    assert sinusoid and all(g["agrees"] for g in sinusoid)
+    assert [s["model"] for s in result["summary"]] == ["sinusoid", "conv4"]
+    assert [s["model"] for s in result["sampling"]] == ["sinusoid", "conv4"]
+    for title in ("## Summary", "## Throughput", "## Meta-gradient agreement",
+                  "## Episode sampling", "## Prototyped patches"):
+        assert title in md
+    assert "| model | inner steps | autometa tasks/s |" in md
+    assert "Summary" in capsys.readouterr().out
+
+
+def test_memory(bench, tmp_path: Path) -> None:
+    memory = bench("memory")
+    memory.main(["--models", "sinusoid", "--inner-steps", "1", "--orders", "second",
+                 "--contenders", "autometa-loop", "--conv4-channels", "2",
+                 "--conv4-meta-batch", "2", "--no-tensors", "--out", str(tmp_path), "--quiet"])
+    result, md = written(tmp_path, "memory")
+    [row] = result["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["contender"] == "autometa-loop" and row["steps"] == 1
+    assert math.isfinite(row["step_peak_mb"]) and row["seconds"] > 0
+    assert row["tensor_peak_mb"] is None  # --no-tensors: starting the profiler takes seconds
+    assert "| model | inner steps | order | autometa-loop | auto chose |" in md
+
+
+def test_sinusoid_accuracy(bench, tmp_path: Path) -> None:
+    accuracy = bench("sinusoid_accuracy")
+    accuracy.main(["--steps", "2", "--algorithms", "maml,metasgd", "--test-episodes", "5",
+                   "--val-episodes", "2", "--out", str(tmp_path), "--quiet"])
+    result, md = written(tmp_path, "sinusoid_accuracy")
+    maml, metasgd = result["rows"]
+    assert maml["status"] == "ok" and maml["test_episodes"] == 5
+    assert math.isfinite(maml["test_mse"]) and maml["ci95"] > 0
+    assert metasgd["status"] in {"ok", "not available", "failed"}
+    assert "0.77 ± 0.11" in md and "0.53 ± 0.09" in md  # the published numbers beside
+    assert "| algorithm | meta-steps |" in md
