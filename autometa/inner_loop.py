@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from autometa.task import Episodes
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,16 @@ def adapt_and_predict(
 CLEAR_WIN = 1.5
 #: Strategy chosen by ``"auto"`` per (model, parameter shapes, device, episode shapes, ...).
 _CHOSEN: dict[Hashable, Strategy] = {}
+
+
+def adapt_episodes(model: nn.Module, episodes: Episodes, loss_fn: LossFn, **options: Any
+                   ) -> Tensor:
+    """:func:`adapt_and_predict` from the model's own parameters on a batch of episodes.
+
+    ``options`` are :func:`adapt_and_predict`'s keywords (``steps``, ``lr``, ...).
+    """
+    return adapt_and_predict(model, parameters_of(model), episodes.support_x,
+                             episodes.support_y, episodes.query_x, loss_fn, **options)
 
 
 def _batch_norm_in_training(model: nn.Module) -> bool:

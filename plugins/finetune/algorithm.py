@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from autometa import Backbone, Categorical, Episodes, Float, Int, MetaAlgorithm, Task
-from autometa.inner_loop import adapt_and_predict, parameters_of
+from autometa.inner_loop import adapt_episodes
 
 
 class FineTune(MetaAlgorithm):
@@ -60,12 +60,9 @@ class FineTune(MetaAlgorithm):
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
         head_only = self.finetune == "head"
         with torch.no_grad():  # plain SGD: no meta-gradient through the steps
-            return adapt_and_predict(
+            return adapt_episodes(
                 self.model,
-                parameters_of(self.model),
-                episodes.support_x,
-                episodes.support_y,
-                episodes.query_x,
+                episodes,
                 self.task.loss,
                 steps=self.finetune_steps,
                 lr=self.finetune_lr,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from autometa import Backbone, Categorical, Episodes, Float, Int, MetaAlgorithm, Task
-from autometa.inner_loop import Strategy, adapt_and_predict, parameters_of
+from autometa.inner_loop import Strategy, adapt_episodes
 
 
 class MAML(MetaAlgorithm):
@@ -53,12 +53,9 @@ class MAML(MetaAlgorithm):
         }
 
     def _predict(self, episodes: Episodes, first_order: bool) -> Tensor:
-        return adapt_and_predict(
+        return adapt_episodes(
             self.model,
-            parameters_of(self.model),
-            episodes.support_x,
-            episodes.support_y,
-            episodes.query_x,
+            episodes,
             self.task.loss,
             steps=self.inner_steps,
             lr=self.inner_lr,

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from autometa import Backbone, Categorical, Episodes, Float, Int, MetaAlgorithm, Task
-from autometa.inner_loop import Params, Strategy, adapt, adapt_and_predict, parameters_of
+from autometa.inner_loop import Params, Strategy, adapt, adapt_episodes, parameters_of
 
 
 class Reptile(MetaAlgorithm):
@@ -104,12 +104,9 @@ class Reptile(MetaAlgorithm):
 
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
         with torch.no_grad():  # plain SGD on the support set: no graph to the meta-parameters
-            return adapt_and_predict(
+            return adapt_episodes(
                 self.model,
-                parameters_of(self.model),
-                episodes.support_x,
-                episodes.support_y,
-                episodes.query_x,
+                episodes,
                 self.task.loss,
                 steps=self.eval_steps,
                 lr=self.inner_lr,
