@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -276,7 +277,7 @@ class Autometa(Contender):
         from autometa import inner_loop
 
         chosen = set(getattr(inner_loop, "_CHOSEN", {}).values())
-        return "auto→" + "/".join(sorted(chosen)) if chosen else "auto"
+        return "auto→" + "/".join(sorted(chosen)) if chosen else "auto (no probe)"
 
 
 class Reference(Contender):
@@ -557,6 +558,10 @@ def as_float64(batch: Episodes) -> Episodes:
                       (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
 
 
+def refusal(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
 def check_gradients(model: nn.Module, work: Workload, steps: int, batch: Episodes,
                     keys: Sequence[str]) -> list[dict[str, Any]]:
     """Each contender's meta-gradient on ``batch`` from the same weights, all in float64.
@@ -572,8 +577,14 @@ def check_gradients(model: nn.Module, work: Workload, steps: int, batch: Episode
     scale = float(truth.abs().max())
     rows = []
     for key in keys:
-        contender = make_contender(key, model64, work, steps)
-        contender.step(batch64)
+        try:
+            contender = make_contender(key, model64, work, steps)
+            contender.step(batch64)
+        except Exception as exc:  # e.g. autometa refusing vmap through BatchNorm
+            rows.append({"model": work.name, "inner_steps": steps, "contender": key,
+                         "strategy": "–", "max_rel_error": math.nan, "agrees": None,
+                         "error": refusal(exc)})
+            continue
         err = float((contender.meta_gradient() - truth).abs().max()) / scale
         strategy = (contender.resolved_strategy() if isinstance(contender, Autometa)
                     else contender.strategy)
@@ -588,15 +599,21 @@ def median(xs: Sequence[float]) -> float:
 
 def time_contenders(contenders: dict[str, Contender], batches: Sequence[Episodes],
                     repeats: int, log: Callable[[str], None], warmup: dict[str, float],
-                    ) -> dict[str, list[float]]:
+                    refused: dict[str, str]) -> dict[str, list[float]]:
     """Tasks per second of each contender per repetition, repetitions interleaved.
 
-    ``warmup`` receives the seconds of each contender's first meta-step."""
-    keys = list(contenders)
-    for key in keys:  # warm-up: one-off costs (autometa's 'auto' probe, compilation)
+    ``warmup`` receives the seconds of each contender's first meta-step; ``refused`` the
+    error of a contender whose first step raised (it is then left out)."""
+    for key in list(contenders):  # warm-up: one-off costs ('auto' probe, compilation)
         start = time.perf_counter()
-        contenders[key].step(batches[0])
+        try:
+            contenders[key].step(batches[0])
+        except Exception as exc:  # e.g. autometa refusing vmap through BatchNorm
+            refused[key] = refusal(exc)
+            del contenders[key]
+            continue
         warmup[key] = time.perf_counter() - start
+    keys = list(contenders)
     tasks = sum(len(b) for b in batches)
     rates: dict[str, list[float]] = {k: [] for k in keys}
     for rep in range(repeats):
@@ -640,11 +657,12 @@ def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per
     log(f"{work.name}, {steps} inner step(s): timing {', '.join(keys)}")
     contenders = {k: make_contender(k, model, work, steps) for k in keys}
     warmup: dict[str, float] = {}
+    refused: dict[str, str] = {}
     getattr(inner_loop, "_CHOSEN", {}).clear()  # the check probed in float64; probe anew
-    rates = time_contenders(contenders, batches, repeats, log, warmup)
-    disagree = {g["contender"] for g in grads if not g["agrees"]}
+    rates = time_contenders(contenders, batches, repeats, log, warmup, refused)
+    disagree = {g["contender"] for g in grads if g["agrees"] is False}
     speed = []
-    for key in keys:
+    for key in [k for k in keys if k in contenders]:
         c = contenders[key]
         strategy = c.resolved_strategy() if isinstance(c, Autometa) else c.strategy
         if strategy.startswith("auto→") and grads:
@@ -655,7 +673,9 @@ def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per
                       "strategy": strategy, "tasks_per_s": median(rates[key]),
                       "min": min(rates[key]), "max": max(rates[key]), "runs": rates[key],
                       "first_step_s": warmup[key], "void": key in disagree})
-    return {"speed": speed, "gradients": grads}
+    return {"speed": speed, "gradients": grads,
+            "refused": [{"model": work.name, "inner_steps": steps, "contender": k, "error": e}
+                        for k, e in refused.items()]}
 
 
 def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target: float,
@@ -760,6 +780,9 @@ def report(result: dict[str, Any]) -> tuple[str, str]:
                            f"{r['first_step_s']:.2f}"])
     for key, why in result["unavailable"].items():
         speed_rows.append(["all", "–", key, "–", "not available", why, "–", "–"])
+    for r in result.get("refused", []):
+        speed_rows.append([r["model"], r["inner_steps"], r["contender"], "–", "refused",
+                           r["error"], "–", "–"])
     speed_h = ["model", "inner steps", "contender", "strategy", "tasks/s (median)",
                "range", "autometa(auto) / this", "first step s"]
     proto_h = ["model", "inner steps", "prototype", "tasks/s", "unpatched", "unpatched tasks/s",
@@ -784,7 +807,8 @@ def report(result: dict[str, Any]) -> tuple[str, str]:
     grad_h = ["model", "inner steps", "contender", "strategy", "max |g − g_ref| / max |g_ref|",
               "agrees"]
     grad_rows = [[g["model"], g["inner_steps"], g["contender"], g.get("strategy", "–"),
-                  f"{g['max_rel_error']:.1e}", _yes(g["agrees"])] for g in result["gradients"]]
+                  f"refused: {g['error']}" if "error" in g else f"{g['max_rel_error']:.1e}",
+                  _yes(g["agrees"])] for g in result["gradients"]]
     samp_h = ["model", "inner steps", "sample one meta-batch (ms)", "autometa meta-step (ms)",
               "sampling / step", "target", "met"]
     samp_rows = [[s["model"], s["inner_steps"], f"{s['sample_ms']:.2f}",
@@ -857,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     keys = [k for k in wanted if k not in unavailable]
     steps_list = [int(s) for s in args.inner_steps.split(",")]
     per_rep = {"sinusoid": args.sinusoid_batches, "conv4": args.conv4_batches}
-    speed, grads, sampling = [], [], []
+    speed, grads, sampling, refused = [], [], [], []
     sampling_by = {}
     for name in args.models.split(","):
         run_keys = [k for k in keys if (k, name) not in PROTOTYPE_SKIP]
@@ -869,6 +893,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                repeats=args.repeats, check_tasks=args.check_tasks, log=log)
             speed += res["speed"]
             grads += res["gradients"]
+            refused += res["refused"]
             auto = next((r for r in res["speed"] if r["contender"] == "autometa-auto"), None)
             if auto:
                 cost = sampling_cost(work, work.meta_batch / auto["tasks_per_s"])
@@ -882,6 +907,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          f"{m}: {per_rep[m]}" for m in args.models.split(",")),
                      "meta_lr": META_LR, "gradient_rtol": RTOL},
         "unavailable": unavailable,
+        "refused": refused,
         "summary": summarise(speed, sampling_by, args.fast_target),
         "prototypes": summarise_prototypes(speed),
         "speed": speed,
