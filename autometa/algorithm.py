@@ -50,6 +50,18 @@ class MetaAlgorithm(ABC):
         """Hyperparameters to search and their ranges (default: none)."""
         return {}
 
+    @classmethod
+    def incompatibility(cls, task: Task) -> str | None:
+        """Why this algorithm cannot serve ``task``, or None if it can.
+
+        The engine asks before anything is stored: an algorithm named in the search is
+        refused with this reason, one that was not is left out. The default checks
+        :attr:`kinds`; override to add needs (e.g. a labelled meta-train pool).
+        """
+        if task.kind not in cls.kinds:
+            return f"supports {' and '.join(sorted(cls.kinds))} tasks, the task is {task.kind}"
+        return None
+
     @abstractmethod
     def meta_step(self, batch: Episodes) -> float:
         """One meta-update on a batch of meta-train episodes; returns its training loss."""

@@ -54,10 +54,8 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
     task = build_task(config, host)
 
     def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
-        if task.kind in cls.kinds:
-            return None
-        return f"it supports {' and '.join(sorted(cls.kinds))} tasks; task {config.task!r} " \
-               f"is {task.kind}"
+        reason = cls.incompatibility(task)
+        return f"it {reason} (task {config.task!r})" if reason else None
 
     def source_problem(cls: Any, space: dict[str, Any]) -> str | None:
         # Set the source up with its fixed settings now, so that a missing setting (a

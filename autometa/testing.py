@@ -137,8 +137,9 @@ def check_meta_algorithm(
 ) -> None:
     """Check an algorithm on ``task`` with networks from ``source_cls``."""
     check_space(algorithm_cls, algorithm_cls.search_space())
-    if task.kind not in algorithm_cls.kinds:
-        _fail(f"{algorithm_cls.__name__} does not support {task.kind} tasks")
+    reason = algorithm_cls.incompatibility(task)
+    if reason is not None:
+        _fail(f"{algorithm_cls.__name__} says it cannot serve the task: {reason}")
 
     def fresh() -> MetaAlgorithm:
         torch.manual_seed(0)
