@@ -183,7 +183,7 @@ def _show(board: Leaderboard, out: Path) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in board.counts.items() if v)
     table = Table(title=f"{board.study_name}: {board.task}, {board.metric} ({arrow})",
                   caption=f"trials: {counts or 'none'}; ranked on meta-val, "
-                          "test = mean ± 95% CI over meta-test episodes")
+                          f"test = mean ± 95% CI over meta-test {board.ci_over}")
     for column in board.display_columns():
         wide = column == "params"
         table.add_column(column, overflow="fold", no_wrap=not wide, ratio=1 if wide else None)

@@ -61,18 +61,26 @@ class ClassPool:
             )
 
     def sample(
-        self, n_tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator
+        self, n_tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator,
+        *, shuffle_classes: bool = True,
     ) -> Episodes:
         """``n_tasks`` episodes; labels are 0..ways-1 in each episode, in class order.
+
+        Args:
+            shuffle_classes: draw ``ways`` random classes per episode (few-shot episodes);
+                if False, every episode has the pool's first ``ways`` classes with their
+                pool labels (a target dataset's own classes).
 
         Shapes: support (tasks, ways*shots, *input_shape), query (tasks, ways*queries, ...).
         """
         self.check(ways, shots + queries)
         device = self.x.device
         k = shots + queries
-        # Random classes per task: the first `ways` of a random permutation.
-        classes = torch.rand(n_tasks, self.n_classes, generator=generator,
-                             device=device).argsort(1)[:, :ways]  # (tasks, ways)
+        if shuffle_classes:  # random classes per task: the first `ways` of a permutation
+            classes = torch.rand(n_tasks, self.n_classes, generator=generator,
+                                 device=device).argsort(1)[:, :ways]  # (tasks, ways)
+        else:
+            classes = torch.arange(ways, device=device).expand(n_tasks, ways)
         # Random distinct examples per class: padding sorts last, so never drawn.
         width = self.index.shape[1]
         keys = torch.rand(n_tasks, ways, width, generator=generator, device=device)

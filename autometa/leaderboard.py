@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from autometa.plugins import PluginHost
     from autometa.task import Task
 
-#: Study user attribute caching meta-test results: {trial number: {mean, ci95, episodes}}.
+#: Study user attribute caching meta-test results: {trial number: {mean, ci95, n, over}}.
 TEST_ATTR = "autometa.test"
 
 
@@ -33,8 +33,9 @@ class Leaderboard:
     Attributes:
         frame: one row per completed trial, best first. Columns: ``rank``, ``trial``,
             ``algorithm``, ``source``, ``val_<metric>``, ``test_<metric>``,
-            ``test_ci95`` (half-width), ``test_episodes``, ``params``. Test columns are
-            empty beyond the ``top_k`` best.
+            ``test_ci95`` (half-width), ``test_n`` and ``test_ci_over`` (what the interval
+            is over: ``episodes``, or ``examples`` of a target dataset's single test split),
+            ``params``. Test columns are empty beyond the ``top_k`` best.
         counts: trials per final state (complete, pruned, failed, running).
     """
 
@@ -60,7 +61,7 @@ class Leaderboard:
             f"# autometa leaderboard: {self.study_name}",
             "",
             f"Task `{self.task}`, metric {self.metric} ({arrow}); trials: {counts or 'none'}. "
-            "Ranked on meta-val; meta-test shown as mean ± 95% CI over episodes.",
+            f"Ranked on meta-val; meta-test shown as mean ± 95% CI over {self.ci_over}.",
             "",
         ]
         rows = self.display_rows()
@@ -70,6 +71,12 @@ class Leaderboard:
         for row in rows:
             lines.append("| " + " | ".join(_md_escape(v) for v in row.values()) + " |")
         return "\n".join(lines) + "\n"
+
+    @property
+    def ci_over(self) -> str:
+        """What the test intervals are over: "episodes" or "examples" (a target dataset)."""
+        over = {u for u in self.frame["test_ci_over"] if isinstance(u, str) and u}
+        return " and ".join(sorted(over)) or "episodes"
 
     def display_columns(self) -> list[str]:
         return ["rank", "trial", "algorithm", "source", f"val {self.metric}",
@@ -113,7 +120,14 @@ def compute_leaderboard(
 
     from autometa.metrics import mean_ci95
     from autometa.study import CONFIG_ATTR
-    from autometa.trial import TrialPlan, build, evaluate, load_state, trial_seed
+    from autometa.trial import (
+        TrialPlan,
+        build,
+        evaluate,
+        load_state,
+        scored_per_example,
+        trial_seed,
+    )
 
     metric = task.metric
     stored = study.user_attrs.get(CONFIG_ATTR, {})
@@ -122,12 +136,12 @@ def compute_leaderboard(
     sign = 1.0 if metric.direction == "minimize" else -1.0
     ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
 
-    cache: dict[str, dict[str, float]] = dict(study.user_attrs.get(TEST_ATTR, {}))
+    cache: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
     rows = []
     for rank, t in enumerate(ranked, start=1):
         plan = TrialPlan(**{k: t.user_attrs[k] for k in
                             ("algorithm", "source", "algorithm_params", "source_params")})
-        test: dict[str, float] = {"mean": math.nan, "ci95": math.nan, "episodes": 0}
+        test: dict[str, Any] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": ""}
         if rank <= top_k:
             key = str(t.number)
             if key not in cache:
@@ -139,11 +153,13 @@ def compute_leaderboard(
                     )
                 algorithm = build(host, task, plan, trial_seed(search_seed, t.number))
                 load_state(algorithm, state)
-                scores = evaluate(algorithm, task.meta_test(), task)
+                episodes = task.meta_test()
+                scores = evaluate(algorithm, episodes, task)
                 mean, half = mean_ci95(scores)
-                cache[key] = {"mean": mean, "ci95": half, "episodes": len(scores)}
+                over = "examples" if scored_per_example(episodes, task) else "episodes"
+                cache[key] = {"mean": mean, "ci95": half, "n": len(scores), "over": over}
                 study.set_user_attr(TEST_ATTR, cache)
-            test = cache[key]
+            test = {"n": cache[key].get("episodes", 0), "over": "episodes", **cache[key]}
         rows.append({
             "rank": rank,
             "trial": t.number,
@@ -152,11 +168,12 @@ def compute_leaderboard(
             f"val_{metric.name}": t.value,
             f"test_{metric.name}": test["mean"],
             "test_ci95": test["ci95"],
-            "test_episodes": int(test["episodes"]),
+            "test_n": int(test["n"]),
+            "test_ci_over": test["over"],
             "params": plan.params_text(),
         })
     columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",
-               f"test_{metric.name}", "test_ci95", "test_episodes", "params"]
+               f"test_{metric.name}", "test_ci95", "test_n", "test_ci_over", "params"]
     counts = {
         "complete": len(complete),
         "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),

@@ -24,13 +24,30 @@ def accuracy_per_episode(logits: Tensor, target: Tensor) -> Tensor:
     return (logits.argmax(-1) == target).float().mean(1)
 
 
+def mse_per_example(pred: Tensor, target: Tensor) -> Tensor:
+    """Squared error of each query example: (tasks, n, out), (tasks, n, out) -> (tasks, n)."""
+    return ((pred - target) ** 2).flatten(2).mean(2)
+
+
+def accuracy_per_example(logits: Tensor, target: Tensor) -> Tensor:
+    """1 per correctly classified query example: (tasks, n, classes), (tasks, n) -> (tasks, n)."""
+    return (logits.argmax(-1) == target).float()
+
+
 @dataclass(frozen=True)
 class Metric:
-    """How a task is scored: a name, a direction, and a per-episode function."""
+    """How a task is scored: a name, a direction, and a per-episode function.
+
+    ``per_example``, if given, scores each query example so that an episode's score is the
+    mean of its examples' scores; it gives a confidence interval over the examples of a
+    split that is a single episode (a target dataset's test split).
+    """
 
     name: str
     direction: Direction
     per_episode: Callable[[Tensor, Tensor], Tensor] = field(compare=False, repr=False)
+    per_example: Callable[[Tensor, Tensor], Tensor] | None = field(
+        default=None, compare=False, repr=False)
 
     def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
         return self.per_episode(pred, target)
@@ -40,8 +57,8 @@ class Metric:
         return a < b if self.direction == "minimize" else a > b
 
 
-MSE = Metric("mse", "minimize", mse_per_episode)
-ACCURACY = Metric("accuracy", "maximize", accuracy_per_episode)
+MSE = Metric("mse", "minimize", mse_per_episode, mse_per_example)
+ACCURACY = Metric("accuracy", "maximize", accuracy_per_episode, accuracy_per_example)
 
 
 def loss_for(kind: TaskKind, pred: Tensor, target: Tensor) -> Tensor:

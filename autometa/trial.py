@@ -71,14 +71,30 @@ def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int) -> MetaAlgor
         raise PluginError(f"cannot build {plan.describe()}: {exc}") from exc
 
 
+def scored_per_example(episodes: Episodes, task: Task) -> bool:
+    """True if :func:`evaluate` scores ``episodes`` per query example, not per episode.
+
+    A split that is one episode (a target dataset's val or test split) has no spread over
+    episodes; its examples' scores have the same mean and give a confidence interval.
+    """
+    return len(episodes) == 1 and task.metric.per_example is not None
+
+
 def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task) -> Tensor:
-    """Per-episode scores of the adapted model on ``episodes``: (tasks,)."""
+    """Scores of the adapted model on ``episodes``: (tasks,), or (n_query,) for one episode.
+
+    The mean is the split's score either way (see :func:`scored_per_example`).
+    """
     algorithm.model.eval()
     scores = []
     for start in range(0, len(episodes), EVAL_CHUNK):
         chunk = episodes[start : start + EVAL_CHUNK]
-        pred = algorithm.adapt_and_predict(chunk)  # (chunk, n_query, out)
-        scores.append(task.metric(pred.detach(), chunk.query_y))
+        pred = algorithm.adapt_and_predict(chunk).detach()  # (chunk, n_query, out)
+        if scored_per_example(episodes, task):
+            assert task.metric.per_example is not None
+            scores.append(task.metric.per_example(pred, chunk.query_y)[0])  # (n_query,)
+        else:
+            scores.append(task.metric(pred, chunk.query_y))  # (chunk,)
     algorithm.model.train()
     return torch.cat(scores)
 

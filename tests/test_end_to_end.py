@@ -20,7 +20,7 @@ RUN = [
     *(a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")),
 ]
 COLUMNS = ["rank", "trial", "algorithm", "source", "val_mse", "test_mse", "test_ci95",
-           "test_episodes", "params"]
+           "test_n", "test_ci_over", "params"]
 
 
 def autometa_cli(*args: str, cwd: Path, env: dict[str, str] | None = None
@@ -39,8 +39,9 @@ def test_cli_search_prints_and_writes_the_leaderboard(tmp_path: Path) -> None:
     assert list(frame["rank"]) == list(range(1, len(frame) + 1))
     assert frame["val_mse"].is_monotonic_increasing
     assert set(frame["algorithm"]) <= {"maml", "finetune"} and set(frame["source"]) == {"mlp"}
-    tested = frame[frame["test_episodes"] > 0]
-    assert len(tested) == min(3, len(frame)) and (tested["test_episodes"] == 20).all()
+    tested = frame[frame["test_n"] > 0]
+    assert len(tested) == min(3, len(frame)) and (tested["test_n"] == 20).all()
+    assert (tested["test_ci_over"] == "episodes").all()
     for column in ("rank", "algorithm", "val mse", "test mse (95% CI)", "params"):
         assert column in result.stdout
     for row in frame.itertuples():
@@ -61,8 +62,8 @@ def test_python_and_cli_give_the_same_leaderboard(tmp_path: Path) -> None:
                             artifacts=str(tmp_path / "python-artifacts"))
     python = board.frame
     assert len(python) == len(cli) > 0
-    for column in ("trial", "algorithm", "source", "params", "test_episodes"):
-        assert list(python[column]) == list(cli[column])
+    for column in ("trial", "algorithm", "source", "params", "test_n", "test_ci_over"):
+        assert list(python[column]) == list(cli[column].fillna(""))  # CSV: "" reads as NaN
     for column in ("val_mse", "test_mse", "test_ci95"):
         pd.testing.assert_series_equal(python[column], cli[column], rtol=1e-9,
                                        check_dtype=False)
