@@ -9,12 +9,13 @@ order); ``first_order`` drops the second-order terms (FOMAML).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from autometa import Backbone, Categorical, Episodes, Float, Int, MetaAlgorithm, Task
-from autometa.inner_loop import Strategy, adapt_episodes
+from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
 
 
 class MAML(MetaAlgorithm):
@@ -52,28 +53,21 @@ class MAML(MetaAlgorithm):
             "first_order": Categorical((False, True)),
         }
 
-    def _predict(self, episodes: Episodes, first_order: bool) -> Tensor:
-        return adapt_episodes(
-            self.model,
-            episodes,
-            self.task.loss,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
-            first_order=first_order,
-            adapt_only=self.inner_params,
-            strategy=self.strategy,
-        )
+    def _inner(self, first_order: bool) -> dict[str, Any]:
+        """The inner loop's settings (keywords of autometa.inner_loop's functions)."""
+        return {"steps": self.inner_steps, "lr": self.inner_lr, "first_order": first_order,
+                "adapt_only": self.inner_params, "strategy": self.strategy}
 
     def meta_step(self, batch: Episodes) -> float:
-        pred = self._predict(batch, self.first_order)  # (tasks, n_query, out)
-        loss = self.task.loss(pred, batch.query_y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Query loss after adaptation, back-propagated through the inner steps.
+        loss = meta_backward(self.model, batch, self.task.loss, **self._inner(self.first_order))
         self.optimizer.step()
-        return loss.item()
+        return loss
 
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
         # torch.func.grad ignores an outer no_grad: the inner steps still see gradients,
         # but no graph back to the meta-parameters is kept.
         with torch.no_grad():
-            return self._predict(episodes, first_order=True)
+            return adapt_episodes(self.model, episodes, self.task.loss,
+                                  **self._inner(first_order=True))

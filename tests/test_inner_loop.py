@@ -1,0 +1,139 @@
+"""The inner-loop toolkit: meta_backward against a float64 reference, strategies, each_task."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from autometa import Backbone, Episodes
+from autometa.inner_loop import adapt_episodes, each_task, meta_backward, parameters_of
+from autometa.metrics import loss_for
+
+IN, HIDDEN, OUT = 3, 6, 2
+
+
+def _mlp() -> Backbone:
+    torch.manual_seed(0)
+    # tanh: a non-zero second derivative exercises every second-order term.
+    return Backbone(nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh()),
+                    nn.Linear(HIDDEN, OUT)).double()
+
+
+def _episodes(tasks: int = 4, kind: str = "regression") -> Episodes:
+    g = torch.Generator().manual_seed(3)
+
+    def y(n: int) -> Tensor:
+        if kind == "classification":
+            return torch.randint(0, OUT, (tasks, n), generator=g)
+        return torch.randn(tasks, n, OUT, generator=g, dtype=torch.float64)
+
+    return Episodes(torch.randn(tasks, 5, IN, generator=g, dtype=torch.float64), y(5),
+                    torch.randn(tasks, 7, IN, generator=g, dtype=torch.float64), y(7))
+
+
+def _reference(model: nn.Module, episodes: Episodes, kind: str, lr: float | dict, steps: int,
+               first_order: bool) -> list[Tensor]:
+    """Naive MAML meta-gradient: one task at a time, autograd.grad(create_graph)."""
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    losses = []
+    for i in range(len(episodes)):
+        fast = params
+        for _ in range(steps):
+            out = torch.func.functional_call(model, dict(zip(names, fast, strict=True)),
+                                             (episodes.support_x[i],))
+            grads = torch.autograd.grad(loss_for(kind, out, episodes.support_y[i]), fast,
+                                        create_graph=not first_order)
+            step = [lr[n] if isinstance(lr, dict) else lr for n in names]
+            fast = [w - a * g for w, a, g in zip(fast, step, grads, strict=True)]
+        out = torch.func.functional_call(model, dict(zip(names, fast, strict=True)),
+                                         (episodes.query_x[i],))
+        losses.append(loss_for(kind, out, episodes.query_y[i]))
+    wrt = params + (list(lr.values()) if isinstance(lr, dict) else [])
+    return list(torch.autograd.grad(torch.stack(losses).mean(), wrt))
+
+
+def _grads(model: nn.Module, lr: float | dict) -> list[Tensor]:
+    extra = list(lr.values()) if isinstance(lr, dict) else []
+    return [p.grad for p in [*model.parameters(), *extra]]
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_meta_backward_matches_the_reference(strategy, first_order, kind):
+    model, episodes = _mlp(), _episodes(kind=kind)
+    expected = _reference(model, episodes, kind, 0.3, 2, first_order)
+    loss = meta_backward(model, episodes, lambda p, t: loss_for(kind, p, t), steps=2, lr=0.3,
+                         first_order=first_order, strategy=strategy)
+    for got, want in zip(_grads(model, 0.3), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+    with torch.no_grad():
+        pred = adapt_episodes(model, episodes, lambda p, t: loss_for(kind, p, t), steps=2,
+                              lr=0.3, first_order=True, strategy="loop")
+    assert loss == pytest.approx(float(loss_for(kind, pred, episodes.query_y)), rel=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_meta_backward_reaches_learned_step_sizes(strategy):
+    """Meta-SGD's per-entry rates get their meta-gradient too."""
+    model, episodes = _mlp(), _episodes()
+    lr = {n: torch.full_like(p, 0.2).requires_grad_() for n, p in model.named_parameters()}
+    expected = _reference(model, episodes, "regression", lr, 1, False)
+    meta_backward(model, episodes, lambda p, t: loss_for("regression", p, t), steps=1, lr=lr,
+                  strategy=strategy)
+    for got, want in zip(_grads(model, lr), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_meta_backward_through_batch_norm_uses_the_loop_and_is_right():
+    """Second order through BatchNorm: "auto" takes the loop, one backward per episode."""
+    torch.manual_seed(0)
+    net = Backbone(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1),
+                                 nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                                 nn.Flatten()), nn.Linear(3 * 6 * 6, OUT)).double()
+    g = torch.Generator().manual_seed(0)
+    episodes = Episodes(torch.randn(3, 4, 1, 6, 6, generator=g, dtype=torch.float64),
+                        torch.randint(0, OUT, (3, 4), generator=g),
+                        torch.randn(3, 5, 1, 6, 6, generator=g, dtype=torch.float64),
+                        torch.randint(0, OUT, (3, 5), generator=g))
+    twin = copy.deepcopy(net)
+
+    def loss(p: Tensor, t: Tensor) -> Tensor:
+        return loss_for("classification", p, t)
+
+    meta_backward(net, episodes, loss, steps=2, lr=0.1, strategy="auto")
+    # The stacked loop: every episode's graph alive, one backward (the old meta-step).
+    loss(adapt_episodes(twin, episodes, loss, steps=2, lr=0.1, strategy="loop"),
+         episodes.query_y).backward()
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="functorch issue #534"):
+        meta_backward(net, episodes, loss, steps=1, lr=0.1, strategy="vmap")
+
+
+def test_each_task_stacks_tensors_and_dicts_alike_in_both_strategies():
+    x = torch.randn(4, 3, 2)
+
+    def fn(xi: Tensor) -> dict[str, Tensor]:
+        return {"sum": xi.sum(0), "max": xi.max()}
+
+    for strategy in ("vmap", "loop"):
+        out = each_task(fn, x, strategy=strategy)
+        torch.testing.assert_close(out["sum"], x.sum(1))
+        torch.testing.assert_close(out["max"], x.amax((1, 2)))
+        torch.testing.assert_close(each_task(lambda xi: xi * 2, x, strategy=strategy), 2 * x)
+    with pytest.raises(ValueError, match="unknown inner-loop strategy 'fast'"):
+        each_task(fn, x, strategy="fast")
+
+
+def test_meta_backward_leaves_the_parameters_alone():
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    meta_backward(model, _episodes(), lambda p, t: loss_for("regression", p, t), steps=1,
+                  lr=0.1, strategy="loop")
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+    assert all(p.grad is not None for p in parameters_of(model).values())
