@@ -2,9 +2,10 @@
 
 The two workloads of speed.py (the sinusoid MLP 1-40-40-1 at meta-batch 25; conv4 with 64
 channels on 5-way 1-shot 15-query 28x28 episodes at meta-batch 32), through autometa's
-``maml`` plugin with strategy ``auto``, ``vmap`` and ``loop``, and the prototyped patch
-"per-task backward" (the loop strategy back-propagating each task as soon as its query loss
-is known; see speed.py).
+``maml`` plugin with strategy ``auto``, ``vmap`` and ``loop`` (which back-propagates each
+task as soon as its query loss is known, ``autometa.inner_loop.meta_backward``), beside
+``stacked-loop``: the same loop with every task's prediction stacked and one backward, so
+that every task's graph is alive at once (what ``loop`` did before meta_backward).
 
 Method (CPU), two measures, each configuration in a fresh Python process:
 
@@ -47,7 +48,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-CONTENDERS = ["autometa-auto", "autometa-vmap", "autometa-loop", "proto-per-task-backward"]
+CONTENDERS = ["autometa-auto", "autometa-vmap", "autometa-loop", "stacked-loop"]
 
 
 def rss_kb() -> int:
@@ -59,7 +60,7 @@ def rss_kb() -> int:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this (fresh) process."""
     import torch
-    from speed import make_autometa, make_workload, per_task_backward_step
+    from speed import make_autometa, make_workload
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -68,12 +69,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                          meta_batch=spec["meta_batch"], pool_classes=100)
     batch = work.batches(1)[0]
     strategy = spec["contender"].rsplit("-", 1)[-1]
-    strategy = "loop" if strategy == "backward" else strategy
     algorithm = make_autometa(work, spec["steps"], strategy, first_order=spec["first_order"])
 
     def step(episodes: Any) -> None:
-        if spec["contender"] == "proto-per-task-backward":
-            per_task_backward_step(algorithm, episodes)
+        if spec["contender"] == "stacked-loop":
+            stacked_loop_step(algorithm, episodes)
         else:
             algorithm.meta_step(episodes)
 
@@ -97,6 +97,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "step_peak_mb": (peak - baseline) / 1024, "raised_high_water": peak > high_water_before,
             "seconds": seconds, "auto_chose": "/".join(chosen) or None,
             "tensor_peak_mb": tensor_peak_mb(lambda: step(batch)) if spec["tensors"] else None}
+
+
+def stacked_loop_step(alg: Any, episodes: Any) -> float:
+    """A MAML meta-step whose loop keeps every task's graph alive until one backward."""
+    from autometa.inner_loop import adapt_episodes
+
+    pred = adapt_episodes(alg.model, episodes, alg.task.loss, steps=alg.inner_steps,
+                          lr=alg.inner_lr, first_order=alg.first_order, strategy="loop")
+    loss = alg.task.loss(pred, episodes.query_y)
+    alg.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    alg.optimizer.step()
+    return loss.item()
 
 
 def tensor_peak_mb(run: Any) -> float | None:
@@ -168,8 +181,9 @@ def report(result: dict[str, Any]) -> tuple[str, str]:
               "meta-step minus the RSS just before it, after a one-task warm-up step; '(≤)' "
               "when the step did not raise the high-water mark. Each configuration in a fresh "
               "process. 'auto': the RSS step includes the one-off strategy probe, the tensor "
-              "step is the chosen strategy's. proto-per-task-backward: the loop strategy "
-              "with one backward per task (a proposed patch, prototyped in speed.py).")
+              "step is the chosen strategy's. autometa-loop back-propagates each task as "
+              "soon as its loss is known; stacked-loop keeps every task's graph until one "
+              "backward (autometa's loop before meta_backward).")
     text = "\n".join([f"Environment: {describe_environment(env)}", f"Method: {method}", "",
                       text_table(headers, rows)])
     md = "\n".join(["# Peak memory of a MAML meta-step", "",

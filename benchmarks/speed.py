@@ -28,7 +28,7 @@ toolkit and timed beside the unpatched plugin.
 
     python benchmarks/speed.py                      # both workloads, 1 and 5 inner steps
     python benchmarks/speed.py --models sinusoid --repeats 9
-    python benchmarks/speed.py --prototypes proto-compile,proto-per-task-backward
+    python benchmarks/speed.py --prototypes proto-compile,proto-autograd-loop
 
 Prints the tables and writes benchmarks/results/speed.json and speed.md (``--out``).
 memory.py and sinusoid_accuracy.py reuse the workloads and the report helpers below.
@@ -421,37 +421,6 @@ class ProtoFusedAdam(Autometa):
         self.label, self.strategy = "proto: fused Adam", "auto"
 
 
-class ProtoPerTaskBackward(Autometa):
-    """Patch: the loop strategy back-propagates each task's query loss as soon as it is
-    computed (gradients accumulate in ``.grad``), instead of stacking every task's
-    predictions and keeping all their graphs alive until one backward."""
-
-    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
-        super().__init__(model, work, steps, "loop")
-        self.label, self.strategy = "proto: per-task backward", "loop"
-
-    def step(self, batch: Episodes) -> None:
-        per_task_backward_step(self.algorithm, batch)
-
-
-def per_task_backward_step(alg: Any, batch: Episodes) -> float:
-    """``MAML.meta_step`` with the loop strategy, one backward per task (the patch)."""
-    from autometa.inner_loop import adapt, parameters_of
-
-    model, loss, n = alg.model, alg.task.loss, len(batch)
-    params = parameters_of(model)
-    alg.optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for sx, sy, qx, qy in tasks_of(batch):
-        fast = adapt(model, params, sx, sy, loss, steps=alg.inner_steps, lr=alg.inner_lr,
-                     first_order=alg.first_order)
-        task_loss = loss(functional_call(model, fast, (qx,)), qy) / n
-        task_loss.backward()  # frees this task's graph before the next task builds its own
-        total += task_loss.item()
-    alg.optimizer.step()
-    return total
-
-
 class ProtoCompiled(Autometa):
     """Patch: ``torch.compile`` around the toolkit's ``adapt_and_predict`` (vmap)."""
 
@@ -512,7 +481,6 @@ PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with Bat
 
 PROTOTYPES: dict[str, type[Contender]] = {
     "proto-fused-adam": ProtoFusedAdam,
-    "proto-per-task-backward": ProtoPerTaskBackward,
     "proto-compile": ProtoCompiled,
     "proto-autograd-loop": ProtoAutogradLoop,
 }
@@ -722,8 +690,8 @@ def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target
 
 
 #: What each prototype is compared with: the unpatched contender it modifies.
-PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-per-task-backward": "autometa-loop",
-                  "proto-compile": "autometa-vmap", "proto-autograd-loop": "autometa-loop"}
+PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap",
+                  "proto-autograd-loop": "autometa-loop"}
 
 
 def summarise_prototypes(speed: list[dict[str, Any]]) -> list[dict[str, Any]]:
