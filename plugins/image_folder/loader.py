@@ -1,0 +1,216 @@
+"""Reading a local image directory: find its layout and classes, then decode the images.
+
+Two layouts (``layout="auto"`` tells them apart from the folder itself):
+
+* **classes**: ``root/<class>/<image>``, one folder per class;
+* **omniglot**: ``root/<alphabet>/<character>/<image>``, a class is a character (named
+  ``"<alphabet>/<character>"``) and the alphabet is its group (for a split by alphabet).
+
+Auto-detection rule: if no class-level folder holds sub-folders, the layout is
+*classes*; if none holds images directly, it is *omniglot*; a folder where some hold
+images and others (or the same one) hold sub-folders is rejected, naming one of each.
+An explicit ``layout`` reads only what that layout expects and ignores the rest (with a
+log message). Hidden entries (``.name``, ``__MACOSX``) and non-image files are skipped.
+
+Every problem is one :class:`~autometa.DataError` naming the folder or file, what was
+expected and the fix. Scanning reads directory listings only; :func:`decode` opens files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autometa import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+NAME = "image-folder"
+#: File suffixes read as images (case-insensitive); other files are skipped.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
+                            ".webp", ".ppm", ".pgm", ".pbm"})
+LAYOUTS = ("auto", "classes", "omniglot")
+#: Pillow modes without colour: with ``channels="auto"`` they need no colour check.
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+CLASSES_HINT = "root/<class>/<image>"
+OMNIGLOT_HINT = "root/<alphabet>/<character>/<image>"
+
+
+@dataclass(frozen=True)
+class ClassFolder:
+    """One class: its name (the folder, relative to the root), its group, its image files."""
+
+    name: str  # "cat", or "<alphabet>/<character>" in the Omniglot layout
+    group: str  # the alphabet (Omniglot layout) or the class name itself
+    files: tuple[Path, ...]  # sorted
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A scanned image directory: its layout and its classes, sorted by name."""
+
+    root: Path  # as given (relative paths are kept relative, for messages)
+    layout: str  # "classes" or "omniglot"
+    classes: list[ClassFolder]
+
+    @property
+    def groups(self) -> list[str]:
+        """The distinct groups (alphabets), sorted."""
+        return sorted({c.group for c in self.classes})
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class _Listing:
+    """The visible content of one directory."""
+
+    images: list[Path]
+    dirs: list[Path]
+
+
+def _list(directory: Path) -> _Listing:
+    images: list[Path] = []
+    dirs: list[Path] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name == "__MACOSX":
+                continue
+            if entry.is_dir():
+                dirs.append(Path(entry.path))
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(Path(entry.path))
+    return _Listing(sorted(images), sorted(dirs))
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        where = "" if root.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise DataError(f"{NAME}: path {str(root)!r} does not exist{where}; give an existing "
+                        f"folder of class folders ({CLASSES_HINT} or {OMNIGLOT_HINT})")
+    if not root.is_dir():
+        archive = root.suffix.lower() in {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z"}
+        raise DataError(f"{NAME}: path {str(root)!r} is a file, not a folder; give a folder "
+                        f"with one sub-folder of images per class ({CLASSES_HINT})"
+                        + ("; unpack the archive first" if archive else ""))
+
+
+def scan(root: Path, layout: str = "auto") -> Folder:
+    """Find the classes of ``root`` in ``layout`` ("auto", "classes" or "omniglot").
+
+    Raises:
+        DataError: a missing folder, a file, no class folders, an empty class, a mixture
+            of layouts (auto), an alphabet without characters.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"{NAME}: layout {layout!r} is not one of {list(LAYOUTS)}")
+    _check_root(root)
+    top = _list(root)
+    if top.images:
+        raise DataError(
+            f"{NAME}: {str(root)!r} holds {len(top.images)} image(s) directly (first: "
+            f"{top.images[0].name!r}); images must sit in class folders ({CLASSES_HINT}); "
+            "move them into a folder per class, or point path at the folder above")
+    if not top.dirs:
+        raise DataError(f"{NAME}: {str(root)!r} has no class folders; expected one sub-folder "
+                        f"of images per class ({CLASSES_HINT}) or the Omniglot layout "
+                        f"({OMNIGLOT_HINT})")
+    listings = {d: _list(d) for d in top.dirs}
+    if layout == "auto":
+        layout = _detect(root, listings)
+    if layout == "classes":
+        classes = [_class(root, d, listing, None, "sub-folder") for d, listing in
+                   listings.items()]
+    else:
+        classes = []
+        for alphabet, listing in listings.items():
+            if listing.images:
+                log.warning("%s: ignoring %d image(s) directly in alphabet folder %r "
+                            "(layout 'omniglot')", NAME, len(listing.images), alphabet.name)
+            if not listing.dirs:
+                raise DataError(
+                    f"{NAME}: alphabet folder {alphabet.name!r} in {str(root)!r} has no "
+                    f"character folders; the Omniglot layout is {OMNIGLOT_HINT}; add "
+                    "character folders, remove it, or use layout='classes'")
+            classes += [_class(root, d, _list(d), alphabet.name, "deeper folder")
+                        for d in listing.dirs]
+    return Folder(root, layout, classes)
+
+
+def _detect(root: Path, listings: dict[Path, _Listing]) -> str:
+    with_images = [d.name for d, listing in listings.items() if listing.images]
+    with_dirs = [d.name for d, listing in listings.items() if listing.dirs]
+    if with_images and with_dirs:
+        both = sorted(set(with_images) & set(with_dirs))
+        what = (f"{both[0]!r} holds both images and sub-folders" if both else
+                f"{with_images[0]!r} holds images (one folder per class) but "
+                f"{with_dirs[0]!r} holds sub-folders (Omniglot layout)")
+        raise DataError(
+            f"{NAME}: {str(root)!r} mixes layouts: {what}; arrange every folder as "
+            f"{CLASSES_HINT} or as {OMNIGLOT_HINT}, or set layout='classes' (sub-folders "
+            "ignored) or layout='omniglot' (images beside character folders ignored)")
+    return "omniglot" if with_dirs else "classes"
+
+
+def _class(root: Path, folder: Path, listing: _Listing, group: str | None, ignored: str
+           ) -> ClassFolder:
+    name = folder.relative_to(root).as_posix()
+    if listing.dirs:
+        log.warning("%s: ignoring %d %s(s) in class folder %r", NAME, len(listing.dirs),
+                    ignored, name)
+    if not listing.images:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DataError(f"{NAME}: class folder {name!r} in {str(root)!r} holds no images "
+                        f"({suffixes}); add images to it or remove it")
+    return ClassFolder(name, group or name, tuple(listing.images))
+
+
+def decode(files: Sequence[Path], *, size: int, channels: int | str) -> np.ndarray:
+    """Decode, convert and resize ``files``: uint8 pixels, (n, C, size, size).
+
+    ``channels`` 1 converts to grayscale (Pillow's "L"), 3 to RGB; "auto" gives 1 if every
+    image is grayscale (a gray mode, or R = G = B in every pixel) and 3 otherwise. Alpha is
+    dropped; non-square images are stretched to ``size`` x ``size`` (bilinear, antialiased
+    when shrinking); 16-bit grayscale keeps its 8 most significant bits.
+
+    Raises:
+        DataError: a file Pillow cannot decode (naming it, with Pillow's error in brief).
+    """
+    pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (n, H, W, RGB)
+    gray = np.ones(len(files), dtype=bool)
+    for i, file in enumerate(files):
+        image = _read(file, size, channels)
+        if image.ndim == 2:  # (H, W)
+            pixels[i] = image[..., None]
+        else:
+            pixels[i] = image
+            gray[i] = bool((image[..., 1:] == image[..., :1]).all())
+    keep = 1 if channels == 1 or (channels == "auto" and gray.all()) else 3
+    return np.ascontiguousarray(pixels[..., :keep].transpose(0, 3, 1, 2))
+
+
+def _read(file: Path, size: int, channels: int | str) -> np.ndarray:
+    """One image, resized: (size, size) grayscale or (size, size, 3) RGB uint8."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as opened:
+            mode = "L" if channels == 1 or (channels == "auto" and opened.mode in GRAY_MODES) \
+                else "RGB"
+            opened.draft(mode, (size, size))  # JPEG: decode at a reduced scale, much faster
+            image: Image.Image = opened
+            if opened.mode.startswith("I;16"):  # convert("L") would saturate 16-bit values
+                image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
+            return np.asarray(image.convert(mode).resize((size, size),
+                                                         Image.Resampling.BILINEAR))
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
+        brief = str(exc).splitlines()[0] if str(exc) else "no details"
+        brief = brief.replace(f" {str(file)!r}", "").replace(str(file), "<file>")[:120]
+        raise DataError(f"{NAME}: cannot read image {str(file)!r} ({type(exc).__name__}: "
+                        f"{brief}); replace or delete the file") from exc

@@ -1,0 +1,253 @@
+"""A local directory of images as a task: few-shot episodes, or a split of your own images.
+
+``path`` is one folder per class (``root/<class>/<image>``) or the Omniglot layout
+(``root/<alphabet>/<character>/<image>``, a class is a character); see
+:mod:`autometa_plugins.image_folder.loader` for the detection rule. Images are decoded
+once, when the task is built, into one tensor (n, C, size, size) with pixels in [0, 1] on
+the task's device.
+
+* ``episodes="few-shot"`` (default): N-way K-shot episodes over a seeded, disjoint split
+  of the classes into meta-train / meta-val / meta-test (``val_fraction`` and
+  ``test_fraction`` of the classes, at least one each; the rest trains). For the
+  Omniglot layout, ``split_by="alphabet"`` splits whole alphabets instead (as Omniglot's
+  background/evaluation split does), so no alphabet is seen in training and evaluation.
+* ``episodes="split"``: transfer to your own dataset ("airplane" vs "not-airplane"
+  folders): a seeded train/val/test split of every class's images (``val_fraction`` and
+  ``test_fraction`` of each class); one label per class folder, in sorted order.
+
+One class serves both modes (the engine reads one ``params`` and one signature): it
+delegates to an inner :class:`~autometa.datasets.FewShotTask` or
+:class:`~autometa.datasets.TargetTask`. Every check that needs only file counts runs
+before any image is decoded, so a wrong setting fails fast on a large folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from autometa import Categorical, ConfigError, DataError, Episodes, Int, Task
+from autometa.datasets import (
+    FEW_SHOT_PARAMS,
+    TARGET_PARAMS,
+    FewShotTask,
+    TargetTask,
+    split_classes,
+)
+from autometa.episodes import ClassPool
+from autometa.space import SearchSpace
+from autometa_plugins.image_folder.loader import (
+    LAYOUTS,
+    NAME,
+    OMNIGLOT_HINT,
+    ClassFolder,
+    Folder,
+    decode,
+    scan,
+)
+
+SPLITS = ("meta-train", "meta-val", "meta-test")
+
+
+class _TargetSplit(TargetTask):
+    kind = "classification"
+
+
+class ImageFolder(Task):
+    """Classification on a local image directory (see the module docstring)."""
+
+    kind = "classification"
+    params: ClassVar[SearchSpace] = {
+        **FEW_SHOT_PARAMS,
+        **TARGET_PARAMS,
+        "layout": Categorical(LAYOUTS),
+        "episodes": Categorical(("few-shot", "split")),
+        "split_by": Categorical(("class", "alphabet")),
+        "size": Int(4, 512),
+        "channels": Categorical(("auto", 1, 3)),
+    }
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,  # the image directory (required)
+        layout: str = "auto",  # "auto", "classes" (root/<class>/) or "omniglot"
+        episodes: str = "few-shot",  # "few-shot": class split; "split": split the images
+        split_by: str = "class",  # few-shot: split classes, or "alphabet"s (Omniglot)
+        size: int = 28,  # images are resized to size x size
+        channels: int | str = "auto",  # 1 (grayscale), 3 (RGB), or "auto": 1 if all gray
+        ways: int = 5,  # few-shot: classes per episode
+        shots: int = 1,  # support images per class (few-shot and split meta-train episodes)
+        queries: int = 5,  # query images per class
+        val_fraction: float = 0.2,  # of the classes (few-shot) or of each class's images
+        test_fraction: float = 0.2,  # likewise, for meta-test
+        val_episodes: int = 100,  # few-shot: fixed meta-val episodes
+        test_episodes: int = 400,  # few-shot: fixed meta-test episodes
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(seed=seed, device=device)
+        for key, value in {"layout": layout, "episodes": episodes, "split_by": split_by,
+                           "channels": channels}.items():
+            choices = self.params[key].choices  # type: ignore[union-attr]
+            if value not in choices or isinstance(value, bool):
+                raise ConfigError(f"{NAME}: {key}={value!r} is not one of {list(choices)}")
+        if path is None:
+            raise ConfigError(f"{NAME}: give the image folder, e.g. --task-param path=data/pets "
+                              "(or task_params={'path': ...}); it holds one folder per class")
+        if val_fraction + test_fraction >= 0.9:
+            raise ConfigError(f"{NAME}: val_fraction + test_fraction = "
+                              f"{val_fraction + test_fraction:g} leaves too little to train "
+                              "on; keep the sum below 0.9")
+        root = Path(os.fspath(path)) if isinstance(path, os.PathLike) else Path(str(path))
+        folder = scan(root, layout)
+        if split_by == "alphabet" and (episodes != "few-shot" or folder.layout != "omniglot"):
+            why = ("episodes='split' splits images, not classes" if episodes != "few-shot" else
+                   f"{str(folder.root)!r} has one folder per class, not {OMNIGLOT_HINT}")
+            raise ConfigError(f"{NAME}: split_by='alphabet' needs few-shot episodes on the "
+                              f"Omniglot layout, but {why}; use split_by='class'")
+        self.folder, self.size = folder, size
+        self.episodes, self.split_by = episodes, split_by
+        self.class_names = [c.name for c in folder.classes]
+        labels = torch.repeat_interleave(torch.arange(len(folder)),
+                                         torch.tensor([len(c.files) for c in folder.classes]))
+        self._inner: FewShotTask | TargetTask
+        if episodes == "few-shot":
+            self._inner = self._few_shot(labels, ways=ways, shots=shots, queries=queries,
+                                         val_fraction=val_fraction, test_fraction=test_fraction,
+                                         val_episodes=val_episodes, test_episodes=test_episodes,
+                                         channels=channels)
+        else:
+            self._inner = self._split(labels, shots=shots, queries=queries,
+                                      val_fraction=val_fraction, test_fraction=test_fraction,
+                                      channels=channels)
+        self.output_size = self._inner.output_size
+        self.train_classes = self._inner.train_classes
+
+    # -- building ------------------------------------------------------------------------
+    def _few_shot(self, labels: Tensor, *, ways: int, shots: int, queries: int,
+                  val_fraction: float, test_fraction: float, val_episodes: int,
+                  test_episodes: int, channels: int | str) -> FewShotTask:
+        _check_counts(self.folder.classes, shots + queries, "shots + queries",
+                      "lower 'shots' or 'queries'")
+        self.class_split = _class_split(self.folder, self.split_by, val_fraction,
+                                        test_fraction, self.seed)
+        got = [len(s) for s in self.class_split]
+        if min(got) < ways:
+            per = ", ".join(f"{n} {g}" for n, g in zip(SPLITS, got, strict=True))
+            raise DataError(
+                f"{NAME}: {ways}-way episodes need {ways} classes in every split; the split "
+                f"by {self.split_by} of the {len(self.folder)} classes gave {per} "
+                f"(val_fraction={val_fraction:g}, test_fraction={test_fraction:g}); lower "
+                "'ways', change the fractions, or add classes")
+        task = FewShotTask(ways=ways, shots=shots, queries=queries, val_episodes=val_episodes,
+                           test_episodes=test_episodes, seed=self.seed, device=self.device)
+        x, y = self._decode(labels, channels)
+        task.input_shape = self.input_shape
+        task.set_pools(*(ClassPool(x, y, classes, name=f"{NAME} {split}")
+                         for split, classes in zip(SPLITS, self.class_split, strict=True)))
+        return task
+
+    def _split(self, labels: Tensor, *, shots: int, queries: int, val_fraction: float,
+               test_fraction: float, channels: int | str) -> TargetTask:
+        if len(self.folder) < 2:
+            raise DataError(
+                f"{NAME}: episodes='split' needs at least 2 class folders to tell apart; "
+                f"{str(self.folder.root)!r} has 1 ({self.class_names[0]!r}); add a folder of "
+                f"other images (e.g. 'not-{self.class_names[0]}')")
+        _check_counts(self.folder.classes, 3, "the 3 a train/val/test split needs",
+                      "add images")
+        task = _TargetSplit(shots=shots, queries=queries, val_fraction=val_fraction,
+                            test_fraction=test_fraction, seed=self.seed, device=self.device)
+        split = task.split(labels, name=NAME)
+        in_train = torch.bincount(labels[split[0]], minlength=len(self.folder)).tolist()
+        need = shots + queries
+        short = [(n, c.name) for n, c in zip(in_train, self.folder.classes, strict=True)
+                 if n < need]
+        if short:
+            n, name = min(short)
+            raise DataError(
+                f"{NAME}: class {name!r} has {n} image(s) in the train split, fewer than shots "
+                f"+ queries = {need} for meta-train episodes; lower 'shots' or 'queries' (or "
+                "the val/test fractions), or add images")
+        x, y = self._decode(labels, channels)
+        task.set_data(x, y, split, name=NAME, class_names=self.class_names)
+        return task
+
+    def _decode(self, labels: Tensor, channels: int | str) -> tuple[Tensor, Tensor]:
+        files = [f for c in self.folder.classes for f in c.files]
+        pixels = decode(files, size=self.size, channels=channels)  # uint8 (n, C, size, size)
+        # Move the uint8 pixels (4x smaller), then scale on the device.
+        x = torch.from_numpy(pixels).to(self.device).float().div_(255)
+        self.input_shape = tuple(x.shape[1:])
+        # Every image (n, C, size, size) and its class (n,), in class order, file order.
+        self.images, self.labels = x, labels.to(self.device)
+        return self.images, self.labels
+
+    # -- the task contract: the inner task's episodes --------------------------------------
+    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
+        return self._inner.sample(n_tasks, generator)
+
+    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return self._inner.sample_labelled(n, generator)
+
+    def meta_val(self) -> Episodes:
+        return self._inner.meta_val()
+
+    def meta_test(self) -> Episodes:
+        return self._inner.meta_test()
+
+    def describe(self) -> dict[str, Any]:
+        facts = {
+            **self._inner.describe(),
+            "path": str(self.folder.root.resolve()),
+            "layout": self.folder.layout,
+            "episodes": self.episodes,
+            "classes": len(self.folder),
+            "images": sum(len(c.files) for c in self.folder.classes),
+        }
+        if self.episodes == "few-shot":
+            facts["split_by"] = self.split_by
+            facts["class_split"] = dict(zip(SPLITS, map(len, self.class_split), strict=True))
+        return facts
+
+
+def _check_counts(classes: list[ClassFolder], need: int, what: str, fix: str) -> None:
+    """Raise DataError naming the smallest class folder with fewer than ``need`` images."""
+    short = [c for c in classes if len(c.files) < need]
+    if short:
+        worst = min(short, key=lambda c: len(c.files))
+        others = f" (and {len(short) - 1} other class(es))" if len(short) > 1 else ""
+        raise DataError(f"{NAME}: class {worst.name!r} has {len(worst.files)} image(s), fewer "
+                        f"than {what} = {need}{others}; {fix}, or add images to it")
+
+
+def _class_split(folder: Folder, split_by: str, val_fraction: float, test_fraction: float,
+                 seed: int) -> list[list[int]]:
+    """Class indices of meta-train, meta-val and meta-test: a seeded split of the classes,
+    or of the alphabets (every class of an alphabet goes with it)."""
+    units: list[Any] = folder.groups if split_by == "alphabet" else list(range(len(folder)))
+    noun = "alphabets" if split_by == "alphabet" else "classes"
+    n = len(units)
+    if n < 3:
+        listed = f" ({', '.join(map(repr, units))})" if split_by == "alphabet" else ""
+        fix = "use split_by='class' or add alphabets" if split_by == "alphabet" else \
+            "add class folders"
+        raise DataError(f"{NAME}: a split by {split_by} needs at least 3 {noun} (one each for "
+                        f"meta-train, meta-val and meta-test); {str(folder.root)!r} has "
+                        f"{n}{listed}; {fix}")
+    n_val, n_test = (max(1, math.floor(f * n + 0.5)) for f in (val_fraction, test_fraction))
+    if n - n_val - n_test < 1:
+        raise DataError(f"{NAME}: val_fraction={val_fraction:g} and test_fraction="
+                        f"{test_fraction:g} of the {n} {noun} leave none for meta-train; "
+                        f"lower the fractions or add {noun}")
+    # split_classes draws on the CPU from the seed: the same split on every device.
+    parts = split_classes(units, [n - n_val - n_test, n_val, n_test], seed, name=NAME)
+    if split_by == "class":
+        return [sorted(p) for p in parts]
+    return [[i for i, c in enumerate(folder.classes) if c.group in set(p)] for p in parts]
