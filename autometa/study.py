@@ -77,12 +77,20 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
 def build_task(config: SearchConfig, host: PluginHost) -> Task:
     """Build the task once for the whole search (data live on ``config.device``)."""
     task_cls = host.get("task", config.task).load()
-    accepted = [n for n in inspect.signature(task_cls).parameters if n not in {"seed", "device"}]
+    parameters = {n: p for n, p in inspect.signature(task_cls).parameters.items()
+                  if n not in {"seed", "device"}}
     for name, value in config.task_params.items():
-        if name not in accepted:
-            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, accepted))
+        if name not in parameters:
+            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, parameters))
         if name in task_cls.params:
             check_value(f"task_params.{name}", task_cls.params[name], value)
+    missing = [n for n, p in parameters.items()
+               if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               and n not in config.task_params]
+    if missing:
+        raise ConfigError(f"task {config.task!r} needs {', '.join(map(repr, missing))}; set "
+                          f"{' '.join(f'--task-param {n}=...' for n in missing)} (or "
+                          "task_params in a config file)")
     try:
         device = torch.device(config.device)
     except RuntimeError as exc:
