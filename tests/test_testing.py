@@ -11,12 +11,16 @@ from autometa_plugins.anil.algorithm import ANIL
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.finetune.algorithm import FineTune
+from autometa_plugins.glyphs.task import Glyphs
+from autometa_plugins.linear_probe.algorithm import LinearProbe
 from autometa_plugins.maml.algorithm import MAML
 from autometa_plugins.metasgd.algorithm import MetaSGD
 from autometa_plugins.mlp.model import MLP
+from autometa_plugins.protonet.algorithm import ProtoNet
 from autometa_plugins.reptile.algorithm import Reptile
 from autometa_plugins.resnet12.model import ResNet12
 from autometa_plugins.sinusoid.task import Sinusoid
+from autometa_plugins.sklearn_datasets.task import Iris
 
 SINUSOID = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
 DIGITS = {"ways": 3, "shots": 1, "queries": 2, "val_episodes": 4, "test_episodes": 4}
@@ -32,7 +36,12 @@ def digits() -> Task:
     return Digits(**DIGITS)
 
 
-@pytest.mark.parametrize(("task_cls", "params"), [(Sinusoid, SINUSOID), (Digits, DIGITS)])
+GLYPHS = {**DIGITS, "train_classes": 10, "val_classes": 4, "test_classes": 4, "examples": 4}
+
+
+@pytest.mark.parametrize(("task_cls", "params"), [
+    (Sinusoid, SINUSOID), (Digits, DIGITS), (Glyphs, GLYPHS), (Iris, {}),
+])
 def test_tasks_conform(task_cls: type[Task], params: dict) -> None:
     check_task(task_cls, **params)
 
@@ -57,9 +66,18 @@ def test_algorithms_conform_on_regression(sinusoid: Task, algorithm: type,
     check_meta_algorithm(algorithm, sinusoid, MLP, {"hidden": 8}, **hyperparameters)
 
 
-@pytest.mark.parametrize("algorithm", [MAML, ANIL, MetaSGD, Reptile])
-def test_algorithms_conform_on_classification(digits: Task, algorithm: type) -> None:
-    check_meta_algorithm(algorithm, digits, Conv4, {"channels": 8}, meta_batch_size=2)
+@pytest.mark.parametrize(("algorithm", "hyperparameters"), [
+    (MAML, {"meta_batch_size": 2}),
+    (ANIL, {"meta_batch_size": 2}),
+    (MetaSGD, {"meta_batch_size": 2}),
+    (Reptile, {"meta_batch_size": 2}),
+    (ProtoNet, {"meta_batch_size": 2}),
+    (LinearProbe, {}),
+    (FineTune, {"head": "cosine", "finetune_steps": 5}),
+])
+def test_algorithms_conform_on_classification(digits: Task, algorithm: type,
+                                              hyperparameters: dict) -> None:
+    check_meta_algorithm(algorithm, digits, Conv4, {"channels": 8}, **hyperparameters)
 
 
 def test_the_kit_catches_a_task_whose_validation_episodes_move() -> None:

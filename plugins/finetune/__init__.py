@@ -8,5 +8,6 @@ def register_meta_algorithms(register):
     register(
         "finetune",
         "autometa_plugins.finetune.algorithm:FineTune",
-        description="train on pooled meta-train data, then fine-tune on each support set",
+        description="Baseline/Baseline++ (Chen et al. 2019): train on meta-train data, then "
+                    "fine-tune a head (or all) on each support set with SGD, Adam or L-BFGS",
     )
