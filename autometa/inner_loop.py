@@ -21,6 +21,7 @@ hold one episode's graph at a time instead of the whole meta-batch's.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Literal
@@ -241,20 +242,24 @@ PROBE_TASKS = 8
 
 
 def _probe(what: str, run: Callable[[Strategy, int], Tensor], params: Params) -> Strategy:
-    """Time both strategies (forward and, in training, backward) and remember the faster."""
+    """Time both strategies (forward and, in training, backward) and remember the faster.
+
+    Each runs once to warm up (allocations, dispatch caches), then twice more, alternating
+    with the other so that a change in the machine's load hits both; the faster of each
+    one's two timings counts (a busy 2-core machine once made the loop look slower).
+    """
     wrt = [p for p in params.values() if p.requires_grad] if torch.is_grad_enabled() else []
-    seconds: dict[Strategy, float] = {}
-    for candidate in ("vmap", "loop"):
-        timings = []
-        for _ in range(2):  # the first call pays one-off costs (allocations, dispatch caches)
+    seconds: dict[Strategy, float] = {"vmap": math.inf, "loop": math.inf}
+    for round_ in range(3):
+        for candidate in ("vmap", "loop"):
             start = time.perf_counter()
             out = run(candidate, PROBE_TASKS)
             if wrt:  # autograd.grad, not backward(): leaves no .grad behind
                 torch.autograd.grad(out.sum(), wrt, allow_unused=True)
-            elif out.device.type == "cuda":
+            if out.device.type == "cuda":
                 torch.cuda.synchronize(out.device)
-            timings.append(time.perf_counter() - start)
-        seconds[candidate] = timings[-1]
+            if round_:
+                seconds[candidate] = min(seconds[candidate], time.perf_counter() - start)
     # Only a clear win switches away from vmap: the two strategies agree only up to float
     # rounding, so a coin-flip choice on a noisy machine would make runs irreproducible.
     chosen: Strategy = "loop" if seconds["vmap"] > CLEAR_WIN * seconds["loop"] else "vmap"
