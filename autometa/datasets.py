@@ -11,7 +11,9 @@
   on the target's own training data; pre-training sees the train split's global labels.
 
 Both hold their data as tensors on the task's device and sample episodes by indexing;
-the helpers below validate data once, with one clear :class:`~autometa.DataError`.
+the helpers below validate data once, with one clear :class:`~autometa.DataError`. A task
+that may take either shape (a user's file, read as few-shot or as a target dataset)
+subclasses :class:`InnerTask` and hands its episodes to the one it builds.
 """
 
 from __future__ import annotations
@@ -262,3 +264,34 @@ class TargetTask(Task):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "examples": self.sizes}
+
+
+class InnerTask(Task):
+    """A task whose episodes come from an inner task it builds (a FewShotTask or a
+    TargetTask), so that one registered class with one ``params`` serves both shapes.
+
+    Subclasses read and check their data, build the inner task and call :meth:`use`.
+    """
+
+    def use(self, inner: Task) -> None:
+        """Take ``inner``'s kind, shapes and meta-train classes and forward episodes to it."""
+        self._inner = inner
+        self.kind = inner.kind
+        self.input_shape = tuple(inner.input_shape)
+        self.output_size = inner.output_size
+        self.train_classes = inner.train_classes
+
+    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
+        return self._inner.sample(n_tasks, generator)
+
+    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return self._inner.sample_labelled(n, generator)
+
+    def meta_val(self) -> Episodes:
+        return self._inner.meta_val()
+
+    def meta_test(self) -> Episodes:
+        return self._inner.meta_test()
+
+    def describe(self) -> dict[str, Any]:
+        return self._inner.describe()

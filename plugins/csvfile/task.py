@@ -62,12 +62,13 @@ from autometa.datasets import (
     FEW_SHOT_PARAMS,
     TARGET_PARAMS,
     FewShotTask,
+    InnerTask,
     TargetTask,
     split_classes,
 )
 from autometa.episodes import ClassPool
 from autometa.errors import unknown
-from autometa.task import Episodes, Task
+from autometa.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ KINDS = ("auto", "classification", "regression")
 EPISODES = ("split", "few-shot")
 
 
-class CSVTask(Task):
+class CSVTask(InnerTask):
     """A CSV file's target column as a task (see the module docstring for every rule).
 
     The engine sees one class whatever ``episodes`` is: the data are read and encoded here,
@@ -152,11 +153,11 @@ class CSVTask(Task):
         if self.kind == "classification":
             labels = self._labels(y_raw)
             if episodes == "few-shot":
-                self._inner: Task = self._few_shot(x_frame, labels, ways, shots, queries,
+                inner: Task = self._few_shot(x_frame, labels, ways, shots, queries,
                                                    val_fraction, test_fraction, val_episodes,
                                                    test_episodes, val_classes, test_classes)
             else:
-                self._inner = self._split(x_frame, labels, shots, queries, val_fraction,
+                inner = self._split(x_frame, labels, shots, queries, val_fraction,
                                           test_fraction)
         else:
             if episodes == "few-shot":
@@ -164,11 +165,9 @@ class CSVTask(Task):
                     f"{name}: episodes='few-shot' needs classes, but target column "
                     f"{self.target!r} is read as regression (kind={kind!r}); use "
                     "episodes='split', or kind='classification' if its values are classes")
-            self._inner = self._split(x_frame, torch.tensor(y_raw.to_numpy(float)), shots,
+            inner = self._split(x_frame, torch.tensor(y_raw.to_numpy(float)), shots,
                                       queries, val_fraction, test_fraction)
-        self.input_shape = tuple(self._inner.input_shape)
-        self.output_size = self._inner.output_size
-        self.train_classes = self._inner.train_classes
+        self.use(inner)
         _warn_wide_categoricals(x_frame, name)
 
     # -- building ------------------------------------------------------------------------
@@ -290,22 +289,9 @@ class CSVTask(Task):
                           for part, group in zip(("train", "val", "test"), groups, strict=True)))
         return inner
 
-    # -- the task contract, forwarded to the inner task ----------------------------------
-    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
-        return self._inner.sample(n_tasks, generator)
-
-    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return self._inner.sample_labelled(n, generator)
-
-    def meta_val(self) -> Episodes:
-        return self._inner.meta_val()
-
-    def meta_test(self) -> Episodes:
-        return self._inner.meta_test()
-
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            **self._inner.describe(),
+            **super().describe(),
             "file": str(self.path),
             "target": self.target,
             "features": list(self.features),

@@ -31,11 +31,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from autometa import Categorical, ConfigError, DataError, Episodes, Int, Task
+from autometa import Categorical, ConfigError, DataError, Int
 from autometa.datasets import (
     FEW_SHOT_PARAMS,
     TARGET_PARAMS,
     FewShotTask,
+    InnerTask,
     TargetTask,
     split_classes,
 )
@@ -58,7 +59,7 @@ class _TargetSplit(TargetTask):
     kind = "classification"
 
 
-class ImageFolder(Task):
+class ImageFolder(InnerTask):
     """Classification on a local image directory (see the module docstring)."""
 
     kind = "classification"
@@ -116,18 +117,17 @@ class ImageFolder(Task):
         self.class_names = [c.name for c in folder.classes]
         labels = torch.repeat_interleave(torch.arange(len(folder)),
                                          torch.tensor([len(c.files) for c in folder.classes]))
-        self._inner: FewShotTask | TargetTask
+        inner: FewShotTask | TargetTask
         if episodes == "few-shot":
-            self._inner = self._few_shot(labels, ways=ways, shots=shots, queries=queries,
+            inner = self._few_shot(labels, ways=ways, shots=shots, queries=queries,
                                          val_fraction=val_fraction, test_fraction=test_fraction,
                                          val_episodes=val_episodes, test_episodes=test_episodes,
                                          channels=channels)
         else:
-            self._inner = self._split(labels, shots=shots, queries=queries,
+            inner = self._split(labels, shots=shots, queries=queries,
                                       val_fraction=val_fraction, test_fraction=test_fraction,
                                       channels=channels)
-        self.output_size = self._inner.output_size
-        self.train_classes = self._inner.train_classes
+        self.use(inner)
 
     # -- building ------------------------------------------------------------------------
     def _few_shot(self, labels: Tensor, *, ways: int, shots: int, queries: int,
@@ -189,22 +189,9 @@ class ImageFolder(Task):
         self.images, self.labels = x, labels.to(self.device)
         return self.images, self.labels
 
-    # -- the task contract: the inner task's episodes --------------------------------------
-    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
-        return self._inner.sample(n_tasks, generator)
-
-    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return self._inner.sample_labelled(n, generator)
-
-    def meta_val(self) -> Episodes:
-        return self._inner.meta_val()
-
-    def meta_test(self) -> Episodes:
-        return self._inner.meta_test()
-
     def describe(self) -> dict[str, Any]:
         facts = {
-            **self._inner.describe(),
+            **super().describe(),
             "path": str(self.folder.root.resolve()),
             "layout": self.folder.layout,
             "episodes": self.episodes,
