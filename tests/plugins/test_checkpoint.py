@@ -18,15 +18,6 @@ SPEC = TaskSpec("classification", (1, 8, 8), 5)
 X = torch.rand(6, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Custom:
     """Not a tensor: torch.save pickles it, and weights_only loading refuses it."""
 

@@ -5,21 +5,20 @@ determinism, learning, conformance and a trial with a state round trip."""
 from __future__ import annotations
 
 import copy
-import inspect
 import math
+from functools import partial
 
+import algorithm_helpers as helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import autometa_plugins.finetune
-import autometa_plugins.mlp
-from autometa import Backbone, ConfigError, Episodes, Task, create_host
+from autometa import ConfigError, Episodes
 from autometa.inner_loop import adapt_episodes
-from autometa.space import check_value
 from autometa.testing import check_meta_algorithm
-from autometa.trial import TrialPlan, build, evaluate, load_state, meta_train, save_state
+from autometa.trial import evaluate
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.finetune.algorithm import HEAD_SEED, FineTune
@@ -31,13 +30,12 @@ IN, HIDDEN, WAYS, TRAIN_CLASSES = 3, 8, 4, 7
 WD = 1e-3  # the paper's fine-tuning weight decay, FineTune's default
 
 
-class _Stub(Task):
+class _Stub(helpers.StubTask):
     """Shapes only; episodes come from the tests. Classification has a labelled pool of
     TRAIN_CLASSES classes (more than the WAYS of an episode) unless ``train_classes=0``."""
 
     def __init__(self, kind: str, train_classes: int = TRAIN_CLASSES) -> None:
-        super().__init__()
-        self.kind, self.input_shape, self.output_size = kind, (IN,), WAYS
+        super().__init__(kind, (IN,), WAYS)
         self.train_classes = train_classes if kind == "classification" else 0
         self.drawn: list[tuple[Tensor, Tensor]] = []
 
@@ -47,32 +45,9 @@ class _Stub(Task):
         self.drawn.append((x, y))
         return x, y
 
-    def sample(self, n_tasks, generator):
-        raise NotImplementedError
 
-    def meta_val(self):
-        raise NotImplementedError
-
-    def meta_test(self):
-        raise NotImplementedError
-
-
-def _network() -> Backbone:
-    torch.manual_seed(0)
-    features = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh())
-    return Backbone(features, nn.Linear(HIDDEN, WAYS)).double()
-
-
-def _episodes(kind: str, tasks: int = 3, n_s: int = 6, n_q: int = 5) -> Episodes:
-    g = torch.Generator().manual_seed(1)
-
-    def targets(n: int) -> Tensor:
-        if kind == "classification":
-            return torch.randint(0, WAYS, (tasks, n), generator=g)  # (tasks, n)
-        return torch.randn(tasks, n, WAYS, generator=g, dtype=torch.float64)  # (tasks, n, out)
-
-    return Episodes(torch.randn(tasks, n_s, IN, generator=g, dtype=torch.float64), targets(n_s),
-                    torch.randn(tasks, n_q, IN, generator=g, dtype=torch.float64), targets(n_q))
+_network = partial(helpers.small_network, IN, HIDDEN, WAYS, seed=0)
+_episodes = partial(helpers.random_episodes, in_size=IN, out=WAYS, n_s=6, n_q=5)
 
 
 # --- references: one episode at a time, plain modules, torch.optim's own weight decay ---
@@ -259,12 +234,6 @@ def test_predictions_do_not_depend_on_the_global_generator_or_the_chunking(head)
 
 # --- learning ---
 
-def _meta_train(algo: FineTune, task: Task, steps: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        algo.meta_step(task.sample(algo.tasks_per_step, g))
-
-
 @pytest.fixture(scope="module")
 def digits() -> Digits:
     return Digits(ways=5, shots=5, queries=15, val_episodes=4, test_episodes=200)
@@ -275,7 +244,7 @@ def test_learns_digits_5way_5shot(digits, head, margin):
     torch.manual_seed(0)
     algo = FineTune(MLP().build(digits.spec), digits, head=head)
     untrained = float(evaluate(algo, digits.meta_test(), digits).mean())
-    _meta_train(algo, digits, 300)
+    helpers.meta_train_steps(algo, digits, 300)
     trained = float(evaluate(algo, digits.meta_test(), digits).mean())
     assert trained > untrained + margin, (untrained, trained)
     # The training stage fits the meta-train classes (fresh labelled examples).
@@ -291,7 +260,7 @@ def test_learns_sinusoid():
     torch.manual_seed(0)
     algo = FineTune(MLP().build(task.spec), task, finetune="all")
     untrained = float(evaluate(algo, task.meta_test(), task).mean())
-    _meta_train(algo, task, 300)
+    helpers.meta_train_steps(algo, task, 300)
     trained = float(evaluate(algo, task.meta_test(), task).mean())
     assert trained < 0.7 * untrained, (untrained, trained)
 
@@ -317,11 +286,7 @@ def test_conforms_on_regression(hyperparameters):
 
 
 def test_search_space_declares_keyword_arguments_with_defaults_in_range():
-    defaults = {name: p.default for name, p in inspect.signature(FineTune).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    for name, param in FineTune.search_space().items():
-        assert name in defaults, name
-        check_value(f"finetune.{name}", param, defaults[name])  # raises ConfigError if outside
+    helpers.assert_search_space_defaults_in_range(FineTune, "finetune")
 
 
 @pytest.mark.parametrize(("task", "params"), [
@@ -331,16 +296,5 @@ def test_search_space_declares_keyword_arguments_with_defaults_in_range():
      {"batch_tasks": 4, "finetune": "all", "finetune_steps": 10}),
 ])
 def test_runs_as_a_plugin_in_a_trial(tmp_path, task, params):
-    host = create_host(entry_points=False, plugins={
-        "finetune": autometa_plugins.finetune, "mlp": autometa_plugins.mlp})
-    assert host.get("algorithm", "finetune").load() is FineTune
-    plan = TrialPlan("finetune", "mlp", params, {"hidden": 40})
-    algo = build(host, task, plan, seed=0)
-    score = meta_train(algo, task, meta_steps=3, eval_every=3,
-                       generator=torch.Generator().manual_seed(0))
-    assert math.isfinite(score)
-    save_state(algo, tmp_path / "trial.pt")
-    restored = build(host, task, plan, seed=1)  # another initialisation
-    load_state(restored, tmp_path / "trial.pt")
-    episodes = task.meta_val()
-    assert torch.equal(restored.adapt_and_predict(episodes), algo.adapt_and_predict(episodes))
+    helpers.assert_runs_in_a_trial(tmp_path, "finetune", autometa_plugins.finetune, FineTune,
+                                   task, params)

@@ -7,7 +7,9 @@ import copy
 import logging
 import math
 import warnings
+from functools import partial
 
+import algorithm_helpers as helpers
 import numpy as np
 import pytest
 import torch
@@ -15,10 +17,9 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 import autometa_plugins.linear_probe
-import autometa_plugins.mlp
-from autometa import Backbone, Episodes, Task, create_host
+from autometa import Backbone, Episodes
 from autometa.testing import check_meta_algorithm
-from autometa.trial import TrialPlan, build, evaluate, load_state, meta_train, save_state
+from autometa.trial import TrialPlan, build, evaluate, meta_train
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.linear_probe.algorithm import LinearProbe
@@ -27,36 +28,13 @@ from autometa_plugins.mlp.model import MLP
 IN, HIDDEN, WAYS = 3, 8, 4  # a small network and 4-way episodes
 
 
-class _Stub(Task):
-    """A task that only defines its kind and shapes; episodes are built by the tests."""
-
-    def __init__(self, kind: str = "classification") -> None:
-        super().__init__()
-        self.kind, self.input_shape, self.output_size = kind, (IN,), WAYS
-
-    def sample(self, n_tasks, generator):
-        raise NotImplementedError
-
-    def meta_val(self):
-        raise NotImplementedError
-
-    def meta_test(self):
-        raise NotImplementedError
-
-
-def _network() -> Backbone:
-    torch.manual_seed(0)
-    features = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh())
-    return Backbone(features, nn.Linear(HIDDEN, WAYS)).double()
+_Stub = partial(helpers.StubTask, kind="classification", input_shape=(IN,), output_size=WAYS)
+_network = partial(helpers.small_network, IN, HIDDEN, WAYS, seed=0)
 
 
 def _episodes(support_y: list[list[int]], n_q: int = 6) -> Episodes:
-    g = torch.Generator().manual_seed(1)
-    y = torch.tensor(support_y)  # (tasks, n_support)
-    tasks, n_s = y.shape
-    return Episodes(torch.randn(tasks, n_s, IN, generator=g, dtype=torch.float64), y,
-                    torch.randn(tasks, n_q, IN, generator=g, dtype=torch.float64),
-                    torch.randint(0, WAYS, (tasks, n_q), generator=g))
+    return helpers.labelled_episodes(torch.tensor(support_y), n_q, (IN,), WAYS,
+                                     torch.Generator().manual_seed(1))
 
 
 def _by_hand(model: Backbone, ep: Episodes, i: int, normalize: bool, C: float
@@ -153,8 +131,8 @@ def test_meta_step_says_the_probe_does_not_meta_train():
 
 
 def test_regression_is_refused():
-    assert "classification" in LinearProbe.incompatibility(_Stub("regression"))
-    assert LinearProbe.incompatibility(_Stub("classification")) is None
+    assert "classification" in LinearProbe.incompatibility(_Stub(kind="regression"))
+    assert LinearProbe.incompatibility(_Stub(kind="classification")) is None
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +158,7 @@ def test_learns_digits_5way_5shot_on_random_features(digits):
 
 
 def test_runs_in_a_trial_without_meta_training(digits, tmp_path):
-    host = create_host(entry_points=False, plugins={
-        "linear-probe": autometa_plugins.linear_probe, "mlp": autometa_plugins.mlp})
-    assert host.get("algorithm", "linear-probe").load() is LinearProbe
+    host = helpers.trial_host("linear-probe", autometa_plugins.linear_probe, LinearProbe)
     plan = TrialPlan("linear-probe", "mlp", {"C": 10.0}, {"hidden": 40})
     algo = build(host, digits, plan, seed=0)
     initial = copy.deepcopy(algo.model.state_dict())
@@ -191,8 +167,4 @@ def test_runs_in_a_trial_without_meta_training(digits, tmp_path):
                        generator=torch.Generator().manual_seed(0))
     assert math.isfinite(score) and score > 0.5
     torch.testing.assert_close(algo.model.state_dict(), initial, rtol=0, atol=0)
-    save_state(algo, tmp_path / "trial.pt")
-    restored = build(host, digits, plan, seed=1)  # another initialisation
-    load_state(restored, tmp_path / "trial.pt")
-    episodes = digits.meta_val()
-    assert torch.equal(restored.adapt_and_predict(episodes), algo.adapt_and_predict(episodes))
+    helpers.assert_state_round_trip(host, digits, plan, algo, tmp_path)

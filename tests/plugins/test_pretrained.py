@@ -21,15 +21,6 @@ from autometa_plugins.sinusoid.task import Sinusoid
 FAST = {"backbone": "conv4", "backbone_params": {"channels": 8}, "steps": 60}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task():
     t = Digits(ways=5, shots=1, queries=5, val_episodes=4, test_episodes=4)

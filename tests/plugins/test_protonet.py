@@ -4,17 +4,17 @@ per-episode BatchNorm batches, strategies, learning, the conformance kit, a tria
 from __future__ import annotations
 
 import copy
-import math
+from functools import partial
 
+import algorithm_helpers as helpers
 import pytest
 import torch
 from torch import Tensor, nn
 
-import autometa_plugins.mlp
 import autometa_plugins.protonet
-from autometa import Backbone, Episodes, Task, create_host
+from autometa import Backbone, Episodes
 from autometa.testing import check_meta_algorithm
-from autometa.trial import TrialPlan, build, evaluate, load_state, meta_train, save_state
+from autometa.trial import evaluate
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.glyphs.task import Glyphs
@@ -24,28 +24,11 @@ from autometa_plugins.protonet.algorithm import COSINE_SCALE, ProtoNet
 IN, HIDDEN, WAYS = 3, 8, 4  # a small network and 4-way episodes
 
 
-class _Stub(Task):
-    """A task that only defines its kind and shapes; episodes are built by the tests."""
-
-    def __init__(self, kind: str = "classification", input_shape: tuple[int, ...] = (IN,)
-                 ) -> None:
-        super().__init__()
-        self.kind, self.input_shape, self.output_size = kind, input_shape, WAYS
-
-    def sample(self, n_tasks, generator):
-        raise NotImplementedError
-
-    def meta_val(self):
-        raise NotImplementedError
-
-    def meta_test(self):
-        raise NotImplementedError
+_Stub = partial(helpers.StubTask, kind="classification", input_shape=(IN,), output_size=WAYS)
 
 
 def _mlp() -> Backbone:
-    torch.manual_seed(0)
-    features = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh())
-    return Backbone(features, nn.Linear(HIDDEN, WAYS)).double()
+    return helpers.small_network(IN, HIDDEN, WAYS, seed=0)
 
 
 def _conv_bn() -> Backbone:
@@ -62,12 +45,7 @@ def _episodes(input_shape: tuple[int, ...] = (IN,), tasks: int = 3, n_q: int = 6
     labels = torch.tensor([0, 0, 0, 1, 2, 2, 3])
     support_y = torch.stack([labels[torch.randperm(len(labels), generator=g)]
                              for _ in range(tasks)])  # (tasks, 7)
-    return Episodes(
-        torch.randn(tasks, len(labels), *input_shape, generator=g, dtype=torch.float64),
-        support_y,
-        torch.randn(tasks, n_q, *input_shape, generator=g, dtype=torch.float64),
-        torch.randint(0, WAYS, (tasks, n_q), generator=g),
-    )
+    return helpers.labelled_episodes(support_y, n_q, input_shape, WAYS, g)
 
 
 # --- the reference: one episode at a time, one class at a time, explicit distances ---
@@ -172,8 +150,8 @@ def test_a_class_absent_from_the_support_set_is_never_predicted():
 
 
 def test_regression_is_refused():
-    assert "classification" in ProtoNet.incompatibility(_Stub("regression"))
-    assert ProtoNet.incompatibility(_Stub("classification")) is None
+    assert "classification" in ProtoNet.incompatibility(_Stub(kind="regression"))
+    assert ProtoNet.incompatibility(_Stub(kind="classification")) is None
 
 
 @pytest.fixture(scope="module")
@@ -203,25 +181,13 @@ def test_learns_glyphs_5way_1shot(glyphs, distance):
     torch.manual_seed(0)
     algo = ProtoNet(MLP().build(glyphs.spec), glyphs, meta_batch_size=4, distance=distance)
     untrained = float(evaluate(algo, glyphs.meta_test(), glyphs).mean())
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        algo.meta_step(glyphs.sample(algo.tasks_per_step, g))
+    helpers.meta_train_steps(algo, glyphs, 100)
     trained = float(evaluate(algo, glyphs.meta_test(), glyphs).mean())
     assert trained > 0.6 and trained > untrained + 0.25, (untrained, trained)
 
 
 def test_runs_as_a_plugin_in_a_trial(digits, tmp_path):
-    host = create_host(entry_points=False, plugins={"protonet": autometa_plugins.protonet,
-                                                     "mlp": autometa_plugins.mlp})
-    assert host.get("algorithm", "protonet").load() is ProtoNet
-    plan = TrialPlan("protonet", "mlp", {"meta_batch_size": 4, "distance": "cosine"},
-                     {"hidden": 40})
-    algo = build(host, digits, plan, seed=0)
-    score = meta_train(algo, digits, meta_steps=3, eval_every=3,
-                       generator=torch.Generator().manual_seed(0))
-    assert math.isfinite(score) and 0 <= score <= 1
-    save_state(algo, tmp_path / "trial.pt")
-    restored = build(host, digits, plan, seed=1)  # another initialisation
-    load_state(restored, tmp_path / "trial.pt")
-    episodes = digits.meta_val()
-    assert torch.equal(restored.adapt_and_predict(episodes), algo.adapt_and_predict(episodes))
+    score = helpers.assert_runs_in_a_trial(tmp_path, "protonet", autometa_plugins.protonet,
+                                           ProtoNet, digits,
+                                           {"meta_batch_size": 4, "distance": "cosine"})
+    assert 0 <= score <= 1

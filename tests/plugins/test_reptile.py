@@ -4,18 +4,16 @@ evaluation, learning."""
 from __future__ import annotations
 
 import copy
-import inspect
-import math
+from functools import partial
 
+import algorithm_helpers as helpers
 import pytest
 import torch
 from torch import Tensor, nn
 
-import autometa_plugins.mlp
 import autometa_plugins.reptile
-from autometa import Backbone, Episodes, Task, create_host
-from autometa.space import check_value
-from autometa.trial import TrialPlan, build, evaluate, load_state, meta_train, save_state
+from autometa import Episodes
+from autometa.trial import evaluate
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.mlp.model import MLP
 from autometa_plugins.reptile.algorithm import Reptile
@@ -26,49 +24,9 @@ IN, HIDDEN, OUT = 3, 8, 4  # a small network; OUT doubles as the number of class
 #: evaluations, a one-off cost larger than the whole test on a small MLP.
 VMAP = "vmap"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class _Stub(Task):
-    """A task that only defines its kind and shapes; episodes are built by the tests."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind, self.input_shape, self.output_size = kind, (IN,), OUT
-
-    def sample(self, n_tasks, generator):
-        raise NotImplementedError
-
-    def meta_val(self):
-        raise NotImplementedError
-
-    def meta_test(self):
-        raise NotImplementedError
-
-
-def _network(dtype: torch.dtype = torch.float64) -> Backbone:
-    features = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh())
-    return Backbone(features, nn.Linear(HIDDEN, OUT)).to(dtype)
-
-
-def _episodes(kind: str, tasks: int = 3, n_s: int = 5, n_q: int = 6,
-              dtype: torch.dtype = torch.float64) -> Episodes:
-    g = torch.Generator().manual_seed(1)
-
-    def targets(n: int) -> Tensor:
-        if kind == "classification":
-            return torch.randint(0, OUT, (tasks, n), generator=g)  # (tasks, n)
-        return torch.randn(tasks, n, OUT, generator=g, dtype=dtype)  # (tasks, n, out)
-
-    return Episodes(torch.randn(tasks, n_s, IN, generator=g, dtype=dtype), targets(n_s),
-                    torch.randn(tasks, n_q, IN, generator=g, dtype=dtype), targets(n_q))
+_Stub = partial(helpers.StubTask, input_shape=(IN,), output_size=OUT)
+_network = partial(helpers.small_network, IN, HIDDEN, OUT)  # float64 by default
+_episodes = partial(helpers.random_episodes, in_size=IN, out=OUT)
 
 
 # --- the reference: explicit weight tensors, one task at a time, torch.autograd.grad ---
@@ -186,9 +144,7 @@ def test_learns_sinusoid():
     torch.manual_seed(0)
     algo = Reptile(MLP().build(task.spec), task, strategy=VMAP)
     untrained = float(evaluate(algo, task.meta_test(), task).mean())
-    g = torch.Generator().manual_seed(0)
-    for _ in range(600):
-        algo.meta_step(task.sample(algo.tasks_per_step, g))
+    helpers.meta_train_steps(algo, task, 600)
     trained = float(evaluate(algo, task.meta_test(), task).mean())
     assert trained < 0.3 * untrained, (untrained, trained)
 
@@ -198,33 +154,16 @@ def test_learns_digits_5way_1shot():
     torch.manual_seed(0)
     algo = Reptile(MLP().build(task.spec), task, inner_lr=0.1, strategy=VMAP)
     untrained = float(evaluate(algo, task.meta_test(), task).mean())
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        algo.meta_step(task.sample(algo.tasks_per_step, g))
+    helpers.meta_train_steps(algo, task, 300)
     trained = float(evaluate(algo, task.meta_test(), task).mean())
     assert trained > 0.5 and trained > untrained + 0.1, (untrained, trained)
 
 
 def test_search_space_declares_keyword_arguments_with_defaults_in_range():
-    defaults = {name: p.default for name, p in inspect.signature(Reptile).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    for name, param in Reptile.search_space().items():
-        assert name in defaults, name
-        check_value(f"reptile.{name}", param, defaults[name])  # raises ConfigError if outside
+    helpers.assert_search_space_defaults_in_range(Reptile, "reptile")
 
 
 def test_runs_as_a_plugin_in_a_trial(tmp_path):
-    host = create_host(entry_points=False,
-                       plugins={"reptile": autometa_plugins.reptile, "mlp": autometa_plugins.mlp})
-    assert host.get("algorithm", "reptile").load() is Reptile
-    task = Sinusoid(val_episodes=4, test_episodes=4, eval_queries=10)
-    plan = TrialPlan("reptile", "mlp", {"meta_batch_size": 4, "strategy": "vmap"}, {"hidden": 40})
-    algo = build(host, task, plan, seed=0)
-    score = meta_train(algo, task, meta_steps=3, eval_every=3,
-                       generator=torch.Generator().manual_seed(0))
-    assert math.isfinite(score)
-    save_state(algo, tmp_path / "trial.pt")
-    restored = build(host, task, plan, seed=1)  # another initialisation
-    load_state(restored, tmp_path / "trial.pt")
-    episodes = task.meta_val()
-    assert torch.equal(restored.adapt_and_predict(episodes), algo.adapt_and_predict(episodes))
+    helpers.assert_runs_in_a_trial(tmp_path, "reptile", autometa_plugins.reptile, Reptile,
+                                   Sinusoid(val_episodes=4, test_episodes=4, eval_queries=10),
+                                   {"meta_batch_size": 4, "strategy": "vmap"})

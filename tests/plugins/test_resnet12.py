@@ -16,15 +16,6 @@ from autometa_plugins.resnet12.model import ResNet12
 SMALL = "4-8-12-16"  # widths that keep the tests fast; the architecture is the same
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spec(shape: tuple[int, ...], outputs: int = 5) -> TaskSpec:
     return TaskSpec("classification", shape, outputs)
 

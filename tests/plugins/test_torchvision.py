@@ -21,15 +21,6 @@ from autometa_plugins.torchvision_models.model import ImageFeatures, Torchvision
 SPEC = TaskSpec("classification", (1, 8, 8), 5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- without torchvision (the normal case here; forced so the tests hold everywhere) ------
 @pytest.fixture
 def no_torchvision(monkeypatch):
