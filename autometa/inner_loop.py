@@ -10,8 +10,9 @@ wrong (functorch issue #534), so a second-order meta-gradient through a BatchNor
 training mode is computed with the loop ("auto") or refused ("vmap").
 Which is faster depends on the model and the device (vmap was ~10x faster than the loop for
 a small MLP on a 2-core CPU, ~3x slower for a conv4), so ``"auto"`` times both once per
-model signature, episode shape and device, on a few of the tasks, and remembers the winner
-for the process.
+model signature, episode shape and device, on a few of the tasks, and remembers the choice
+for the process: the loop for a meta-gradient (it holds one episode's graph at a time,
+below) and vmap for predictions alone, unless the other is clearly (1.5x) faster.
 
 A meta-step calls :func:`meta_backward`: adaptation, query loss and backward in one, so
 that the loop strategy can back-propagate each episode as soon as its loss is known and
@@ -181,7 +182,8 @@ def meta_backward(
     return float(total)
 
 
-#: How much slower vmap must be before "auto" prefers the loop.
+#: How much faster the other strategy must be before "auto" leaves the default one (the
+#: loop for a meta-gradient, vmap for predictions alone).
 CLEAR_WIN = 1.5
 #: Strategy chosen by ``"auto"`` per (model, parameter shapes, device, episode shapes, ...).
 _CHOSEN: dict[Hashable, Strategy] = {}
@@ -260,9 +262,16 @@ def _probe(what: str, run: Callable[[Strategy, int], Tensor], params: Params) ->
                 torch.cuda.synchronize(out.device)
             if round_:
                 seconds[candidate] = min(seconds[candidate], time.perf_counter() - start)
-    # Only a clear win switches away from vmap: the two strategies agree only up to float
-    # rounding, so a coin-flip choice on a noisy machine would make runs irreproducible.
-    chosen: Strategy = "loop" if seconds["vmap"] > CLEAR_WIN * seconds["loop"] else "vmap"
+    # Only a clear win switches away from the default: the two strategies agree only up to
+    # float rounding, so a coin-flip choice on a noisy machine would make runs
+    # irreproducible. The default is the loop where a meta-gradient is taken: meta_backward
+    # then holds one episode's graph, vmap the whole batch's (first-order conv4, 32
+    # episodes: 58 MB against 2.9 GB at about the same speed, benchmarks/memory.py).
+    chosen: Strategy
+    if wrt:
+        chosen = "vmap" if CLEAR_WIN * seconds["vmap"] < seconds["loop"] else "loop"
+    else:
+        chosen = "loop" if seconds["vmap"] > CLEAR_WIN * seconds["loop"] else "vmap"
     log.info("inner loop: %s for %s (vmap %.1f ms, loop %.1f ms)", chosen, what,
              1e3 * seconds["vmap"], 1e3 * seconds["loop"])
     return chosen

@@ -137,3 +137,35 @@ def test_meta_backward_leaves_the_parameters_alone():
                   lr=0.1, strategy="loop")
     torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
     assert all(p.grad is not None for p in parameters_of(model).values())
+
+
+class _Clock:
+    """A fake ``time`` module: the probe's runs advance it by their declared cost."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize(("vmap_s", "loop_s", "training", "chosen"), [
+    (1.0, 1.2, True, "loop"),  # a meta-gradient: the loop (one graph at a time) by default
+    (1.0, 1.6, True, "vmap"),  # ... unless vmap is clearly faster
+    (1.2, 1.0, False, "vmap"),  # predictions alone: vmap by default
+    (1.6, 1.0, False, "loop"),  # ... unless the loop is clearly faster
+])
+def test_auto_keeps_its_default_unless_the_other_strategy_clearly_wins(
+        monkeypatch, vmap_s, loop_s, training, chosen):
+    from autometa import inner_loop
+
+    clock = _Clock()
+    monkeypatch.setattr(inner_loop, "time", clock)
+    params = {"w": torch.ones(2, requires_grad=True)}
+
+    def run(strategy, tasks):
+        clock.now += {"vmap": vmap_s, "loop": loop_s}[strategy]
+        return params["w"] * 2
+
+    with torch.set_grad_enabled(training):
+        assert inner_loop._probe("test", run, params) == chosen
