@@ -21,6 +21,7 @@ hold one episode's graph at a time instead of the whole meta-batch's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -58,12 +59,17 @@ def adapt(
     lr: LearningRate,
     first_order: bool = False,
     adapt_only: Callable[[str], bool] | None = None,
+    autograd: bool = False,
 ) -> Params:
     """Run ``steps`` of SGD on one support set (x: (n, *input_shape)) and return new params.
 
     Args:
         adapt_only: if given, only names for which it returns True are updated (ANIL: the
             head); the others are left as they are and still carry their meta-gradient.
+        autograd: take the inner gradients with ``torch.autograd.grad`` instead of
+            ``torch.func.grad``: the same values and meta-gradients, without func.grad's
+            per-call transform set-up, which costs more than a small model's backward
+            (benchmarks/README.md, finding 5). Only outside ``vmap``.
     """
     names = [n for n in params if adapt_only is None or adapt_only(n)]
     frozen = {n: p for n, p in params.items() if n not in names}
@@ -72,12 +78,39 @@ def adapt(
         return loss_fn(functional_call(model, {**frozen, **fast}, (x,)), y)
 
     fast = {n: params[n] for n in names}
+    if autograd:
+        return {**frozen, **_sgd_autograd(support_loss, fast, steps=steps, lr=lr,
+                                          first_order=first_order)}
     for _ in range(steps):
         grads = grad(support_loss)(fast)
         if first_order:
             grads = {n: g.detach() for n, g in grads.items()}
         fast = {n: p - _lr(lr, n) * grads[n] for n, p in fast.items()}
     return {**frozen, **fast}
+
+
+def _sgd_autograd(support_loss: Callable[[Params], Tensor], fast: Params, *, steps: int,
+                  lr: LearningRate, first_order: bool) -> Params:
+    """:func:`adapt`'s SGD steps with ``torch.autograd.grad``, as ``torch.func.grad`` gives.
+
+    Like func.grad, the inner gradients are taken even under ``no_grad`` (evaluation),
+    where no graph back to the initial parameters is kept.
+    """
+    keep = torch.is_grad_enabled()  # a meta-gradient will flow back through the steps
+
+    def leaf(p: Tensor) -> Tensor:
+        return p.detach().requires_grad_()
+
+    fast = {n: p if keep and p.requires_grad else leaf(p) for n, p in fast.items()}
+    with torch.enable_grad():
+        for _ in range(steps):
+            grads = torch.autograd.grad(support_loss(fast), list(fast.values()),
+                                        create_graph=keep and not first_order)
+            fast = {n: p - _lr(lr, n) * g for (n, p), g in zip(fast.items(), grads,
+                                                                strict=True)}
+            if not keep:
+                fast = {n: leaf(p) for n, p in fast.items()}
+    return fast if keep else {n: p.detach() for n, p in fast.items()}
 
 
 def _lr(lr: LearningRate, name: str) -> float | Tensor:
@@ -104,13 +137,15 @@ def adapt_and_predict(
     n_q, *in) -> (tasks, n_q, out). Differentiable w.r.t. ``params`` (and ``lr``).
     """
 
-    def one(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+    def one(sx: Tensor, sy: Tensor, qx: Tensor, autograd: bool) -> Tensor:
         fast = adapt(model, params, sx, sy, loss_fn, steps=steps, lr=lr,
-                     first_order=first_order, adapt_only=adapt_only)
+                     first_order=first_order, adapt_only=adapt_only, autograd=autograd)
         return functional_call(model, fast, (qx,))
 
     def run(chosen: Strategy, tasks: int | None = None) -> Tensor:
-        return each_task(one, support_x[:tasks], support_y[:tasks], query_x[:tasks],
+        # The loop takes inner gradients with autograd.grad (cheaper outside vmap).
+        return each_task(functools.partial(one, autograd=chosen == "loop"),
+                         support_x[:tasks], support_y[:tasks], query_x[:tasks],
                          strategy=chosen)
 
     if strategy == "auto" or _batch_norm_needs_loop(model, first_order, strategy):

@@ -169,3 +169,44 @@ def test_auto_keeps_its_default_unless_the_other_strategy_clearly_wins(
 
     with torch.set_grad_enabled(training):
         assert inner_loop._probe("test", run, params) == chosen
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_autograd_inner_steps_equal_torch_func_grad(grad_enabled, first_order):
+    """The loop's autograd.grad steps give func.grad's values and meta-gradients, also with
+    learned per-parameter rates, a head-only inner loop and a frozen parameter."""
+    from autometa.inner_loop import adapt
+
+    model = _mlp()
+    model.features[0].bias.requires_grad_(False)  # a parameter the user froze
+    episodes = _episodes(tasks=1)
+    x, y = episodes.support_x[0], episodes.support_y[0]
+    for lr, adapt_only in ((0.3, None), ({n: torch.full_like(p, 0.2).requires_grad_()
+                                          for n, p in model.named_parameters()}, None),
+                           (0.3, lambda n: n.startswith("head."))):
+        outs = []
+        for autograd in (False, True):
+            with torch.set_grad_enabled(grad_enabled):
+                fast = adapt(model, parameters_of(model), x, y,
+                             lambda p, t: loss_for("regression", p, t), steps=3, lr=lr,
+                             first_order=first_order, adapt_only=adapt_only, autograd=autograd)
+            outs.append(fast)
+            if grad_enabled:
+                wrt = [p for p in model.parameters() if p.requires_grad]
+                extra = list(lr.values()) if isinstance(lr, dict) else []
+                total = sum((v ** 2).sum() for v in fast.values())
+                outs.append(torch.autograd.grad(total, wrt + extra, allow_unused=True))
+            else:  # no graph kept: only untouched (frozen) parameters still require grad
+                outs.append([v.requires_grad for v in fast.values()])
+        half = len(outs) // 2
+        for a, b in zip(outs[:half], outs[half:], strict=True):
+            if isinstance(a, dict):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            elif not grad_enabled:
+                assert a == b
+            else:
+                for ga, gb in zip(a, b, strict=True):
+                    assert (ga is None) == (gb is None)
+                    if ga is not None:
+                        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
