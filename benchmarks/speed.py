@@ -28,7 +28,7 @@ toolkit and timed beside the unpatched plugin.
 
     python benchmarks/speed.py                      # both workloads, 1 and 5 inner steps
     python benchmarks/speed.py --models sinusoid --repeats 9
-    python benchmarks/speed.py --prototypes proto-compile,proto-autograd-loop
+    python benchmarks/speed.py --prototypes proto-compile,proto-fused-adam
 
 Prints the tables and writes benchmarks/results/speed.json and speed.md (``--out``).
 memory.py and sinusoid_accuracy.py reuse the workloads and the report helpers below.
@@ -445,44 +445,12 @@ class ProtoCompiled(Autometa):
         alg.optimizer.step()
 
 
-class ProtoAutogradLoop(Autometa):
-    """Patch: the loop strategy takes inner gradients with ``torch.autograd.grad``
-    (``create_graph`` unless first order) instead of ``torch.func.grad``, whose per-call
-    transform set-up costs more than a small model's whole backward."""
-
-    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
-        super().__init__(model, work, steps, "loop")
-        self.label, self.strategy = "proto: autograd.grad loop", "loop"
-
-    def step(self, batch: Episodes) -> None:
-        from autometa.inner_loop import parameters_of
-
-        alg = self.algorithm
-        model, loss = alg.model, alg.task.loss
-        params = parameters_of(model)
-        preds = []
-        for sx, sy, qx, _ in tasks_of(batch):
-            fast = params
-            for _ in range(alg.inner_steps):
-                support = loss(functional_call(model, fast, (sx,)), sy)
-                grads = torch.autograd.grad(support, list(fast.values()),
-                                            create_graph=not alg.first_order)
-                fast = {n: p - alg.inner_lr * g
-                        for (n, p), g in zip(fast.items(), grads, strict=True)}
-            preds.append(functional_call(model, fast, (qx,)))
-        meta_loss = loss(torch.stack(preds), batch.query_y)
-        alg.optimizer.zero_grad(set_to_none=True)
-        meta_loss.backward()
-        alg.optimizer.step()
-
-
 #: Prototypes left out on a workload, and why.
 PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there"}
 
 PROTOTYPES: dict[str, type[Contender]] = {
     "proto-fused-adam": ProtoFusedAdam,
     "proto-compile": ProtoCompiled,
-    "proto-autograd-loop": ProtoAutogradLoop,
 }
 
 
@@ -690,8 +658,7 @@ def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target
 
 
 #: What each prototype is compared with: the unpatched contender it modifies.
-PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap",
-                  "proto-autograd-loop": "autometa-loop"}
+PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap"}
 
 
 def summarise_prototypes(speed: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ def test_speed(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                 "--sinusoid-batches", "1", "--conv4-channels", "2", "--conv4-meta-batch", "2",
                 "--conv4-side", "8", "--pool-classes", "10",
                 "--contenders", "autometa-auto,autometa-loop,reference-loop,higher",
-                "--prototypes", "proto-autograd-loop", "--out", str(tmp_path), "--quiet"])
+                "--prototypes", "proto-fused-adam", "--out", str(tmp_path), "--quiet"])
     result, md = written(tmp_path, "speed")
     assert {"environment", "settings", "summary", "speed", "gradients", "sampling",
             "prototypes", "unavailable"} <= set(result)
@@ -41,7 +41,7 @@ def test_speed(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     keys = {(r["model"], r["contender"]) for r in result["speed"]}
     for model in ("sinusoid", "conv4"):
         assert {(model, "autometa-auto"), (model, "reference-loop"),
-                (model, "proto-autograd-loop")} <= keys
+                (model, "proto-fused-adam")} <= keys
     assert all(r["tasks_per_s"] > 0 for r in result["speed"])
     sinusoid = [g for g in result["gradients"] if g["model"] == "sinusoid"]
     assert sinusoid and all(g["agrees"] for g in sinusoid)
