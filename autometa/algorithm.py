@@ -47,7 +47,13 @@ class MetaAlgorithm(ABC):
 
     @classmethod
     def search_space(cls) -> SearchSpace:
-        """Hyperparameters to search and their ranges (default: none)."""
+        """Hyperparameters to search and their ranges (default: none).
+
+        An override may take a keyword ``task=None``: the engine then passes the search's
+        task, so that hyperparameters that only matter for one kind of task are not
+        searched for the other. Called without it (listings, the conformance kit), return
+        the whole space.
+        """
         return {}
 
     @classmethod

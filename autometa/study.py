@@ -69,8 +69,9 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
         return f"it {reason} (task {config.task!r})" if reason else None
 
     algorithms = _choose(host, "algorithm", config.algorithms, config.algorithm_params,
-                         algorithm_problem)
-    sources = _choose(host, "source", config.sources, config.source_params, source_problem)
+                         algorithm_problem, task)
+    sources = _choose(host, "source", config.sources, config.source_params, source_problem,
+                      task)
     return Prepared(config, host, task, algorithms, sources)
 
 
@@ -107,12 +108,21 @@ def keyword_parameters(cls: type) -> list[str]:
             if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def declared_space(cls: Any, task: Task) -> Any:
+    """``cls.search_space(task)`` if it takes the task (a space that depends on the task's
+    kind), else ``cls.search_space()``."""
+    if "task" in inspect.signature(cls.search_space).parameters:
+        return cls.search_space(task=task)
+    return cls.search_space()
+
+
 def _choose(
     host: PluginHost,
     kind: Any,
     requested: list[str],
     overrides: Mapping[str, Mapping[str, Any]],
     problem: Callable[[Any, dict[str, Any]], str | None],
+    task: Task,
 ) -> dict[str, dict[str, Any]]:
     """The plugins of ``kind`` in the search, each with its restricted search space.
 
@@ -130,7 +140,7 @@ def _choose(
                 raise
             log.warning("leaving %s %r out of the search: %s", label, name, exc)
             continue
-        space = restrict(name, cls.search_space(), overrides.get(name, {}),
+        space = restrict(name, declared_space(cls, task), overrides.get(name, {}),
                          settable=keyword_parameters(cls))
         reason = problem(cls, space)
         if reason:

@@ -36,8 +36,8 @@ into one supervised batch (Adam, ``lr``); adaptation fine-tunes a copy of the tr
 same optimizers (the default fine-tunes the head, as for classification; fine-tuning
 everything fits sinusoids better). ``finetune="all", finetune_steps=10, momentum=0,
 weight_decay=0`` is the plain SGD adaptation this plugin had before it classified.
-``head`` and ``batch_size`` concern classification only, ``batch_tasks`` regression only:
-a search over regression tasks samples the former to no effect.
+``head`` and ``batch_size`` concern classification only (a search over a regression task
+leaves them out of its space), ``batch_tasks`` regression only.
 
 Search ranges: ``lr`` one decade either side of the paper's Adam 1e-3; ``batch_size``
 around its 16; ``finetune_lr`` from 1e-3 to 0.5 around its SGD 0.01 (Adam too; L-BFGS
@@ -122,9 +122,10 @@ class FineTune(MetaAlgorithm):
         self.optimizer = torch.optim.Adam(trained, lr=lr)
 
     @classmethod
-    def search_space(cls):
-        # Ranges around the paper's settings; see the module docstring.
-        return {
+    def search_space(cls, task: Task | None = None):
+        # Ranges around the paper's settings; see the module docstring. On a regression
+        # task the classifier's settings (head, batch_size) would be searched to no effect.
+        space = {
             "lr": Float(1e-4, 1e-2, log=True),
             "batch_size": Categorical((16, 32, 64)),
             "head": Categorical(HEADS),
@@ -133,6 +134,9 @@ class FineTune(MetaAlgorithm):
             "finetune_steps": Int(10, 200, log=True),
             "finetune": Categorical(FINETUNE),
         }
+        if task is not None and task.kind == "regression":
+            del space["head"], space["batch_size"]
+        return space
 
     @classmethod
     def incompatibility(cls, task: Task) -> str | None:
