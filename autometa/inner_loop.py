@@ -148,7 +148,9 @@ def adapt_and_predict(
                          support_x[:tasks], support_y[:tasks], query_x[:tasks],
                          strategy=chosen)
 
-    if strategy == "auto" or _batch_norm_needs_loop(model, first_order, strategy):
+    if strategy == "vmap":
+        _refuse_vmap_through_batch_norm(model, first_order)
+    elif strategy == "auto":
         shapes = (tuple(support_x.shape), tuple(query_x.shape), steps, adapt_only is None)
         strategy = _choose(model, params, shapes, first_order, run)
     return run(strategy)
@@ -189,7 +191,9 @@ def meta_backward(
     """
     strategy = options.pop("strategy", "vmap")
     first_order = options.get("first_order", False)
-    if strategy == "auto" or _batch_norm_needs_loop(model, first_order, strategy):
+    if strategy == "vmap":
+        _refuse_vmap_through_batch_norm(model, first_order)
+    elif strategy == "auto":
         # Decided on the whole batch, as adapt_and_predict would (same probe, same cache).
         def run(chosen: Strategy, tasks: int | None = None) -> Tensor:
             return adapt_episodes(model, episodes[:tasks], loss_fn, strategy=chosen,
@@ -234,20 +238,21 @@ def adapt_episodes(model: nn.Module, episodes: Episodes, loss_fn: LossFn, **opti
                              episodes.support_y, episodes.query_x, loss_fn, **options)
 
 
-def _batch_norm_needs_loop(model: nn.Module, first_order: bool, strategy: Strategy) -> bool:
+def _batch_norm_needs_loop(model: nn.Module, first_order: bool) -> bool:
     """True if a second-order meta-gradient would pass a BatchNorm in training mode.
 
-    PyTorch's vmap rule for BatchNorm's double backward is wrong (functorch #534), so the
-    loop is used; an explicit "vmap" is refused.
+    PyTorch's vmap rule for BatchNorm's double backward is wrong (functorch #534), so
+    "auto" takes the loop there and an explicit "vmap" is refused.
     """
-    if not (torch.is_grad_enabled() and not first_order and _batch_norm_in_training(model)):
-        return False
-    if strategy == "vmap":
+    return torch.is_grad_enabled() and not first_order and _batch_norm_in_training(model)
+
+
+def _refuse_vmap_through_batch_norm(model: nn.Module, first_order: bool) -> None:
+    if _batch_norm_needs_loop(model, first_order):
         raise ValueError(
             "strategy 'vmap' gives wrong second-order meta-gradients through BatchNorm "
             "(PyTorch functorch issue #534); use 'loop' or 'auto', or first_order=True"
         )
-    return True
 
 
 def _choose(model: nn.Module, params: Params, shapes: tuple[Any, ...], first_order: bool,
@@ -256,7 +261,7 @@ def _choose(model: nn.Module, params: Params, shapes: tuple[Any, ...], first_ord
 
     ``shapes``: (support shape, query shape, inner steps, adapts all parameters?).
     """
-    if _batch_norm_needs_loop(model, first_order, "auto"):
+    if _batch_norm_needs_loop(model, first_order):
         return "loop"
     device = next(iter(params.values())).device.type if params else "cpu"
     key = (type(model).__qualname__,
