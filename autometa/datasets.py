@@ -213,6 +213,7 @@ class TargetTask(Task):
         self.input_shape = tuple(x.shape[1:])
         self.class_names = list(class_names)
         train, val, test = (i.to(self.device) for i in split)
+        train_x = x[train]  # one copy, shared by the pool and both evaluation episodes
         if self.kind == "classification":
             y = y.long()
             classes = int(y.max()) + 1 if len(y) else 0
@@ -221,7 +222,7 @@ class TargetTask(Task):
                 raise DataError(f"{name}: the labels hold {seen} class(es) in the train split; "
                                 "classification needs at least 2, each in the train split")
             self.output_size = classes
-            self.train = ClassPool(x[train], y[train], range(classes), name=f"{name} train")
+            self.train = ClassPool(train_x, y[train], range(classes), name=f"{name} train")
             self.train.check(classes, self.shots + self.queries)
             self.train_classes = classes
         else:
@@ -233,11 +234,13 @@ class TargetTask(Task):
                                 f"{self.shots + self.queries} examples need that many in the "
                                 f"train split, which has {len(train)}; lower 'shots' or "
                                 "'queries'")
-            self._train_x, self._train_y = x[train], y[train]
+            self._train_x, self._train_y = train_x, y[train]
         self.sizes = {"train": len(train), "val": len(val), "test": len(test)}
 
+        train_y = y[train][None]
+
         def one(query: Tensor) -> Episodes:  # the train split adapts, ``query`` scores
-            return Episodes(x[train][None], y[train][None], x[query][None], y[query][None])
+            return Episodes(train_x[None], train_y, x[query][None], y[query][None])
 
         self._val, self._test = one(val), one(test)
 
