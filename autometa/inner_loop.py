@@ -16,15 +16,20 @@ below) and vmap for predictions alone, unless the other is clearly (1.5x) faster
 
 A meta-step calls :func:`meta_backward`: adaptation, query loss and backward in one, so
 that the loop strategy can back-propagate each episode as soon as its loss is known and
-hold one episode's graph at a time instead of the whole meta-batch's.
+hold one episode's graph at a time instead of the whole meta-batch's. On a CPU with
+several intra-op threads (``torch.get_num_threads()``) that loop gives whole episodes to
+that many worker threads instead of splitting each small kernel across them (below).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import functools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Literal
 
@@ -185,6 +190,12 @@ def meta_backward(
     over 32 episodes peaks at ~65 MB of tensors instead of ~1.9 GB (benchmarks/memory.py).
     The vmap strategy computes all episodes at once and back-propagates once.
 
+    On a CPU with several intra-op threads, the loop runs episodes on that many worker
+    threads, one graph alive per worker, and adds their gradients in a fixed order; there
+    the meta-gradient reaches the model's parameters and learned step sizes in ``lr``
+    (tensors that need a gradient), which is what the meta-algorithms train. Set
+    ``torch.set_num_threads(1)`` for the plain one-thread loop.
+
     ``options`` are :func:`adapt_and_predict`'s keywords (``steps``, ``lr``, ...);
     every episode must have the same number of query examples (an :class:`Episodes`
     batch does), so the mean over episodes equals the mean over all query examples.
@@ -210,6 +221,9 @@ def meta_backward(
     if strategy != "loop":
         raise ValueError(f"unknown inner-loop strategy {strategy!r}; "
                          "expected 'auto', 'vmap' or 'loop'")
+    workers = _episode_workers(model, episodes, options)
+    if workers > 1:
+        return _parallel_loop_backward(model, episodes, loss_fn, workers, options)
     n = len(episodes)
     total: Tensor | float = 0.0
     for i in range(n):
@@ -219,6 +233,104 @@ def meta_backward(
         loss.backward()  # frees this episode's graph before the next one builds its own
         total = total + loss.detach()  # a tensor: no device sync per episode
     return float(total)
+
+
+# --------------------------------------------------------------------------- parallel loop
+# On a CPU, torch splits each kernel over its intra-op threads; an episode's kernels are
+# small (a 1-shot support set is 5 images), so much of that is synchronisation. The loop
+# instead gives whole episodes to worker threads, one intra-op thread each (autograd's
+# kernels release the GIL). Second-order conv4 MAML on 2 cores: ~1.2x the single-threaded
+# loop's tasks/s (benchmarks/speed.py). Episode i goes to worker i % workers and the
+# workers' gradients are summed in a fixed order, so a result is reproducible.
+
+
+def _episode_workers(model: nn.Module, episodes: Episodes, options: Mapping[str, Any]) -> int:
+    """How many threads the loop spreads episodes over: one per intra-op CPU thread.
+
+    1 (the plain loop) off the CPU, with a single thread, under autocast (thread-local,
+    not inherited by workers), or where a forward pass writes buffers (BatchNorm's running
+    statistics in training), which concurrent episodes would race on.
+    """
+    params = list(model.parameters())
+    if not params or params[0].device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return 1
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats for m in model.modules()):
+        return 1
+    return max(1, min(torch.get_num_threads(), len(episodes)))
+
+
+def _parallel_loop_backward(model: nn.Module, episodes: Episodes, loss_fn: LossFn,
+                            workers: int, options: Mapping[str, Any]) -> float:
+    """The loop on ``workers`` threads; gradients land in ``.grad`` as backward's would."""
+    lr = options.get("lr")
+    rates = (list(lr.values()) if isinstance(lr, Mapping) else
+             [lr] if isinstance(lr, Tensor) else [])
+    leaves = [t for t in [*model.parameters(), *rates] if t.requires_grad]
+    threads = torch.get_num_threads()
+    n = len(episodes)
+
+    def work(replica: nn.Module, first: int) -> tuple[list[Tensor | None], Tensor | float]:
+        torch.set_num_threads(max(1, threads // workers))  # this thread's own setting
+        grads: list[Tensor | None] = [None] * len(leaves)
+        total: Tensor | float = 0.0
+        for i in range(first, n, workers):
+            episode = episodes[i : i + 1]
+            pred = adapt_episodes(replica, episode, loss_fn, strategy="loop", **options)
+            loss = loss_fn(pred, episode.query_y) / n
+            for k, g in enumerate(torch.autograd.grad(loss, leaves, allow_unused=True)):
+                grads[k] = _add(grads[k], g)
+            total = total + loss.detach()
+        return grads, total
+
+    pool = _pool(workers)
+    futures = [pool.submit(work, replica, k)
+               for k, replica in enumerate(_replicas(model, workers))]
+    concurrent.futures.wait(futures)
+    torch.set_num_threads(threads)  # the workers' setting also reached torch's global one
+    results = [f.result() for f in futures]  # re-raises a worker's error
+    for k, leaf in enumerate(leaves):  # in worker order: the same sum every time
+        leaf.grad = functools.reduce(_add, [grads[k] for grads, _ in results], leaf.grad)
+    return float(sum(total for _, total in results))
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b, where None (no gradient) is zero."""
+    return b if a is None else a if b is None else a + b
+
+
+#: The worker threads, made on first use and kept: (threads, pool).
+_POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+#: Per model: (identity of its tensors and modes, replicas that share those tensors).
+_REPLICAS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, list[nn.Module]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL[0] < workers:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=True)
+        _POOL = workers, concurrent.futures.ThreadPoolExecutor(workers, "autometa-episodes")
+    return _POOL[1]
+
+
+def _replicas(model: nn.Module, count: int) -> list[nn.Module]:
+    """``count`` copies of ``model`` that share its parameter and buffer tensors.
+
+    ``functional_call`` swaps tensors into a module's attributes for the length of a call,
+    so two threads cannot evaluate one module at once; each worker gets its own copy. The
+    copies share the model's tensors (``load_state_dict`` reaches them) and are made anew
+    when a tensor is replaced or a module's training mode changes.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    key = (tuple(map(id, tensors)), tuple(m.training for m in model.modules()))
+    cached = _REPLICAS.get(model)
+    if cached is None or cached[0] != key or len(cached[1]) < count:
+        shared = {id(t): t for t in tensors}
+        cached = key, [copy.deepcopy(model, dict(shared)) for _ in range(count)]
+        _REPLICAS[model] = cached
+    return cached[1][:count]
 
 
 #: How much faster the other strategy must be before "auto" leaves the default one (the

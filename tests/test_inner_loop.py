@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -61,10 +62,19 @@ def _grads(model: nn.Module, lr: float | dict) -> list[Tensor]:
     return [p.grad for p in [*model.parameters(), *extra]]
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """torch's intra-op threads for the test: the loop spreads episodes over 2 of them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("kind", ["regression", "classification"])
-def test_meta_backward_matches_the_reference(strategy, first_order, kind):
+def test_meta_backward_matches_the_reference(strategy, first_order, kind, threads):
     model, episodes = _mlp(), _episodes(kind=kind)
     expected = _reference(model, episodes, kind, 0.3, 2, first_order)
     loss = meta_backward(model, episodes, lambda p, t: loss_for(kind, p, t), steps=2, lr=0.3,
@@ -78,7 +88,7 @@ def test_meta_backward_matches_the_reference(strategy, first_order, kind):
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
-def test_meta_backward_reaches_learned_step_sizes(strategy):
+def test_meta_backward_reaches_learned_step_sizes(strategy, threads):
     """Meta-SGD's per-entry rates get their meta-gradient too."""
     model, episodes = _mlp(), _episodes()
     lr = {n: torch.full_like(p, 0.2).requires_grad_() for n, p in model.named_parameters()}
@@ -113,6 +123,97 @@ def test_meta_backward_through_batch_norm_uses_the_loop_and_is_right():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="functorch issue #534"):
         meta_backward(net, episodes, loss, steps=1, lr=0.1, strategy="vmap")
+
+
+def _conv(running_stats: bool = False) -> Backbone:
+    torch.manual_seed(0)
+    return Backbone(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1),
+                                  nn.BatchNorm2d(3, track_running_stats=running_stats),
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()),
+                    nn.Linear(3 * 3 * 3, OUT)).double()
+
+
+def _images(tasks: int = 5) -> Episodes:
+    g = torch.Generator().manual_seed(1)
+    return Episodes(torch.randn(tasks, 4, 1, 6, 6, generator=g, dtype=torch.float64),
+                    torch.randint(0, OUT, (tasks, 4), generator=g),
+                    torch.randn(tasks, 5, 1, 6, 6, generator=g, dtype=torch.float64),
+                    torch.randint(0, OUT, (tasks, 5), generator=g))
+
+
+class _Recording:
+    """A classification loss that notes which threads evaluated it."""
+
+    def __init__(self):
+        self.threads: set[str] = set()
+
+    def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
+        self.threads.add(threading.current_thread().name)
+        return loss_for("classification", pred, target)
+
+
+def _meta_gradient(model: nn.Module, episodes: Episodes, threads: int, **options
+                   ) -> tuple[float, list[Tensor], set[str]]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss_fn = _Recording()
+        model.zero_grad(set_to_none=True)
+        loss = meta_backward(model, episodes, loss_fn, strategy="loop", **options)
+        assert torch.get_num_threads() == threads  # restored after the workers ran
+        return loss, [p.grad.clone() for p in model.parameters()], loss_fn.threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_loop_spreads_episodes_over_threads_with_the_same_meta_gradient():
+    """2 intra-op threads: episodes on 2 workers, same loss and meta-gradient as 1 thread."""
+    model, episodes = _conv(), _images()
+    loss1, grads1, names1 = _meta_gradient(model, episodes, 1, steps=2, lr=0.1)
+    loss2, grads2, names2 = _meta_gradient(model, episodes, 2, steps=2, lr=0.1)
+    assert names1 == {threading.current_thread().name}
+    assert len(names2) == 2 and all(n.startswith("autometa-episodes") for n in names2)
+    assert loss2 == pytest.approx(loss1, rel=1e-12)
+    for a, b in zip(grads1, grads2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    # Run to run, the same sum in the same order: the same bits.
+    _, again, _ = _meta_gradient(model, episodes, 2, steps=2, lr=0.1)
+    for a, b in zip(grads2, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_threaded_loop_sees_weights_loaded_into_the_model():
+    model, episodes = _conv(), _images()
+    _meta_gradient(model, episodes, 2, steps=1, lr=0.1)  # workers' replicas now exist
+    other = _conv()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    model.load_state_dict(other.state_dict())
+    _, got, _ = _meta_gradient(model, episodes, 2, steps=1, lr=0.1)
+    _, want, _ = _meta_gradient(other, episodes, 1, steps=1, lr=0.1)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_the_loop_stays_on_one_thread_where_a_forward_writes_running_statistics():
+    model = _conv(running_stats=True)
+    _, _, names = _meta_gradient(model, _images(), 2, steps=1, lr=0.1, first_order=True)
+    assert names == {threading.current_thread().name}
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_threads_are_restored():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def bad(pred: Tensor, target: Tensor) -> Tensor:
+            raise RuntimeError("loss exploded")
+
+        with pytest.raises(RuntimeError, match="loss exploded"):
+            meta_backward(_conv(), _images(), bad, steps=1, lr=0.1, strategy="loop")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_each_task_stacks_tensors_and_dicts_alike_in_both_strategies():
