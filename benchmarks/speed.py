@@ -535,11 +535,15 @@ def median(xs: Sequence[float]) -> float:
 
 def time_contenders(contenders: dict[str, Contender], batches: Sequence[Episodes],
                     repeats: int, log: Callable[[str], None], warmup: dict[str, float],
-                    refused: dict[str, str]) -> dict[str, list[float]]:
+                    refused: dict[str, str], min_seconds: float = 0.0
+                    ) -> dict[str, list[float]]:
     """Tasks per second of each contender per repetition, repetitions interleaved.
 
-    ``warmup`` receives the seconds of each contender's first meta-step; ``refused`` the
-    error of a contender whose first step raised (it is then left out)."""
+    In a repetition a contender runs ``batches`` once, and again until ``min_seconds`` have
+    passed (a fast contender would otherwise be timed over a few milliseconds, where the
+    machine's noise decides). ``warmup`` receives the seconds of each contender's first
+    meta-step; ``refused`` the error of a contender whose first step raised (it is then
+    left out)."""
     for key in list(contenders):  # warm-up: one-off costs ('auto' probe, compilation)
         start = time.perf_counter()
         try:
@@ -555,10 +559,12 @@ def time_contenders(contenders: dict[str, Contender], batches: Sequence[Episodes
     for rep in range(repeats):
         order = keys[rep % len(keys):] + keys[: rep % len(keys)]  # rotate: spread drift
         for key in order:
-            start = time.perf_counter()
-            for batch in batches:
-                contenders[key].step(batch)
-            rates[key].append(tasks / (time.perf_counter() - start))
+            start, done = time.perf_counter(), 0
+            while done == 0 or time.perf_counter() - start < min_seconds:
+                for batch in batches:
+                    contenders[key].step(batch)
+                done += tasks
+            rates[key].append(done / (time.perf_counter() - start))
         log(f"  repetition {rep + 1}/{repeats}: " +
             ", ".join(f"{k} {rates[k][-1]:.0f}" for k in keys))
     return rates
@@ -579,7 +585,8 @@ def sampling_cost(work: Workload, step_seconds: float, calls: int = 30) -> dict[
 
 
 def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per_rep: int,
-                 repeats: int, check_tasks: int, log: Callable[[str], None]) -> dict[str, Any]:
+                 repeats: int, check_tasks: int, log: Callable[[str], None],
+                 min_seconds: float = 0.0) -> dict[str, Any]:
     from autometa import inner_loop
 
     # As in a fresh process: 'auto' probes this configuration anew (and only this one, so the
@@ -595,7 +602,8 @@ def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per
     warmup: dict[str, float] = {}
     refused: dict[str, str] = {}
     getattr(inner_loop, "_CHOSEN", {}).clear()  # the check probed in float64; probe anew
-    rates = time_contenders(contenders, batches, repeats, log, warmup, refused)
+    rates = time_contenders(contenders, batches, repeats, log, warmup, refused,
+                            min_seconds)
     disagree = {g["contender"] for g in grads if g["agrees"] is False}
     speed = []
     for key in [k for k in keys if k in contenders]:
@@ -754,7 +762,8 @@ def report(result: dict[str, Any]) -> tuple[str, str]:
     settings = result["settings"]
     intro = (f"Second-order MAML meta-steps per second, {settings['repeats']} interleaved "
              f"repetitions of {settings['batches_per_rep']} meta-step(s) per workload "
-             f"({settings['batches_per_rep_by_model']}); Adam meta-lr {META_LR:g}.")
+             f"({settings['batches_per_rep_by_model']}), each run again until "
+             f"{settings.get('min_seconds', 0):g} s had passed; Adam meta-lr {META_LR:g}.")
     parts = [("Environment", describe_environment(env)), ("Setting", intro),
              ("Summary", (sum_h, sum_rows)), ("Throughput", (speed_h, speed_rows)),
              ("Meta-gradient agreement (one batch, same weights, float64, vs reference (loop))",
@@ -782,6 +791,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--contenders", default=",".join(ALL),
                         help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="a contender's repetition runs its meta-steps again until this "
+                             "long (fast contenders)")
     parser.add_argument("--sinusoid-batches", type=int, default=20,
                         help="meta-steps per repetition on sinusoid")
     parser.add_argument("--conv4-batches", type=int, default=1,
@@ -825,7 +837,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              pool_classes=args.pool_classes, side=args.conv4_side)
         for steps in steps_list:
             res = run_workload(work, steps, run_keys, batches_per_rep=per_rep[name],
-                               repeats=args.repeats, check_tasks=args.check_tasks, log=log)
+                               repeats=args.repeats, check_tasks=args.check_tasks, log=log,
+                               min_seconds=args.min_seconds)
             speed += res["speed"]
             grads += res["gradients"]
             refused += res["refused"]

@@ -31,7 +31,7 @@ def test_speed(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     speed = bench("speed")
     speed.main(["--models", "sinusoid,conv4", "--inner-steps", "1", "--repeats", "1",
                 "--sinusoid-batches", "1", "--conv4-channels", "2", "--conv4-meta-batch", "2",
-                "--conv4-side", "8", "--pool-classes", "10",
+                "--conv4-side", "8", "--pool-classes", "10", "--min-seconds", "0",
                 "--contenders", "autometa-auto,autometa-loop,reference-loop,higher",
                 "--prototypes", "proto-fused-adam", "--out", str(tmp_path), "--quiet"])
     result, md = written(tmp_path, "speed")
