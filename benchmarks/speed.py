@@ -20,8 +20,10 @@ Method: every contender first computes the meta-gradient of one batch from the s
 weights, in float64, on the first ``--check-tasks`` episodes of a batch, compared with the
 looped reference's (a contender that disagrees voids its timing). Then repetitions are
 interleaved: in each one every contender (in a rotated order) runs the same batches, and
-the median tasks/s over repetitions is reported, with ratios. Timings on a shared machine
-are noisy; ratios within one run are what to compare.
+the median tasks/s over repetitions is reported. Ratios are paired: the median over
+repetitions of the two contenders' rates in the same repetition, so that a slow spell
+of the machine hits both; "fastest peer" is the peer autometa compares worst with.
+Timings on a shared machine are noisy; ratios within one run are what to compare.
 
 ``--prototypes`` adds proposed patches to autometa (``proto-*``, below), built on its real
 toolkit and timed beside the unpatched plugin.
@@ -622,6 +624,11 @@ def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per
                         for k, e in refused.items()]}
 
 
+def paired(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over repetitions of a's tasks/s over b's in the same repetition."""
+    return median([x / y for x, y in zip(a["runs"], b["runs"], strict=True)])
+
+
 def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target: float,
               ) -> list[dict[str, Any]]:
     """Per workload and step count: autometa (auto) against the fastest peer and reference."""
@@ -635,11 +642,14 @@ def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target
         # A contender whose meta-gradient disagrees is no yardstick.
         peers = [r for k, r in rows.items() if k in PEERS and not r["void"]]
         refs = [r for k, r in rows.items() if k.startswith("reference") and not r["void"]]
-        best_peer = max(peers, key=lambda r: r["tasks_per_s"], default=None)
-        best_ref = max(refs, key=lambda r: r["tasks_per_s"], default=None)
+        # Ratios are paired: the median over repetitions of autometa's rate over the other's
+        # in the same repetition (interleaved, so a slow spell of the machine hits both).
+        # The yardstick is the contender autometa compares worst with.
+        best_peer = min(peers, key=lambda r: paired(auto, r), default=None)
+        best_ref = min(refs, key=lambda r: paired(auto, r), default=None)
         chosen = auto["strategy"].rsplit("→", 1)[-1]
         same_ref = rows.get(f"reference-{chosen}")
-        peer_ratio = auto["tasks_per_s"] / best_peer["tasks_per_s"] if best_peer else None
+        peer_ratio = paired(auto, best_peer) if best_peer else None
         need = fast_target if model == "sinusoid" else 1.0
         row = {
             "model": model, "inner_steps": steps, "autometa_strategy": auto["strategy"],
@@ -653,9 +663,9 @@ def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target
             "peer_target_met": None if peer_ratio is None else peer_ratio >= need,
             "fastest_reference": best_ref["contender"] if best_ref else None,
             "overhead_vs_fastest_reference_pct":
-                100 * (best_ref["tasks_per_s"] / auto["tasks_per_s"] - 1) if best_ref else None,
+                100 * (1 / paired(auto, best_ref) - 1) if best_ref else None,
             "overhead_vs_same_strategy_reference_pct":
-                100 * (same_ref["tasks_per_s"] / auto["tasks_per_s"] - 1) if same_ref else None,
+                100 * (1 / paired(auto, same_ref) - 1) if same_ref else None,
         }
         overhead = row["overhead_vs_fastest_reference_pct"]
         row["overhead_target_met"] = None if overhead is None else overhead <= 5.0
@@ -718,8 +728,7 @@ def report(result: dict[str, Any]) -> tuple[str, str]:
         speed_rows.append([r["model"], r["inner_steps"], r["contender"], r["strategy"],
                            _fmt(r["tasks_per_s"], ".1f") + (" (void)" if r["void"] else ""),
                            f"{_fmt(r['min'], '.1f')}–{_fmt(r['max'], '.1f')}",
-                           _fmt(auto and auto["tasks_per_s"] / r["tasks_per_s"], ".2f",
-                                unit="x"),
+                           _fmt(auto and paired(auto, r), ".2f", unit="x"),
                            f"{r['first_step_s']:.2f}"])
     for key, why in result["unavailable"].items():
         speed_rows.append(["all", "–", key, "–", "not available", why, "–", "–"])
