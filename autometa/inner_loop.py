@@ -187,7 +187,8 @@ def meta_backward(
     accumulated into ``.grad`` of the model's parameters (and of learned step sizes in
     ``lr``). With the loop strategy each episode is back-propagated as soon as its loss is
     known, so only one episode's graph is alive at a time: a second-order conv4 meta-step
-    over 32 episodes peaks at ~65 MB of tensors instead of ~1.9 GB (benchmarks/memory.py).
+    over 32 episodes peaks at ~65 MB of tensors per worker thread (below) instead of ~1.9 GB
+    (benchmarks/memory.py).
     The vmap strategy computes all episodes at once and back-propagates once.
 
     On a CPU with several intra-op threads, the loop runs episodes on that many worker
@@ -221,7 +222,7 @@ def meta_backward(
     if strategy != "loop":
         raise ValueError(f"unknown inner-loop strategy {strategy!r}; "
                          "expected 'auto', 'vmap' or 'loop'")
-    workers = _episode_workers(model, episodes, options)
+    workers = _episode_workers(model, episodes)
     if workers > 1:
         return _parallel_loop_backward(model, episodes, loss_fn, workers, options)
     n = len(episodes)
@@ -239,12 +240,13 @@ def meta_backward(
 # On a CPU, torch splits each kernel over its intra-op threads; an episode's kernels are
 # small (a 1-shot support set is 5 images), so much of that is synchronisation. The loop
 # instead gives whole episodes to worker threads, one intra-op thread each (autograd's
-# kernels release the GIL). Second-order conv4 MAML on 2 cores: ~1.2x the single-threaded
-# loop's tasks/s (benchmarks/speed.py). Episode i goes to worker i % workers and the
-# workers' gradients are summed in a fixed order, so a result is reproducible.
+# kernels release the GIL). Second-order conv4 MAML on 2 cores: ~1.2x the tasks/s of the
+# loop that splits kernels over both threads (benchmarks/README.md, finding 7). Episode i
+# goes to worker i % workers and the workers' gradients are summed in a fixed order, so a
+# result is reproducible.
 
 
-def _episode_workers(model: nn.Module, episodes: Episodes, options: Mapping[str, Any]) -> int:
+def _episode_workers(model: nn.Module, episodes: Episodes) -> int:
     """How many threads the loop spreads episodes over: one per intra-op CPU thread.
 
     1 (the plain loop) off the CPU, with a single thread, under autocast (thread-local,
