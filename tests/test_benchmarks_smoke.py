@@ -68,6 +68,31 @@ def test_memory(bench, tmp_path: Path) -> None:
     assert "| model | inner steps | order | autometa-loop | auto chose |" in md
 
 
+def test_memory_measure_sees_tensors_of_other_threads(bench) -> None:
+    """The tensor peak counts what a worker thread allocates and frees inside the step."""
+    import threading
+    import time
+
+    import torch
+
+    memory = bench("memory")
+
+    def step() -> None:
+        def work() -> None:
+            x = torch.ones(16 * 2**20)  # 64 MiB, alive for ~50 ms
+            time.sleep(0.05)
+            del x
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+
+    peak = memory.tensor_peak_mb(step)
+    if peak is None:
+        pytest.skip("not glibc: no mallinfo2")
+    assert 63 <= peak < 80
+
+
 def test_sinusoid_accuracy(bench, tmp_path: Path) -> None:
     accuracy = bench("sinusoid_accuracy")
     accuracy.main(["--steps", "2", "--algorithms", "maml,metasgd", "--test-episodes", "5",
