@@ -28,6 +28,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping
@@ -306,6 +307,15 @@ _POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 #: Per model: (identity of its tensors and modes, replicas that share those tensors).
 _REPLICAS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, list[nn.Module]]] = (
     weakref.WeakKeyDictionary())
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+# A forked child has none of the parent's threads: it makes its own pool.
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:

@@ -311,3 +311,19 @@ def test_autograd_inner_steps_equal_torch_func_grad(grad_enabled, first_order):
                     assert (ga is None) == (gb is None)
                     if ga is not None:
                         torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_the_threaded_loop_works_in_a_forked_child():
+    """A child forked after the workers exist has none of their threads; it makes its own."""
+    import multiprocessing
+
+    model, episodes = _conv(), _images()
+    _, want, _ = _meta_gradient(model, episodes, 2, steps=1, lr=0.1)  # the pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        loss, got, names = pool.apply_async(
+            _meta_gradient, (model, episodes, 2), {"steps": 1, "lr": 0.1}).get(timeout=60)
+    assert len(names) == 2
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
