@@ -429,8 +429,9 @@ def _probe(what: str, run: Callable[[Strategy, int], Tensor], params: Params) ->
     # Only a clear win switches away from the default: the two strategies agree only up to
     # float rounding, so a coin-flip choice on a noisy machine would make runs
     # irreproducible. The default is the loop where a meta-gradient is taken: meta_backward
-    # then holds one episode's graph, vmap the whole batch's (first-order conv4, 32
-    # episodes: 58 MB against 2.9 GB at about the same speed, benchmarks/memory.py).
+    # then holds one episode's graph per worker thread, vmap the whole batch's (first-order
+    # conv4, 32 episodes: 58 MB a thread against 2.9 GB, benchmarks/memory.py). The probe
+    # times the loop on the calling thread; meta_backward's threaded loop is faster still.
     chosen: Strategy
     if wrt:
         chosen = "vmap" if CLEAR_WIN * seconds["vmap"] < seconds["loop"] else "loop"
