@@ -691,8 +691,8 @@ def summarise_prototypes(speed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "prototype": r["contender"], "tasks_per_s": r["tasks_per_s"],
                     "first_step_s": r["first_step_s"], "baseline": base["contender"],
                     "baseline_tasks_per_s": base["tasks_per_s"],
-                    "gain_pct": 100 * (r["tasks_per_s"] / base["tasks_per_s"] - 1),
-                    "over_autometa_auto": r["tasks_per_s"] / auto["tasks_per_s"] if auto else None,
+                    "gain_pct": 100 * (paired(r, base) - 1),
+                    "over_autometa_auto": paired(r, auto) if auto else None,
                     "gradient_agrees": not r["void"]})
     return out
 
