@@ -31,7 +31,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -226,15 +226,21 @@ def meta_backward(
     workers = _episode_workers(model, episodes)
     if workers > 1:
         return _parallel_loop_backward(model, episodes, loss_fn, workers, options)
-    n = len(episodes)
     total: Tensor | float = 0.0
-    for i in range(n):
-        episode = episodes[i : i + 1]
-        pred = adapt_episodes(model, episode, loss_fn, strategy="loop", **options)
-        loss = loss_fn(pred, episode.query_y) / n
+    for loss in _episode_losses(model, episodes, loss_fn, options, range(len(episodes))):
         loss.backward()  # frees this episode's graph before the next one builds its own
         total = total + loss.detach()  # a tensor: no device sync per episode
     return float(total)
+
+
+def _episode_losses(model: nn.Module, episodes: Episodes, loss_fn: LossFn,
+                    options: Mapping[str, Any], indices: range) -> Iterator[Tensor]:
+    """Each indexed episode's query loss after adaptation, over the batch's size (so that
+    the losses of all episodes add up to the batch's mean), one episode at a time."""
+    for i in indices:
+        episode = episodes[i : i + 1]
+        pred = adapt_episodes(model, episode, loss_fn, strategy="loop", **options)
+        yield loss_fn(pred, episode.query_y) / len(episodes)
 
 
 # --------------------------------------------------------------------------- parallel loop
@@ -271,16 +277,13 @@ def _parallel_loop_backward(model: nn.Module, episodes: Episodes, loss_fn: LossF
              [lr] if isinstance(lr, Tensor) else [])
     leaves = [t for t in [*model.parameters(), *rates] if t.requires_grad]
     threads = torch.get_num_threads()
-    n = len(episodes)
 
     def work(replica: nn.Module, first: int) -> tuple[list[Tensor | None], Tensor | float]:
         torch.set_num_threads(max(1, threads // workers))  # this thread's own setting
         grads: list[Tensor | None] = [None] * len(leaves)
         total: Tensor | float = 0.0
-        for i in range(first, n, workers):
-            episode = episodes[i : i + 1]
-            pred = adapt_episodes(replica, episode, loss_fn, strategy="loop", **options)
-            loss = loss_fn(pred, episode.query_y) / n
+        mine = range(first, len(episodes), workers)
+        for loss in _episode_losses(replica, episodes, loss_fn, options, mine):
             for k, g in enumerate(torch.autograd.grad(loss, leaves, allow_unused=True)):
                 grads[k] = _add(grads[k], g)
             total = total + loss.detach()
