@@ -260,11 +260,10 @@ def _episode_workers(model: nn.Module, episodes: Episodes) -> int:
     not inherited by workers), or where a forward pass writes buffers (BatchNorm's running
     statistics in training), which concurrent episodes would race on.
     """
-    params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return 1
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-           and m.track_running_stats for m in model.modules()):
+    if _batch_norm_in_training(model, running_stats=True):
         return 1
     return max(1, min(torch.get_num_threads(), len(episodes)))
 
@@ -401,9 +400,11 @@ def _choose(model: nn.Module, params: Params, shapes: tuple[Any, ...], first_ord
     return _CHOSEN[key]
 
 
-def _batch_norm_in_training(model: nn.Module) -> bool:
+def _batch_norm_in_training(model: nn.Module, *, running_stats: bool = False) -> bool:
+    """Whether a BatchNorm layer is in training mode (and, with ``running_stats``, updates
+    its running statistics there, i.e. a forward pass writes buffers)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-               for m in model.modules())
+               and (m.track_running_stats or not running_stats) for m in model.modules())
 
 
 #: Tasks of the batch that the "auto" probe times (the whole batch would cost seconds).
