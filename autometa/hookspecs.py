@@ -5,7 +5,9 @@ whose names match the specifications below. Registration hooks receive a ``regis
 callback and should import nothing heavy: register a ``"module:attr"`` string (or a
 cheap callable) that is only imported when a run needs it.
 
-Hooks evolve by adding arguments, never by removing them.
+A hook function whose name matches no specification makes its plugin broken, with the
+closest specification named (``register_task`` -> ``register_tasks``). Hooks evolve by
+adding arguments, never by removing them.
 """
 
 from __future__ import annotations

@@ -2,29 +2,44 @@
 
 Every plugin, first- or third-party, arrives the same way: an entry point in the
 ``autometa`` group names a module holding hook implementations (see
-:mod:`autometa.hookspecs`). Each one is loaded in isolation: a plugin whose import,
-hook signature or registration hook fails is recorded as broken (with its error) and
-skipped, unless strict mode re-raises.
+:mod:`autometa.hookspecs`). Each one is loaded in isolation: a plugin whose import, hook
+names, hook signatures or registration hooks fail (any exception, ``sys.exit()``
+included; only Ctrl-C gets through) is recorded as broken, with its error on one line,
+and skipped, unless strict mode re-raises. A hook name that matches no specification is
+reported with the closest one (``register_task`` -> ``register_tasks``).
+
+Two installed distributions with an entry point of the same name (say ``mlp``) are both
+listed as conflicting and neither is used: what they register fails with a message naming
+both distributions until one is disabled; every other plugin keeps working.
+
+A registered factory is only imported when used: :meth:`Registration.load` and
+:meth:`PluginHost.check` turn whatever goes wrong there into :class:`PluginError`, and
+:meth:`Registration.guard` does the same around any other call of plugin code.
 
 Environment:
     AUTOMETA_STRICT_PLUGINS=1   re-raise the first plugin error instead of skipping.
-    AUTOMETA_DISABLE_PLUGINS=a,b  block plugins by name (the entry-point name).
+    AUTOMETA_DISABLE_PLUGINS=a,b  block plugins by entry-point name (every distribution's);
+        ``dist:name`` blocks only distribution ``dist``'s entry point ``name``, e.g.
+        ``AUTOMETA_DISABLE_PLUGINS=fakedist:mlp`` keeps autometa's own ``mlp``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal
 
 import pluggy
 
 from autometa import hookspecs
-from autometa.errors import PluginError, unknown
+from autometa.errors import AutometaError, PluginError, closest, unknown
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +53,21 @@ KINDS: Mapping[Kind, tuple[str, str]] = {
     "source": ("register_source_models", "source model"),
     "algorithm": ("register_meta_algorithms", "meta-algorithm"),
 }
+
+#: Longest error text kept for a listing cell; a plugin's message can be pages long.
+MAX_ERROR = 500
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` on one line (at most :data:`MAX_ERROR` characters)."""
+    if isinstance(exc, SystemExit):
+        text = f"SystemExit: the plugin called sys.exit({exc.code!r})"
+    elif isinstance(exc, AutometaError):
+        text = str(exc)  # already written for users
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -59,39 +89,98 @@ class Registration:
             return f"{self.plugin!r} ({self.distribution} {self.version})"
         return repr(self.plugin)
 
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Run plugin code; any failure but Ctrl-C becomes a one-line :class:`PluginError`.
+
+        ``with reg.guard("raised in incompatibility()"): reason = cls.incompatibility(task)``
+        raises ``PluginError("meta-algorithm 'x' from plugin 'p' raised in
+        incompatibility(): ValueError: ...")``; autometa's own errors (a ``PluginError``, or
+        a ``ConfigError``/``DataError`` written for users) pass through unchanged.
+        """
+        try:
+            yield
+        except (KeyboardInterrupt, AutometaError):
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin never ends the host
+            raise PluginError(
+                f"{KINDS[self.kind][1]} {self.name!r} from plugin {self.origin} {what}: "
+                f"{describe_error(exc)}"
+            ) from exc
+
     def load(self) -> Any:
-        """Return the factory, importing it if it was registered as ``"module:attr"``."""
+        """Return the factory, importing it if it was registered as ``"module:attr"``.
+
+        Raises:
+            PluginError: the import or attribute look-up failed in any way (``sys.exit()``
+                at import included), naming the registration, its plugin and the path.
+        """
         if not isinstance(self.factory, str):
             return self.factory
         module_name, _, attr = self.factory.partition(":")
-        try:
+        with self.guard(f"cannot be loaded from {self.factory!r}"):
             obj: Any = importlib.import_module(module_name)
             for part in attr.split(".") if attr else []:
                 obj = getattr(obj, part)
-        except Exception as exc:
-            raise PluginError(
-                f"{KINDS[self.kind][1]} {self.name!r} from plugin {self.origin} cannot be "
-                f"loaded from {self.factory!r}: {type(exc).__name__}: {exc}"
-            ) from exc
         return obj
+
+    def declared(self, task: Any = None) -> Mapping[str, Any]:
+        """What the entry declares: a task's ``params``, else its ``search_space()``.
+
+        Args:
+            task: the search's task; passed to a ``search_space(task=...)`` that accepts it.
+
+        Raises:
+            PluginError: loading failed, the call failed, or it returned no mapping.
+        """
+        obj = self.load()
+        call = "params" if self.kind == "task" else "search_space()"
+        with self.guard(f"raised in {call}"):
+            if self.kind == "task":
+                space = obj.params
+            else:
+                takes_task = task is not None and (
+                    "task" in inspect.signature(obj.search_space).parameters)
+                space = obj.search_space(task=task) if takes_task else obj.search_space()
+        if not isinstance(space, Mapping):
+            raise PluginError(
+                f"{KINDS[self.kind][1]} {self.name!r} from plugin {self.origin}: {call} is a "
+                f"{type(space).__name__}; expected a dict of parameter name -> Float, Int, "
+                "Categorical or fixed value"
+            )
+        return space
 
 
 @dataclass
 class PluginInfo:
-    """A plugin as ``autometa plugins`` shows it."""
+    """A plugin as ``autometa plugins`` shows it.
+
+    ``status`` is ``conflict`` when another distribution has an entry point of the same
+    name: neither is used until one is disabled (``error`` says how).
+    """
 
     name: str
     distribution: str | None = None
     version: str | None = None
-    status: Literal["ok", "broken", "disabled"] = "ok"
+    status: Literal["ok", "broken", "disabled", "conflict"] = "ok"
     error: str | None = None
     provides: list[Registration] = field(default_factory=list)
+
+
+class _Broken(Exception):
+    """A plugin failed at one stage of loading (internal)."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {describe_error(cause)}")
+        self.cause = cause
 
 
 class PluginHost:
     """Holds the plugin manager, the plugins seen and what they registered.
 
     Build one with :func:`create_host`; tests build their own, there is no global.
+    ``plugins`` is keyed by entry-point name, or ``"distribution:name"`` where several
+    distributions have an entry point of that name.
     """
 
     def __init__(self, *, strict: bool = False, disabled: Iterable[str] = ()) -> None:
@@ -101,25 +190,47 @@ class PluginHost:
         self.plugins: dict[str, PluginInfo] = {}
         self._registry: dict[Kind, dict[str, Registration]] = {k: {} for k in KINDS}
         self._clashes: dict[tuple[Kind, str], list[Registration]] = {}
-        for name in disabled:
-            self.pm.set_blocked(name)
-            self.plugins[name] = PluginInfo(name, status="disabled")
+        # (kind, name) registered by a conflicting entry point -> the conflict's message
+        self._conflicts: dict[tuple[Kind, str], str] = {}
+        self._conflict_messages: list[str] = []
+        self._disabled_in: set[tuple[str, str]] = set()  # (normalised distribution, name)
+        for entry in disabled:
+            dist, sep, name = entry.partition(":")
+            if sep:
+                self._disabled_in.add((_normalise(dist), name))
+                continue
+            self.pm.set_blocked(entry)
+            self.plugins[entry] = PluginInfo(entry, status="disabled")
 
     # -- loading -------------------------------------------------------------------------
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Load every installed plugin of ``group``, each in isolation."""
-        for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-            if self.pm.is_blocked(ep.name):
-                info = self.plugins[ep.name]
-                info.distribution, info.version = _dist(ep)
-                continue
-            dist, version = _dist(ep)
-            try:
-                module = ep.load()
-            except Exception as exc:
-                self._broken(PluginInfo(ep.name, dist, version), exc, "import failed")
-                continue
-            self.add_plugin(module, ep.name, distribution=dist, version=version)
+        by_name: dict[str, list[EntryPoint]] = {}
+        for ep in entry_points(group=group):
+            by_name.setdefault(ep.name, []).append(ep)
+        for name in sorted(by_name):
+            eps = sorted(by_name[name], key=lambda e: _dist(e)[0] or "")
+            shared = len(eps) > 1
+            if shared and name in self.plugins:  # a plain name blocks every distribution's
+                del self.plugins[name]
+            active: list[tuple[EntryPoint, str | None, str | None]] = []
+            for ep in eps:
+                dist, version = _dist(ep)
+                if self.pm.is_blocked(name) or (_normalise(dist or ""), name) in self._disabled_in:
+                    key = f"{dist}:{name}" if shared else name
+                    self.plugins[key] = PluginInfo(name, dist, version, status="disabled")
+                else:
+                    active.append((ep, dist, version))
+            if len(active) == 1:
+                ep, dist, version = active[0]
+                try:
+                    module = _import(ep)
+                except _Broken as exc:
+                    self._broken(PluginInfo(name, dist, version), exc, name)
+                    continue
+                self.add_plugin(module, name, distribution=dist, version=version)
+            elif active:
+                self._conflict(name, active)
 
     def add_plugin(
         self,
@@ -132,6 +243,9 @@ class PluginHost:
         """Register one plugin object and collect its registrations.
 
         On failure the plugin is unregistered and listed as broken (strict mode re-raises).
+
+        Raises:
+            PluginError: a plugin of this name is already loaded (choose another name).
         """
         info = PluginInfo(name, distribution, version)
         if self.pm.is_blocked(name):
@@ -140,31 +254,85 @@ class PluginHost:
             other = self.plugins[name]
             raise PluginError(
                 f"two plugins are named {name!r}: {other.distribution or 'in-process'} and "
-                f"{distribution or 'in-process'}; rename one entry point"
+                f"{distribution or 'in-process'}; rename one"
             )
         try:
-            self.pm.register(plugin, name=name)
-            self.pm.check_pending()  # a misspelled hook name fails here
-        except Exception as exc:
-            if self.pm.get_plugin(name) is not None:
-                self.pm.unregister(name=name)
-            self._broken(info, exc, "invalid hooks")
-            return info
-        collected: list[Registration] = []
-        try:
-            for kind, (hook_name, _) in KINDS.items():
-                for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                    if impl.plugin_name == name:
-                        impl.function(register=self._registrar(kind, info, collected))
-        except Exception as exc:
-            self.pm.unregister(name=name)
-            self._broken(info, exc, "registration hook failed")
+            collected = self._collect(plugin, name, info)
+        except _Broken as exc:
+            self._broken(info, exc, name)
             return info
         for reg in collected:
             self._add(reg)
         info.provides = collected
         self.plugins[name] = info
         return info
+
+    def _collect(self, plugin: object, key: str, info: PluginInfo) -> list[Registration]:
+        """Register ``plugin`` as ``key``, check its hooks and run its registration hooks.
+
+        Raises:
+            _Broken: at the failing stage; the plugin is unregistered again.
+        """
+        try:
+            self.pm.register(plugin, name=key)
+            self._check_hook_names(key)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin never ends the host
+            self._forget(key)
+            raise _Broken("invalid hooks", exc) from exc
+        collected: list[Registration] = []
+        try:
+            for kind, (hook_name, _) in KINDS.items():
+                for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                    if impl.plugin_name == key:
+                        impl.function(register=self._registrar(kind, info, collected))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            self._forget(key)
+            raise _Broken("registration hook failed", exc) from exc
+        return collected
+
+    def _check_hook_names(self, key: str) -> None:
+        """pluggy's ``check_pending`` for one plugin, with the closest hook name."""
+        specs = [n for n, caller in vars(self.pm.hook).items()
+                 if not n.startswith("_") and caller.has_spec()]
+        for name, caller in vars(self.pm.hook).items():
+            if name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name == key and not impl.optionalhook:
+                    raise PluginError(f"unknown hook {name!r}{closest(name, specs)}; "
+                                      f"hooks are {', '.join(sorted(specs))}")
+
+    def _forget(self, key: str) -> None:
+        if self.pm.get_plugin(key) is not None:
+            self.pm.unregister(name=key)
+
+    def _conflict(self, name: str, eps: list[tuple[EntryPoint, str | None, str | None]]) -> None:
+        """Several distributions have entry point ``name``: list each, use none of them."""
+        who = ", ".join(f"{dist} {version}" for _, dist, version in eps)
+        first, last = eps[0][1], eps[-1][1]
+        message = (
+            f"plugin {name!r} is installed by {len(eps)} distributions ({who}); none of them "
+            f"is used: keep one with AUTOMETA_DISABLE_PLUGINS={last}:{name} (or {first}:{name})"
+        )
+        log.error(message)
+        self._conflict_messages.append(message)
+        for ep, dist, version in eps:
+            key = f"{dist}:{name}"
+            info = PluginInfo(name, dist, version, status="conflict", error=message)
+            try:  # import it to show what it would provide; its hooks stay unregistered
+                info.provides = self._collect(_import(ep), key, info)
+                self._forget(key)
+            except _Broken as exc:
+                info.error = f"{message}; it is also broken: {exc}"
+            self.plugins[key] = info
+            for reg in info.provides:
+                self._conflicts[(reg.kind, reg.name)] = message
+        if self.strict:
+            raise PluginError(message)
 
     def _registrar(self, kind: Kind, info: PluginInfo, out: list[Registration]) -> Any:
         def register(name: str, factory: Any, *, description: str = "") -> None:
@@ -203,49 +371,84 @@ class PluginHost:
         who = " and ".join(r.origin for r in regs)
         return (
             f"{KINDS[kind][1]} {name!r} is registered by {who}; uninstall or disable one "
-            "(AUTOMETA_DISABLE_PLUGINS=name)"
+            f"(AUTOMETA_DISABLE_PLUGINS={regs[-1].plugin})"
         )
 
-    def _broken(self, info: PluginInfo, exc: BaseException, what: str) -> None:
+    def _broken(self, info: PluginInfo, exc: _Broken, key: str) -> None:
         info.status = "broken"
-        info.error = f"{what}: {type(exc).__name__}: {exc}"
-        self.plugins[info.name] = info
+        info.error = str(exc)
+        self.plugins[key] = info
         log.warning("plugin %r is broken and skipped (%s)", info.name, info.error)
         if self.strict:
-            raise PluginError(f"plugin {info.name!r} is broken: {info.error}") from exc
+            raise PluginError(f"plugin {info.name!r} is broken: {info.error}") from exc.cause
 
     # -- queries -------------------------------------------------------------------------
     def names(self, kind: Kind) -> list[str]:
-        """Sorted names available for ``kind`` (clashing names excluded)."""
-        return sorted(self._registry[kind])
+        """Sorted names available for ``kind`` (clashing and conflicting names excluded)."""
+        return sorted(n for n in self._registry[kind] if (kind, n) not in self._conflicts)
 
     def get(self, kind: Kind, name: str) -> Registration:
-        """The registration of ``name``; a clear :class:`PluginError` if unknown or clashing."""
+        """The registration of ``name``.
+
+        Raises:
+            PluginError: unknown (listing the known names), registered by two plugins, or
+                from an entry point that two distributions share (naming both).
+        """
+        if (kind, name) in self._conflicts:
+            raise PluginError(f"{KINDS[kind][1]} {name!r} is unavailable: "
+                              f"{self._conflicts[(kind, name)]}")
         if (kind, name) in self._clashes:
             raise PluginError(self._clash_message(kind, name))
         try:
             return self._registry[kind][name]
         except KeyError:
-            raise PluginError(unknown(KINDS[kind][1], name, self._registry[kind])) from None
+            raise PluginError(unknown(KINDS[kind][1], name, self.names(kind))) from None
+
+    def check(self, reg: Registration, task: Any = None) -> str | None:
+        """Why ``reg`` is unusable, on one line, or None: loads it and asks for its space.
+
+        Imports the factory and calls its ``search_space()`` (``search_space(task=task)``
+        when it accepts the task; a task's ``params``), catching every failure but Ctrl-C.
+        Whether the entry suits a given task is ``incompatibility()``'s answer, not this.
+        """
+        try:
+            reg.declared(task)
+        except PluginError as exc:
+            return str(exc)
+        return None
 
     def registrations(self) -> list[Registration]:
         """Every usable registration, by kind then name."""
         return [self._registry[k][n] for k in KINDS for n in self.names(k)]
 
     def clashes(self) -> list[str]:
-        """One message per name registered by more than one plugin."""
-        return [self._clash_message(k, n) for k, n in self._clashes]
+        """One message per name that several plugins or distributions claim."""
+        return [self._clash_message(k, n) for k, n in self._clashes] + self._conflict_messages
 
     # -- lifecycle -----------------------------------------------------------------------
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook on every plugin; one that raises is logged, not fatal."""
+        """Call a lifecycle hook on every plugin; one that fails is logged, not fatal."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             try:
                 impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too: a reporter never ends a search
                 if self.strict:
-                    raise
-                log.exception("plugin %r failed in hook %s", impl.plugin_name, hook_name)
+                    raise PluginError(f"plugin {impl.plugin_name!r} failed in hook "
+                                      f"{hook_name}: {describe_error(exc)}") from exc
+                log.warning("plugin %r failed in hook %s", impl.plugin_name, hook_name,
+                            exc_info=exc)
+
+
+def _import(ep: EntryPoint) -> Any:
+    """``ep.load()``; any failure but Ctrl-C is raised as :class:`_Broken`."""
+    try:
+        return ep.load()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a plugin never ends the host
+        raise _Broken("import failed", exc) from exc
 
 
 def _dist(ep: Any) -> tuple[str | None, str | None]:
@@ -253,6 +456,11 @@ def _dist(ep: Any) -> tuple[str | None, str | None]:
     if dist is None:
         return None, None
     return dist.metadata["Name"], dist.version
+
+
+def _normalise(distribution: str) -> str:
+    """PEP 503 form of a distribution name: ``Fake_Dist`` and ``fake-dist`` are one."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def _env_flag(name: str) -> bool:
@@ -271,7 +479,8 @@ def create_host(
     Args:
         entry_points: load the plugins installed under the ``autometa`` entry-point group.
         strict: re-raise plugin errors; defaults to ``AUTOMETA_STRICT_PLUGINS``.
-        disabled: plugin names to block; defaults to ``AUTOMETA_DISABLE_PLUGINS``.
+        disabled: plugin names to block, ``name`` or ``distribution:name``; defaults to
+            ``AUTOMETA_DISABLE_PLUGINS``.
         plugins: extra in-process plugins, ``{name: module_or_object}`` (tests, notebooks).
     """
     if strict is None:

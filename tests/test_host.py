@@ -52,15 +52,20 @@ def test_a_failing_registration_hook_is_isolated_and_keeps_nothing() -> None:
                              plugins={"bad": plugin(register_tasks=register_tasks)})
 
 
-def test_a_misspelled_hook_is_caught() -> None:
-    """check_pending() flags a hook that matches no specification, naming it."""
+def test_a_misspelled_hook_is_caught_with_the_closest_name() -> None:
+    """A hook that matches no specification breaks its plugin only, with a suggestion."""
     def register_task(register):
         register("x", "m:a")
 
-    host = autometa.create_host(entry_points=False,
-                                plugins={"typo": plugin(register_task=register_task)})
+    host = autometa.create_host(entry_points=False, plugins={
+        "typo": plugin(register_task=register_task), "good": tasks("fine")})
     assert host.plugins["typo"].status == "broken"
-    assert "register_task" in (host.plugins["typo"].error or "")
+    assert (host.plugins["typo"].error or "").startswith(
+        "invalid hooks: unknown hook 'register_task' (did you mean 'register_tasks'?)")
+    assert host.names("task") == ["fine"] and host.plugins["good"].status == "ok"
+    with pytest.raises(PluginError, match="did you mean 'register_tasks'"):
+        autometa.create_host(entry_points=False, strict=True,
+                             plugins={"typo": plugin(register_task=register_task)})
 
 
 def test_a_hook_with_a_wrong_signature_is_caught() -> None:
@@ -72,6 +77,7 @@ def test_a_hook_with_a_wrong_signature_is_caught() -> None:
                                 plugins={"sig": plugin(register_tasks=register_tasks)})
     assert host.plugins["sig"].status == "broken"
     assert "registrar" in (host.plugins["sig"].error or "")
+    assert "\n" not in (host.plugins["sig"].error or "")  # pluggy's message is multi-line
 
 
 def test_a_name_clash_names_both_plugins() -> None:
