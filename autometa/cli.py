@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from autometa import __version__
-from autometa.config import DEFAULT_STORAGE, SearchConfig, tomllib
-from autometa.errors import AutometaError, ConfigError
+from autometa.config import DEFAULT_STORAGE, SearchConfig, check_writable_dir, tomllib
+from autometa.errors import AutometaError, ConfigError, one_line, redact
+from autometa.params import CliText
 
 if TYPE_CHECKING:
     from autometa.leaderboard import Leaderboard
@@ -30,7 +32,7 @@ RUN_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autometa",
         description="AutoML meta-optimizer: searches meta-learning algorithms, source models "
                     "and their hyperparameters with Optuna, and ranks them on a leaderboard.",
@@ -84,27 +86,96 @@ def _report_flags(parser: argparse.ArgumentParser) -> None:
                         help="directory for the CSV and Markdown leaderboard")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the README's promise for bad input)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"autometa: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+class _LogGate(logging.Handler):
+    """Holds log records (and Python warnings) until the command's inputs are known good.
+
+    A bad input then prints exactly one line; once the search starts, records flow to
+    stderr as they come, and held ones first.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.open = False
+        self.out = logging.StreamHandler(sys.stderr)
+        self.out.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.out.addFilter(_redact_record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.open:
+            self.out.handle(record)
+        else:
+            self.held.append(record)
+
+    def release(self) -> None:
+        self.open = True
+        for record in self.held:
+            self.out.handle(record)
+        self.held.clear()
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Credentials never reach a log line: URL passwords become ``***``."""
+    record.msg, record.args = redact(record.getMessage()), None
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    gate = _LogGate()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(gate)
+    root.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    if args.debug:
+        gate.release()
     commands = {"run": cmd_run, "plugins": cmd_plugins, "leaderboard": cmd_leaderboard}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            logging.captureWarnings(True)  # torch/library warnings go through the gate too
+            try:
+                code = commands[args.command](args, gate.release)
+            finally:
+                logging.captureWarnings(False)
+        gate.release()
+        return code
     except AutometaError as exc:
         if args.debug:
             raise
-        print(f"autometa: error: {exc}", file=sys.stderr)
+        print(f"autometa: error: {redact(one_line(str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autometa: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"autometa: error: internal error: {type(exc).__name__}: "
+              f"{redact(one_line(str(exc)))[:300]} (re-run with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
+    finally:
+        root.removeHandler(gate)
+        root.setLevel(level)
 
 
 # -- run ---------------------------------------------------------------------------------
-def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    """Merge the config file (if any) with the flags given; flags win."""
+def config_from_args(args: argparse.Namespace, sources: Sequence[str] = ()) -> SearchConfig:
+    """Merge the config file (if any) with the flags given; flags win.
+
+    ``--param`` values go to ``source_params`` for the names in ``sources`` (the installed
+    source models) or given with ``--sources``, else to ``algorithm_params``. Values stay
+    text (:class:`~autometa.params.CliText`) until the engine parses them as their declared
+    types, except ``[...]`` lists and ``{...}`` ranges, read as TOML.
+    """
     settings: dict[str, Any] = {
         field: getattr(args, flag) for flag, field in RUN_FLAGS.items()
         if getattr(args, flag) is not None
@@ -121,7 +192,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             raise ConfigError("give --task NAME or --config FILE (see `autometa run --help`)")
         config = SearchConfig.from_dict(settings, where="command line")
     for name, key, value in extra:  # a plugin is an algorithm or a source; checked later
-        target = config.source_params if name in config.sources else config.algorithm_params
+        is_source = name in config.sources or (name in sources and name not in config.algorithms)
+        target = config.source_params if is_source else config.algorithm_params
         target.setdefault(name, {})[key] = value
     return config
 
@@ -142,30 +214,50 @@ def _plugin_param(text: str) -> tuple[str, str, Any]:
 
 
 def _parse_value(raw: str) -> Any:
-    """A TOML value (number, bool, list, quoted string), or the raw text as a string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+    """``[a, b]`` a list and ``{low = .., high = ..}`` a table (TOML), else the text.
+
+    The engine parses text as the parameter's declared type (``yes`` is true for a bool).
+    A list that is not valid TOML (``[yes,no]``) is split on commas into texts.
+    """
+    if raw.startswith("{"):
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{raw!r} is not a valid range table such as "
+                              f"{{low = 0.01, high = 0.1}}: {exc}") from None
+    if raw.startswith("[") and raw.endswith("]"):
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            return [CliText(v.strip()) for v in raw[1:-1].split(",") if v.strip()]
+    return CliText(raw)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.plugins import create_host
+
+    host = create_host()
+    config = config_from_args(args, sources=host.names("source"))
+    check_writable_dir(args.out, "--out")
     from autometa.progress import Progress, RichProgress
     from autometa.study import run_search
 
     _quiet_optuna()
     progress = Progress() if args.no_progress else RichProgress()
-    board = run_search(config, progress=progress)
+    board = run_search(config, host=host, progress=progress, ready=ready)
     _show(board, args.out)
     return 0
 
 
-def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from autometa.leaderboard import load_leaderboard
+def cmd_leaderboard(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.leaderboard import check_top_k, load_leaderboard
 
+    if args.top_k is not None:
+        check_top_k(args.top_k)
+    check_writable_dir(args.out, "--out")
     _quiet_optuna()
     board = load_leaderboard(args.study, args.storage, top_k=args.top_k)
+    ready()
     _show(board, args.out)
     return 0
 
@@ -210,7 +302,7 @@ def _plain(text: str) -> Any:
 
 
 # -- plugins -----------------------------------------------------------------------------
-def cmd_plugins(args: argparse.Namespace) -> int:
+def cmd_plugins(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     from rich.table import Table
 
     from autometa.plugins import KINDS, create_host
@@ -219,16 +311,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     table = Table(title="autometa plugins")
     for column in ("plugin", "distribution", "status", "provides"):
         table.add_column(column, overflow="fold")
-    for name, info in sorted(host.plugins.items()):
+    # One row per plugin: keys are unique even when two distributions share a name.
+    for key, info in sorted(host.plugins.items(), key=lambda item: (item[1].name, item[0])):
         dist = f"{info.distribution} {info.version}" if info.distribution else "in-process"
         provides = ", ".join(f"{KINDS[r.kind][1]} {r.name}" for r in info.provides)
-        plugin = host.pm.get_plugin(name)
+        plugin = host.pm.get_plugin(key)
         hooks = [h.name for h in host.pm.get_hookcallers(plugin) or []] if plugin else []
         lifecycle = [h for h in hooks if h not in {hook for hook, _ in KINDS.values()}]
         if lifecycle:
             provides = ", ".join(filter(None, [provides, "hooks " + ", ".join(lifecycle)]))
-        status = info.status if info.status != "broken" else f"broken: {info.error}"
-        table.add_row(_plain(name), _plain(dist), _plain(status), _plain(provides))
+        status = f"{info.status}: {info.error}" if info.error else info.status
+        table.add_row(_plain(info.name), _plain(dist), _plain(status), _plain(provides))
     console = _console()
     console.print(table)
     if args.verbose:
@@ -241,18 +334,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def _print_entries(console: Any, host: Any) -> None:
     from rich.table import Table
 
-    from autometa.plugins import KINDS
+    from autometa.plugins import KINDS, describe_error
     from autometa.space import describe
 
     table = Table(title="entries")
     for column in ("kind", "name", "from", "description", "parameters / search space"):
         table.add_column(column, overflow="fold")
     for reg in host.registrations():
-        try:
-            cls = reg.load()
-            space = describe(cls.params if reg.kind == "task" else cls.search_space())
+        try:  # plugin code runs here: any failure is this entry's cell, never a traceback
+            space = describe(reg.declared())
         except AutometaError as exc:
-            space = f"unavailable: {exc}"
+            space = f"broken: {exc}"
+        except Exception as exc:  # describe() of a malformed space
+            space = f"broken: invalid search space: {describe_error(exc)}"
         table.add_row(*(_plain(v) for v in (KINDS[reg.kind][1], reg.name, reg.plugin,
                                             reg.description, space)))
     console.print(table)

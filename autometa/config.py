@@ -6,6 +6,8 @@ of a TOML/YAML config file, and (with dashes) flags of ``autometa run``.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +23,14 @@ else:  # pragma: no cover
 
 #: Embedded, on-disk storage in the working directory: a search survives a crash.
 DEFAULT_STORAGE = "sqlite:///autometa.db"
+
+#: Bounds of numeric settings. Seeds feed numpy's and torch's generators (32 bits).
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10**9  # trials, meta-steps, top_k
+MAX_THREADS = 4096
+MAX_TIMEOUT = 10 * 365 * 86400.0  # seconds
+#: Study names also name report and artifact files: no path separators.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 
 
 @dataclass
@@ -69,31 +79,14 @@ class SearchConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> SearchConfig:
-        """Read a ``.toml`` or ``.yaml``/``.yml`` file; ``overrides`` win over its keys."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".toml":
-                data = tomllib.loads(text)
-            elif path.suffix in {".yaml", ".yml"}:
-                import yaml
+        """Read a ``.toml`` or ``.yaml``/``.yml`` file; ``overrides`` win over its keys.
 
-                data = yaml.safe_load(text) or {}
-            else:
-                raise ConfigError(
-                    f"config file {str(path)!r}: unknown format {path.suffix!r}; "
-                    "use .toml, .yaml or .yml"
-                )
-        except (tomllib.TOMLDecodeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"config file {str(path)!r} is not valid: {exc}") from exc
-        except Exception as exc:  # yaml.YAMLError
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a table of settings")
+        Raises:
+            ConfigError: the file is missing, a directory, not UTF-8, not valid TOML/YAML
+                (YAML aliases are refused: a few hundred bytes of nested aliases expand to
+                gigabytes), or not a table of valid settings.
+        """
+        data = read_config_file(Path(path))
         return cls.from_dict({**data, **overrides}, where=str(path))
 
     # -- derived -------------------------------------------------------------------------
@@ -133,20 +126,21 @@ class SearchConfig:
             _positive_int(self.n_trials, "n_trials")
         if self.timeout is not None:
             if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float) \
-                    or self.timeout <= 0:
-                raise ConfigError(f"timeout: expected a positive number of seconds, "
-                                  f"got {self.timeout!r}")
+                    or not 0 < self.timeout <= MAX_TIMEOUT:
+                raise ConfigError(f"timeout: expected a number of seconds in (0, {MAX_TIMEOUT:g}]"
+                                  f", got {self.timeout!r}")
         if self.n_trials is None and self.timeout is None:
             raise ConfigError("set n_trials, timeout or both: a search needs a budget")
         _positive_int(self.meta_steps, "meta_steps")
         _positive_int(self.eval_every, "eval_every")
         _positive_int(self.top_k, "top_k")
         if self.threads is not None:
-            _positive_int(self.threads, "threads")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed: expected a non-negative integer, got {self.seed!r}")
+            _positive_int(self.threads, "threads", MAX_THREADS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: expected an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.study_name is not None:
-            _expect(self.study_name, str, "study_name", "a name")
+            check_study_name(self.study_name)
         _expect(self.storage, str, "storage", "an Optuna storage URL such as sqlite:///x.db")
         _expect(self.artifacts, str, "artifacts", "a directory path")
         _expect(self.device, str, "device", "a torch device such as 'cpu' or 'cuda:0'")
@@ -159,6 +153,97 @@ def _expect(value: Any, kind: type, key: str, what: str) -> None:
         raise ConfigError(f"{key}: expected {what}, got {value!r}")
 
 
-def _positive_int(value: Any, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+def _positive_int(value: Any, key: str, most: int = MAX_COUNT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ConfigError(f"{key}: expected an integer from 1 to {most:,}, got {value!r}")
+
+
+def check_study_name(name: Any) -> str:
+    """``name`` if it is a valid study name, which also names report and artifact files.
+
+    Raises:
+        ConfigError: not 1-128 letters, digits, ``.``, ``_``, ``-``, ``+`` or ``=``
+            starting with a letter or digit (so never a path: no ``/``, ``..`` or NUL).
+    """
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ConfigError(
+            f"study name {shown} is not a name: use 1 to 128 letters, digits, '.', '_', '-', "
+            "'+' or '=', starting with a letter or digit (it names report files)"
+        )
+    return name
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``path`` is, or can be made, a writable directory.
+
+    Nothing is created: the nearest existing ancestor must be a writable directory.
+    """
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is not a directory" if probe == path else f"is under {str(probe)!r}, a file"
+        raise ConfigError(f"{key}: {str(path)!r} {what}; give a directory path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {str(path)!r} is not writable (no write permission on "
+                          f"{str(probe)!r}); give a writable directory")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings table of a TOML or YAML file (see :meth:`SearchConfig.from_file`)."""
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a directory; give a .toml, .yaml or .yml file")
+    if not path.is_file():
+        raise ConfigError(f"{where} does not exist")
+    if path.suffix not in {".toml", ".yaml", ".yml"}:
+        raise ConfigError(f"{where}: unknown format {path.suffix!r}; use .toml, .yaml or .yml")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    if path.suffix == ".toml":
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where} is not valid TOML: {_one_line(str(exc))}") from None
+    else:
+        data = _load_yaml(text, where)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of settings at the top, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load's loader, refusing aliases (an alias bomb expands exponentially)."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{where} line {mark.line + 1}: YAML aliases (*name) are not "
+                                  "accepted; write the value out in full")
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where} is not valid YAML{at}: {_one_line(problem)}") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -33,3 +34,17 @@ def unknown(what: str, name: str, choices: Iterable[str]) -> str:
     choices = sorted(choices)
     listed = ", ".join(choices) if choices else "none"
     return f"unknown {what} {name!r}{closest(name, choices)}; available: {listed}"
+
+
+#: ``scheme://user:password@host``: the password part of a URL in any text.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL as ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+def one_line(text: str) -> str:
+    """``text`` folded onto one line (messages are printed as exactly one line)."""
+    return " ".join(str(text).split())

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from autometa.errors import ConfigError
+from autometa.errors import ConfigError, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -190,6 +190,14 @@ def compute_leaderboard(
     )
 
 
+def check_top_k(top_k: object) -> int:
+    """``top_k`` if it is a positive integer (trials scored on meta-test), else ConfigError."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k: expected a positive number of trials to score on meta-test, "
+                          f"got {top_k!r}")
+    return top_k
+
+
 def load_leaderboard(
     study_name: str,
     storage: str | None = None,
@@ -200,24 +208,33 @@ def load_leaderboard(
     """The leaderboard of a stored study (evaluating on meta-test what is not cached yet)."""
     import optuna
 
-    from autometa.config import DEFAULT_STORAGE, SearchConfig
+    from autometa.config import DEFAULT_STORAGE, SearchConfig, check_study_name
     from autometa.plugins import create_host
-    from autometa.study import CONFIG_ATTR, build_task, open_storage
+    from autometa.study import (
+        CONFIG_ATTR,
+        build_task,
+        check_device,
+        open_storage,
+        parse_task_params,
+    )
 
+    if top_k is not None:
+        check_top_k(top_k)
+    check_study_name(study_name)
     storage = storage or DEFAULT_STORAGE
-    store = open_storage(storage)
+    store = open_storage(storage, must_exist=True)
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
     except KeyError:
         names = optuna.get_all_study_names(store)
         from autometa.errors import unknown
 
-        raise ConfigError(unknown(f"study in {storage}", study_name, names)) from None
+        raise ConfigError(unknown(f"study in {redact(storage)}", study_name, names)) from None
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
-        raise ConfigError(f"study {study_name!r} in {storage} was not made by autometa")
+        raise ConfigError(f"study {study_name!r} in {redact(storage)} was not made by autometa")
     config = SearchConfig.from_dict(stored["config"], where=f"study {study_name!r}")
     host = host or create_host()
-    task = build_task(config, host)
+    task = build_task(config, host, parse_task_params(config, host), check_device(config.device))
     return compute_leaderboard(study, task, host, top_k=top_k or config.top_k,
                                artifacts=Path(stored["artifacts_path"]))

@@ -9,11 +9,13 @@ fix a hyperparameter (a scalar), restrict it to choices (a list) or narrow a ran
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from autometa.errors import ConfigError, unknown
+from autometa.params import CliText, parse
 
 if TYPE_CHECKING:
     import optuna
@@ -52,23 +54,28 @@ def restrict(
     owner: str,
     space: SearchSpace,
     overrides: Mapping[str, Any],
-    settable: Collection[str] = (),
+    settable: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply user overrides to ``space``; returns ``{name: Param or fixed value}``.
 
+    Every value is parsed as its declared type first (see :mod:`autometa.params`):
+    command-line text becomes a bool, number or choice; anything else must already be one.
+
     Args:
-        settable: other keyword parameters of the plugin that a user may fix although they
-            are not searched (e.g. MAML's ``strategy``); their values pass through as given.
+        settable: ``{parameter: declared type}`` of the plugin's other keyword parameters,
+            which a user may fix although they are not searched (e.g. MAML's ``strategy``).
 
     Raises:
         ConfigError: an unknown hyperparameter, or a value outside its declared type/range.
     """
+    settable = settable or {}
     out: dict[str, Any] = dict(space)
     for name, value in overrides.items():
+        key = f"{owner}.{name}"
         if name in space:
-            out[name] = _restrict_one(f"{owner}.{name}", space[name], value)
+            out[name] = _restrict_one(key, space[name], value)
         elif name in settable:
-            out[name] = value
+            out[name] = parse(key, settable[name], value)
         else:
             raise ConfigError(unknown(f"hyperparameter of {owner}", name, {*space, *settable}))
     return out
@@ -76,34 +83,64 @@ def restrict(
 
 def _restrict_one(key: str, param: Param, value: Any) -> Any:
     if isinstance(value, Mapping):
-        if isinstance(param, Categorical) or set(value) - {"low", "high"}:
-            raise ConfigError(f"{key}: a range needs 'low' and/or 'high' on a numeric parameter")
-        low, high = value.get("low", param.low), value.get("high", param.high)
+        if isinstance(param, Categorical) or not value or set(value) - {"low", "high"}:
+            raise ConfigError(f"{key}: a range is a table with 'low' and/or 'high' on a numeric "
+                              f"parameter, e.g. {{low = 0.01, high = 0.1}}; got {dict(value)!r}")
+        low = _bound(f"{key}.low", param, value.get("low", param.low))
+        high = _bound(f"{key}.high", param, value.get("high", param.high))
         if not (param.low <= low <= high <= param.high):
             raise ConfigError(
-                f"{key}: range [{low}, {high}] is outside the declared [{param.low}, {param.high}]"
+                f"{key}: range [{low}, {high}] is not inside the declared "
+                f"[{param.low}, {param.high}] (low must not exceed high)"
             )
         if isinstance(param, Int):
             return Int(int(low), int(high), param.log)
         return Float(float(low), float(high), param.log)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         if not value:
-            raise ConfigError(f"{key}: an empty list of choices")
-        for v in value:
-            check_value(key, param, v)
-        return Categorical(tuple(value)) if len(value) > 1 else value[0]
+            raise ConfigError(f"{key}: an empty list of choices; give at least one value")
+        parsed = list(dict.fromkeys(parse_value(key, param, v) for v in value))
+        return Categorical(tuple(parsed)) if len(parsed) > 1 else parsed[0]
+    return parse_value(key, param, value)
+
+
+def _bound(key: str, param: Param, value: Any) -> int | float:
+    if isinstance(param, Int):
+        return parse(key, int, value)
+    return parse(key, float, value)
+
+
+def parse_value(key: str, param: Param, value: Any) -> Any:
+    """``value`` parsed for ``param`` (command-line text included) and checked against it.
+
+    Raises:
+        ConfigError: not of the parameter's type, not one of its choices, or out of range.
+    """
+    if isinstance(param, Categorical):
+        choices = tuple(param.choices)
+        try:
+            return parse(key, Literal[choices], value)
+        except ConfigError:
+            raise ConfigError(f"{key}: {_given(value)} is not one of "
+                              f"{list(param.choices)}") from None
+    value = parse(key, int if isinstance(param, Int) else float, value)
     check_value(key, param, value)
     return value
 
 
+def _given(value: Any) -> str:
+    return repr(str(value)) if isinstance(value, CliText) else repr(value)
+
+
 def check_value(key: str, param: Param, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (already typed) fits ``param``."""
     if isinstance(param, Categorical):
         if value not in param.choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(param.choices)}")
         return
     numeric = (int,) if isinstance(param, Int) else (int, float)
-    if isinstance(value, bool) or not isinstance(value, numeric):
-        expected = "an integer" if isinstance(param, Int) else "a number"
+    if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
+        expected = "an integer" if isinstance(param, Int) else "a finite number"
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if not param.low <= value <= param.high:
         raise ConfigError(f"{key}: {value!r} is outside [{param.low}, {param.high}]")
@@ -134,3 +171,32 @@ def describe(space: SearchSpace) -> str:
         else:
             parts.append(f"{name} in [{p.low}, {p.high}]{' log' if p.log else ''}")
     return "; ".join(parts)
+
+
+def to_json(space: Mapping[str, Any]) -> dict[str, Any]:
+    """A restricted space (params and fixed values) as JSON types, to store with a study."""
+    out: dict[str, Any] = {}
+    for name, p in space.items():
+        if isinstance(p, Float | Int):
+            out[name] = {"type": type(p).__name__.lower(), "low": p.low, "high": p.high,
+                         "log": p.log}
+        elif isinstance(p, Categorical):
+            out[name] = {"type": "categorical", "choices": list(p.choices)}
+        else:
+            out[name] = {"type": "fixed", "value": p}
+    return out
+
+
+def from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`to_json`."""
+    out: dict[str, Any] = {}
+    for name, d in data.items():
+        if d["type"] == "float":
+            out[name] = Float(d["low"], d["high"], d["log"])
+        elif d["type"] == "int":
+            out[name] = Int(d["low"], d["high"], d["log"])
+        elif d["type"] == "categorical":
+            out[name] = Categorical(tuple(d["choices"]))
+        else:
+            out[name] = d["value"]
+    return out

@@ -12,7 +12,7 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,22 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa import __version__
-from autometa.config import SearchConfig
-from autometa.errors import AutometaError, ConfigError, PluginError, unknown
+from autometa.config import SearchConfig, check_writable_dir
+from autometa.errors import AutometaError, ConfigError, PluginError, one_line, redact, unknown
 from autometa.leaderboard import Leaderboard, compute_leaderboard
-from autometa.plugins import PluginHost, create_host
+from autometa.params import declared_types, parse
+from autometa.plugins import Kind, PluginHost, create_host
 from autometa.progress import NullProgress, Progress
-from autometa.space import Categorical, Float, Int, check_value, restrict, suggest
+from autometa.space import (
+    Categorical,
+    Float,
+    Int,
+    from_json,
+    parse_value,
+    restrict,
+    suggest,
+    to_json,
+)
 from autometa.task import Task
 from autometa.trial import Diverged, TrialPlan, build, meta_train, save_state, trial_seed
 
@@ -50,8 +60,18 @@ class Prepared:
 
 
 def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
-    """Resolve plugins and build the task; raises before anything is stored."""
-    task = build_task(config, host)
+    """Check every input and resolve plugins and the task; raises before anything is stored.
+
+    The returned config holds every task parameter and plugin setting parsed as its
+    declared type (:mod:`autometa.params`), so that the study stores typed values.
+
+    Raises:
+        ConfigError, DataError, PluginError: the first bad input, one line naming it.
+    """
+    device = check_device(config.device)
+    check_writable_dir(Path(config.artifacts), "artifacts")
+    task_params = parse_task_params(config, host)
+    task = build_task(config, host, task_params, device)
 
     def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
         reason = cls.incompatibility(task)
@@ -72,48 +92,98 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
                          algorithm_problem, task)
     sources = _choose(host, "source", config.sources, config.source_params, source_problem,
                       task)
-    return Prepared(config, host, task, algorithms, sources)
+    typed = replace(
+        config,
+        task_params=task_params,
+        algorithm_params={n: _overrides(s, config.algorithm_params.get(n, {}))
+                          for n, s in algorithms.items() if n in config.algorithm_params},
+        source_params={n: _overrides(s, config.source_params.get(n, {}))
+                       for n, s in sources.items() if n in config.source_params},
+    )
+    return Prepared(typed, host, task, algorithms, sources)
 
 
-def build_task(config: SearchConfig, host: PluginHost) -> Task:
-    """Build the task once for the whole search (data live on ``config.device``)."""
+def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's overrides of one plugin as parsed (fixed values, lists, ranges)."""
+    out: dict[str, Any] = {}
+    for name in given:
+        p = space[name]
+        if isinstance(p, Categorical):
+            out[name] = list(p.choices)
+        elif isinstance(p, Float | Int):
+            out[name] = {"low": p.low, "high": p.high}
+        else:
+            out[name] = p
+    return out
+
+
+def check_device(text: str) -> torch.device:
+    """The torch device ``text`` names, checked by placing a tensor on it.
+
+    Raises:
+        ConfigError: not a device name, ``meta`` (holds no data), or not usable here
+            (``cuda:9`` with one GPU, ``cuda`` on a CPU-only build of torch).
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {text!r} is not a torch device; use e.g. 'cpu', 'cuda' or "
+                          "'cuda:0'") from None
+    if device.type == "meta":
+        raise ConfigError("device: 'meta' tensors hold no data; use 'cpu' or 'cuda:N'")
+    try:
+        torch.zeros(1, device=device)
+    except Exception as exc:
+        available = "cpu" + (f", cuda:0..{torch.cuda.device_count() - 1}"
+                             if torch.cuda.is_available() else "")
+        raise ConfigError(f"device: {text!r} cannot be used here ({one_line(str(exc))}); "
+                          f"available: {available}") from None
+    return device
+
+
+def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
+    """``config.task_params`` parsed as the task's declared types and checked (ranges,
+    choices, required parameters)."""
     task_cls = host.get("task", config.task).load()
-    parameters = {n: p for n, p in inspect.signature(task_cls).parameters.items()
-                  if n not in {"seed", "device"}}
+    types = declared_types(task_cls, skip=frozenset({"seed", "device"}))
+    params: dict[str, Any] = {}
     for name, value in config.task_params.items():
-        if name not in parameters:
-            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, parameters))
-        if name in task_cls.params:
-            check_value(f"task_params.{name}", task_cls.params[name], value)
-    missing = [n for n, p in parameters.items()
-               if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-               and n not in config.task_params]
+        if name not in types:
+            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, types))
+        key = f"task_params.{name}"
+        params[name] = (parse_value(key, task_cls.params[name], value)
+                        if name in task_cls.params else parse(key, types[name], value))
+    signature = inspect.signature(task_cls).parameters
+    missing = [n for n in types if signature[n].default is signature[n].empty
+               and n not in params]
     if missing:
         raise ConfigError(f"task {config.task!r} needs {', '.join(map(repr, missing))}; set "
                           f"{' '.join(f'--task-param {n}=...' for n in missing)} (or "
                           "task_params in a config file)")
+    return params
+
+
+def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str, Any],
+               device: torch.device) -> Task:
+    """Build the task once for the whole search (data live on ``device``).
+
+    ``task_params`` must come from :func:`parse_task_params`. A task that raises anything
+    but an autometa error is a plugin bug, reported as one :class:`PluginError` line.
+    """
+    task_cls = host.get("task", config.task).load()
     try:
-        device = torch.device(config.device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {exc}") from exc
-    task: Task = task_cls(**config.task_params, seed=config.seed, device=device)
-    task.identity = {"task": config.task, "params": config.task_params, "seed": config.seed}
+        task: Task = task_cls(**task_params, seed=config.seed, device=device)
+    except AutometaError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"task {config.task!r} could not be built with {dict(task_params)}: "
+                          f"{type(exc).__name__}: {one_line(str(exc))}") from exc
+    task.identity = {"task": config.task, "params": dict(task_params), "seed": config.seed}
     return task
 
 
-def keyword_parameters(cls: type) -> list[str]:
-    """Keyword parameters of a plugin class's constructor (its hyperparameters)."""
-    skip = {"self", "model", "task"}
-    return [n for n, p in inspect.signature(cls).parameters.items()
-            if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def declared_space(cls: Any, task: Task) -> Any:
-    """``cls.search_space(task)`` if it takes the task (a space that depends on the task's
-    kind), else ``cls.search_space()``."""
-    if "task" in inspect.signature(cls.search_space).parameters:
-        return cls.search_space(task=task)
-    return cls.search_space()
+#: Constructor parameters the engine passes itself, never user settings.
+ENGINE_ARGUMENTS = frozenset({"self", "model", "task"})
 
 
 def _choose(
@@ -127,22 +197,25 @@ def _choose(
     """The plugins of ``kind`` in the search, each with its restricted search space.
 
     Plugins asked for by name must work (else an error); of the others, those that cannot
-    load or ``problem`` rejects are left out with a log message.
+    load, whose own code raises, or that ``problem`` rejects are left out with a log line.
     """
     label = "algorithm" if kind == "algorithm" else "source model"
     names = requested or host.names(kind)
     chosen: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            cls = host.get(kind, name).load()
+            reg = host.get(kind, name)
+            declared = reg.declared(task)  # loads it; PluginError if it or its space fails
+            cls = reg.load()
+            space = restrict(name, declared, overrides.get(name, {}),
+                             settable=declared_types(cls, skip=ENGINE_ARGUMENTS))
+            with reg.guard("raised when checked against the task"):
+                reason = problem(cls, space)
         except PluginError as exc:
             if requested or host.strict:
                 raise
             log.warning("leaving %s %r out of the search: %s", label, name, exc)
             continue
-        space = restrict(name, declared_space(cls, task), overrides.get(name, {}),
-                         settable=keyword_parameters(cls))
-        reason = problem(cls, space)
         if reason:
             if requested:
                 raise ConfigError(f"{label} {name!r} cannot be used here: {reason}")
@@ -161,22 +234,37 @@ def _choose(
 
 
 def run_search(
-    config: SearchConfig, *, host: PluginHost | None = None, progress: Progress | None = None
+    config: SearchConfig,
+    *,
+    host: PluginHost | None = None,
+    progress: Progress | None = None,
+    ready: Callable[[], None] = lambda: None,
 ) -> Leaderboard:
-    """Run (or resume) the search described by ``config`` and return its leaderboard."""
+    """Run (or resume) the search described by ``config`` and return its leaderboard.
+
+    Args:
+        ready: called once every input is checked and the study is open, before the first
+            trial (the CLI then lets held log lines through).
+
+    Raises:
+        ConfigError, DataError, PluginError: a bad input, before anything is stored.
+    """
     host = host or create_host()
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, host, progress)
+        return _run(config, host, progress, ready)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: SearchConfig, host: PluginHost, progress: Progress | None) -> Leaderboard:
+def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
+         ready: Callable[[], None]) -> Leaderboard:
     prepared = prepare(config, host)
+    config = prepared.config
     study = _open_study(prepared)
+    ready()
     progress = progress or NullProgress()
     artifacts = Path(study.user_attrs[CONFIG_ATTR]["artifacts_path"])
 
@@ -199,7 +287,6 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None) -> L
             trial.set_user_attr(key, value)
         progress.trial_started(trial.number, plan.describe(), config.meta_steps)
         seed = trial_seed(config.seed, trial.number)
-        algorithm = build(host, prepared.task, plan, seed)
         generator = torch.Generator(device=prepared.task.device).manual_seed(seed)
 
         def on_eval(step: int, score: float) -> None:
@@ -208,13 +295,18 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None) -> L
                 raise optuna.TrialPruned(f"meta-val {score:.4g} at step {step}")
 
         try:
+            algorithm = build(host, prepared.task, plan, seed)
             score = meta_train(algorithm, prepared.task, meta_steps=config.meta_steps,
                                eval_every=config.eval_every, generator=generator,
                                on_eval=on_eval, on_step=progress.step)
+            save_state(algorithm, artifacts / f"trial-{trial.number}.pt")
+        except optuna.TrialPruned:
+            raise
         except Diverged as exc:
-            trial.set_user_attr("failure", f"diverged: {exc}")
-            return float("nan")  # Optuna records the trial as failed and goes on
-        save_state(algorithm, artifacts / f"trial-{trial.number}.pt")
+            return _failed(trial, f"diverged: {exc}")
+        except Exception as exc:  # this trial's data, hyperparameters or plugin code
+            log.debug("trial %d failed", trial.number, exc_info=True)
+            return _failed(trial, f"{type(exc).__name__}: {redact(one_line(str(exc)))}")
         return score
 
     def after_trial(study: optuna.Study, frozen: FrozenTrial) -> None:
@@ -237,6 +329,12 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None) -> L
     return leaderboard
 
 
+def _failed(trial: optuna.Trial, reason: str) -> float:
+    """Record why ``trial`` failed; the NaN it returns makes Optuna mark it FAIL and go on."""
+    trial.set_user_attr("failure", reason[:1000])
+    return float("nan")
+
+
 def _counts(trial: FrozenTrial) -> bool:
     """Trials that use up budget: finished ones, except crashed trials that are retried."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -252,10 +350,25 @@ def _best(study: optuna.Study) -> float | None:
     return min(values) if study.direction.name == "MINIMIZE" else max(values)  # type: ignore
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage URL; RDB storages get heartbeats so crashed trials are retried."""
+def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage URL; RDB storages get heartbeats so crashed trials are retried.
+
+    Args:
+        must_exist: for read-only commands: a SQLite file that does not exist is an error
+            instead of being created.
+
+    Raises:
+        ConfigError: one line naming the URL with its password replaced by ``***``.
+    """
+    shown = redact(url)
+    scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if must_exist and scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise ConfigError(f"storage: no database at {path!r} ({shown}); run a search first "
+                              "or give --storage")
     try:
-        if url.split(":", 1)[0].split("+", 1)[0] in {"sqlite", "postgresql", "mysql"}:
+        if scheme in {"sqlite", "postgresql", "mysql"}:
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url,
@@ -267,7 +380,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             )
         return optuna.storages.get_storage(url)
     except Exception as exc:
-        raise ConfigError(f"storage: cannot open {url!r}: {exc}") from exc
+        reason = redact(one_line(str(getattr(exc, "orig", None) or exc)))
+        if len(reason) > 200:
+            reason = reason[:197] + "..."
+        raise ConfigError(f"storage: cannot open {shown}: {reason}; check the URL, that the "
+                          "server is reachable and its driver installed (e.g. "
+                          "sqlite:///autometa.db)") from None
 
 
 def _open_study(prepared: Prepared) -> optuna.Study:
@@ -287,14 +405,17 @@ def _open_study(prepared: Prepared) -> optuna.Study:
     if study is not None:
         stored = study.user_attrs.get(CONFIG_ATTR)
         if stored is None:
-            raise ConfigError(f"study {name!r} in {config.storage} was not made by autometa; "
-                              "choose another study name")
+            raise ConfigError(f"study {name!r} in {redact(config.storage)} was not made by "
+                              "autometa; choose another study name")
         if stored["fingerprint"] != _jsonable(config.fingerprint()):
             diff = _diff(stored["fingerprint"], _jsonable(config.fingerprint()))
             raise ConfigError(
-                f"study {name!r} in {config.storage} was run with other settings ({diff}); "
+                f"study {name!r} in {redact(config.storage)} was run with other settings "
+                f"({diff}); "
                 "use the original settings to resume it, or a new study name"
             )
+        if "spaces" in stored:
+            _use_stored_spaces(prepared, stored["spaces"], name)
         log.info("resuming study %r (%d trials so far)", name, len(study.trials))
         return study
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
@@ -306,8 +427,30 @@ def _open_study(prepared: Prepared) -> optuna.Study:
         "fingerprint": _jsonable(config.fingerprint()),
         "artifacts_path": str(artifacts),
         "task": prepared.task.describe(),
+        # The plugins and spaces this search resolved: a resume uses exactly these, so a
+        # plugin installed or upgraded since cannot change the space Optuna samples from.
+        "spaces": {"algorithm": {n: to_json(s) for n, s in prepared.algorithms.items()},
+                   "source": {n: to_json(s) for n, s in prepared.sources.items()}},
     })
     return study
+
+
+def _use_stored_spaces(prepared: Prepared, spaces: Mapping[str, Any], study: str) -> None:
+    """Replace the freshly resolved plugins and spaces by those ``study`` was created with.
+
+    Raises:
+        ConfigError: a plugin the study searched is no longer installed or usable.
+    """
+    kinds: tuple[tuple[Kind, str], ...] = (("algorithm", "algorithms"), ("source", "sources"))
+    for kind, attr in kinds:
+        for name in spaces[kind]:
+            try:
+                prepared.host.get(kind, name).load()
+            except PluginError as exc:
+                raise ConfigError(f"study {study!r} searched {kind} {name!r}, which is not "
+                                  f"usable now ({exc}); reinstall it to resume, or start a new "
+                                  "study") from None
+        setattr(prepared, attr, {n: from_json(s) for n, s in spaces[kind].items()})
 
 
 def _sampler(seed: int) -> optuna.samplers.BaseSampler:

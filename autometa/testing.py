@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from autometa.algorithm import MetaAlgorithm
+from autometa.errors import ConfigError
+from autometa.params import declared_types, parse
 from autometa.source_model import Backbone, SourceModel
 from autometa.space import Categorical, SearchSpace
 from autometa.task import Episodes, Task
@@ -38,8 +40,22 @@ def _same(a: Episodes, b: Episodes) -> bool:
 
 
 def check_space(cls: type, space: SearchSpace) -> None:
-    """Every declared name is a keyword of ``cls.__init__`` whose default lies in its range."""
+    """Every declared name is a keyword of ``cls.__init__`` whose default lies in its range,
+    and every keyword parameter has a type annotation its default satisfies (the engine
+    parses users' values as that type, :mod:`autometa.params`)."""
     parameters = inspect.signature(cls).parameters
+    engine = {"self", "model", "task", "seed", "device"}
+    for name, declared in declared_types(cls, skip=frozenset(engine)).items():
+        if declared is Any:
+            _fail(f"{cls.__name__}.{name} has no type annotation (or one that cannot be "
+                  "resolved at run time); annotate it, e.g. `{name}: int = 5`, so that users' "
+                  "values are checked")
+        default = parameters[name].default
+        if default is not inspect.Parameter.empty:
+            try:
+                parse(f"{cls.__name__}.{name}", declared, default)
+            except ConfigError as exc:
+                _fail(f"the default of {exc}")
     for name, param in space.items():
         if name not in parameters:
             _fail(f"{cls.__name__} declares {name!r} but its __init__ has no such keyword")

@@ -1,0 +1,168 @@
+"""Typed settings at the edge, a trial that raises, and resuming after a plugin is installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import optuna
+import pytest
+import torch
+
+import autometa
+import autometa_plugins.maml
+import autometa_plugins.mlp
+import autometa_plugins.sinusoid
+from autometa import ConfigError, MetaAlgorithm, create_host
+from autometa.cli import main
+from autometa.params import CliText, parse
+from autometa_plugins.maml.algorithm import MAML
+
+SMALL = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
+TINY = dict(task_params=SMALL, meta_steps=2, eval_every=2, top_k=1)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("true", True), ("False", False), ("YES", True), ("no", False), ("1", True), ("0", False),
+])
+def test_command_line_booleans_accept_the_documented_spellings(text, expected):
+    assert parse("x.flag", bool, CliText(text)) is expected
+
+
+@pytest.mark.parametrize("value", ["False", "no", "off", 0, 1, None, "true"])
+def test_a_bool_from_python_or_a_file_must_be_a_bool(value):
+    with pytest.raises(ConfigError, match=r"^x\.flag: expected true or false, got "):
+        parse("x.flag", bool, value)
+
+
+@pytest.mark.parametrize("declared, text, expected", [
+    (int, "7", 7), (float, "1e-3", 1e-3), (float, "2", 2.0), (str, "a b", "a b"),
+    (int | None, "3", 3), (Literal["auto", "loop"], "loop", "loop"),
+    (str | os.PathLike[str] | None, "123", "123"),
+])
+def test_command_line_text_is_parsed_as_the_declared_type(declared, text, expected):
+    value = parse("x.y", declared, CliText(text))
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("declared, value, says", [
+    (float, CliText("nan"), "a finite number"), (float, float("inf"), "a finite number"),
+    (int, CliText("1.5"), "an integer"), (int, True, "an integer"),
+    (str, "a\x00b", "text"), (Literal["auto", "loop"], "bogus", "one of 'auto', 'loop'"),
+])
+def test_values_that_do_not_fit_name_the_setting_and_the_type(declared, value, says):
+    with pytest.raises(ConfigError, match=f"^x.y: expected {says}, got "):
+        parse("x.y", declared, value)
+
+
+def _host(*extra: tuple[str, object]):
+    return create_host(entry_points=False, plugins={
+        "maml": autometa_plugins.maml, "mlp": autometa_plugins.mlp,
+        "sinusoid": autometa_plugins.sinusoid, **dict(extra)})
+
+
+def test_the_cli_and_python_store_the_same_typed_settings(tmp_path):
+    """`--param maml.inner_steps=1` (text) and inner_steps=1 (Python) are one study: the
+    CLI's run resumes the Python one instead of being refused as other settings."""
+    storage = f"sqlite:///{tmp_path / 'a.db'}"
+    autometa.search("sinusoid", algorithms=["maml"], sources=["mlp"], n_trials=1, seed=1,
+                    algorithm_params={"maml": {"inner_steps": 1, "first_order": True}},
+                    storage=storage, artifacts=str(tmp_path / "art"), **TINY)
+    argv = ["run", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
+            "--trials", "2", "--seed", "1", "--meta-steps", "2", "--eval-every", "2",
+            "--top-k", "1", "--storage", storage, "--artifacts", str(tmp_path / "art"),
+            "--out", str(tmp_path / "rep"), "--no-progress",
+            "--param", "maml.inner_steps=1", "--param", "maml.first_order=yes",
+            *(a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}"))]
+    assert main(argv) == 0
+    study = optuna.load_study(study_name="sinusoid-seed1", storage=storage)
+    assert len(study.trials) == 2
+    assert {t.user_attrs["algorithm_params"]["inner_steps"] for t in study.trials} == {1}
+    assert {t.user_attrs["algorithm_params"]["first_order"] for t in study.trials} == {True}
+
+
+class Fragile(MAML):
+    """MAML whose trials raise when the inner step size is large (a plugin bug)."""
+
+    def meta_step(self, batch):
+        if self.inner_lr > 0.05:
+            raise IndexError("index 7 is out of bounds for dimension 0 with size 5")
+        return super().meta_step(batch)
+
+
+class _FragilePlugin:
+    @staticmethod
+    @autometa.hookimpl
+    def register_meta_algorithms(register):
+        register("fragile", Fragile)
+
+
+def test_a_trial_that_raises_fails_alone_and_the_search_goes_on(tmp_path):
+    board = autometa.search(
+        "sinusoid", host=_host(("fragile", _FragilePlugin())), algorithms=["fragile"],
+        sources=["mlp"], n_trials=4, seed=0, pruner="none",
+        algorithm_params={"fragile": {"inner_lr": [0.01, 0.1], "meta_batch_size": 4}},
+        storage=f"sqlite:///{tmp_path / 'a.db'}", artifacts=str(tmp_path / "art"), **TINY)
+    study = optuna.load_study(study_name="sinusoid-seed0", storage=f"sqlite:///{tmp_path}/a.db")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) == 4 and failed and complete
+    for t in failed:
+        assert t.params["fragile.inner_lr"] == 0.1
+        assert t.user_attrs["failure"] == ("IndexError: index 7 is out of bounds for "
+                                           "dimension 0 with size 5")
+    assert board.counts["failed"] == len(failed) and len(board.frame) == len(complete)
+
+
+class Late(MetaAlgorithm):
+    """An algorithm 'installed' after a study began."""
+
+    def __init__(self, model, task, *, lr: float = 0.1) -> None:
+        super().__init__(model, task)
+
+    @classmethod
+    def search_space(cls):
+        return {"lr": autometa.Float(0.01, 1.0)}
+
+    def meta_step(self, batch):
+        return 0.0
+
+    def adapt_and_predict(self, episodes):
+        return torch.zeros(*episodes.query_y.shape)
+
+
+class _LatePlugin:
+    @staticmethod
+    @autometa.hookimpl
+    def register_meta_algorithms(register):
+        register("late", Late)
+
+
+def test_installing_a_plugin_does_not_change_a_resumed_study(tmp_path):
+    """A study that searched "every compatible algorithm" resumes with the algorithms and
+    spaces it began with; without that, Optuna refuses the grown categorical (and each
+    attempt stored another failed trial)."""
+    common = dict(sources=["mlp"], seed=0, storage=f"sqlite:///{tmp_path / 'a.db'}",
+                  artifacts=str(tmp_path / "art"), **TINY)
+    autometa.search("sinusoid", host=_host(), n_trials=1, **common)
+    board = autometa.search("sinusoid", host=_host(("late", _LatePlugin())), n_trials=3,
+                            **common)
+    assert board.counts == {"complete": 3, "pruned": 0, "failed": 0, "running": 0}
+    assert set(board.frame["algorithm"]) == {"maml"}
+
+
+def test_resuming_without_a_plugin_the_study_searched_is_one_clear_error(tmp_path):
+    common = dict(sources=["mlp"], seed=0, storage=f"sqlite:///{tmp_path / 'a.db'}",
+                  artifacts=str(tmp_path / "art"), **TINY)
+    autometa.search("sinusoid", host=_host(("late", _LatePlugin())), n_trials=1, **common)
+    before = (tmp_path / "a.db").read_bytes()
+    with pytest.raises(ConfigError, match="searched algorithm 'late', which is not usable"):
+        autometa.search("sinusoid", host=_host(), n_trials=2, **common)
+    assert (tmp_path / "a.db").read_bytes() == before
+
+
+def test_read_only_commands_create_no_storage(tmp_path: Path, capsys):
+    assert main(["leaderboard", "nosuch"]) == 2
+    assert "no database" in capsys.readouterr().err
+    assert not (tmp_path / "autometa.db").exists()
