@@ -14,10 +14,19 @@ Both hold their data as tensors on the task's device and sample episodes by inde
 the helpers below validate data once, with one clear :class:`~autometa.DataError`. A task
 that may take either shape (a user's file, read as few-shot or as a target dataset)
 subclasses :class:`InnerTask` and hands its episodes to the one it builds.
+
+Both (and :class:`InnerTask`) offer ``labelled_digest()``: a sha256 of the data supervised
+pre-training sees (the labelled meta-train pool, examples and global labels) and of the
+split (which classes, or how many examples, are meta-train, meta-val and meta-test).
+Caches of anything trained on a task (the ``pretrained`` source model's) are keyed on it
+rather than on the task's parameters, so rows appended to a user's file are never served
+features pre-trained before. It is computed once per task, on first use.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +122,9 @@ class FewShotTask(Task):
             pool.check(self.ways, self.shots + self.queries)  # fail now, not mid-search
         self.train = train
         self.train_classes = train.n_classes
+        self._split = {"meta-train": train.classes, "meta-val": val.classes,
+                       "meta-test": test.classes}
+        self._digest: str | None = None
         self._val = val.sample(self.val_episodes, self.ways, self.shots, self.queries,
                                self._generator(1))
         self._test = test.sample(self.test_episodes, self.ways, self.shots, self.queries,
@@ -127,11 +139,26 @@ class FewShotTask(Task):
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.train.sample_labelled(n, generator)
 
+    def labelled_digest(self) -> str:
+        """sha256 (hex) of the meta-train pool (what :meth:`sample_labelled` draws from:
+        examples and global labels) and of the class split (the class ids of each split).
+
+        Computed once (one pass over the meta-train examples), then remembered.
+        """
+        if self._digest is None:
+            self._digest = _digest({"shape": "few-shot", "meta-train": self.train.digest(),
+                                    "split": self._split})
+        return self._digest
+
     def meta_val(self) -> Episodes:
         return self._val
 
     def meta_test(self) -> Episodes:
         return self._test
+
+
+def _digest(facts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
 def split_examples(
@@ -236,6 +263,7 @@ class TargetTask(Task):
                                 "'queries'")
             self._train_x, self._train_y = train_x, y[train]
         self.sizes = {"train": len(train), "val": len(val), "test": len(test)}
+        self._digest: str | None = None
 
         train_y = y[train][None]
 
@@ -258,6 +286,26 @@ class TargetTask(Task):
         if self.kind != "classification":
             return super().sample_labelled(n, generator)
         return self.train.sample_labelled(n, generator)
+
+    def labelled_digest(self) -> str:
+        """sha256 (hex) of the train split (examples and labels, or regression targets)
+        and of the split's sizes: what pre-training on this task sees.
+
+        Computed once (one pass over the train split), then remembered.
+        """
+        if self._digest is None:
+            if self.kind == "classification":
+                train = self.train.digest()
+            else:  # (n, *input_shape) and (n, out), canonical float32 on the CPU
+                hasher = hashlib.sha256()
+                for tensor in (self._train_x, self._train_y):
+                    flat = tensor.to("cpu", torch.float32).contiguous()
+                    hasher.update(repr(tuple(flat.shape)).encode())
+                    hasher.update(flat.numpy().data)
+                train = hasher.hexdigest()
+            self._digest = _digest({"shape": "target", "kind": self.kind, "train": train,
+                                    "sizes": self.sizes, "outputs": self.output_size})
+        return self._digest
 
     def meta_val(self) -> Episodes:
         return self._val
@@ -289,6 +337,11 @@ class InnerTask(Task):
 
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self._inner.sample_labelled(n, generator)
+
+    def labelled_digest(self) -> str:
+        """The inner task's digest (see :meth:`FewShotTask.labelled_digest`)."""
+        digest: str = self._inner.labelled_digest()  # type: ignore[attr-defined]
+        return digest
 
     def meta_val(self) -> Episodes:
         return self._inner.meta_val()

@@ -7,6 +7,8 @@ with no Python loop over tasks, classes or examples.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -97,6 +99,23 @@ class ClassPool:
             query_x=x[:, :, shots:].reshape(n_tasks, ways * queries, *shape),
             query_y=labels[:, :, shots:].reshape(n_tasks, ways * queries),
         )
+
+    def digest(self) -> str:
+        """sha256 (hex) of the pool's content: its examples and their pool labels.
+
+        Canonical whatever the device or dtype: class by class in pool order, each class's
+        label and count, then its examples in the order given, as contiguous float32 on
+        the CPU. Equal pools give equal digests; any changed value, example or class
+        order gives another. One pass over the data (about 2 s per GB on one CPU core).
+        """
+        hasher = hashlib.sha256(repr(("ClassPool", tuple(self.x.shape[1:]))).encode())
+        index = self.index.cpu()
+        for label, count in enumerate(self.counts.tolist()):
+            members = index[label, :count].to(self.x.device)
+            rows = self.x[members].to("cpu", torch.float32).contiguous()  # (count, ...)
+            hasher.update(struct.pack("<qq", label, count))
+            hasher.update(rows.numpy().data)  # the buffer itself: no extra copy
+        return hasher.hexdigest()
 
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` random examples with their pool labels: (n, *input_shape), (n,)."""

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from autometa import DataError, Episodes
-from autometa.datasets import TargetTask, check_finite, split_classes, split_examples
+from autometa.datasets import (
+    FewShotTask,
+    TargetTask,
+    check_finite,
+    split_classes,
+    split_examples,
+)
 from autometa.episodes import ClassPool
 from autometa.metrics import ACCURACY, MSE, mean_ci95
 from autometa.trial import evaluate, scored_per_example
@@ -171,3 +177,54 @@ def test_many_episodes_are_scored_per_episode():
     episodes = Episodes(torch.zeros(4, 2, 1), torch.zeros(4, 2, 2), torch.zeros(4, 6, 1), y)
     assert not scored_per_example(episodes, _Kind(MSE))
     torch.testing.assert_close(evaluate(_Fixed(pred), episodes, _Kind(MSE)), MSE(pred, y))
+
+
+# -- labelled_digest: what pre-training sees, and the split --------------------------------
+class _Classes(FewShotTask):
+    """A few-shot task over the given examples and class split."""
+
+    def __init__(self, x, y, split=((0, 1, 2), (3, 4), (5, 6))):
+        super().__init__(ways=2, shots=1, queries=1, val_episodes=2, test_episodes=2)
+        self.input_shape = tuple(x.shape[1:])
+        self.set_pools(*(ClassPool(x, y, classes, name=f"part {i}")
+                         for i, classes in enumerate(split)))
+
+
+def _examples(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(28, 1, 3, 3, generator=g), torch.arange(28) % 7  # 4 per class
+
+
+def test_few_shot_digest_follows_the_meta_train_data_and_the_class_split():
+    x, y = _examples()
+    digest = _Classes(x, y).labelled_digest()
+    assert len(digest) == 64 and int(digest, 16) >= 0  # sha256, hexadecimal
+    assert _Classes(x.clone(), y.clone()).labelled_digest() == digest  # content, not identity
+    assert _Classes(x.double(), y).labelled_digest() == digest  # canonical dtype
+    val_changed = x.clone()
+    val_changed[y == 3] += 1  # a meta-val class: pre-training never sees it
+    assert _Classes(val_changed, y).labelled_digest() == digest
+    changed = x.clone()
+    changed[7, 0, 0, 0] += 1e-3  # one value of one meta-train example (class 0)
+    assert _Classes(changed, y).labelled_digest() != digest
+    reordered = _Classes(x, y, split=((0, 2, 1), (3, 4), (5, 6)))  # global labels change
+    moved = _Classes(x, y, split=((0, 1, 2), (3, 5), (4, 6)))  # same meta-train data
+    assert reordered.labelled_digest() != digest
+    assert moved.labelled_digest() != digest
+
+
+def test_target_digest_follows_the_train_split():
+    x = torch.randn(40, 3)
+    for y, kind in ((torch.arange(40) % 4, "classification"), (x.sum(1), "regression")):
+        task = _Table(x, y, kind)
+        digest = task.labelled_digest()
+        assert _Table(x.clone(), y.clone(), kind).labelled_digest() == digest
+        train = int(torch.nonzero(torch.isin(x, task.meta_val().support_x[0]).all(1))[0])
+        changed = x.clone()
+        changed[train, 0] += 1.0
+        assert _Table(changed, y, kind).labelled_digest() != digest
+        test = int(torch.nonzero(torch.isin(x, task.meta_test().query_x[0]).all(1))[0])
+        changed = x.clone()
+        changed[test, 0] += 1.0  # a test example: pre-training never sees it
+        assert _Table(changed, y, kind).labelled_digest() == digest
+        assert _Table(x, y, kind, seed=1).labelled_digest() != digest  # another split

@@ -10,8 +10,16 @@ file holds the module's own ``state_dict``.
 
 The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only.
 Unpickling runs code named in the file, so a file that needs it is refused unless the user
-sets ``trust_pickle=True`` for a file they trust. Accepted layouts: a ``state_dict``, or a
-dict holding one under ``"model"`` (autometa's own trial files) or ``"state_dict"``.
+sets ``trust_pickle`` to true (the bool: anything else is a ConfigError) for a file they
+trust. Accepted layouts: a ``state_dict``, or a dict holding one under ``"model"``
+(autometa's own trial files) or ``"state_dict"``.
+
+The file is read and checked when the source model is constructed (see
+:func:`autometa.weights.read_state_dict`: a regular file, loadable, a ``state_dict``, finite
+values), which the engine does while preparing a search, so a bad file is refused before
+anything is stored; :meth:`Checkpoint.build` reuses the tensors read then. Whether they fit
+the architecture built for the task is checked by :meth:`Checkpoint.incompatibility`, which
+the engine also calls while preparing, on the instance.
 
 Every tensor must fit the architecture, with one exception: when only the head differs
 (e.g. a checkpoint trained for 64 classes used on 5-way episodes) and ``replace_head`` is
@@ -22,15 +30,30 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autometa import Backbone, ConfigError, PluginError, SourceModel, Task, TaskSpec
-from autometa.weights import load_weights, mismatches, read_state_dict, resolve_architecture
+from autometa import (
+    AutometaError,
+    Backbone,
+    ConfigError,
+    PluginError,
+    SourceModel,
+    Task,
+    TaskSpec,
+)
+from autometa.weights import (
+    check_flag,
+    fit_problem,
+    load_weights,
+    mismatches,
+    read_state_dict,
+    resolve_architecture,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +78,38 @@ class Checkpoint(SourceModel):
         self.path = Path(path).expanduser()
         self.arch = arch
         self.arch_params = dict(arch_params or {})
-        self.replace_head = replace_head
-        self.trust_pickle = trust_pickle
+        self.replace_head = check_flag("checkpoint.replace_head", replace_head)
+        self.trust_pickle = check_flag("checkpoint.trust_pickle", trust_pickle)
         self._factory = resolve_architecture(arch)
         self._source: SourceModel | None = None
         if isinstance(self._factory, type) and issubclass(self._factory, SourceModel):
             self._source = _call(self._factory, self.arch_params, arch)
+        # Read now: the engine constructs every source while preparing a search, so a
+        # missing, corrupt, pickled or NaN-holding file fails there, not in trial 0.
+        self._state = read_state_dict(self.path, trust_pickle=self.trust_pickle,
+                                      setting="checkpoint.trust_pickle")
+
+    def incompatibility(self, spec: TaskSpec) -> str | None:  # type: ignore[override]
+        """Why this architecture, or the file's tensors, cannot serve ``spec``; else None.
+
+        Called on the instance (the engine does, while preparing): it builds the
+        architecture for ``spec`` and compares the file's tensors with it, without
+        touching torch's global random generator.
+        """
+        reason = super().incompatibility(spec)
+        if reason is None and self._source is not None:
+            reason = self._source.incompatibility(spec)
+            if reason:
+                return f"uses architecture {self.arch!r}, which {reason}"
+        if reason is None:
+            try:
+                with torch.random.fork_rng(devices=[]):  # the trials' seeding stays untouched
+                    problem = self._fit(spec)[3]
+            except AutometaError as exc:  # e.g. a feature extractor refusing the inputs
+                return f"cannot build architecture {self.arch!r} for the task: {exc}"
+            if problem:
+                return f"cannot load its weights: {problem}"
+        return reason
 
     def prepare(self, task: Task) -> None:
         self._check(task.spec, f"task {task.identity.get('task', type(task).__name__)!r}")
@@ -69,18 +118,27 @@ class Checkpoint(SourceModel):
 
     def build(self, spec: TaskSpec) -> Backbone:
         self._check(spec, "the task")
+        model, target, ignore, problem = self._fit(spec)
+        if problem:
+            raise ConfigError(problem)
+        if ignore is _head:
+            log.info("checkpoint %s: the head does not fit; keeping a fresh head with %d "
+                     "outputs", self.path, spec.output_size)
+        load_weights(target, self._state, file=self.path, arch=self.arch, ignore=ignore)
+        return model
+
+    def _fit(self, spec: TaskSpec
+             ) -> tuple[Backbone, nn.Module, Callable[[str], bool], str | None]:
+        """The network for ``spec``, the module the file belongs to, the keys left fresh,
+        and why the file does not fit (None if it does)."""
         model, target = self._architecture(spec)
-        state = read_state_dict(self.path, trust_pickle=self.trust_pickle)
-        problems = mismatches(target.state_dict(), state)
+        ignore: Callable[[str], bool] = _nothing
+        problems = mismatches(target.state_dict(), self._state)
         if (self.replace_head and target is model and problems
                 and all(key.startswith("head.") for key, _ in problems)):
-            log.info("checkpoint %s: the head does not fit (%s); keeping a fresh head with "
-                     "%d outputs", self.path, problems[0][1], spec.output_size)
-            load_weights(target, state, file=self.path, arch=self.arch,
-                         ignore=lambda key: key.startswith("head."))
-        else:
-            load_weights(target, state, file=self.path, arch=self.arch)
-        return model
+            ignore = _head  # only the head differs: fresh head for the task's outputs
+        return model, target, ignore, fit_problem(target, self._state, file=self.path,
+                                                  arch=self.arch, ignore=ignore)
 
     def _check(self, spec: TaskSpec, task_name: str) -> None:
         if self._source is not None:
@@ -114,15 +172,31 @@ def feature_dim(net: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Width of ``net``'s output for inputs of ``input_shape`` (one forward pass)."""
     training = net.training
     net.eval()  # no running-statistics update
-    with torch.no_grad():
-        out = net(torch.zeros(2, *input_shape))  # (2, d)
-    net.train(training)
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, *input_shape))  # (2, d)
+    except (RuntimeError, ValueError) as exc:  # shapes that do not fit the network
+        lines = str(exc).strip().splitlines()
+        raise PluginError(
+            f"feature extractor {type(net).__name__} cannot take inputs of shape "
+            f"{[2, *input_shape]}: {lines[0] if lines else type(exc).__name__}"
+        ) from exc
+    finally:
+        net.train(training)
     if out.dim() != 2:
         raise PluginError(
             f"a feature extractor must return (batch, features); {type(net).__name__} returns "
             f"{list(out.shape)} for inputs of shape {[2, *input_shape]}"
         )
     return int(out.shape[1])
+
+
+def _nothing(key: str) -> bool:
+    return False
+
+
+def _head(key: str) -> bool:
+    return key.startswith("head.")
 
 
 def _call(factory: Any, kwargs: Mapping[str, Any], arch: str) -> Any:

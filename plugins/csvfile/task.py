@@ -19,6 +19,9 @@ The file is read with pandas (a header row of column names, then one row per exa
 Rules, checked once when the task is built, each failure one :class:`~autometa.DataError`
 naming the file, the column and the value:
 
+* **Duplicate column names** (``a,label,label``) are refused, naming the column and its
+  positions: pandas would rename the second ``label.1`` and silently use it as a feature
+  (the target leaking into the features). The header is read with the ``csv`` module.
 * **kind="auto"**: classification if the target column is text or boolean, or numeric with
   only integer values (``3.0`` counts) and at most ``AUTO_MAX_CLASSES`` (20) distinct ones;
   regression otherwise. Pass ``kind`` to decide yourself.
@@ -45,6 +48,7 @@ Rows are numbered in messages from 1, counting the data rows under the header.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -336,7 +340,32 @@ def read_csv(path: Path, name: str) -> pd.DataFrame:
     if len(frame) == 0:
         raise DataError(f"{name} has a header ({len(frame.columns)} column(s)) but no data "
                         "rows; add rows")
+    _check_unique_columns(path, name)
     return frame
+
+
+def _check_unique_columns(path: Path, name: str) -> None:
+    """DataError if a column name appears twice in the header (module docstring).
+
+    pandas renames a repeated ``label`` to ``label.1``, so its columns cannot tell: the
+    header row (the first non-empty line, as pandas reads it) is read again here.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as file:  # pandas drops a BOM too
+        header = next((row for row in csv.reader(file) if row), [])
+    positions: dict[str, list[int]] = {}
+    for position, column in enumerate(header, start=1):
+        if column:  # pandas names empty ones "Unnamed: <i>": distinct
+            positions.setdefault(column, []).append(position)
+    repeated = [(column, at) for column, at in positions.items() if len(at) > 1]
+    if repeated:
+        column, at = repeated[0]
+        more = f" (and {len(repeated) - 1} other repeated name(s))" if len(repeated) > 1 else ""
+        listed = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+        raise DataError(
+            f"{name}: column name {column!r} appears {len(at)} times in the header (columns "
+            f"{listed}){more}; pandas would read the copy as {column + '.1'!r}, a feature "
+            f"(the target leaking into the features if {column!r} is the target); rename or "
+            "drop one of them")
 
 
 def infer_kind(y: pd.Series) -> str:

@@ -12,14 +12,23 @@ images and others (or the same one) hold sub-folders is rejected, naming one of 
 An explicit ``layout`` reads only what that layout expects and ignores the rest (with a
 log message). Hidden entries (``.name``, ``__MACOSX``) and non-image files are skipped.
 
+Only regular files (after following a symlink) are images, and only folders are folders:
+a FIFO, socket or device (even one named ``pipe.png``), a dangling symlink, a symlink loop
+and a symlink to a folder above it are skipped, never opened or followed, and named in
+one warning at the end of the scan (skipping, rather than refusing the folder, because
+such entries are debris that the data do not need; the class checks below still refuse a
+folder left without images). So a scan never hangs on a FIFO or recurses through a loop.
+
 Every problem is one :class:`~autometa.DataError` naming the folder or file, what was
 expected and the fix. Scanning reads directory listings only; :func:`decode` opens files.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,18 +84,67 @@ class _Listing:
     dirs: list[Path]
 
 
-def _list(directory: Path) -> _Listing:
+#: Entries listed by name in the warning about skipped entries; the rest are counted.
+LISTED = 5
+
+
+def _list(directory: Path, skipped: list[tuple[Path, str]]) -> _Listing:
+    """Images and folders of ``directory``; other entries that are neither regular files nor
+    folders go to ``skipped`` as ``(path, why)`` (see the module docstring)."""
     images: list[Path] = []
     dirs: list[Path] = []
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(".") or entry.name == "__MACOSX":
                 continue
-            if entry.is_dir():
-                dirs.append(Path(entry.path))
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                images.append(Path(entry.path))
+            path = Path(entry.path)
+            try:
+                mode = entry.stat().st_mode  # follows a symlink; never opens the entry
+            except OSError as exc:  # a dangling symlink, a symlink loop, no permission
+                why = ("a symlink loop" if exc.errno == errno.ELOOP else
+                       "a dangling symlink" if entry.is_symlink() else
+                       exc.strerror or type(exc).__name__)
+                skipped.append((path, why))
+                continue
+            if stat.S_ISDIR(mode):
+                if entry.is_symlink() and _points_above(path, directory):
+                    skipped.append((path, "a symlink to a folder above it, a loop"))
+                else:
+                    dirs.append(path)
+            elif not stat.S_ISREG(mode):  # never opened: reading a FIFO blocks forever
+                skipped.append((path, _special(mode)))
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(path)
     return _Listing(sorted(images), sorted(dirs))
+
+
+def _points_above(link: Path, directory: Path) -> bool:
+    """Whether the folder ``link`` (in ``directory``) resolves to ``directory`` or above."""
+    target, here = link.resolve(), directory.resolve()
+    return target == here or target in here.parents
+
+
+def _special(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _warn_skipped(root: Path, skipped: list[tuple[Path, str]]) -> None:
+    """One warning naming the entries that are neither regular files nor folders."""
+    if not skipped:
+        return
+    skipped = sorted(skipped, key=lambda entry: entry[0].as_posix())
+    named = "; ".join(f"{path.relative_to(root).as_posix()!r} ({why})"
+                      for path, why in skipped[:LISTED])
+    more = f"; and {len(skipped) - LISTED} more" if len(skipped) > LISTED else ""
+    log.warning("%s: skipped %d entr%s of %r that %s neither a regular file nor a folder: "
+                "%s%s", NAME, len(skipped), "y" if len(skipped) == 1 else "ies", str(root),
+                "is" if len(skipped) == 1 else "are", named, more)
 
 
 def _check_root(root: Path) -> None:
@@ -111,7 +169,15 @@ def scan(root: Path, layout: str = "auto") -> Folder:
     if layout not in LAYOUTS:
         raise ConfigError(f"{NAME}: layout {layout!r} is not one of {list(LAYOUTS)}")
     _check_root(root)
-    top = _list(root)
+    skipped: list[tuple[Path, str]] = []
+    try:
+        return _scan(root, layout, skipped)
+    finally:  # also before an error such as "holds no images": it may be why
+        _warn_skipped(root, skipped)
+
+
+def _scan(root: Path, layout: str, skipped: list[tuple[Path, str]]) -> Folder:
+    top = _list(root, skipped)
     if top.images:
         raise DataError(
             f"{NAME}: {str(root)!r} holds {len(top.images)} image(s) directly (first: "
@@ -121,7 +187,7 @@ def scan(root: Path, layout: str = "auto") -> Folder:
         raise DataError(f"{NAME}: {str(root)!r} has no class folders; expected one sub-folder "
                         f"of images per class ({CLASSES_HINT}) or the Omniglot layout "
                         f"({OMNIGLOT_HINT})")
-    listings = {d: _list(d) for d in top.dirs}
+    listings = {d: _list(d, skipped) for d in top.dirs}
     if layout == "auto":
         layout = _detect(root, listings)
     if layout == "classes":
@@ -138,7 +204,7 @@ def scan(root: Path, layout: str = "auto") -> Folder:
                     f"{NAME}: alphabet folder {alphabet.name!r} in {str(root)!r} has no "
                     f"character folders; the Omniglot layout is {OMNIGLOT_HINT}; add "
                     "character folders, remove it, or use layout='classes'")
-            classes += [_class(root, d, _list(d), alphabet.name, "deeper folder")
+            classes += [_class(root, d, _list(d, skipped), alphabet.name, "deeper folder")
                         for d in listing.dirs]
     return Folder(root, layout, classes)
 

@@ -6,11 +6,18 @@ linear classifier over all meta-train classes (global labels, ``task.sample_labe
 then keep the features and put a fresh head on them for the task's episodes.
 
 Pre-training happens in :meth:`Pretrained.prepare`, once: the features' ``state_dict`` is
-cached on disk under a name hashing everything that determines it (the task's identity,
-the backbone and its parameters, the pre-training settings), so every later trial and
-every later search with the same settings loads it instead (``weights_only`` loading).
-It is seeded by ``seed`` alone and leaves torch's global generator untouched, so a cache
-hit and a miss build exactly the same network.
+cached on disk under a name hashing everything that determines it, so every later trial
+and every later search with the same data and settings loads it instead (``weights_only``
+loading). The key is the content, not the task's name or parameters: a sha256 of the data
+pre-training sees (the labelled meta-train pool's examples and global labels) and of the
+class split, from the task's ``labelled_digest()`` (:mod:`autometa.datasets` tasks have one;
+for another task, a fixed sample of ``sample_labelled`` with the task's identity stands in),
+plus the backbone, its parameters and the pre-training settings. So rows or classes
+appended to a user's CSV file, which move classes between meta-train, meta-val and
+meta-test, give another cache file: features pre-trained on what are now meta-val or
+meta-test classes are never reused. A cache file that cannot be read is pre-trained again.
+Pre-training is seeded by ``seed`` alone and leaves torch's global generator untouched, so
+a cache hit and a miss build exactly the same network.
 
 Cache directory: ``cache_dir``, else ``$AUTOMETA_CACHE``, else ``autometa-cache`` in the
 working directory.
@@ -33,13 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from autometa import Backbone, ConfigError, DataError, SourceModel, Task, TaskSpec
-from autometa.weights import resolve_architecture
+from autometa.weights import read_state_dict, resolve_architecture
 
 log = logging.getLogger(__name__)
 
 #: Bumped when the recipe changes, so that older cache files are not reused.
 RECIPE = 1
 DEFAULT_CACHE = "autometa-cache"
+#: Labelled examples hashed for a task without ``labelled_digest()``.
+FALLBACK_SAMPLE = 2048
 
 
 class Pretrained(SourceModel):
@@ -83,8 +92,11 @@ class Pretrained(SourceModel):
         self._input_shape: tuple[int, ...] | None = None
 
     def cache_path(self, task: Task) -> Path:
-        """The cache file for ``task`` and these settings."""
-        key = json.dumps({"task": task.identity, **self.settings}, sort_keys=True, default=str)
+        """The cache file for ``task``'s data and class split, and these settings."""
+        return self._cache_path(data_digest(task))
+
+    def _cache_path(self, data: str) -> Path:
+        key = json.dumps({"data": data, **self.settings}, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.backbone)
         return self.cache_dir / f"pretrained-{name}-{digest}.pt"
@@ -104,16 +116,17 @@ class Pretrained(SourceModel):
                 f"it {reason}"
             )
         self.source.prepare(task)
-        path = self.cache_path(task)
-        if path.is_file():
+        data = data_digest(task)
+        path = self._cache_path(data)
+        self._features = _read_cache(path)
+        if self._features is not None:
             log.info("pretrained %s: reusing %s", self.backbone, path)
-            self._features = torch.load(path, map_location="cpu", weights_only=True)
         else:
             log.info("pretrained %s: pre-training on %d meta-train classes for %d steps "
                      "(cached in %s)", self.backbone, task.train_classes,
                      self.settings["steps"], path)
             self._features = pretrain(self.source, task, **_recipe(self.settings))
-            _save(self._features, path, {"task": task.identity, **self.settings})
+            _save(self._features, path, {"data": data, "task": task.identity, **self.settings})
         self._input_shape = tuple(task.input_shape)
 
     def build(self, spec: TaskSpec) -> Backbone:
@@ -171,6 +184,40 @@ def pretrain(
                                 f"step {step}); lower 'lr'")
     log.info("pretrained: final pre-training loss %.4f", loss.item())
     return {k: v.detach().cpu().clone() for k, v in model.features.state_dict().items()}
+
+
+def data_digest(task: Task) -> str:
+    """sha256 (hex) of what pre-training on ``task`` sees, and of its class split.
+
+    ``task.labelled_digest()`` when the task has one (every :mod:`autometa.datasets` task,
+    computed once per task); else a digest of ``FALLBACK_SAMPLE`` examples drawn by
+    ``sample_labelled`` from a fixed generator, with the task's identity.
+    """
+    own = getattr(task, "labelled_digest", None)
+    if callable(own):
+        return str(own())
+    hasher = hashlib.sha256(json.dumps(task.identity, sort_keys=True, default=str).encode())
+    hasher.update(repr((tuple(task.input_shape), task.train_classes)).encode())
+    try:
+        generator = torch.Generator(device=task.device).manual_seed(0)
+        x, y = task.sample_labelled(FALLBACK_SAMPLE, generator)  # (n, *input_shape), (n,)
+    except NotImplementedError:  # no labelled pool: prepare() refuses such a task anyway
+        return hasher.hexdigest()
+    for tensor in (x.to("cpu", torch.float32), y.to("cpu", torch.int64)):
+        hasher.update(tensor.contiguous().numpy().data)
+    return hasher.hexdigest()
+
+
+def _read_cache(path: Path) -> dict[str, Tensor] | None:
+    """The cached features' state, or None if there is none or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return read_state_dict(path)
+    except (ConfigError, DataError) as exc:  # damaged, or removed meanwhile: train again
+        log.warning("pretrained: ignoring the cache file %s (%s); pre-training again", path,
+                    exc)
+        return None
 
 
 def _recipe(settings: Mapping[str, Any]) -> dict[str, Any]:

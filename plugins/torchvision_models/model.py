@@ -3,9 +3,15 @@
 ``arch`` is any classification model of ``torchvision.models`` ("resnet18", "vgg16",
 "efficientnet_b0", ...). It is built without weights (never ``weights="DEFAULT"``, which
 downloads); ``path`` optionally names a local weights file, read like the ``checkpoint``
-source model (``weights_only``). The last linear layer is the classifier: everything before
-it is the features, and a fresh linear head serves the task's outputs (so the file's
-classifier, of any size, is ignored).
+source model (``weights_only``; ``trust_pickle`` must be the bool true to allow pickled
+code). The last linear layer is the classifier: everything before it is the features, and
+a fresh linear head serves the task's outputs (so the file's classifier, of any size, is
+ignored).
+
+With a ``path``, the constructor reads and checks the file (a regular file, loadable, a
+``state_dict``, finite values) and loads it into the network, so a bad or mismatched file
+fails while the engine prepares a search, before anything is stored; :meth:`build` then
+copies that network instead of reading the file again.
 
 The features module adapts few-shot images to what the network expects: 1-channel images
 are repeated to 3 channels, images are resized to ``size`` x ``size`` (bilinear, inside the
@@ -20,6 +26,7 @@ place does not). ``running_stats=True`` keeps torchvision's behaviour.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from types import ModuleType
 
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 
 from autometa import Backbone, ConfigError, PluginError, SourceModel, TaskSpec
 from autometa.errors import unknown
-from autometa.weights import load_weights, read_state_dict
+from autometa.weights import check_flag, load_weights, read_state_dict
 from autometa_plugins.torchvision_models import missing_reason
 
 #: Auxiliary classifiers (GoogLeNet, Inception v3): dropped, they only serve ImageNet training.
@@ -99,9 +106,21 @@ class TorchvisionModel(SourceModel):
         self.arch = arch
         self.path = path
         self.size = size
-        self.normalize = normalize
-        self.running_stats = running_stats
-        self.trust_pickle = trust_pickle
+        self.normalize = check_flag("torchvision.normalize", normalize)
+        self.running_stats = check_flag("torchvision.running_stats", running_stats)
+        self.trust_pickle = check_flag("torchvision.trust_pickle", trust_pickle)
+        # With a file: the network with its weights, read and checked now (in preparation).
+        self._loaded: tuple[nn.Module, int] | None = None
+        if path is not None:
+            state = read_state_dict(path, trust_pickle=self.trust_pickle,
+                                    setting="torchvision.trust_pickle")
+            with torch.random.fork_rng(devices=[]):  # every weight comes from the file
+                net, in_features, classifier = self._network()
+            # The file's classifier (any number of classes) and auxiliary heads are not used.
+            unused = (classifier + ".", *(name + "." for name in AUXILIARY))
+            load_weights(net, state, file=path, arch=f"torchvision {arch}",
+                         ignore=lambda key: key.startswith(unused))
+            self._loaded = net, in_features
 
     @classmethod
     def incompatibility(cls, spec: TaskSpec) -> str | None:
@@ -114,6 +133,21 @@ class TorchvisionModel(SourceModel):
         return reason
 
     def build(self, spec: TaskSpec) -> Backbone:
+        if self._loaded is not None:
+            net, in_features = copy.deepcopy(self._loaded[0]), self._loaded[1]
+        else:
+            net, in_features, _ = self._network()
+        if not self.running_stats:
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.track_running_stats = False
+                    m.running_mean = m.running_var = m.num_batches_tracked = None
+        features = ImageFeatures(net, self.size, self.normalize)
+        return Backbone(features, nn.Linear(in_features, spec.output_size))
+
+    def _network(self) -> tuple[nn.Module, int, str]:
+        """The architecture without auxiliary heads and with its classifier replaced by an
+        identity; the classifier's input width and dotted name."""
         builder = getattr(self.models, "get_model", None)
         net: nn.Module = (builder(self.arch, weights=None) if builder
                           else getattr(self.models, self.arch)(weights=None))
@@ -125,19 +159,7 @@ class TorchvisionModel(SourceModel):
         classifier = _classifier(net, self.arch)
         in_features = net.get_submodule(classifier).in_features
         _set(net, classifier, nn.Identity())
-        if self.path is not None:
-            # The file's classifier (any number of classes) and auxiliary heads are not used.
-            unused = (classifier + ".", *(name + "." for name in AUXILIARY))
-            state = read_state_dict(self.path, trust_pickle=self.trust_pickle)
-            load_weights(net, state, file=self.path, arch=f"torchvision {self.arch}",
-                         ignore=lambda key: key.startswith(unused))
-        if not self.running_stats:
-            for m in net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.track_running_stats = False
-                    m.running_mean = m.running_var = m.num_batches_tracked = None
-        features = ImageFeatures(net, self.size, self.normalize)
-        return Backbone(features, nn.Linear(in_features, spec.output_size))
+        return net, in_features, classifier
 
 
 def _architectures(models: ModuleType) -> list[str]:

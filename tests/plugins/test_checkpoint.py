@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,15 +95,16 @@ def test_a_trial_artifact_loads(tmp_path):
 
 def test_pickled_code_is_refused_with_the_reason_and_the_remedy(tmp_path):
     path = save({"model": conv4().state_dict(), "extra": Custom()}, tmp_path / "pickled.pt")
-    source = Checkpoint(path=path, arch_params={"channels": 8})
-    with pytest.raises(DataError) as info:
-        source.build(SPEC)
+    with pytest.raises(DataError) as info:  # at construction: in preparation, not trial 0
+        Checkpoint(path=path, arch_params={"channels": 8})
     message = str(info.value)
     assert "\n" not in message
     assert str(tmp_path / "pickled.pt") in message
     assert "Custom" in message  # what the file would have run
     assert "can execute arbitrary code" in message
-    assert "trust_pickle=True" in message
+    assert "set checkpoint.trust_pickle=true" in message
+    assert "--param checkpoint.trust_pickle=true" in message
+    assert "weights_only" not in message  # never torch's advice to load it unsafely
 
 
 def test_trust_pickle_loads_it(tmp_path):
@@ -171,7 +176,9 @@ def test_missing_file(tmp_path):
 def test_not_a_torch_file_and_not_a_state_dict(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("hello")
-    with pytest.raises(DataError, match=r"cannot read weights file '.*junk\.pt': "):
+    with pytest.raises(DataError, match=r"weights file '.*junk\.pt' is corrupt or not a torch "
+                                        r"tensor file \(KeyError: 101\); replace it with a file "
+                                        r"saved by torch\.save"):
         read_state_dict(junk)
     listed = save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(DataError, match=r"holds a list; expected a state_dict"):
@@ -208,3 +215,181 @@ def test_architecture_that_cannot_serve_the_task_is_refused_naming_both(tmp_path
         source.prepare(task)
     with pytest.raises(ConfigError, match="cannot serve the task"):
         source.build(task.spec)
+
+
+# -- files checked at construction: in the engine's preparation, before anything is stored --
+class Malicious:
+    """Unpickling it runs a shell command: the file a trusting loader must never open."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def finishes(call, seconds: float = 10.0):
+    """``call()``'s result or exception, failing (not hanging) if it takes over ``seconds``."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s (a hang)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def bad_file(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "self-link":
+        path.symlink_to(path.name)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("hello")
+    elif kind == "truncated":
+        torch.save(conv4().state_dict(), path)
+        path.write_bytes(path.read_bytes()[:500])
+    elif kind == "plain-pickle":
+        path.write_bytes(pickle.dumps({"weight": [1.0, 2.0]}, protocol=4))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "error", "says"), [
+    ("missing", ConfigError, "does not exist"),
+    ("fifo", ConfigError, "is a FIFO (named pipe); set 'path' to a regular file"),
+    ("directory", ConfigError, "is a directory; set 'path' to a regular file"),
+    ("self-link", ConfigError, "is a symbolic link to nothing (dangling, or a loop)"),
+    ("empty", DataError, "is empty"),
+    ("text", DataError, "is corrupt or not a torch tensor file"),
+    ("truncated", DataError, "is corrupt or not a torch tensor file (RuntimeError: "),
+    ("plain-pickle", DataError, "is not a tensor file: it holds pickled data"),
+])
+def test_a_bad_file_is_refused_at_construction_in_one_line(tmp_path, kind, error, says):
+    path = bad_file(kind, tmp_path)
+    with pytest.raises(error) as info:
+        finishes(lambda: Checkpoint(path=str(path), arch_params={"channels": 8}))
+    message = str(info.value)
+    assert says in message
+    assert f"'{path}'" in message
+    assert "\n" not in message
+    assert "weights_only" not in message and "Weights only" not in message  # torch's text
+    if error is DataError and kind not in ("empty",):
+        assert "--param checkpoint.trust_pickle=true" in message
+
+
+def test_nan_or_infinite_weights_are_refused_naming_the_tensor_and_the_count(tmp_path):
+    state = conv4().state_dict()
+    state["features.4.weight"][0, 0, 0, :2] = float("nan")
+    state["head.bias"][1] = float("inf")
+    path = save(state, tmp_path / "diverged.pt")
+    with pytest.raises(DataError) as info:
+        Checkpoint(path=path, arch_params={"channels": 8})
+    assert str(info.value) == (
+        f"weights file '{path}' holds NaN or infinite values: tensor 'features.4.weight' has 2 "
+        "of 576 (and 1 more tensor(s)); the file is damaged or was saved from a diverged "
+        "training run; use another file")
+
+
+def test_large_finite_values_whose_sum_overflows_are_accepted(tmp_path):
+    state = {"w": torch.full((4,), 3e38), "h": torch.full((3,), 60000.0, dtype=torch.half)}
+    loaded = read_state_dict(save(state, tmp_path / "big.pt"))
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["h"], state["h"])
+
+
+@pytest.mark.parametrize("flag", [False, "False", "false", "no", 0, "0", None])
+def test_a_malicious_pickle_never_runs_unless_trust_pickle_is_true(tmp_path, flag):
+    marker = tmp_path / "pwned"
+    path = save({"model": Malicious(marker)}, tmp_path / "evil.pt")
+    error = DataError if flag is False else ConfigError
+    with pytest.raises(error) as info:
+        Checkpoint(path=path, trust_pickle=flag)
+    if flag is not False:
+        assert str(info.value) == (f"checkpoint.trust_pickle: expected true or false, got "
+                                   f"{flag!r}")
+    with pytest.raises(error):
+        read_state_dict(path, trust_pickle=flag)
+    assert not marker.exists()
+    # The file does run code when trusted: the check above could fail.
+    with pytest.raises(DataError, match="entry 'model' is not a tensor"):
+        Checkpoint(path=path, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_the_file_is_read_once_and_reused_by_every_build(tmp_path):
+    saved = conv4()
+    path = tmp_path / "c.pt"
+    save(saved.state_dict(), path)
+    source = Checkpoint(path=str(path), arch_params={"channels": 8})
+    path.unlink()  # build() must not need the file again
+    first, second = source.build(SPEC), source.build(SPEC)
+    assert torch.equal(first(X), saved(X)) and torch.equal(second(X), saved(X))
+    assert first.features[0].weight is not second.features[0].weight
+
+
+def test_incompatibility_checks_the_fit_for_the_task_without_touching_the_seed(tmp_path):
+    path = save(conv4(channels=8).state_dict(), tmp_path / "c8.pt")
+    wrong = Checkpoint(path=path, arch_params={"channels": 16})
+    torch.manual_seed(0)
+    reason = wrong.incompatibility(SPEC)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))  # the trials' seeding is untouched
+    assert reason.startswith(f"cannot load its weights: weights file '{path}' does not fit "
+                             "architecture 'conv4': 17 mismatch(es): features.0.weight is ")
+    assert Checkpoint(path=path, arch_params={"channels": 8}).incompatibility(SPEC) is None
+    ten = save(conv4(outputs=10).state_dict(), tmp_path / "ten.pt")  # only the head differs
+    assert Checkpoint(path=ten, arch_params={"channels": 8}).incompatibility(SPEC) is None
+    assert "head.weight is [10, 8]" in Checkpoint(
+        path=ten, arch_params={"channels": 8}, replace_head=False).incompatibility(SPEC)
+    assert "uses architecture 'conv4', which accepts inputs of rank [3]" in Checkpoint(
+        path=path, arch_params={"channels": 8}).incompatibility(TaskSpec("regression", (1,), 1))
+
+
+def test_preparation_refuses_a_bad_file_before_anything_is_stored(tmp_path, monkeypatch):
+    from autometa import SearchConfig, create_host
+    from autometa.study import prepare
+    from autometa_plugins import checkpoint, glyphs, maml
+    from autometa_plugins import conv4 as conv4_plugin
+
+    monkeypatch.chdir(tmp_path)
+    host = create_host(entry_points=False, plugins={
+        "glyphs": glyphs, "maml": maml, "conv4": conv4_plugin, "checkpoint": checkpoint})
+    small = {"ways": 5, "shots": 1, "queries": 1, "train_classes": 5, "val_classes": 5,
+             "test_classes": 5, "examples": 2, "val_episodes": 2, "test_episodes": 2}
+    state = conv4(channels=8).state_dict()
+    state["head.weight"][0, 0] = float("nan")
+    for name, params, says in [
+        ("nan.pt", {"channels": 8}, "holds NaN or infinite values: tensor 'head.weight'"),
+        ("c8.pt", {"channels": 16}, "cannot load its weights: weights file"),
+    ]:
+        path = save(state if name == "nan.pt" else conv4().state_dict(), tmp_path / name)
+        config = SearchConfig(task="glyphs", task_params=small, sources=["checkpoint"],
+                              source_params={"checkpoint": {"path": path,
+                                                            "arch_params": params}})
+        with pytest.raises((ConfigError, DataError), match=re.escape(says)):
+            prepare(config, host)
+    assert not (tmp_path / "autometa.db").exists()
+
+
+def test_a_feature_extractor_that_refuses_the_inputs_is_a_reason_not_a_trace(tmp_path):
+    path = save(make_features().state_dict(), tmp_path / "features.pt")  # expects 64 inputs
+    source = Checkpoint(path=path, arch=f"{__name__}:make_features")
+    reason = source.incompatibility(TaskSpec("classification", (1, 28, 28), 5))
+    assert reason.startswith(f"cannot build architecture '{__name__}:make_features' for the "
+                             "task: feature extractor Sequential cannot take inputs of shape "
+                             "[2, 1, 28, 28]: ")
+    assert "\n" not in reason
+    assert source.incompatibility(SPEC) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -287,3 +288,66 @@ def test_cli_bad_folder_exits_2_and_keeps_the_storage(
         result.stderr
     assert "cannot read image 'bad/class-3/broken.png'" in lines[0]
     assert (base / "autometa.db").read_bytes() == before
+
+
+# -- hostile entries: FIFOs, symlink loops, dangling links ----------------------------------
+def finishes(call: Callable[[], object], seconds: float = 20.0) -> object:
+    """``call()``'s result or exception; fails (rather than hangs) past ``seconds``."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s: a hang"
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+def test_fifo_and_symlink_loops_are_skipped_with_one_warning(tmp_path: Path, caplog) -> None:
+    root = make_classes(tmp_path / "images", classes=6, per_class=3)
+    os.mkfifo(root / "class-0" / "pipe.png")  # opening it would block forever
+    (root / "class-1" / "self.png").symlink_to("self.png")  # a symlink to itself
+    (root / "class-2" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "class-3" / "up").symlink_to("..")  # a folder loop (ignored sub-folder anyway)
+    (root / "loop").symlink_to(".")  # a class folder that is the root itself
+    (root / "class-4" / "linked.png").symlink_to(root / "class-5" / "0.png")  # a real image
+    with caplog.at_level("WARNING", logger="autometa_plugins.image_folder.loader"):
+        task = finishes(lambda: ImageFolder(path=root, size=8, val_fraction=0.34,
+                                            test_fraction=0.34, **EPISODES))
+    assert task.class_names == [f"class-{i}" for i in range(6)]
+    assert [len(c.files) for c in task.folder.classes] == [3, 3, 3, 3, 4, 3]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [
+        f"image-folder: skipped 5 entries of {str(root)!r} that are neither a regular file "
+        "nor a folder: 'class-0/pipe.png' (a FIFO (named pipe)); 'class-1/self.png' (a "
+        "symlink loop); 'class-2/gone.png' (a dangling symlink); 'class-3/up' (a symlink to "
+        "a folder above it, a loop); 'loop' (a symlink to a folder above it, a loop)"
+    ]
+
+
+def test_a_class_of_only_a_fifo_is_refused_in_one_line(tmp_path: Path, caplog) -> None:
+    root = make_classes(tmp_path / "images", classes=3, per_class=3)
+    (root / "class-9").mkdir()
+    os.mkfifo(root / "class-9" / "pipe.png")
+    with caplog.at_level("WARNING", logger="autometa_plugins.image_folder.loader"), \
+            pytest.raises(DataError) as info:
+        finishes(lambda: ImageFolder(path=root, **EPISODES))
+    assert str(info.value).startswith("image-folder: class folder 'class-9' in ")
+    assert "holds no images" in str(info.value)
+    assert any("'class-9/pipe.png' (a FIFO (named pipe))" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_fifo_named_like_an_image_is_never_opened(tmp_path: Path) -> None:
+    root = make_classes(tmp_path / "images", classes=6, per_class=3)
+    os.mkfifo(root / "class-0" / "pipe.png")  # reading it blocks until a writer comes
+    task = finishes(lambda: ImageFolder(path=root, size=8, val_fraction=0.34,
+                                        test_fraction=0.34, **EPISODES), seconds=10)
+    assert [len(c.files) for c in task.folder.classes] == [3] * 6

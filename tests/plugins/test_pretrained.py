@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from autometa import ConfigError, PluginError, create_host
+from autometa import ConfigError, PluginError, Task, create_host
 from autometa.trial import TrialPlan, build
 from autometa_plugins import maml
 from autometa_plugins import pretrained as pretrained_plugin
 from autometa_plugins.conv4.model import Conv4
+from autometa_plugins.csvfile.task import CSVTask
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.pretrained import model as pretrained
 from autometa_plugins.pretrained.model import Pretrained
@@ -165,3 +167,97 @@ def test_the_engine_prepares_and_builds_it_in_a_trial(task, tmp_path, calls):
     assert len(calls) == 1
     assert torch.equal(first.model.features[0].weight, second.model.features[0].weight)
     assert not torch.equal(first.model.head.weight, second.model.head.weight)  # trial-seeded
+
+
+# -- caches keyed on content: the data pre-training saw and the class split ---------------
+TINY = {"backbone": "mlp", "backbone_params": {"hidden": 8, "layers": 1}, "steps": 3,
+        "batch_size": 8}
+
+
+def write_rows(path, classes, rows_per_class: int = 6, mode: str = "w") -> None:
+    """Rows of classes ``c0, c1, ...`` (numbers ``classes``) with two seeded features."""
+    rng = np.random.default_rng(len(classes))
+    with open(path, mode) as file:
+        if mode == "w":
+            file.write("a,b,label\n")
+        for c in classes:
+            for _ in range(rows_per_class):
+                file.write(f"{rng.normal(c):.4f},{rng.normal(-c):.4f},c{c}\n")
+
+
+def csv_task(path) -> CSVTask:
+    task = CSVTask(path=str(path), target="label", episodes="few-shot", ways=2, shots=1,
+                   queries=2, val_classes=2, test_classes=2, val_episodes=2, test_episodes=2)
+    task.identity = {"task": "csv", "params": {"path": str(path)}, "seed": 0}  # as the engine
+    return task
+
+
+def test_appending_classes_to_the_csv_file_gives_another_cache_file(tmp_path, calls):
+    data = tmp_path / "data.csv"
+    write_rows(data, range(6))
+    before = csv_task(data)
+    source = Pretrained(**TINY, cache_dir=str(tmp_path / "cache"))
+    source.prepare(before)
+    first = source.cache_path(before)
+    assert first.is_file() and len(calls) == 1
+
+    unchanged = csv_task(data)  # the same file, read again (a later search)
+    assert Pretrained(**TINY, cache_dir=str(tmp_path / "cache")).cache_path(unchanged) == first
+    Pretrained(**TINY, cache_dir=str(tmp_path / "cache")).prepare(unchanged)
+    assert len(calls) == 1  # reused
+
+    write_rows(data, range(6, 10), mode="a")  # new classes: the class split moves
+    after = csv_task(data)
+    assert after.identity == before.identity  # what the old key was made of
+    assert set(after.classes["train"]) != set(before.classes["train"])
+    again = Pretrained(**TINY, cache_dir=str(tmp_path / "cache"))
+    again.prepare(after)
+    assert again.cache_path(after) != first
+    assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_changed_meta_train_values_give_another_cache_file(tmp_path):
+    data = tmp_path / "data.csv"
+    write_rows(data, range(6))
+    source = Pretrained(**TINY, cache_dir=str(tmp_path))
+    first = source.cache_path(csv_task(data))
+    task = csv_task(data)
+    row = int(task.rows["train"][0]) + 2  # +1 for the header, +1: lines count from 1
+    lines = data.read_text().splitlines()
+    cells = lines[row - 1].split(",")
+    lines[row - 1] = ",".join([str(float(cells[0]) + 1.0), *cells[1:]])
+    data.write_text("\n".join(lines) + "\n")
+    assert source.cache_path(csv_task(data)) != first
+
+
+def test_a_damaged_cache_file_is_pre_trained_again(task, tmp_path, calls, caplog):
+    source = Pretrained(**FAST, cache_dir=str(tmp_path))
+    path = source.cache_path(task)
+    path.write_bytes(b"not a tensor file")
+    with caplog.at_level("WARNING", logger="autometa_plugins.pretrained.model"):
+        source.prepare(task)
+    assert len(calls) == 1
+    assert any("ignoring the cache file" in r.getMessage() for r in caplog.records)
+    assert torch.load(path, weights_only=True).keys() == source.build(
+        task.spec).features.state_dict().keys()
+
+
+def test_a_task_without_a_digest_is_keyed_on_a_sample_of_its_labelled_pool(task, tmp_path):
+    class Plain(Task):
+        """A third-party task: sample_labelled only."""
+
+        kind, input_shape, output_size, train_classes = "classification", (2,), 2, 2
+
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift = shift
+
+        def sample_labelled(self, n, generator):
+            y = torch.randint(2, (n,), generator=generator)
+            return torch.rand(n, 2, generator=generator) + self.shift * y[:, None], y
+
+        sample = meta_val = meta_test = None
+
+    source = Pretrained(**TINY, cache_dir=str(tmp_path))
+    assert source.cache_path(Plain(1.0)) == source.cache_path(Plain(1.0))
+    assert source.cache_path(Plain(1.0)) != source.cache_path(Plain(2.0))

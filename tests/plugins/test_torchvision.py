@@ -3,6 +3,7 @@ input adaptation and local weights checked against a stand-in ``torchvision`` mo
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autometa
-from autometa import ConfigError, PluginError, SearchConfig, TaskSpec
+from autometa import ConfigError, DataError, PluginError, SearchConfig, TaskSpec
 from autometa.study import prepare
 from autometa_plugins import conv4, digits, maml, torchvision_models
 from autometa_plugins.torchvision_models.model import ImageFeatures, TorchvisionModel
@@ -226,3 +227,50 @@ def test_incompatibility_with_torchvision_present(fake_torchvision):
         "needs 1- or 3-channel images, the task's have 2")
     assert "accepts inputs of rank [3]" in TorchvisionModel.incompatibility(
         TaskSpec("regression", (4,), 1))
+
+
+class Malicious:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_is_checked_at_construction(fake_torchvision, tmp_path):
+    mismatched = tmp_path / "vgg.pt"
+    torch.save(TinyVGG().state_dict(), mismatched)
+    with pytest.raises(ConfigError, match="does not fit architecture 'torchvision tinyresnet'"):
+        TorchvisionModel(arch="tinyresnet", path=str(mismatched))  # no build() needed
+    state = TinyResNet().state_dict()
+    state["conv.bias"][0] = float("nan")
+    diverged = tmp_path / "nan.pt"
+    torch.save(state, diverged)
+    with pytest.raises(DataError, match=r"holds NaN or infinite values: tensor 'conv\.bias' "
+                                        r"has 1 of 4;"):
+        TorchvisionModel(arch="tinyresnet", path=str(diverged))
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Malicious(marker)}, evil)
+    with pytest.raises(DataError, match=r"--param torchvision\.trust_pickle=true"):
+        TorchvisionModel(arch="tinyresnet", path=str(evil))
+    with pytest.raises(ConfigError, match=r"^torchvision\.trust_pickle: expected true or false, "
+                                          r"got 'False'$"):
+        TorchvisionModel(arch="tinyresnet", path=str(evil), trust_pickle="False")
+    assert not marker.exists()
+
+
+def test_the_file_is_read_once_and_each_build_is_a_fresh_copy(fake_torchvision, tmp_path):
+    saved = TinyResNet()
+    path = tmp_path / "tiny.pt"
+    torch.save(saved.state_dict(), path)
+    source = TorchvisionModel(arch="tinyresnet", path=str(path), size=8)
+    path.unlink()  # build() must not read it again
+    torch.manual_seed(1)
+    first = source.build(SPEC)
+    torch.manual_seed(2)
+    second = source.build(SPEC)
+    for model in (first, second):
+        assert torch.equal(model.features.net.conv.weight, saved.conv.weight)
+    assert first.features.net.conv.weight is not second.features.net.conv.weight
+    assert not torch.equal(first.head.weight, second.head.weight)  # seeded per trial
