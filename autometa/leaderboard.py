@@ -7,6 +7,7 @@ is cached in the study so that re-reading a leaderboard does not re-evaluate.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from autometa.errors import ConfigError, redact
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import optuna
@@ -121,6 +124,7 @@ def compute_leaderboard(
     from autometa.metrics import mean_ci95
     from autometa.study import CONFIG_ATTR
     from autometa.trial import (
+        Diverged,
         TrialPlan,
         build,
         evaluate,
@@ -154,10 +158,16 @@ def compute_leaderboard(
                 algorithm = build(host, task, plan, trial_seed(search_seed, t.number))
                 load_state(algorithm, state)
                 episodes = task.meta_test()
-                scores = evaluate(algorithm, episodes, task)
-                mean, half = mean_ci95(scores)
-                over = "examples" if scored_per_example(episodes, task) else "episodes"
-                cache[key] = {"mean": mean, "ci95": half, "n": len(scores), "over": over}
+                try:
+                    scores = evaluate(algorithm, episodes, task, split="meta-test")
+                except Diverged as exc:  # listed without a test score, never ranked on NaN
+                    log.warning("trial %d has no meta-test score: %s", t.number, exc)
+                    cache[key] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": "",
+                                  "failure": f"diverged: {exc}"}
+                else:
+                    mean, half = mean_ci95(scores)
+                    over = "examples" if scored_per_example(episodes, task) else "episodes"
+                    cache[key] = {"mean": mean, "ci95": half, "n": len(scores), "over": over}
                 study.set_user_attr(TEST_ATTR, cache)
             test = {"n": cache[key].get("episodes", 0), "over": "episodes", **cache[key]}
         rows.append({

@@ -166,3 +166,31 @@ def test_read_only_commands_create_no_storage(tmp_path: Path, capsys):
     assert main(["leaderboard", "nosuch"]) == 2
     assert "no database" in capsys.readouterr().err
     assert not (tmp_path / "autometa.db").exists()
+
+
+class Raises(Late):
+    """An algorithm whose own code raises when the engine asks about it."""
+
+    @classmethod
+    def search_space(cls):
+        raise RuntimeError("boom\nsecond line")
+
+
+class _RaisesPlugin:
+    @staticmethod
+    @autometa.hookimpl
+    def register_meta_algorithms(register):
+        register("raises", Raises)
+
+
+def test_a_plugin_whose_search_space_raises_is_left_out_of_a_default_search(tmp_path):
+    host = _host(("raises", _RaisesPlugin()))
+    board = autometa.search("sinusoid", host=host, sources=["mlp"], n_trials=1,
+                            storage=f"sqlite:///{tmp_path / 'a.db'}",
+                            artifacts=str(tmp_path / "art"), **TINY)
+    assert list(board.frame["algorithm"]) == ["maml"]
+    with pytest.raises(autometa.PluginError, match="raised in search_space..: RuntimeError: "
+                                                   "boom second line$"):
+        autometa.search("sinusoid", host=host, algorithms=["raises"], sources=["mlp"],
+                        n_trials=1, storage=f"sqlite:///{tmp_path / 'b.db'}", **TINY)
+    assert not (tmp_path / "b.db").exists()
