@@ -26,8 +26,8 @@ _LAZY = {
     "MetaAlgorithm": "autometa.algorithm",
     "Metric": "autometa.metrics",
     "SearchConfig": "autometa.config",
-    "search": "autometa.study",
-    "run_search": "autometa.study",
+    "search": "autometa.engine.run",
+    "run_search": "autometa.engine.run",
     "Leaderboard": "autometa.leaderboard",
     "load_leaderboard": "autometa.leaderboard",
 }
@@ -62,10 +62,10 @@ __all__ = [
 if TYPE_CHECKING:
     from autometa.algorithm import MetaAlgorithm
     from autometa.config import SearchConfig
+    from autometa.engine.run import run_search, search
     from autometa.leaderboard import Leaderboard, load_leaderboard
     from autometa.metrics import Metric
     from autometa.source_model import Backbone, SourceModel
-    from autometa.study import run_search, search
     from autometa.task import Episodes, Task, TaskSpec
 
 

@@ -239,8 +239,8 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     host = create_host()
     config = config_from_args(args, sources=host.names("source"))
     check_writable_dir(args.out, "--out")
+    from autometa.engine.run import run_search
     from autometa.progress import Progress, RichProgress
-    from autometa.study import run_search
 
     _quiet_optuna()
     progress = Progress() if args.no_progress else RichProgress()

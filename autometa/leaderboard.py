@@ -121,8 +121,8 @@ def compute_leaderboard(
     """Rank ``study``'s completed trials and score the ``top_k`` best on meta-test."""
     from optuna.trial import TrialState
 
+    from autometa.engine.storage import CONFIG_ATTR
     from autometa.metrics import mean_ci95
-    from autometa.study import CONFIG_ATTR
     from autometa.trial import (
         Diverged,
         TrialPlan,
@@ -219,14 +219,9 @@ def load_leaderboard(
     import optuna
 
     from autometa.config import DEFAULT_STORAGE, SearchConfig, check_study_name
+    from autometa.engine.prepare import build_task, check_device, parse_task_params
+    from autometa.engine.storage import CONFIG_ATTR, open_storage
     from autometa.plugins import create_host
-    from autometa.study import (
-        CONFIG_ATTR,
-        build_task,
-        check_device,
-        open_storage,
-        parse_task_params,
-    )
 
     if top_k is not None:
         check_top_k(top_k)

@@ -360,7 +360,7 @@ def test_incompatibility_checks_the_fit_for_the_task_without_touching_the_seed(t
 
 def test_preparation_refuses_a_bad_file_before_anything_is_stored(tmp_path, monkeypatch):
     from autometa import SearchConfig, create_host
-    from autometa.study import prepare
+    from autometa.engine.prepare import prepare
     from autometa_plugins import checkpoint, glyphs, maml
     from autometa_plugins import conv4 as conv4_plugin
 

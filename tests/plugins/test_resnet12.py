@@ -9,7 +9,7 @@ from torch.func import functional_call, vmap
 
 import autometa
 from autometa import ConfigError, SearchConfig, TaskSpec
-from autometa.study import prepare
+from autometa.engine.prepare import prepare
 from autometa_plugins import maml, resnet12, sinusoid
 from autometa_plugins.resnet12.model import ResNet12
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import autometa
 from autometa import ConfigError, DataError, PluginError, SearchConfig, TaskSpec
-from autometa.study import prepare
+from autometa.engine.prepare import prepare
 from autometa_plugins import conv4, digits, maml, torchvision_models
 from autometa_plugins.torchvision_models.model import ImageFeatures, TorchvisionModel
 

@@ -1,0 +1,207 @@
+"""Preparation: every input of a search checked, the task built and the plugins resolved,
+before anything is stored."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autometa.config import SearchConfig, check_writable_dir
+from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
+from autometa.params import declared_types, parse
+from autometa.plugins import PluginHost
+from autometa.space import Categorical, Float, Int, parse_value, restrict
+from autometa.task import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A validated search: the task is built and every plugin is resolved."""
+
+    config: SearchConfig
+    host: PluginHost
+    task: Task
+    algorithms: dict[str, dict[str, Any]]  # name -> restricted search space
+    sources: dict[str, dict[str, Any]]
+
+
+def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
+    """Check every input and resolve plugins and the task; raises before anything is stored.
+
+    The returned config holds every task parameter and plugin setting parsed as its
+    declared type (:mod:`autometa.params`), so that the study stores typed values.
+
+    Raises:
+        ConfigError, DataError, PluginError: the first bad input, one line naming it.
+    """
+    device = check_device(config.device)
+    check_writable_dir(Path(config.artifacts), "artifacts")
+    task_params = parse_task_params(config, host)
+    task = build_task(config, host, task_params, device)
+
+    def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
+        reason = cls.incompatibility(task)
+        return f"it {reason} (task {config.task!r})" if reason else None
+
+    def source_problem(cls: Any, space: dict[str, Any]) -> str | None:
+        # Set the source up with its fixed settings now, so that a missing setting (a
+        # checkpoint's path, an uninstalled library) fails before anything is stored.
+        fixed = {k: v for k, v in space.items() if not isinstance(v, Float | Int | Categorical)}
+        try:
+            source = cls(**fixed)
+        except AutometaError as exc:
+            return str(exc)
+        reason = source.incompatibility(task.spec)
+        return f"it {reason} (task {config.task!r})" if reason else None
+
+    algorithms = _choose(host, "algorithm", config.algorithms, config.algorithm_params,
+                         algorithm_problem, task)
+    sources = _choose(host, "source", config.sources, config.source_params, source_problem,
+                      task)
+    typed = replace(
+        config,
+        task_params=task_params,
+        algorithm_params={n: _overrides(s, config.algorithm_params.get(n, {}))
+                          for n, s in algorithms.items() if n in config.algorithm_params},
+        source_params={n: _overrides(s, config.source_params.get(n, {}))
+                       for n, s in sources.items() if n in config.source_params},
+    )
+    return Prepared(typed, host, task, algorithms, sources)
+
+
+def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's overrides of one plugin as parsed (fixed values, lists, ranges)."""
+    out: dict[str, Any] = {}
+    for name in given:
+        p = space[name]
+        if isinstance(p, Categorical):
+            out[name] = list(p.choices)
+        elif isinstance(p, Float | Int):
+            out[name] = {"low": p.low, "high": p.high}
+        else:
+            out[name] = p
+    return out
+
+
+def check_device(text: str) -> torch.device:
+    """The torch device ``text`` names, checked by placing a tensor on it.
+
+    Raises:
+        ConfigError: not a device name, ``meta`` (holds no data), or not usable here
+            (``cuda:9`` with one GPU, ``cuda`` on a CPU-only build of torch).
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {text!r} is not a torch device; use e.g. 'cpu', 'cuda' or "
+                          "'cuda:0'") from None
+    if device.type == "meta":
+        raise ConfigError("device: 'meta' tensors hold no data; use 'cpu' or 'cuda:N'")
+    try:
+        torch.zeros(1, device=device)
+    except Exception as exc:
+        available = "cpu" + (f", cuda:0..{torch.cuda.device_count() - 1}"
+                             if torch.cuda.is_available() else "")
+        raise ConfigError(f"device: {text!r} cannot be used here ({one_line(str(exc))}); "
+                          f"available: {available}") from None
+    return device
+
+
+def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
+    """``config.task_params`` parsed as the task's declared types and checked (ranges,
+    choices, required parameters)."""
+    task_cls = host.get("task", config.task).load()
+    types = declared_types(task_cls, skip=frozenset({"seed", "device"}))
+    params: dict[str, Any] = {}
+    for name, value in config.task_params.items():
+        if name not in types:
+            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, types))
+        key = f"task_params.{name}"
+        params[name] = (parse_value(key, task_cls.params[name], value)
+                        if name in task_cls.params else parse(key, types[name], value))
+    signature = inspect.signature(task_cls).parameters
+    missing = [n for n in types if signature[n].default is signature[n].empty
+               and n not in params]
+    if missing:
+        raise ConfigError(f"task {config.task!r} needs {', '.join(map(repr, missing))}; set "
+                          f"{' '.join(f'--task-param {n}=...' for n in missing)} (or "
+                          "task_params in a config file)")
+    return params
+
+
+def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str, Any],
+               device: torch.device) -> Task:
+    """Build the task once for the whole search (data live on ``device``).
+
+    ``task_params`` must come from :func:`parse_task_params`. A task that raises anything
+    but an autometa error is a plugin bug, reported as one :class:`PluginError` line.
+    """
+    task_cls = host.get("task", config.task).load()
+    try:
+        task: Task = task_cls(**task_params, seed=config.seed, device=device)
+    except AutometaError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"task {config.task!r} could not be built with {dict(task_params)}: "
+                          f"{type(exc).__name__}: {one_line(str(exc))}") from exc
+    task.identity = {"task": config.task, "params": dict(task_params), "seed": config.seed}
+    return task
+
+
+#: Constructor parameters the engine passes itself, never user settings.
+ENGINE_ARGUMENTS = frozenset({"self", "model", "task"})
+
+
+def _choose(
+    host: PluginHost,
+    kind: Any,
+    requested: list[str],
+    overrides: Mapping[str, Mapping[str, Any]],
+    problem: Callable[[Any, dict[str, Any]], str | None],
+    task: Task,
+) -> dict[str, dict[str, Any]]:
+    """The plugins of ``kind`` in the search, each with its restricted search space.
+
+    Plugins asked for by name must work (else an error); of the others, those that cannot
+    load, whose own code raises, or that ``problem`` rejects are left out with a log line.
+    """
+    label = "algorithm" if kind == "algorithm" else "source model"
+    names = requested or host.names(kind)
+    chosen: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            reg = host.get(kind, name)
+            declared = reg.declared(task)  # loads it; PluginError if it or its space fails
+            cls = reg.load()
+            space = restrict(name, declared, overrides.get(name, {}),
+                             settable=declared_types(cls, skip=ENGINE_ARGUMENTS))
+            with reg.guard("raised when checked against the task"):
+                reason = problem(cls, space)
+        except PluginError as exc:
+            if requested or host.strict:
+                raise
+            log.warning("leaving %s %r out of the search: %s", label, name, exc)
+            continue
+        if reason:
+            if requested:
+                raise ConfigError(f"{label} {name!r} cannot be used here: {reason}")
+            log.info("leaving %s %r out of the search: %s", label, name, reason)
+            continue
+        chosen[name] = space
+    for name in overrides:
+        if name not in chosen:
+            raise ConfigError(
+                f"{kind}_params has settings for {name!r}, which is not in the search; "
+                f"searched: {', '.join(chosen) or 'none'}"
+            )
+    if not chosen:
+        raise PluginError(f"no installed {label} is compatible with this task")
+    return chosen
