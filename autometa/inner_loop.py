@@ -4,15 +4,32 @@ Parameters are handled functionally, as a ``{name: tensor}`` dict evaluated thro
 ``torch.func.functional_call``. Adaptation is differentiable end to end: the meta-gradient
 flows through the inner SGD steps (second order) unless ``first_order`` treats the inner
 gradients as constants. Episodes are processed either all at once with ``torch.func.vmap``
-(``"vmap"``) or one at a time (``"loop"``); both give the same values and gradients,
-with one exception: PyTorch's vmap batching rule for the double backward of BatchNorm is
-wrong (functorch issue #534), so a second-order meta-gradient through a BatchNorm layer in
-training mode is computed with the loop ("auto") or refused ("vmap").
-Which is faster depends on the model and the device (vmap was ~10x faster than the loop for
-a small MLP on a 2-core CPU, ~3x slower for a conv4), so ``"auto"`` times both once per
-model signature, episode shape and device, on a few of the tasks, and remembers the choice
-for the process: the loop for a meta-gradient (it holds one episode's graph at a time,
-below) and vmap for predictions alone, unless the other is clearly (1.5x) faster.
+(``"vmap"``) or one at a time (``"loop"``); both give the same values and gradients where
+both are allowed. vmap is refused in two cases:
+
+* a second-order meta-gradient through a BatchNorm layer in training mode: PyTorch's vmap
+  batching rule for BatchNorm's double backward is wrong (functorch issue #534);
+* a forward pass that writes buffers (BatchNorm with running statistics in training
+  mode): under vmap the episodes would have to write one buffer at once.
+
+``"auto"`` is :func:`choose_strategy`: a fixed rule on the model's layers and modes and on
+whether a meta-gradient is taken, never a timing, so that two runs of a search on one
+machine take the same path and give the same bits (the two strategies agree only up to
+float rounding). The rule is measured by ``benchmarks/inner_loop_strategies.py``
+(``benchmarks/README.md``): the loop for convolutional models, vmap for the others.
+
+**BatchNorm with running statistics** (``track_running_stats=True``), the rule for every
+algorithm built on this toolkit, whatever the strategy and the order of the meta-gradient:
+
+* In training mode (meta-training) each forward pass normalises with the statistics of the
+  batch it sees and updates the running statistics in place (PyTorch's momentum average,
+  ``num_batches_tracked`` + 1), once per pass, in the order the passes run: episode after
+  episode, and within an episode each inner step's support pass, then the query pass. Such
+  models always run the loop (one episode at a time, on one thread). The running
+  statistics are buffers: the inner loop never adapts them, no meta-gradient reaches them.
+* In eval mode (``trial.evaluate``: meta-val and meta-test) every pass, the adaptation's
+  support passes included, normalises with the running statistics and leaves them
+  untouched.
 
 A meta-step calls :func:`meta_backward`: adaptation, query loss and backward in one, so
 that the loop strategy can back-propagate each episode as soon as its loss is known and
@@ -27,9 +44,7 @@ import concurrent.futures
 import copy
 import functools
 import logging
-import math
 import os
-import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Literal
@@ -38,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from autometa.errors import ConfigError
 from autometa.task import Episodes
 
 log = logging.getLogger(__name__)
@@ -141,6 +157,14 @@ def adapt_and_predict(
 
     Shapes: support_x (tasks, n_s, *in), support_y (tasks, n_s[, out]), query_x (tasks,
     n_q, *in) -> (tasks, n_q, out). Differentiable w.r.t. ``params`` (and ``lr``).
+
+    Args:
+        strategy: ``"vmap"``, ``"loop"`` or ``"auto"`` (:func:`choose_strategy`); a
+            meta-gradient is taken where gradients are enabled.
+
+    Raises:
+        ConfigError: an unknown strategy, or ``"vmap"`` where it is refused (module
+            docstring).
     """
 
     def one(sx: Tensor, sy: Tensor, qx: Tensor, autograd: bool) -> Tensor:
@@ -148,18 +172,11 @@ def adapt_and_predict(
                      first_order=first_order, adapt_only=adapt_only, autograd=autograd)
         return functional_call(model, fast, (qx,))
 
-    def run(chosen: Strategy, tasks: int | None = None) -> Tensor:
-        # The loop takes inner gradients with autograd.grad (cheaper outside vmap).
-        return each_task(functools.partial(one, autograd=chosen == "loop"),
-                         support_x[:tasks], support_y[:tasks], query_x[:tasks],
-                         strategy=chosen)
-
-    if strategy == "vmap":
-        _refuse_vmap_through_batch_norm(model, first_order)
-    elif strategy == "auto":
-        shapes = (tuple(support_x.shape), tuple(query_x.shape), steps, adapt_only is None)
-        strategy = _choose(model, params, shapes, first_order, run)
-    return run(strategy)
+    chosen = resolve_strategy(model, strategy, first_order=first_order)
+    # The loop takes inner gradients with autograd.grad (cheaper outside vmap; and a grad
+    # transform cannot write BatchNorm's running statistics).
+    return each_task(functools.partial(one, autograd=chosen == "loop"), support_x, support_y,
+                     query_x, strategy=chosen)
 
 
 def each_task(fn: Callable[..., Any], *tensors: Tensor, strategy: Strategy) -> Any:
@@ -171,8 +188,7 @@ def each_task(fn: Callable[..., Any], *tensors: Tensor, strategy: Strategy) -> A
     if strategy == "vmap":
         return vmap(fn)(*tensors)
     if strategy != "loop":
-        raise ValueError(f"unknown inner-loop strategy {strategy!r}; "
-                         "expected 'auto', 'vmap' or 'loop'")
+        raise ConfigError(_unknown(strategy))
     outs = [fn(*t) for t in zip(*tensors, strict=True)]
     if isinstance(outs[0], Mapping):
         return {name: torch.stack([o[name] for o in outs]) for name in outs[0]}
@@ -202,27 +218,14 @@ def meta_backward(
     every episode must have the same number of query examples (an :class:`Episodes`
     batch does), so the mean over episodes equals the mean over all query examples.
     """
-    strategy = options.pop("strategy", "vmap")
-    first_order = options.get("first_order", False)
-    if strategy == "vmap":
-        _refuse_vmap_through_batch_norm(model, first_order)
-    elif strategy == "auto":
-        # Decided on the whole batch, as adapt_and_predict would (same probe, same cache).
-        def run(chosen: Strategy, tasks: int | None = None) -> Tensor:
-            return adapt_episodes(model, episodes[:tasks], loss_fn, strategy=chosen,
-                                  **options)
-
-        shapes = (tuple(episodes.support_x.shape), tuple(episodes.query_x.shape),
-                  options.get("steps"), options.get("adapt_only") is None)
-        strategy = _choose(model, parameters_of(model), shapes, first_order, run)
+    strategy = resolve_strategy(model, options.pop("strategy", "vmap"),
+                                first_order=options.get("first_order", False),
+                                meta_gradient=True)
     if strategy == "vmap":
         loss = loss_fn(adapt_episodes(model, episodes, loss_fn, strategy="vmap", **options),
                        episodes.query_y)
         loss.backward()
         return loss.item()
-    if strategy != "loop":
-        raise ValueError(f"unknown inner-loop strategy {strategy!r}; "
-                         "expected 'auto', 'vmap' or 'loop'")
     workers = _episode_workers(model, episodes)
     if workers > 1:
         return _parallel_loop_backward(model, episodes, loss_fn, workers, options)
@@ -347,13 +350,6 @@ def _replicas(model: nn.Module, count: int) -> list[nn.Module]:
     return cached[1][:count]
 
 
-#: How much faster the other strategy must be before "auto" leaves the default one (the
-#: loop for a meta-gradient, vmap for predictions alone).
-CLEAR_WIN = 1.5
-#: Strategy chosen by ``"auto"`` per (model, parameter shapes, device, episode shapes, ...).
-_CHOSEN: dict[Hashable, Strategy] = {}
-
-
 def adapt_episodes(model: nn.Module, episodes: Episodes, loss_fn: LossFn, **options: Any
                    ) -> Tensor:
     """:func:`adapt_and_predict` from the model's own parameters on a batch of episodes.
@@ -364,40 +360,89 @@ def adapt_episodes(model: nn.Module, episodes: Episodes, loss_fn: LossFn, **opti
                              episodes.support_y, episodes.query_x, loss_fn, **options)
 
 
-def _batch_norm_needs_loop(model: nn.Module, first_order: bool) -> bool:
-    """True if a second-order meta-gradient would pass a BatchNorm in training mode.
 
-    PyTorch's vmap rule for BatchNorm's double backward is wrong (functorch #534), so
-    "auto" takes the loop there and an explicit "vmap" is refused.
+
+# --------------------------------------------------------------------------- strategy
+# "auto" was once a timing of both strategies on the first batch of each shape: on a busy
+# machine the choice flipped from run to run, and since the two round differently, so did
+# a search's leaderboard. It is now a rule, measured by benchmarks/inner_loop_strategies.py.
+
+#: Layers that "auto" loops over episodes. Measured on a 2-core CPU (benchmarks/README.md,
+#: "Inner-loop strategies"): a conv4's meta-gradients and predictions ran 1.6-2.9x faster
+#: looped (a vmapped convolution is a grouped one over the episodes, and BatchNorm after it
+#: moves them into its channels, leaving strided copies), the sinusoid MLP's 6-9x faster
+#: vmapped, with or without BatchNorm1d layers.
+LOOP_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
+
+
+def choose_strategy(model: nn.Module, *, meta_gradient: bool, first_order: bool = False
+                    ) -> Literal["vmap", "loop"]:
+    """What ``"auto"`` runs: a pure function of the model's layers and training modes.
+
+    In order:
+
+    1. the loop where a forward pass writes BatchNorm's running statistics (training mode,
+       ``track_running_stats``) or a second-order meta-gradient passes a BatchNorm in
+       training mode: vmap is refused there (module docstring);
+    2. the loop for a model with a layer of :data:`LOOP_LAYERS` (a convolution);
+    3. vmap otherwise.
+
+    Episode shapes, parameter count and device do not enter: on the measured workloads
+    (benchmarks/README.md) 2 and 3 picked the faster strategy for 1 and 5 inner steps,
+    meta-gradients and predictions, 1 and 2 threads. It was measured on a CPU only; on a
+    GPU measure with ``benchmarks/inner_loop_strategies.py --device cuda`` and pass
+    ``strategy`` where the other is faster.
+
+    Args:
+        meta_gradient: whether a gradient is taken through the adaptation (grad enabled).
+        first_order: whether that meta-gradient ignores second-order terms.
     """
-    return torch.is_grad_enabled() and not first_order and _batch_norm_in_training(model)
-
-
-def _refuse_vmap_through_batch_norm(model: nn.Module, first_order: bool) -> None:
-    if _batch_norm_needs_loop(model, first_order):
-        raise ValueError(
-            "strategy 'vmap' gives wrong second-order meta-gradients through BatchNorm "
-            "(PyTorch functorch issue #534); use 'loop' or 'auto', or first_order=True"
-        )
-
-
-def _choose(model: nn.Module, params: Params, shapes: tuple[Any, ...], first_order: bool,
-            run: Callable[[Strategy, int], Tensor]) -> Strategy:
-    """The loop where BatchNorm needs it, else the faster strategy, timed once per key.
-
-    ``shapes``: (support shape, query shape, inner steps, adapts all parameters?).
-    """
-    if _batch_norm_needs_loop(model, first_order):
+    if _vmap_refusal(model, meta_gradient=meta_gradient, first_order=first_order):
         return "loop"
-    device = next(iter(params.values())).device.type if params else "cpu"
-    key = (type(model).__qualname__,
-           tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()),
-           device, shapes, first_order, torch.is_grad_enabled())
-    if key not in _CHOSEN:
-        size = sum(p.numel() for p in params.values())
-        what = f"{size:,} parameters, support {list(shapes[0])}, {shapes[2]} steps"
-        _CHOSEN[key] = _probe(what, run, params)
-    return _CHOSEN[key]
+    if any(isinstance(m, LOOP_LAYERS) for m in model.modules()):
+        return "loop"
+    return "vmap"
+
+
+def resolve_strategy(model: nn.Module, strategy: str, *, first_order: bool,
+                     meta_gradient: bool | None = None) -> Literal["vmap", "loop"]:
+    """The strategy that runs: ``"auto"`` by :func:`choose_strategy`; ``"vmap"`` checked.
+
+    Args:
+        meta_gradient: whether a gradient is taken through the adaptation; default: whether
+            gradients are enabled (``torch.is_grad_enabled()``).
+
+    Raises:
+        ConfigError: an unknown strategy, or ``"vmap"`` where it is refused (module
+            docstring), naming the reason and what to use instead.
+    """
+    if meta_gradient is None:
+        meta_gradient = torch.is_grad_enabled()
+    if strategy == "auto":
+        return choose_strategy(model, meta_gradient=meta_gradient, first_order=first_order)
+    if strategy == "vmap":
+        reason = _vmap_refusal(model, meta_gradient=meta_gradient, first_order=first_order)
+        if reason:
+            raise ConfigError(f"strategy 'vmap' {reason}")
+        return "vmap"
+    if strategy == "loop":
+        return "loop"
+    raise ConfigError(_unknown(strategy))
+
+
+def _unknown(strategy: object) -> str:
+    return f"unknown inner-loop strategy {strategy!r}; expected 'auto', 'vmap' or 'loop'"
+
+
+def _vmap_refusal(model: nn.Module, *, meta_gradient: bool, first_order: bool) -> str | None:
+    """Why vmap cannot serve this model and mode (the rest of a message), or None."""
+    if _batch_norm_in_training(model, running_stats=True):
+        return ("cannot update BatchNorm running statistics (track_running_stats=True) in "
+                "training mode one episode at a time; use 'loop' or 'auto'")
+    if meta_gradient and not first_order and _batch_norm_in_training(model):
+        return ("gives wrong second-order meta-gradients through BatchNorm (PyTorch "
+                "functorch issue #534); use 'loop' or 'auto', or first_order=True")
+    return None
 
 
 def _batch_norm_in_training(model: nn.Module, *, running_stats: bool = False) -> bool:
@@ -405,42 +450,3 @@ def _batch_norm_in_training(model: nn.Module, *, running_stats: bool = False) ->
     its running statistics there, i.e. a forward pass writes buffers)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                and (m.track_running_stats or not running_stats) for m in model.modules())
-
-
-#: Tasks of the batch that the "auto" probe times (the whole batch would cost seconds).
-PROBE_TASKS = 8
-
-
-def _probe(what: str, run: Callable[[Strategy, int], Tensor], params: Params) -> Strategy:
-    """Time both strategies (forward and, in training, backward) and remember the faster.
-
-    Each runs once to warm up (allocations, dispatch caches), then twice more, alternating
-    with the other so that a change in the machine's load hits both; the faster of each
-    one's two timings counts (a busy 2-core machine once made the loop look slower).
-    """
-    wrt = [p for p in params.values() if p.requires_grad] if torch.is_grad_enabled() else []
-    seconds: dict[Strategy, float] = {"vmap": math.inf, "loop": math.inf}
-    for round_ in range(3):
-        for candidate in ("vmap", "loop"):
-            start = time.perf_counter()
-            out = run(candidate, PROBE_TASKS)
-            if wrt:  # autograd.grad, not backward(): leaves no .grad behind
-                torch.autograd.grad(out.sum(), wrt, allow_unused=True)
-            if out.device.type == "cuda":
-                torch.cuda.synchronize(out.device)
-            if round_:
-                seconds[candidate] = min(seconds[candidate], time.perf_counter() - start)
-    # Only a clear win switches away from the default: the two strategies agree only up to
-    # float rounding, so a coin-flip choice on a noisy machine would make runs
-    # irreproducible. The default is the loop where a meta-gradient is taken: meta_backward
-    # then holds one episode's graph per worker thread, vmap the whole batch's (first-order
-    # conv4, 32 episodes: 58 MB a thread against 2.9 GB, benchmarks/memory.py). The probe
-    # times the loop on the calling thread; meta_backward's threaded loop is faster still.
-    chosen: Strategy
-    if wrt:
-        chosen = "vmap" if CLEAR_WIN * seconds["vmap"] < seconds["loop"] else "loop"
-    else:
-        chosen = "loop" if seconds["vmap"] > CLEAR_WIN * seconds["loop"] else "vmap"
-    log.info("inner loop: %s for %s (vmap %.1f ms, loop %.1f ms)", chosen, what,
-             1e3 * seconds["vmap"], 1e3 * seconds["loop"])
-    return chosen

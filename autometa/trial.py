@@ -22,7 +22,8 @@ EVAL_CHUNK = 200
 
 
 class Diverged(Exception):
-    """The meta-training loss or the validation score became NaN or infinite."""
+    """The meta-training loss, or predictions or scores on evaluation episodes, became NaN
+    or infinite; the message names where."""
 
 
 @dataclass(frozen=True)
@@ -80,23 +81,73 @@ def scored_per_example(episodes: Episodes, task: Task) -> bool:
     return len(episodes) == 1 and task.metric.per_example is not None
 
 
-def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task) -> Tensor:
+def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task, *,
+             split: str | None = None) -> Tensor:
     """Scores of the adapted model on ``episodes``: (tasks,), or (n_query,) for one episode.
 
     The mean is the split's score either way (see :func:`scored_per_example`).
+
+    Args:
+        split: the name of ``episodes`` in messages ("meta-val", "meta-test"); by default
+            found by identity among the task's splits.
+
+    Raises:
+        Diverged: a prediction or a score is NaN or infinite (argmax would silently rank
+            NaN logits as class 0), or the algorithm raised ``FloatingPointError`` on
+            numbers it cannot use (e.g. non-finite features).
     """
     algorithm.model.eval()
     scores = []
-    for start in range(0, len(episodes), EVAL_CHUNK):
-        chunk = episodes[start : start + EVAL_CHUNK]
-        pred = algorithm.adapt_and_predict(chunk).detach()  # (chunk, n_query, out)
-        if scored_per_example(episodes, task):
-            assert task.metric.per_example is not None
-            scores.append(task.metric.per_example(pred, chunk.query_y)[0])  # (n_query,)
-        else:
-            scores.append(task.metric(pred, chunk.query_y))  # (chunk,)
-    algorithm.model.train()
+    try:
+        for start in range(0, len(episodes), EVAL_CHUNK):
+            chunk = episodes[start : start + EVAL_CHUNK]
+            try:
+                pred = algorithm.adapt_and_predict(chunk).detach()  # (chunk, n_query, out)
+            except FloatingPointError as exc:
+                raise Diverged(f"{_split(split, episodes, task)}: {exc}") from exc
+            _check_finite(pred, start, "predictions", "episodes", split, episodes, task)
+            if scored_per_example(episodes, task):
+                assert task.metric.per_example is not None
+                score = task.metric.per_example(pred, chunk.query_y)[0]  # (n_query,)
+                unit = "examples"
+            else:
+                score = task.metric(pred, chunk.query_y)  # (chunk,)
+                unit = "episodes"
+            _check_finite(score, start, f"{task.metric.name} scores", unit, split, episodes,
+                          task)
+            scores.append(score)
+    finally:
+        algorithm.model.train()
     return torch.cat(scores)
+
+
+def _check_finite(values: Tensor, first_index: int, what: str, unit: str, split: str | None,
+                  episodes: Episodes, task: Task) -> None:
+    """Raise :class:`Diverged` naming the split, what and where, unless all are finite.
+
+    ``values`` has one row per episode (or per example, ``unit``), the first numbered
+    ``first_index``.
+    """
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return
+    rows = bad.reshape(len(values), -1).any(1).nonzero().flatten()
+    kinds = " and ".join(k for k, m in (("NaN", values.isnan()), ("inf", values.isinf()))
+                         if bool(m.any()))
+    raise Diverged(f"{_split(split, episodes, task)} {what} are not finite ({kinds}) in "
+                   f"{len(rows)} {unit}, the first being {unit.rstrip('s')} "
+                   f"{first_index + int(rows[0])}")
+
+
+def _split(split: str | None, episodes: Episodes, task: Task) -> str:
+    """The split's name for a message (looked up only when one is needed)."""
+    if split is not None:
+        return split
+    if episodes is task.meta_val():
+        return "meta-val"
+    if episodes is task.meta_test():
+        return "meta-test"
+    return "evaluation"
 
 
 def meta_train(
@@ -115,7 +166,7 @@ def meta_train(
     the end); it may raise ``optuna.TrialPruned`` to stop the trial.
 
     Raises:
-        Diverged: the training loss or a validation score is not finite.
+        Diverged: the training loss, a meta-val prediction or a score is not finite.
     """
     algorithm.model.train()
     steps = meta_steps if algorithm.meta_trains else 0
@@ -135,7 +186,7 @@ def meta_train(
 
 
 def _val_score(algorithm: MetaAlgorithm, task: Task) -> float:
-    score = float(evaluate(algorithm, task.meta_val(), task).mean())
+    score = float(evaluate(algorithm, task.meta_val(), task, split="meta-val").mean())
     if not math.isfinite(score):
         raise Diverged(f"meta-val {task.metric.name} is {score}")
     return score

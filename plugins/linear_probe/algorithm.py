@@ -96,6 +96,10 @@ class LinearProbe(MetaAlgorithm):
         Each set is one batch of its own (BatchNorm without running statistics normalises
         with the batch's); eval mode, so a BatchNorm with running statistics uses them and
         leaves them unchanged.
+
+        Raises:
+            FloatingPointError: a feature is NaN or infinite (scikit-learn would refuse it
+                with a ValueError); the engine records the trial as diverged.
         """
         features = self.model.features
         training = features.training
@@ -106,6 +110,7 @@ class LinearProbe(MetaAlgorithm):
                 query = torch.stack([features(x) for x in episodes.query_x])
         finally:
             features.train(training)
+        _refuse_non_finite(support, query)
         if self.normalize:
             support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
         return support.double().cpu().numpy(), query.double().cpu().numpy()
@@ -140,3 +145,20 @@ class LinearProbe(MetaAlgorithm):
         # predict_log_proba's values, but log_softmax never rounds a probability to 0.
         out[:, clf.classes_] = log_softmax(scores, axis=1)
         return out, converged
+
+
+def _refuse_non_finite(support: Tensor, query: Tensor) -> None:
+    """Raise ``FloatingPointError`` naming the episodes whose features are NaN or infinite.
+
+    Shapes: (tasks, n_support, d) and (tasks, n_query, d). FloatingPointError, a built-in,
+    is what ``autometa.trial.evaluate`` reports as a diverged trial.
+    """
+    bad = ~(support.isfinite().flatten(1).all(1) & query.isfinite().flatten(1).all(1))
+    if bool(bad.any()):
+        episodes = bad.nonzero().flatten()
+        raise FloatingPointError(
+            f"linear-probe: the source model's features are NaN or infinite in "
+            f"{len(episodes)} of {len(bad)} episodes (the first: episode {int(episodes[0])}); "
+            "its weights or the task's inputs are not finite, and a logistic regression "
+            "cannot be fitted on them"
+        )

@@ -4,6 +4,11 @@ Meta-objective (Finn et al. 2017, eq. 1): minimise over theta the query loss of
 ``theta - alpha * grad L_support(theta)`` (``inner_steps`` times), averaged over a
 meta-batch of tasks. The meta-gradient differentiates through the inner steps (second
 order); ``first_order`` drops the second-order terms (FOMAML).
+
+A BatchNorm with running statistics updates them at every forward pass of meta-training
+(each inner step's support pass, then the query pass, episode after episode) and uses them,
+unchanged, at evaluation (eval mode): ``autometa.inner_loop``'s rule, the same for both
+orders, Meta-SGD and ANIL.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class MAML(MetaAlgorithm):
         meta_lr: float = 1e-3,  # beta: Adam step size of the meta-update
         meta_batch_size: int = 25,  # tasks per meta-update
         first_order: bool = False,  # FOMAML: ignore second-order terms of the meta-gradient
-        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto" times both once
+        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
     ) -> None:
         super().__init__(model, task)
         self.inner_lr = inner_lr

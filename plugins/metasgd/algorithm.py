@@ -39,7 +39,7 @@ class MetaSGD(MAML):
         meta_lr: float = 1e-3,  # Adam step size of the meta-update of theta and alpha
         meta_batch_size: int = 4,  # tasks per meta-update
         first_order: bool = False,  # ignore second-order terms of the meta-gradient
-        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto" times both once
+        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
     ) -> None:
         super().__init__(model, task, inner_steps=inner_steps, meta_lr=meta_lr,
                          meta_batch_size=meta_batch_size, first_order=first_order,

@@ -25,10 +25,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from autometa import Backbone, Categorical, Episodes, Float, MetaAlgorithm, Task
-from autometa.inner_loop import Strategy, each_task
+from autometa.inner_loop import Strategy, each_task, resolve_strategy
 
 Distance = Literal["euclidean", "cosine"]
 
@@ -49,7 +49,7 @@ class ProtoNet(MetaAlgorithm):
         lr: float = 1e-3,  # Adam step size (the paper's)
         meta_batch_size: int = 1,  # episodes per update (the paper: one)
         distance: Distance = "euclidean",  # "cosine": COSINE_SCALE * cosine similarity
-        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": _prefers_loop
+        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": see _embed
     ) -> None:
         super().__init__(model, task)
         if distance not in ("euclidean", "cosine"):
@@ -102,32 +102,21 @@ class ProtoNet(MetaAlgorithm):
         return logits.masked_fill(absent, torch.finfo(logits.dtype).min)
 
     def _embed(self, episodes: Episodes) -> tuple[Tensor, Tensor]:
-        """Features of each episode's support and query sets, each embedded as one batch."""
+        """Features of each episode's support and query sets, each embedded as one batch.
+
+        ``"auto"`` is ``autometa.inner_loop.choose_strategy``: the loop for convolutional
+        features (and where a pass writes BatchNorm running statistics, which vmap
+        cannot), vmap otherwise. Measured here on a busy 2-core CPU, one thread,
+        5-way 1-shot 15-query episodes, ms for vmap / loop (meta-step on 1, 4 and 16
+        episodes; evaluation of 200 episodes, 50 for 28x28):
+
+        * MLP (40 hidden), digits 8x8: 2.9 / 1.8, 3.5 / 8.3, 8.9 / 23.2; 25 / 79.
+        * conv4 (64 channels), digits 8x8: 74 / 49, 234 / 198, 890 / 807; 7,110 / 2,780.
+        * conv4 (64 channels), 28x28: 244 / 321, 1,690 / 1,140, 12,509 / 7,320;
+          19,793 / 13,374.
+        """
         features = self.model.features
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "loop" if _prefers_loop(features) else "vmap"
+        strategy = resolve_strategy(features, self.strategy, first_order=True)
         out = each_task(lambda s, q: {"support": features(s), "query": features(q)},
                         episodes.support_x, episodes.query_x, strategy=strategy)
         return out["support"], out["query"]
-
-
-def _prefers_loop(features: nn.Module) -> bool:
-    """True for convolutional or BatchNorm feature extractors, which run faster looped.
-
-    Measured on a busy 2-core CPU, one thread, 5-way 1-shot 15-query episodes, ms for
-    vmap / loop (meta-step on 1, 4 and 16 episodes; evaluation of 200 episodes, 50 for
-    28x28):
-
-    * MLP (40 hidden), digits 8x8: 2.9 / 1.8, 3.5 / 8.3, 8.9 / 23.2; 25 / 79.
-    * conv4 (64 channels), digits 8x8: 74 / 49, 234 / 198, 890 / 807; 7,110 / 2,780.
-    * conv4 (64 channels), 28x28: 244 / 321, 1,690 / 1,140, 12,509 / 7,320; 19,793 / 13,374.
-
-    vmap moves the episode dimension into the channels for BatchNorm and the layers after
-    it work on strided copies (profiled: every conv, pooling and BatchNorm call 1.5-3x
-    slower); even without BatchNorm a vmapped conv4 forward was 1.65x slower than the loop.
-    vmap also cannot update BatchNorm running statistics in training mode. Not measured
-    on CUDA, where the loop's many small kernels may favour vmap: pass ``strategy``.
-    """
-    return any(isinstance(m, nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm)
-               for m in features.modules())

@@ -18,12 +18,14 @@ few-shot classification (annealed to 0 there; constant here), 0.1 on sine waves;
 to 10 tasks per meta-batch; 3 to 19 inner iterations in training but 5 to 100 at
 evaluation, hence a separate ``eval_steps``; SGD step 0.02 on sine waves (the
 classification runs used Adam with beta1 = 0 in the inner loop; plain SGD here).
+
+A BatchNorm with running statistics (``autometa.inner_loop``'s rule) updates them at every
+training-mode pass of a meta-step, in order: each task's pass before adaptation (the
+logged loss), then each task's ``k`` inner steps, task after task; at evaluation (eval
+mode) it uses them and leaves them unchanged. Such a model runs the loop.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +39,7 @@ from autometa.inner_loop import (
     adapt_episodes,
     each_task,
     parameters_of,
+    resolve_strategy,
 )
 
 
@@ -55,7 +58,7 @@ class Reptile(MetaAlgorithm):
         # digits 5-way 1-shot): 1 step 1.48 / 0.39, 10 steps 0.51 / 0.63, 20 steps
         # 0.41 / 0.64, 100 steps 0.34 / 0.66: 20 gets most of the gain at 1/5 of the cost.
         eval_steps: int = 20,
-        strategy: Strategy = "auto",  # episodes vmapped or looped; see _each_task for "auto"
+        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
     ) -> None:
         super().__init__(model, task)
         self.inner_lr = inner_lr
@@ -80,27 +83,26 @@ class Reptile(MetaAlgorithm):
         x = torch.cat([batch.support_x, batch.query_x], 1)
         y = torch.cat([batch.support_y, batch.query_y], 1)
         theta = parameters_of(self.model)
+        strategy = resolve_strategy(self.model, self.strategy, first_order=True,
+                                    meta_gradient=False)
 
         def predict(xi: Tensor) -> Tensor:
             return functional_call(self.model, theta, (xi,))
 
         def train(xi: Tensor, yi: Tensor) -> Params:
-            return adapt(self.model, theta, xi, yi, self.task.loss,
-                         steps=self.inner_steps, lr=self.inner_lr, first_order=True)
+            # autograd.grad in the loop: cheaper there, and it may write BatchNorm's running
+            # statistics, which a torch.func.grad transform refuses.
+            return adapt(self.model, theta, xi, yi, self.task.loss, steps=self.inner_steps,
+                         lr=self.inner_lr, first_order=True, autograd=strategy == "loop")
 
         with torch.no_grad():
-            loss = self.task.loss(self._each_task(predict, x), y)  # before adaptation
-            phi = self._each_task(train, x, y)  # {name: (tasks, *shape)}
+            # Before adaptation, for the log (a training-mode pass: it updates BatchNorm
+            # running statistics like the inner steps' passes, which follow).
+            loss = self.task.loss(each_task(predict, x, strategy=strategy), y)
+            phi = each_task(train, x, y, strategy=strategy)  # {name: (tasks, *shape)}
             for name, p in theta.items():
                 p.add_(phi[name].mean(0) - p, alpha=self.outer_lr)
         return loss.item()
-
-    def _each_task(self, fn: Callable[..., Any], *tensors: Tensor) -> Any:
-        """``fn`` applied to each task's slice of ``tensors``, results stacked on dim 0."""
-        # "auto" is vmap here: measured on a 2-core CPU, vmap was 3-6x faster than the loop
-        # for an MLP and within 1.15x of it for a conv4 (first order, no graph kept).
-        return each_task(fn, *tensors, strategy="vmap" if self.strategy == "auto"
-                         else self.strategy)
 
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
         with torch.no_grad():  # plain SGD on the support set: no graph to the meta-parameters

@@ -19,7 +19,7 @@ from torch import nn
 import autometa_plugins.linear_probe
 from autometa import Backbone, Episodes
 from autometa.testing import check_meta_algorithm
-from autometa.trial import TrialPlan, build, evaluate, meta_train
+from autometa.trial import Diverged, TrialPlan, build, evaluate, meta_train
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.linear_probe.algorithm import LinearProbe
@@ -168,3 +168,19 @@ def test_runs_in_a_trial_without_meta_training(digits, tmp_path):
     assert math.isfinite(score) and score > 0.5
     torch.testing.assert_close(algo.model.state_dict(), initial, rtol=0, atol=0)
     helpers.assert_state_round_trip(host, digits, plan, algo, tmp_path)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_features_fail_the_trial_as_diverged(digits, value):
+    """scikit-learn refuses NaN/inf features with a ValueError that used to end the search;
+    the probe names the episodes instead, and the engine records a diverged trial."""
+    host = helpers.trial_host("linear-probe", autometa_plugins.linear_probe, LinearProbe)
+    algo = build(host, digits, TrialPlan("linear-probe", "mlp", {}, {"hidden": 8}), seed=0)
+    with torch.no_grad():
+        algo.model.features[1].weight[0, 0] = value  # one weight of the first layer
+    with pytest.raises(FloatingPointError, match=r"^linear-probe: the source model's features "
+                                                 r"are NaN or infinite in \d+ of 4 episodes"):
+        algo.adapt_and_predict(digits.meta_val())
+    with pytest.raises(Diverged, match=r"^meta-val: linear-probe: the source model's features"):
+        meta_train(algo, digits, meta_steps=5, eval_every=2,
+                   generator=torch.Generator().manual_seed(0))

@@ -20,8 +20,7 @@ from autometa_plugins.reptile.algorithm import Reptile
 from autometa_plugins.sinusoid.task import Sinusoid
 
 IN, HIDDEN, OUT = 3, 8, 4  # a small network; OUT doubles as the number of classes
-#: Learning tests fix the strategy: "auto" would first time both strategies on full
-#: evaluations, a one-off cost larger than the whole test on a small MLP.
+#: Learning tests fix the strategy ("auto"'s rule takes vmap for an MLP too).
 VMAP = "vmap"
 
 _Stub = partial(helpers.StubTask, input_shape=(IN,), output_size=OUT)
