@@ -28,6 +28,7 @@ RUN_FLAGS = {
     "timeout": "timeout", "meta_steps": "meta_steps", "eval_every": "eval_every",
     "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
     "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
+    "devices": "devices", "workers": "workers",
 }
 
 
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
     run.add_argument("--artifacts", help="directory of trained trial states")
     run.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
+    run.add_argument("--devices", help="comma-separated devices, one trial per device at a "
+                                       "time, e.g. cuda:0,cuda:1; 'cuda' = every visible GPU")
+    run.add_argument("--workers", type=int,
+                     help="trials at once, each in its own process (default: one per device; "
+                          "e.g. 2 on a CPU)")
     run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: torch's; 1 is fastest for small models)")
@@ -283,6 +289,16 @@ def _show(board: Leaderboard, out: Path) -> None:
         table.add_row(*(_plain(v) for v in row.values()))
     console = _console()
     console.print(table)
+    if board.counts.get("running"):
+        console.print(f"{board.counts['running']} trial(s) still running in other processes: "
+                      "this is a snapshot, and the last process to finish writes the reports",
+                      markup=False, highlight=False)
+        return
+    if not board.report:
+        console.print(f"the reports of these trials were already written (by the process "
+                      f"that finished the search); `autometa leaderboard {board.study_name}` "
+                      "writes them again", markup=False, highlight=False)
+        return
     paths = board.write(out)
     console.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)
 

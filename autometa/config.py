@@ -28,6 +28,7 @@ DEFAULT_STORAGE = "sqlite:///autometa.db"
 MAX_SEED = 2**32 - 1
 MAX_COUNT = 10**9  # trials, meta-steps, top_k
 MAX_THREADS = 4096
+MAX_WORKERS = 1024
 MAX_TIMEOUT = 10 * 365 * 86400.0  # seconds
 #: Study names also name report and artifact files: no path separators.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
@@ -52,7 +53,11 @@ class SearchConfig:
     study_name: str | None = None  # default: "<task>-seed<seed>"
     storage: str = DEFAULT_STORAGE  # any Optuna storage URL
     artifacts: str = "autometa-artifacts"  # directory for trained trial states
-    device: str = "cpu"  # torch device of every trial, e.g. "cuda:0"
+    device: str = "cpu"  # torch device of every trial, e.g. "cuda:0" (when devices is empty)
+    # torch devices the trials run on, one trial per device slot at a time, e.g.
+    # ["cuda:0", "cuda:1"]; "cuda" = every visible GPU; [] = [device]
+    devices: list[str] = field(default_factory=list)
+    workers: int | None = None  # trials at once (worker processes); None: one per device
     threads: int | None = None  # torch CPU threads during the search (None: torch's default)
     top_k: int = 3  # best trials (on meta-val) evaluated on meta-test
     pruner: str = "median"  # "median" or "none"
@@ -108,13 +113,13 @@ class SearchConfig:
     def _validate(self) -> None:
         _expect(self.task, str, "task", "a task plugin name")
         _expect(self.task_params, dict, "task_params", "a table of task parameters")
-        for key in ("algorithms", "sources"):
+        for key in ("algorithms", "sources", "devices"):
             value = getattr(self, key)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
                 setattr(self, key, value)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{key}: expected a list of plugin names, got {value!r}")
+                raise ConfigError(f"{key}: expected a list of names, got {value!r}")
         for key in ("algorithm_params", "source_params"):
             value = getattr(self, key)
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
@@ -136,6 +141,8 @@ class SearchConfig:
         _positive_int(self.top_k, "top_k")
         if self.threads is not None:
             _positive_int(self.threads, "threads", MAX_THREADS)
+        if self.workers is not None:
+            _positive_int(self.workers, "workers", MAX_WORKERS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed: expected an integer from 0 to {MAX_SEED}, got {self.seed!r}")

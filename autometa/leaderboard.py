@@ -48,6 +48,10 @@ class Leaderboard:
     direction: str
     frame: pd.DataFrame
     counts: dict[str, int]
+    #: Whether the CLI writes this leaderboard's reports: False for a snapshot of a study
+    #: still running elsewhere, and for every process of one search but the one that
+    #: finished it (the reports are written once).
+    report: bool = True
 
     @property
     def best(self) -> pd.Series:
@@ -116,9 +120,15 @@ def _md_escape(text: str) -> str:
 
 
 def compute_leaderboard(
-    study: optuna.Study, task: Task, host: PluginHost, *, top_k: int, artifacts: Path
+    study: optuna.Study, task: Task, host: PluginHost, *, top_k: int, artifacts: Path,
+    cache: bool = True,
 ) -> Leaderboard:
-    """Rank ``study``'s completed trials and score the ``top_k`` best on meta-test."""
+    """Rank ``study``'s completed trials and score the ``top_k`` best on meta-test.
+
+    Args:
+        cache: store new meta-test scores in the study; False for a snapshot of a study
+            that is still running (nothing is written to the storage then).
+    """
     from optuna.trial import TrialState
 
     from autometa.engine.storage import CONFIG_ATTR
@@ -140,7 +150,7 @@ def compute_leaderboard(
     sign = 1.0 if metric.direction == "minimize" else -1.0
     ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
 
-    cache: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
+    tested: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
     rows = []
     for rank, t in enumerate(ranked, start=1):
         plan = TrialPlan(**{k: t.user_attrs[k] for k in
@@ -148,7 +158,7 @@ def compute_leaderboard(
         test: dict[str, Any] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": ""}
         if rank <= top_k:
             key = str(t.number)
-            if key not in cache:
+            if key not in tested:
                 state = artifacts / f"trial-{t.number}.pt"
                 if not state.is_file():
                     raise ConfigError(
@@ -162,14 +172,15 @@ def compute_leaderboard(
                     scores = evaluate(algorithm, episodes, task, split="meta-test")
                 except Diverged as exc:  # listed without a test score, never ranked on NaN
                     log.warning("trial %d has no meta-test score: %s", t.number, exc)
-                    cache[key] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": "",
-                                  "failure": f"diverged: {exc}"}
+                    tested[key] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": "",
+                                   "failure": f"diverged: {exc}"}
                 else:
                     mean, half = mean_ci95(scores)
                     over = "examples" if scored_per_example(episodes, task) else "episodes"
-                    cache[key] = {"mean": mean, "ci95": half, "n": len(scores), "over": over}
-                study.set_user_attr(TEST_ATTR, cache)
-            test = {"n": cache[key].get("episodes", 0), "over": "episodes", **cache[key]}
+                    tested[key] = {"mean": mean, "ci95": half, "n": len(scores), "over": over}
+                if cache:
+                    study.set_user_attr(TEST_ATTR, tested)
+            test = {"n": tested[key].get("episodes", 0), "over": "episodes", **tested[key]}
         rows.append({
             "rank": rank,
             "trial": t.number,
@@ -215,7 +226,11 @@ def load_leaderboard(
     host: PluginHost | None = None,
     top_k: int | None = None,
 ) -> Leaderboard:
-    """The leaderboard of a stored study (evaluating on meta-test what is not cached yet)."""
+    """The leaderboard of a stored study (evaluating on meta-test what is not cached yet).
+
+    A study with trials still running is shown as it stands and nothing is written to the
+    storage (its meta-test scores are cached once it has finished).
+    """
     import optuna
 
     from autometa.config import DEFAULT_STORAGE, SearchConfig, check_study_name
@@ -241,5 +256,8 @@ def load_leaderboard(
     config = SearchConfig.from_dict(stored["config"], where=f"study {study_name!r}")
     host = host or create_host()
     task = build_task(config, host, parse_task_params(config, host), check_device(config.device))
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return compute_leaderboard(study, task, host, top_k=top_k or config.top_k,
-                               artifacts=Path(stored["artifacts_path"]))
+                               artifacts=Path(stored["artifacts_path"]), cache=not running)

@@ -11,7 +11,11 @@ from typing import Any
 
 
 class Progress:
-    """Callbacks of the engine; every method is optional to override."""
+    """Callbacks of the engine; every method is optional to override.
+
+    Several trials may run at once (a pool of workers): every per-trial call names its
+    trial ``number``.
+    """
 
     def __enter__(self) -> Progress:
         return self
@@ -19,28 +23,33 @@ class Progress:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         return None
 
-    def search_started(
-        self, total: int | None, done: int, timeout: float | None, metric: str
-    ) -> None:
+    def search_started(self, total: int | None, done: int, timeout: float | None,
+                       metric: str, direction: str = "minimize", workers: int = 1) -> None:
         """``total`` trials to run (None: until timeout), ``done`` already in the study."""
 
-    def trial_started(self, number: int, description: str, meta_steps: int) -> None:
-        """A trial began with ``meta_steps`` of meta-training."""
+    def trial_started(self, number: int, description: str, meta_steps: int,
+                      device: str = "") -> None:
+        """Trial ``number`` began on ``device`` with ``meta_steps`` of meta-training."""
 
-    def step(self, step: int) -> None:
-        """The running trial finished meta-step ``step``."""
+    def step(self, number: int, step: int) -> None:
+        """Trial ``number`` finished meta-step ``step`` (sent a few times a second at most)."""
 
-    def trial_finished(
-        self, number: int, state: str, value: float | None, best: float | None, note: str
-    ) -> None:
+    def evaluated(self, number: int, step: int, score: float) -> None:
+        """Trial ``number`` scored ``score`` on meta-val after ``step`` meta-steps."""
+
+    def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
         """A trial ended (``state``: COMPLETE, PRUNED or FAIL; ``note`` says why if not)."""
+
+    def phase(self, text: str) -> None:
+        """The search entered a phase without trials (e.g. scoring the best on meta-test)."""
 
 
 NullProgress = Progress
 
 
 class RichProgress(Progress):
-    """Two bars on stderr: trials of the search, meta-steps of the running trial."""
+    """Bars on stderr: trials of the search (best so far, ETA), and one line per running
+    trial with its device, meta-step and latest meta-val score."""
 
     def __init__(self) -> None:
         from rich.progress import (
@@ -48,22 +57,25 @@ class RichProgress(Progress):
             MofNCompleteColumn,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
         from rich.progress import Progress as Bars
 
-        self.metric = "score"
+        self.metric, self.direction = "score", "minimize"
         self.bars = Bars(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=_stderr_console(),
             transient=False,
         )
         self._search: Any = None
-        self._trial: Any = None
-        self._description = ""
+        self._trials: dict[int, tuple[Any, str]] = {}  # number -> (bar, description)
+        self.best: float | None = None
 
     def __enter__(self) -> RichProgress:
         self.bars.start()
@@ -72,37 +84,54 @@ class RichProgress(Progress):
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.bars.stop()
 
-    def search_started(
-        self, total: int | None, done: int, timeout: float | None, metric: str
-    ) -> None:
-        self.metric = metric
+    def search_started(self, total: int | None, done: int, timeout: float | None,
+                       metric: str, direction: str = "minimize", workers: int = 1) -> None:
+        self.metric, self.direction = metric, direction
         limit = f" (stops after {timeout:g}s)" if timeout else ""
+        pool = f", {workers} workers" if workers > 1 else ""
         self._search = self.bars.add_task(
-            f"trials{limit}", total=None if total is None else total + done,
+            f"trials{pool}{limit}", total=None if total is None else total + done,
             completed=done, info="",
         )
 
-    def trial_started(self, number: int, description: str, meta_steps: int) -> None:
-        if self._trial is not None:
-            self.bars.remove_task(self._trial)
-        self._description = description
-        self._trial = self.bars.add_task(f"trial {number}", total=meta_steps,
-                                         info=description.split("(")[0])
+    def trial_started(self, number: int, description: str, meta_steps: int,
+                      device: str = "") -> None:
+        where = f" on {device}" if device else ""
+        bar = self.bars.add_task(f"  trial {number}{where}", total=meta_steps,
+                                 info=description.split("(")[0])
+        self._trials[number] = (bar, description)
 
-    def step(self, step: int) -> None:
-        self.bars.update(self._trial, completed=step)
+    def step(self, number: int, step: int) -> None:
+        if number in self._trials:
+            self.bars.update(self._trials[number][0], completed=step)
 
-    def trial_finished(
-        self, number: int, state: str, value: float | None, best: float | None, note: str
-    ) -> None:
+    def evaluated(self, number: int, step: int, score: float) -> None:
+        if number in self._trials:
+            bar, description = self._trials[number]
+            self.bars.update(bar, completed=step, info=f"{description.split('(')[0]}  "
+                                                       f"meta-val {score:.4g}")
+
+    def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
         from rich.text import Text
 
+        bar, description = self._trials.pop(number, (None, ""))
+        if bar is not None:
+            self.bars.remove_task(bar)
+        if state == "COMPLETE" and value is not None and (
+                self.best is None or (value < self.best if self.direction == "minimize"
+                                      else value > self.best)):
+            self.best = value
         result = f"{self.metric} {value:.4g}" if state == "COMPLETE" and value is not None \
             else state.lower()
-        line = f"trial {number}: {result}{f' ({note})' if note else ''}  {self._description}"
+        line = f"trial {number}: {result}{f' ({note})' if note else ''}  {description}"
         self.bars.console.print(Text(line), highlight=False)
-        best_text = f"best {self.metric} {best:.4g}" if best is not None else "no result yet"
-        self.bars.update(self._search, advance=1, info=best_text)
+        best = f"best {self.metric} {self.best:.4g}" if self.best is not None else "no result yet"
+        self.bars.update(self._search, advance=1, info=best)
+
+    def phase(self, text: str) -> None:
+        from rich.text import Text
+
+        self.bars.console.print(Text(text), highlight=False)
 
 
 def _stderr_console() -> Any:

@@ -79,12 +79,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             algorithm.meta_step(episodes)
 
     # One-off costs out of the measurement: the first torch.func call imports ~800 modules
-    # (~1 s, tens of MB), and Adam allocates its state on its first step. A one-task batch
-    # is a different shape, so 'auto' still probes in the measured step.
+    # (~1 s, tens of MB), and Adam allocates its state on its first step.
     step(batch[:1])
-    from autometa import inner_loop
-
-    probed = set(getattr(inner_loop, "_CHOSEN", {}))  # the warm-up's shape, not ours
     gc.collect()
     high_water_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     baseline = rss_kb()
@@ -92,8 +88,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     step(batch)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    chosen = sorted({v for k, v in getattr(inner_loop, "_CHOSEN", {}).items()
-                     if k not in probed})
+    from autometa.inner_loop import choose_strategy
+
+    chosen = ([choose_strategy(algorithm.model, meta_gradient=True,
+                               first_order=spec["first_order"])]
+              if spec["contender"] == "autometa-auto" else [])
     return {**spec, "baseline_mb": baseline / 1024, "peak_mb": peak / 1024,
             "step_peak_mb": (peak - baseline) / 1024, "raised_high_water": peak > high_water_before,
             "seconds": seconds, "auto_chose": "/".join(chosen) or None,

@@ -273,13 +273,13 @@ class Autometa(Contender):
         self.algorithm.meta_step(batch)
 
     def resolved_strategy(self) -> str:
-        """The strategy ``auto`` chose (read from the inner-loop toolkit's cache)."""
+        """The strategy ``auto`` runs for the meta-gradient (the toolkit's fixed rule)."""
         if self.strategy != "auto":
             return self.strategy
-        from autometa import inner_loop
+        from autometa.inner_loop import choose_strategy
 
-        chosen = set(getattr(inner_loop, "_CHOSEN", {}).values())
-        return "auto→" + "/".join(sorted(chosen)) if chosen else "auto (no probe)"
+        return "auto→" + choose_strategy(self.algorithm.model, meta_gradient=True,
+                                         first_order=self.algorithm.first_order)
 
 
 class Reference(Contender):
@@ -589,11 +589,6 @@ def sampling_cost(work: Workload, step_seconds: float, calls: int = 30) -> dict[
 def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per_rep: int,
                  repeats: int, check_tasks: int, log: Callable[[str], None],
                  min_seconds: float = 0.0) -> dict[str, Any]:
-    from autometa import inner_loop
-
-    # As in a fresh process: 'auto' probes this configuration anew (and only this one, so the
-    # cache then tells what it chose).
-    getattr(inner_loop, "_CHOSEN", {}).clear()
     model = make_autometa(work, steps, "loop").model  # the shared initial weights
     batches = work.batches(batches_per_rep, seed=steps)
     log(f"{work.name}, {steps} inner step(s): checking meta-gradients")
@@ -603,7 +598,6 @@ def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per
     contenders = {k: make_contender(k, model, work, steps) for k in keys}
     warmup: dict[str, float] = {}
     refused: dict[str, str] = {}
-    getattr(inner_loop, "_CHOSEN", {}).clear()  # the check probed in float64; probe anew
     rates = time_contenders(contenders, batches, repeats, log, warmup, refused,
                             min_seconds)
     disagree = {g["contender"] for g in grads if g["agrees"] is False}

@@ -104,3 +104,13 @@ def test_sinusoid_accuracy(bench, tmp_path: Path) -> None:
     assert metasgd["status"] in {"ok", "not available", "failed"}
     assert "0.77 ± 0.11" in md and "0.53 ± 0.09" in md  # the published numbers beside
     assert "| algorithm | meta-steps |" in md
+
+
+def test_scaling(bench, tmp_path: Path) -> None:
+    scaling = bench("scaling")
+    scaling.main(["--trials", "2", "--meta-steps", "2", "--repeats", "1",
+                  "--out", str(tmp_path)])
+    result, md = written(tmp_path, "scaling")
+    assert [(r["workers"], r["trials"]) for r in result["runs"]] == [(1, 2), (2, 2)]
+    assert all(r["trials_per_hour"] > 0 for r in result["runs"])
+    assert result["summary"]["ratio"] > 0 and "2 workers / 1 worker" in md

@@ -21,14 +21,14 @@ BUSY_SECONDS = 60
 def _search(tmp_path: Path, name: str) -> str:
     board = autometa.search(
         "sinusoid", algorithms=["maml", "finetune"], sources=["mlp"], n_trials=3,
-        meta_steps=20, eval_every=10, seed=3, threads=1,
+        meta_steps=20, eval_every=10, seed=1, threads=1,
         task_params={"val_episodes": 10, "test_episodes": 10, "eval_queries": 10},
         # Cheap settings: L-BFGS and hundreds of fine-tuning steps would take a minute.
         algorithm_params={"finetune": {"optimizer": "sgd", "finetune_steps": 10},
                           "maml": {"meta_batch_size": 4}},
         source_params={"mlp": {"hidden": 40}},
         storage=f"sqlite:///{tmp_path / name}.db", artifacts=str(tmp_path / name))
-    # Seed 3 draws both algorithms (MAML with "auto", first and second order).
+    # Seed 1 draws both algorithms (MAML with "auto", first and second order).
     assert set(board.frame["algorithm"]) == {"maml", "finetune"}
     return board.frame.to_csv()
 

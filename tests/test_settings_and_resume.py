@@ -144,7 +144,8 @@ def test_installing_a_plugin_does_not_change_a_resumed_study(tmp_path):
     spaces it began with; without that, Optuna refuses the grown categorical (and each
     attempt stored another failed trial)."""
     common = dict(sources=["mlp"], seed=0, storage=f"sqlite:///{tmp_path / 'a.db'}",
-                  artifacts=str(tmp_path / "art"), **TINY)
+                  artifacts=str(tmp_path / "art"), **TINY,
+                  algorithm_params={"maml": {"inner_lr": 0.01}})  # never diverges
     autometa.search("sinusoid", host=_host(), n_trials=1, **common)
     board = autometa.search("sinusoid", host=_host(("late", _LatePlugin())), n_trials=3,
                             **common)

@@ -42,7 +42,8 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
     Raises:
         ConfigError, DataError, PluginError: the first bad input, one line naming it.
     """
-    device = check_device(config.device)
+    devices = resolve_devices(config)
+    device = torch.device(devices[0])
     check_writable_dir(Path(config.artifacts), "artifacts")
     task_params = parse_task_params(config, host)
     task = build_task(config, host, task_params, device)
@@ -68,6 +69,8 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
                       task)
     typed = replace(
         config,
+        device=devices[0],
+        devices=devices,
         task_params=task_params,
         algorithm_params={n: _overrides(s, config.algorithm_params.get(n, {}))
                           for n, s in algorithms.items() if n in config.algorithm_params},
@@ -88,6 +91,23 @@ def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, 
             out[name] = {"low": p.low, "high": p.high}
         else:
             out[name] = p
+    return out
+
+
+def resolve_devices(config: SearchConfig) -> list[str]:
+    """The devices trials run on (``devices``, else ``[device]``), each checked.
+
+    ``"cuda"`` stands for every visible GPU (``cuda:0``, ``cuda:1``, ...).
+
+    Raises:
+        ConfigError: a device that cannot be used here (see :func:`check_device`).
+    """
+    out: list[str] = []
+    for text in config.devices or [config.device]:
+        if text == "cuda" and torch.cuda.is_available():
+            out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        else:
+            out.append(str(check_device(text)))
     return out
 
 

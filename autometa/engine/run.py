@@ -4,24 +4,33 @@ them on the leaderboard. ``search`` and ``run_search`` are autometa's Python ent
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
+from autometa.engine.pool import Pool
 from autometa.engine.prepare import prepare
 from autometa.engine.sampling import pruner, sampler
-from autometa.engine.storage import CONFIG_ATTR, counts, open_study
-from autometa.errors import one_line, redact
+from autometa.engine.storage import (
+    CONFIG_ATTR,
+    counts,
+    fail_dead_trials,
+    local_file,
+    open_study,
+    storage_lock,
+)
+from autometa.engine.worker import Event, WorkerSpec, run_worker
+from autometa.errors import ConfigError
 from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
-from autometa.space import suggest
-from autometa.trial import Diverged, TrialPlan, build, meta_train, save_state, trial_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,83 +66,71 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
     prepared = prepare(config, host)
     config = prepared.config
     study = open_study(prepared, sampler(config.seed), pruner(config.pruner))
+    with storage_lock(config.storage):
+        fail_dead_trials(study)  # a crashed run's trials, even when the budget is spent
     ready()
     progress = progress or NullProgress()
-    artifacts = Path(study.user_attrs[CONFIG_ATTR]["artifacts_path"])
-
+    specs = worker_specs(config)
+    if len(specs) > 1 and local_file(config.storage) is None \
+            and config.storage.startswith("sqlite"):
+        raise ConfigError("workers > 1 need a storage that several processes share (a SQLite "
+                          "file, a journal file or a database server), not an in-memory one")
     done = sum(1 for t in study.trials if counts(t))
     remaining = None if config.n_trials is None else max(config.n_trials - done, 0)
     host.notify("search_started", study_name=study.study_name, config=config)
 
-    def objective(trial: optuna.Trial) -> float:
-        plan = TrialPlan(
-            algorithm=trial.suggest_categorical("algorithm", list(prepared.algorithms)),
-            source=trial.suggest_categorical("source", list(prepared.sources)),
-        )
-        plan = TrialPlan(
-            plan.algorithm,
-            plan.source,
-            suggest(trial, plan.algorithm, prepared.algorithms[plan.algorithm]),
-            suggest(trial, plan.source, prepared.sources[plan.source]),
-        )
-        for key, value in vars(plan).items():
-            trial.set_user_attr(key, value)
-        progress.trial_started(trial.number, plan.describe(), config.meta_steps)
-        seed = trial_seed(config.seed, trial.number)
-        generator = torch.Generator(device=prepared.task.device).manual_seed(seed)
-
-        def on_eval(step: int, score: float) -> None:
-            trial.report(score, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"meta-val {score:.4g} at step {step}")
-
-        try:
-            algorithm = build(host, prepared.task, plan, seed)
-            score = meta_train(algorithm, prepared.task, meta_steps=config.meta_steps,
-                               eval_every=config.eval_every, generator=generator,
-                               on_eval=on_eval, on_step=progress.step)
-            save_state(algorithm, artifacts / f"trial-{trial.number}.pt")
-        except optuna.TrialPruned:
-            raise
-        except Diverged as exc:
-            return _failed(trial, f"diverged: {exc}")
-        except Exception as exc:  # this trial's data, hyperparameters or plugin code
-            log.debug("trial %d failed", trial.number, exc_info=True)
-            return _failed(trial, f"{type(exc).__name__}: {redact(one_line(str(exc)))}")
-        return score
-
-    def after_trial(study: optuna.Study, frozen: FrozenTrial) -> None:
-        note = frozen.user_attrs.get("failure", "")
-        if frozen.state == TrialState.PRUNED and frozen.intermediate_values:
-            step = max(frozen.intermediate_values)
-            note = f"at step {step}, meta-val {frozen.intermediate_values[step]:.4g}"
-        progress.trial_finished(frozen.number, frozen.state.name, frozen.value, _best(study),
-                                note)
-        host.notify("trial_finished", study_name=study.study_name, trial=frozen)
+    def send(event: Event) -> None:
+        name, args = event
+        getattr(progress, name)(*args)
 
     with progress:
-        progress.search_started(remaining, done, config.timeout, prepared.task.metric.name)
+        progress.search_started(remaining, done, config.timeout, prepared.task.metric.name,
+                                prepared.task.metric.direction, len(specs))
         if remaining != 0:
-            study.optimize(objective, n_trials=remaining, timeout=config.timeout,
-                           callbacks=[after_trial])
+            if len(specs) == 1:  # in this process: no start-up cost, same trials as ever
+                run_worker(specs[0], send, prepared=prepared)
+            else:
+                Pool(study, config.storage, specs, send).run()
+        running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if not running:
+            progress.phase(f"scoring the best {config.top_k} on meta-test")
+    artifacts = Path(study.user_attrs[CONFIG_ATTR]["artifacts_path"])
+    # While other processes still run trials of this study, the leaderboard is a snapshot:
+    # nothing is cached in the storage, and the last process to finish writes the reports.
     leaderboard = compute_leaderboard(study, prepared.task, host, top_k=config.top_k,
-                                      artifacts=artifacts)
+                                      artifacts=artifacts, cache=not running)
+    leaderboard.report = not running and _first_to_report(study, config.storage)
     host.notify("search_finished", study_name=study.study_name, leaderboard=leaderboard)
     return leaderboard
 
 
-def _failed(trial: optuna.Trial, reason: str) -> float:
-    """Record why ``trial`` failed; the NaN it returns makes Optuna mark it FAIL and go on."""
-    trial.set_user_attr("failure", reason[:1000])
-    return float("nan")
+#: Study user attribute: how many trials had finished when the reports were last written.
+REPORTED_ATTR = "autometa.reported"
 
 
-def _best(study: optuna.Study) -> float | None:
-    values = [t.value for t in study.trials if t.state == TrialState.COMPLETE]
-    if not values:
-        return None
-    assert all(v is not None for v in values)
-    return min(values) if study.direction.name == "MINIMIZE" else max(values)  # type: ignore
+def _first_to_report(study: optuna.Study, url: str) -> bool:
+    """True for one process only among those that end a search at the same state."""
+    with storage_lock(url):
+        finished = len(study.get_trials(deepcopy=False, states=(
+            TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+        if study.user_attrs.get(REPORTED_ATTR) == finished:
+            return False
+        study.set_user_attr(REPORTED_ATTR, finished)
+        return True
+
+
+def worker_specs(config: SearchConfig) -> list[WorkerSpec]:
+    """One spec per worker: the devices in turn, one deadline for all.
+
+    On a CPU each worker gets ``cores // workers`` torch threads unless ``threads`` is set.
+    """
+    workers = config.workers or len(config.devices)
+    deadline = None if config.timeout is None else time.time() + config.timeout
+    cores = os.cpu_count() or 1
+    threads = config.threads or (max(1, cores // workers) if workers > 1 else None)
+    return [WorkerSpec(config=config.to_dict(), device=config.devices[i % len(config.devices)],
+                       index=i, threads=threads, deadline=deadline)
+            for i in range(workers)]
 
 
 def search(task: str, **settings: Any) -> Leaderboard:

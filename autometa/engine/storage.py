@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,37 +29,82 @@ log = logging.getLogger(__name__)
 CONFIG_ATTR = "autometa.config"
 #: Seconds between heartbeats of a running trial; a trial silent for GRACE is stale.
 HEARTBEAT, GRACE = 10, 30
+#: A stale or crashed trial runs again with its parameters, at most this many times.
+MAX_RETRY = 2
 
 
-def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage URL; RDB storages get heartbeats so crashed trials are retried.
+def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that queues a failed trial again (WAITING) with its parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+#: Storage paths that are Optuna journal files (one JSON line per change; local processes).
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+#: Seconds a SQLite connection waits for another process's write before failing.
+SQLITE_BUSY_TIMEOUT = 60
+
+
+def local_file(url: str) -> Path | None:
+    """The file behind a SQLite URL or a journal path; None for a server or memory."""
+    if "://" not in url:
+        return Path(url) if url.endswith(JOURNAL_SUFFIXES) else None
+    if url.split(":", 1)[0].split("+", 1)[0] == "sqlite" and ":///" in url:
+        path = url.split(":///", 1)[1].split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    return None
+
+
+def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = True
+                 ) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage: a database URL, or the path of a journal file.
+
+    SQLite waits up to :data:`SQLITE_BUSY_TIMEOUT` seconds for other processes' writes;
+    RDB storages get heartbeats, so a trial of a process that died is found stale on any
+    machine and retried (:data:`GRACE`). A path ending in ``.log``, ``.journal`` or
+    ``.jsonl`` is Optuna's journal file storage (local processes, no server).
 
     Args:
-        must_exist: for read-only commands: a SQLite file that does not exist is an error
-            instead of being created.
+        must_exist: for read-only commands: a file that does not exist is an error instead
+            of being created.
+        create_tables: False to only read an RDB storage whose tables exist (an error
+            otherwise).
 
     Raises:
         ConfigError: one line naming the URL with its password replaced by ``***``.
     """
     shown = redact(url)
     scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
-    if must_exist and scheme == "sqlite":
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise ConfigError(f"storage: no database at {path!r} ({shown}); run a search first "
-                              "or give --storage")
+    file = local_file(url)
+    if must_exist and file is not None and not file.is_file():
+        raise ConfigError(f"storage: no database at {str(file)!r} ({shown}); run a search "
+                          "first or give --storage")
+    if file is not None:
+        _check_folder(file, url)
+    if not scheme and file is None:
+        raise ConfigError(f"storage: {shown} is neither a database URL (sqlite:///x.db, "
+                          "postgresql://...) nor a journal file path ending in "
+                          f"{', '.join(JOURNAL_SUFFIXES)}")
     try:
-        if scheme in {"sqlite", "postgresql", "mysql"}:
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT,
-                grace_period=GRACE,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=2
-                ),
-            )
-        return optuna.storages.get_storage(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if not scheme:
+                from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+                return JournalStorage(JournalFileBackend(str(file)))
+            if scheme in {"sqlite", "postgresql", "mysql"}:
+                kwargs = ({"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+                          if scheme == "sqlite" else {})
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=HEARTBEAT,
+                    grace_period=GRACE,
+                    heartbeat_stale_trial_callback=retry_callback(),
+                    skip_table_creation=not create_tables,
+                )
+            return optuna.storages.get_storage(url)
     except Exception as exc:
         reason = redact(one_line(str(getattr(exc, "orig", None) or exc)))
         if len(reason) > 200:
@@ -63,6 +112,38 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
         raise ConfigError(f"storage: cannot open {shown}: {reason}; check the URL, that the "
                           "server is reachable and its driver installed (e.g. "
                           "sqlite:///autometa.db)") from None
+
+
+def _check_folder(file: Path, url: str) -> None:
+    if not file.parent.is_dir():
+        raise ConfigError(f"storage: folder {str(file.parent)!r} of {redact(url)} does not "
+                          "exist; create it or choose another path")
+
+
+@contextmanager
+def storage_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock shared by every process on this machine using ``url``.
+
+    Taken around creating the schema and the study, and around claiming a trial against
+    the budget, so that any number of local processes create one study and finish exactly
+    ``n_trials``. It is a ``flock`` on ``<file>.autometa-lock`` beside a SQLite or journal
+    file (Optuna's journal keeps its own ``<file>.lock``); a
+    server storage gets none here (its processes may overshoot the budget by one trial
+    each when they claim at the same instant).
+    """
+    file = local_file(url)
+    if file is None:
+        yield
+        return
+    import fcntl
+
+    _check_folder(file, url)
+    with open(f"{file}.autometa-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
@@ -77,29 +158,57 @@ def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
             run with other settings (the differences listed); nothing is changed then.
     """
     config = prepared.config
-    storage = open_storage(config.storage)
+    file = local_file(config.storage)
+    if file is not None and file.is_file() and file.stat().st_size > 0:
+        # An existing file: resuming only reads, so no lock (and no lock file) is needed;
+        # tables another process is still creating make this fall through to the lock.
+        try:
+            storage = open_storage(config.storage, create_tables=False)
+        except ConfigError:
+            storage = None
+        if storage is not None:
+            study = _resume(prepared, storage, sampler, pruner)
+            if study is not None:
+                return study
+    with storage_lock(config.storage):
+        storage = open_storage(config.storage)
+        return (_resume(prepared, storage, sampler, pruner)
+                or _create(prepared, storage, sampler, pruner))
+
+
+def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
+            sampler: optuna.samplers.BaseSampler,
+            pruner: optuna.pruners.BasePruner) -> optuna.Study | None:
+    """The stored study of ``prepared.config``, checked; None if there is none."""
+    config = prepared.config
     name = config.study
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
                                   pruner=pruner)
     except KeyError:
-        study = None
-    if study is not None:
-        stored = study.user_attrs.get(CONFIG_ATTR)
-        if stored is None:
-            raise ConfigError(f"study {name!r} in {redact(config.storage)} was not made by "
-                              "autometa; choose another study name")
-        if stored["fingerprint"] != _jsonable(config.fingerprint()):
-            diff = _diff(stored["fingerprint"], _jsonable(config.fingerprint()))
-            raise ConfigError(
-                f"study {name!r} in {redact(config.storage)} was run with other settings "
-                f"({diff}); "
-                "use the original settings to resume it, or a new study name"
-            )
-        if "spaces" in stored:
-            _use_stored_spaces(prepared, stored["spaces"], name)
-        log.info("resuming study %r (%d trials so far)", name, len(study.trials))
-        return study
+        return None
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        raise ConfigError(f"study {name!r} in {redact(config.storage)} was not made by "
+                          "autometa; choose another study name")
+    if stored["fingerprint"] != _jsonable(config.fingerprint()):
+        diff = _diff(stored["fingerprint"], _jsonable(config.fingerprint()))
+        raise ConfigError(
+            f"study {name!r} in {redact(config.storage)} was run with other settings "
+            f"({diff}); use the original settings to resume it, or a new study name"
+        )
+    if "spaces" in stored:
+        _use_stored_spaces(prepared, stored["spaces"], name)
+    log.info("resuming study %r (%d trials so far)", name, len(study.trials))
+    return study
+
+
+def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
+            sampler: optuna.samplers.BaseSampler,
+            pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """A new study with the search's typed settings and resolved spaces (under the lock)."""
+    config = prepared.config
+    name = config.study
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, direction=prepared.task.metric.direction)
     artifacts = (Path(config.artifacts) / name).resolve()
@@ -152,3 +261,97 @@ def counts(trial: FrozenTrial) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and "failure" in trial.user_attrs
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count against ``n_trials``: finished ones (see :func:`counts`) and running
+    ones (each will finish, or be found dead and retried)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if counts(t) or t.state == TrialState.RUNNING)
+
+
+#: Trial user attribute naming the process running it: {"host", "pid", "device", "worker"}.
+WORKER_ATTR = "worker"
+
+
+def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float | None,
+          worker: Mapping[str, Any],
+          sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> optuna.Trial | None:
+    """A new trial for this process, or None when the budget or the time is spent.
+
+    Under :func:`storage_lock`: dead local trials are failed and queued again first; then
+    the trials that count (:func:`budget_used`) are compared with ``n_trials``, so any
+    number of workers and processes end with exactly ``n_trials`` finished. A queued
+    retry (Optuna's WAITING trial) is taken before a new one is sampled.
+
+    Args:
+        sampler_for: the sampler for a new trial of a given number (the storage numbers
+            trials in order, so under the lock the next new one is ``len(trials)``).
+    """
+    if deadline is not None and time.time() >= deadline:
+        return None
+    with storage_lock(url):
+        fail_dead_trials(study)
+        if n_trials is not None and budget_used(study) >= n_trials:
+            return None
+        study.sampler = sampler_for(len(study.get_trials(deepcopy=False)))
+        with warnings.catch_warnings():  # the worker runs Optuna's heartbeat thread itself
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trial = study.ask()
+        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
+                                          **worker})
+        return trial
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose process is gone and queue each again (twice at most).
+
+    A process on this machine is checked directly (its pid); one elsewhere by its
+    heartbeat (RDB storages, after :data:`GRACE` seconds). Returns the numbers failed here.
+    """
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = t.user_attrs.get(WORKER_ATTR) or {}
+        if who.get("host") == host and isinstance(who.get("pid"), int) \
+                and not _alive(who["pid"]):
+            fail_trial(study, t, f"its process {who['pid']} died")
+            failed.append(t.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return failed
+
+
+def fail_running(study: optuna.Study, url: str, number: int, reason: str) -> None:
+    """:func:`fail_trial` for trial ``number`` if it is still RUNNING (under the lock)."""
+    with storage_lock(url):
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number == number:
+                fail_trial(study, trial, reason)
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Mark a RUNNING ``trial`` FAIL (not counted against the budget) and queue it again."""
+    storage = study._storage  # the study's own storage object: Optuna offers no other handle
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "crash", reason)
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return  # another process got there first
+    level = logging.INFO if reason.startswith("interrupted") else logging.WARNING
+    log.log(level, "trial %d failed: %s; it will run again", trial.number, reason)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_callback()(study, storage.get_trial(trial._trial_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

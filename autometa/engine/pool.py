@@ -1,0 +1,137 @@
+"""The pool: worker processes over the devices, supervised by the process that owns the
+terminal (as Ray Tune's controller and Syne Tune's local backend do).
+
+Each worker is an OS process started with ``spawn`` (a fresh interpreter: CUDA is first
+touched there, on the worker's own device) that claims and runs trials until the budget
+is spent (:mod:`~autometa.engine.worker`). The supervisor draws one display from the
+workers' events and watches the processes:
+
+* a worker that dies (``kill -9``, out of memory) has its trial failed and queued again
+  at once, and a replacement starts on the same device (:data:`MAX_RESTARTS` in a row);
+* Ctrl-C stops every worker; their trials are failed and queued, so a resume reruns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue as queues
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+
+from autometa.engine.storage import fail_running
+from autometa.engine.worker import Event, WorkerSpec, worker_main
+
+log = logging.getLogger(__name__)
+
+#: Replacements of one worker slot that died without finishing a trial in between.
+MAX_RESTARTS = 3
+#: Seconds a stopped worker gets to exit before it is killed.
+STOP_GRACE = 5.0
+
+
+class Pool:
+    """Worker processes for ``specs``, one per slot; :meth:`run` returns when all are done."""
+
+    def __init__(self, study: optuna.Study, url: str, specs: Sequence[WorkerSpec],
+                 send: Callable[[Event], None]) -> None:
+        self.study, self.url, self.specs, self.send = study, url, list(specs), send
+        self.context = multiprocessing.get_context("spawn")
+        self.events: Any = self.context.Queue()
+        self.processes: dict[int, Any] = {}
+        self.running: dict[int, int] = {}  # worker index -> trial number it runs
+        self.restarts: dict[int, int] = {spec.index: 0 for spec in self.specs}
+        self.errors: dict[int, str] = {}
+
+    def run(self) -> None:
+        """Start every worker and supervise until all have ended.
+
+        Raises:
+            KeyboardInterrupt: after stopping every worker and queueing their trials again.
+        """
+        try:
+            for spec in self.specs:
+                self._start(spec)
+            while self.processes:
+                self._drain(timeout=0.2)
+                self._reap()
+        except KeyboardInterrupt:
+            self.stop("interrupted (Ctrl-C); it runs again on resume")
+            raise
+
+    def stop(self, reason: str) -> None:
+        """Stop every worker and fail (and queue again) the trials they were running."""
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            process.join(STOP_GRACE)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes.clear()
+        self._drain(timeout=0)
+        for number in self.running.values():
+            self._fail(number, reason)
+        self.running.clear()
+
+    def _start(self, spec: WorkerSpec) -> None:
+        process = self.context.Process(target=worker_main, args=(spec, self.events),
+                                       name=f"autometa-worker-{spec.index}", daemon=True)
+        process.start()
+        self.processes[spec.index] = process
+
+    def _drain(self, timeout: float) -> None:
+        """Forward queued events to the display; wait up to ``timeout`` for the first.
+
+        Workers send ``(method, args, worker index)``; the supervisor keeps which trial
+        each worker runs, to fail and queue it again if the worker dies.
+        """
+        block = timeout > 0
+        while True:
+            try:
+                name, args, index = self.events.get(block=block,
+                                                    timeout=timeout if block else None)
+            except queues.Empty:
+                return
+            block = False
+            if name == "worker_failed":
+                self.errors[index] = args[0]
+                continue
+            if name == "trial_started":
+                self.running[index] = args[0]
+            elif name == "trial_finished":
+                self.running.pop(index, None)
+                self.restarts[index] = 0
+            self.send((name, args))
+
+    def _reap(self) -> None:
+        """Handle workers that have exited: replace one that died, free one that finished."""
+        for index, process in list(self.processes.items()):
+            if process.is_alive():
+                continue
+            process.join()
+            self._drain(timeout=0)  # its last events
+            del self.processes[index]
+            spec = next(s for s in self.specs if s.index == index)
+            number = self.running.pop(index, None)
+            if process.exitcode == 0:
+                continue
+            if index in self.errors:  # the worker could not start (its device, its data)
+                log.error("worker %d on %s stopped: %s", index, spec.device,
+                          self.errors.pop(index))
+                continue
+            reason = f"worker {index} on {spec.device} died (exit code {process.exitcode})"
+            if number is not None:
+                self._fail(number, reason)
+                self.send(("trial_finished", (number, "FAIL", None, f"{reason}; queued again")))
+            self.restarts[index] += 1
+            if self.restarts[index] > MAX_RESTARTS:
+                log.error("%s %d times in a row; not replacing it", reason, MAX_RESTARTS + 1)
+                continue
+            log.warning("%s; starting a replacement", reason)
+            self._start(spec)
+
+    def _fail(self, number: int, reason: str) -> None:
+        fail_running(self.study, self.url, number, reason)
