@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from autometa.algorithm import MetaAlgorithm
-from autometa.errors import PluginError
+from autometa.errors import DataError, PluginError
 from autometa.plugins import PluginHost
 from autometa.task import Episodes, Task
 
@@ -201,5 +201,20 @@ def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
 
 
 def load_state(algorithm: MetaAlgorithm, path: Path) -> None:
-    state = torch.load(path, map_location=algorithm.task.device, weights_only=True)
-    algorithm.load_state_dict(state)
+    """Restore a trial's saved state, read with ``weights_only=True`` (tensors only).
+
+    Raises:
+        DataError: the file is damaged or not one autometa wrote (one line; never torch's
+            advice to unpickle it: autometa saves tensors only, so that is never needed).
+    """
+    try:
+        state = torch.load(path, map_location=algorithm.task.device, weights_only=True)
+        algorithm.load_state_dict(state)
+    except Exception as exc:
+        first = next(iter(str(exc).strip().splitlines()), "").split(". ")[0]
+        detail = "" if "weights_only" in first or len(first) > 120 else f": {first}"
+        raise DataError(
+            f"trial state '{path}' is corrupt or not the tensors autometa saved "
+            f"({type(exc).__name__}{detail}); it was damaged or replaced: restore it from a "
+            "copy, or start a new study"
+        ) from None
