@@ -242,7 +242,7 @@ def load_leaderboard(
         check_top_k(top_k)
     check_study_name(study_name)
     storage = storage or DEFAULT_STORAGE
-    store = open_storage(storage, must_exist=True)
+    store = open_storage(storage, must_exist=True, create_tables=False)
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
     except KeyError:
