@@ -25,8 +25,10 @@ TASK_FLAGS = [a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")]
 
 
 def _trials(db: Path, study: str = "sinusoid-seed0") -> list[optuna.trial.FrozenTrial]:
-    """The study's trials, read without creating tables (a search may be creating them)."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_table_creation=True)
+    """The study's trials, read without writing anything (a search may be creating the
+    tables: even Optuna's schema check may write its version row)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_table_creation=True,
+                                         skip_compatibility_check=True)
     return optuna.load_study(study_name=study, storage=storage).trials
 
 

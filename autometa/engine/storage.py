@@ -68,8 +68,9 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
     Args:
         must_exist: for read-only commands: a file that does not exist is an error instead
             of being created.
-        create_tables: False to only read an RDB storage whose tables exist (an error
-            otherwise).
+        create_tables: False to only read an RDB storage: no table is created and the
+            schema's version is not checked (that check may write its version row), so
+            nothing is written even to a database another process is creating.
 
     Raises:
         ConfigError: one line naming the URL with its password replaced by ``***``.
@@ -103,6 +104,7 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
                     grace_period=GRACE,
                     heartbeat_stale_trial_callback=retry_callback(),
                     skip_table_creation=not create_tables,
+                    skip_compatibility_check=not create_tables,
                 )
             return optuna.storages.get_storage(url)
     except Exception as exc:
@@ -164,12 +166,13 @@ def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
         # tables another process is still creating make this fall through to the lock.
         try:
             storage = open_storage(config.storage, create_tables=False)
-        except ConfigError:
-            storage = None
-        if storage is not None:
             study = _resume(prepared, storage, sampler, pruner)
-            if study is not None:
-                return study
+        except ConfigError:
+            raise  # another search's study, other settings: nothing to lock for
+        except Exception:  # tables not created yet: create them under the lock
+            study = None
+        if study is not None:
+            return study
     with storage_lock(config.storage):
         storage = open_storage(config.storage)
         return (_resume(prepared, storage, sampler, pruner)
