@@ -6,9 +6,9 @@ of a TOML/YAML config file, and (with dashes) flags of ``autometa run``.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -194,9 +194,13 @@ def check_writable_dir(path: Path, key: str) -> None:
     if not probe.is_dir():
         what = "is not a directory" if probe == path else f"is under {str(probe)!r}, a file"
         raise ConfigError(f"{key}: {str(path)!r} {what}; give a directory path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {str(path)!r} is not writable (no write permission on "
-                          f"{str(probe)!r}); give a writable directory")
+    try:  # permissions alone miss read-only mounts and pseudo-filesystems such as /proc
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not writable (cannot create a file in "
+                          f"{str(probe)!r}: {exc.strerror}); give a writable directory"
+                          ) from None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -88,10 +88,12 @@ def _restrict_one(key: str, param: Param, value: Any) -> Any:
                               f"parameter, e.g. {{low = 0.01, high = 0.1}}; got {dict(value)!r}")
         low = _bound(f"{key}.low", param, value.get("low", param.low))
         high = _bound(f"{key}.high", param, value.get("high", param.high))
-        if not (param.low <= low <= high <= param.high):
+        if low > high:
+            raise ConfigError(f"{key}: range low {low} is above high {high}; swap them")
+        if not (param.low <= low and high <= param.high):
             raise ConfigError(
                 f"{key}: range [{low}, {high}] is not inside the declared "
-                f"[{param.low}, {param.high}] (low must not exceed high)"
+                f"[{param.low}, {param.high}]"
             )
         if isinstance(param, Int):
             return Int(int(low), int(high), param.log)
@@ -121,8 +123,10 @@ def parse_value(key: str, param: Param, value: Any) -> Any:
         try:
             return parse(key, Literal[choices], value)
         except ConfigError:
+            words = (" (on the command line: true/false, 1/0 or yes/no)"
+                     if any(type(c) is bool for c in choices) else "")
             raise ConfigError(f"{key}: {_given(value)} is not one of "
-                              f"{list(param.choices)}") from None
+                              f"{list(param.choices)}{words}") from None
     value = parse(key, int if isinstance(param, Int) else float, value)
     check_value(key, param, value)
     return value

@@ -180,6 +180,8 @@ BEFORE_STORING = [
                      poisoned_checkpoint("nan-weights.pt", float("nan")), ("nan",)),
     _checkpoint_file("checkpoint-inf-weight", "inf-weights.pt",
                      poisoned_checkpoint("inf-weights.pt", float("inf")), ("inf",)),
+    Case("out-on-a-filesystem-that-refuses-files", ("--out", "/proc/autometa-reports"),
+         ("--out", "writable")),
     Case("out-is-a-regular-file", ("--out", "{d}/report.txt"), ("report.txt",),
          setup=write("report.txt", "not a folder\n")),
     Case("artifacts-under-a-regular-file", ("--artifacts", "{d}/file.txt/sub"), ("file.txt",),

@@ -180,3 +180,16 @@ def test_a_journal_file_is_a_storage(tmp_path, url):
                             storage=url, devices=["cpu", "cpu"])
     finished = board.counts["complete"] + board.counts["pruned"] + board.counts["failed"]
     assert finished == 2 and board.counts["running"] == 0 and (tmp_path / url).is_file()
+
+
+def test_a_queued_trial_and_the_next_new_one_never_sample_alike(tmp_path):
+    """A queued retry that fixes only some parameters (a trial interrupted while sampling)
+    is sampled with its own number's seed, not the next new trial's."""
+    common = dict(algorithms=["maml"], sources=["mlp"], meta_steps=2, eval_every=2, top_k=1,
+                  task_params=SMALL, seed=3, pruner="none")
+    autometa.search("sinusoid", n_trials=1, **common)
+    study = optuna.load_study(study_name="sinusoid-seed3", storage="sqlite:///autometa.db")
+    study.enqueue_trial({"algorithm": "maml"})  # trial 1: only the algorithm fixed
+    autometa.search("sinusoid", n_trials=3, **common)
+    trials = _trials(tmp_path / "autometa.db", "sinusoid-seed3")
+    assert len(trials) == 3 and len({_config(t) for t in trials}) == 3

@@ -23,6 +23,7 @@ import optuna
 
 from autometa.engine.storage import fail_running
 from autometa.engine.worker import Event, WorkerSpec, worker_main
+from autometa.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Pool:
         self.running: dict[int, int] = {}  # worker index -> trial number it runs
         self.restarts: dict[int, int] = {spec.index: 0 for spec in self.specs}
         self.errors: dict[int, str] = {}
+        self.finished = 0  # trials the workers finished
+        self.given_up: list[str] = []  # why slots stopped being replaced
 
     def run(self) -> None:
         """Start every worker and supervise until all have ended.
@@ -57,6 +60,11 @@ class Pool:
             while self.processes:
                 self._drain(timeout=0.2)
                 self._reap()
+            if self.given_up and not self.finished:
+                raise ConfigError(
+                    f"no worker process could run a trial ({self.given_up[0]}); from a Python "
+                    "script, call autometa.search under `if __name__ == \"__main__\":` (each "
+                    "worker process imports the main module), or use workers=1")
         except KeyboardInterrupt:
             self.stop("interrupted (Ctrl-C); it runs again on resume")
             raise
@@ -99,11 +107,13 @@ class Pool:
             if name == "worker_failed":
                 self.errors[index] = args[0]
                 continue
-            if name == "trial_started":
+            if name == "claimed":  # known before sampling, so Ctrl-C there fails it too
                 self.running[index] = args[0]
-            elif name == "trial_finished":
+                continue
+            if name == "trial_finished":
                 self.running.pop(index, None)
                 self.restarts[index] = 0
+                self.finished += 1
             self.send((name, args))
 
     def _reap(self) -> None:
@@ -119,8 +129,9 @@ class Pool:
             if process.exitcode == 0:
                 continue
             if index in self.errors:  # the worker could not start (its device, its data)
-                log.error("worker %d on %s stopped: %s", index, spec.device,
-                          self.errors.pop(index))
+                message = self.errors.pop(index)
+                log.error("worker %d on %s stopped: %s", index, spec.device, message)
+                self.given_up.append(message)
                 continue
             reason = f"worker {index} on {spec.device} died (exit code {process.exitcode})"
             if number is not None:
@@ -129,6 +140,7 @@ class Pool:
             self.restarts[index] += 1
             if self.restarts[index] > MAX_RESTARTS:
                 log.error("%s %d times in a row; not replacing it", reason, MAX_RESTARTS + 1)
+                self.given_up.append(reason)
                 continue
             log.warning("%s; starting a replacement", reason)
             self._start(spec)

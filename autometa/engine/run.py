@@ -81,7 +81,8 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
 
     def send(event: Event) -> None:
         name, args = event
-        getattr(progress, name)(*args)
+        if name != "claimed":
+            getattr(progress, name)(*args)
 
     with progress:
         progress.search_started(remaining, done, config.timeout, prepared.task.metric.name,
@@ -92,7 +93,7 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
             else:
                 Pool(study, config.storage, specs, send).run()
         running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if not running:
+        if not running and remaining != 0:
             progress.phase(f"scoring the best {config.top_k} on meta-test")
     artifacts = Path(study.user_attrs[CONFIG_ATTR]["artifacts_path"])
     # While other processes still run trials of this study, the leaderboard is a snapshot:

@@ -288,8 +288,8 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
     retry (Optuna's WAITING trial) is taken before a new one is sampled.
 
     Args:
-        sampler_for: the sampler for a new trial of a given number (the storage numbers
-            trials in order, so under the lock the next new one is ``len(trials)``).
+        sampler_for: the sampler for the trial of a given number (seeded by it, so that
+            no two trials share a random stream).
     """
     if deadline is not None and time.time() >= deadline:
         return None
@@ -297,7 +297,10 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
         fail_dead_trials(study)
         if n_trials is not None and budget_used(study) >= n_trials:
             return None
-        study.sampler = sampler_for(len(study.get_trials(deepcopy=False)))
+        trials = study.get_trials(deepcopy=False)
+        # ask() takes the first queued (WAITING) trial, else creates trial len(trials).
+        waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+        study.sampler = sampler_for(min(waiting) if waiting else len(trials))
         with warnings.catch_warnings():  # the worker runs Optuna's heartbeat thread itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = study.ask()

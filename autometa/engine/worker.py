@@ -6,7 +6,8 @@ study's settings come from the storage, the budget is counted there
 draws the display (the calling process itself, or the pool's supervisor).
 
 An event is ``(method, args)`` naming a :class:`~autometa.progress.Progress` method:
-``trial_started``, ``step``, ``evaluated``, ``trial_finished``.
+``trial_started``, ``step``, ``evaluated``, ``trial_finished``; and ``claimed`` (a trial
+number, before its parameters are sampled) for a pool's supervisor.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
                       lambda number: trial_sampler(config.seed, number))
         if trial is None:
             return ran
+        send(("claimed", (trial.number,)))
         try:
             run_trial(study, trial, prepared, artifacts, send, device=spec.device)
         except BaseException:  # Ctrl-C in this process: the trial runs again on resume
