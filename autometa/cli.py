@@ -1,4 +1,4 @@
-"""The ``autometa`` command line: ``run``, ``plugins`` and ``leaderboard``.
+"""The ``autometa`` command line: ``run``, ``worker``, ``plugins`` and ``leaderboard``.
 
 All user-facing output lives here. Errors print one line and exit 2 (``--debug`` shows the
 traceback). Imports of torch and Optuna are deferred to the commands that need them.
@@ -28,7 +28,7 @@ RUN_FLAGS = {
     "timeout": "timeout", "meta_steps": "meta_steps", "eval_every": "eval_every",
     "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
     "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
-    "devices": "devices", "workers": "workers",
+    "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
 }
 
 
@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed of the whole search (0)")
     run.add_argument("--study", help="study name (default: <task>-seed<seed>)")
     run.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
-    run.add_argument("--artifacts", help="directory of trained trial states")
+    run.add_argument("--artifacts", help="where trained trial states go: a directory (one "
+                                         "every machine mounts, for many) or s3://BUCKET "
+                                         "(default autometa-artifacts)")
+    run.add_argument("--keep", type=_keep, metavar="all|K",
+                     help="trial states kept: all (default), or those of the best K on meta-val")
+    _data_root_flag(run)
     run.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     run.add_argument("--devices", help="comma-separated devices, one trial per device at a "
                                        "time, e.g. cuda:0,cuda:1; 'cuda' = every visible GPU")
@@ -75,6 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     _report_flags(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    worker = sub.add_parser(
+        "worker", help="join a stored study from this machine and run its trials",
+        description="Join study STUDY in the storage at --storage (e.g. a PostgreSQL server "
+                    "that every machine reaches) and run its trials until its budget is "
+                    "spent. The search's settings come from the storage; input files must "
+                    "match the study's (by content hash).")
+    worker.add_argument("study", help="study name (as `autometa run` created it)")
+    worker.add_argument("--storage", required=True,
+                        help="the study's storage URL, e.g. postgresql://user@host/db")
+    worker.add_argument("--artifacts", help="the artifact store as this machine reaches it "
+                                            "(default: the study's)")
+    _data_root_flag(worker)
+    worker.add_argument("--devices", help="comma-separated devices of this machine (default: "
+                                          "the study's), e.g. cuda:0,cuda:1 or cuda")
+    worker.add_argument("--workers", type=int, help="trials at once on this machine "
+                                                    "(default: one per device)")
+    worker.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    worker.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
+    _report_flags(worker)
+    worker.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     plugins = sub.add_parser("plugins", help="list installed plugins and what they provide")
     plugins.add_argument("--verbose", "-v", action="store_true",
                          help="also import each entry and show its search space")
@@ -83,8 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("study", help="study name")
     board.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
     board.add_argument("--top-k", type=int, help="best trials scored on meta-test")
+    board.add_argument("--artifacts", help="the artifact store as this machine reaches it "
+                                           "(default: the study's)")
+    _data_root_flag(board)
+    board.add_argument("--device", help="torch device to score on (default: the study's)")
     _report_flags(board)
     return parser
+
+
+def _data_root_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", help="directory that relative input paths (CSV files, "
+                                            "image folders, checkpoints) are under (default: "
+                                            "the working directory)")
+
+
+def _keep(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a number, got {text!r}") from None
 
 
 def _report_flags(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if args.debug:
         gate.release()
-    commands = {"run": cmd_run, "plugins": cmd_plugins, "leaderboard": cmd_leaderboard}
+    commands = {"run": cmd_run, "worker": cmd_worker, "plugins": cmd_plugins,
+                "leaderboard": cmd_leaderboard}
     try:
         with warnings.catch_warnings():
             logging.captureWarnings(True)  # torch/library warnings go through the gate too
@@ -255,6 +301,23 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.plugins import create_host
+
+    check_writable_dir(args.out, "--out")
+    from autometa.engine.run import join_search
+    from autometa.progress import Progress, RichProgress
+
+    _quiet_optuna()
+    progress = Progress() if args.no_progress else RichProgress()
+    board = join_search(args.study, args.storage, host=create_host(), progress=progress,
+                        ready=ready, artifacts=args.artifacts, data_root=args.data_root,
+                        devices=args.devices, workers=args.workers, threads=args.threads,
+                        timeout=args.timeout)
+    _show(board, args.out)
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     from autometa.leaderboard import check_top_k, load_leaderboard
 
@@ -262,7 +325,9 @@ def cmd_leaderboard(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         check_top_k(args.top_k)
     check_writable_dir(args.out, "--out")
     _quiet_optuna()
-    board = load_leaderboard(args.study, args.storage, top_k=args.top_k)
+    board = load_leaderboard(args.study, args.storage, top_k=args.top_k,
+                             artifacts=args.artifacts, data_root=args.data_root,
+                             device=args.device)
     ready()
     _show(board, args.out)
     return 0

@@ -52,7 +52,13 @@ class SearchConfig:
     seed: int = 0  # seeds the sampler, the task's data and every trial
     study_name: str | None = None  # default: "<task>-seed<seed>"
     storage: str = DEFAULT_STORAGE  # any Optuna storage URL
-    artifacts: str = "autometa-artifacts"  # directory for trained trial states
+    # where trial states go: a directory (for many machines, one they all mount) or
+    # s3://bucket; states sit in <artifacts>/<study> (Optuna's artifact store)
+    artifacts: str = "autometa-artifacts"
+    keep: int | str = "all"  # trial states kept: "all", or those of the best k on meta-val
+    # relative paths of input files (CSVs, image folders, checkpoints) resolve against
+    # this directory; None: the working directory
+    data_root: str | None = None
     device: str = "cpu"  # torch device of every trial, e.g. "cuda:0" (when devices is empty)
     # torch devices the trials run on, one trial per device slot at a time, e.g.
     # ["cuda:0", "cuda:1"]; "cuda" = every visible GPU; [] = [device]
@@ -149,7 +155,21 @@ class SearchConfig:
         if self.study_name is not None:
             check_study_name(self.study_name)
         _expect(self.storage, str, "storage", "an Optuna storage URL such as sqlite:///x.db")
-        _expect(self.artifacts, str, "artifacts", "a directory path")
+        _expect(self.artifacts, str, "artifacts", "a directory path or s3://bucket")
+        if self.keep != "all":
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int) \
+                    or not 1 <= self.keep <= MAX_COUNT:
+                raise ConfigError(f"keep: expected 'all' or a number of trials (the best on "
+                                  f"meta-val) from 1 to {MAX_COUNT:,}, got {self.keep!r}")
+            if self.keep < self.top_k:
+                raise ConfigError(f"keep: {self.keep} is fewer than top_k={self.top_k}, the "
+                                  "trials whose states the leaderboard loads; raise keep or "
+                                  "lower top_k")
+        if self.data_root is not None:
+            _expect(self.data_root, str, "data_root", "a directory path")
+            if not Path(self.data_root).is_dir():
+                raise ConfigError(f"data_root: {self.data_root!r} is not a directory; give "
+                                  "the directory that relative input paths are under")
         _expect(self.device, str, "device", "a torch device such as 'cpu' or 'cuda:0'")
         if self.pruner not in {"median", "none"}:
             raise ConfigError(f"pruner: expected 'median' or 'none', got {self.pruner!r}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from autometa.errors import ConfigError, redact
+from autometa.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,26 @@ def _md_escape(text: str) -> str:
 
 
 def compute_leaderboard(
-    study: optuna.Study, task: Task, host: PluginHost, *, top_k: int, artifacts: Path,
-    cache: bool = True,
+    study: optuna.Study, task: Task, host: PluginHost, *, top_k: int, artifacts: str,
+    root: Path | None = None, cache: bool = True,
 ) -> Leaderboard:
     """Rank ``study``'s completed trials and score the ``top_k`` best on meta-test.
 
     Args:
+        artifacts: the artifact store the trials' states were uploaded to (a directory or
+            ``s3://bucket``, see :mod:`autometa.engine.artifacts`).
+        root: where relative input paths resolve (default: the working directory).
         cache: store new meta-test scores in the study; False for a snapshot of a study
             that is still running (nothing is written to the storage then).
+
+    Raises:
+        ConfigError: a listed trial's state is not in the store.
     """
+    import tempfile
+
     from optuna.trial import TrialState
 
+    from autometa.engine.artifacts import download_state, open_store
     from autometa.engine.storage import CONFIG_ATTR
     from autometa.metrics import mean_ci95
     from autometa.trial import (
@@ -151,6 +160,9 @@ def compute_leaderboard(
     ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
 
     tested: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
+    untested = [t for t in ranked[:top_k] if str(t.number) not in tested]
+    store = open_store(artifacts, study.study_name) if untested else None
+    tmp = tempfile.TemporaryDirectory(prefix="autometa-states-")
     rows = []
     for rank, t in enumerate(ranked, start=1):
         plan = TrialPlan(**{k: t.user_attrs[k] for k in
@@ -159,14 +171,12 @@ def compute_leaderboard(
         if rank <= top_k:
             key = str(t.number)
             if key not in tested:
-                state = artifacts / f"trial-{t.number}.pt"
-                if not state.is_file():
-                    raise ConfigError(
-                        f"trial {t.number} of study {study.study_name!r} has no saved state at "
-                        f"{state}; was the artifacts directory moved or deleted?"
-                    )
-                algorithm = build(host, task, plan, trial_seed(search_seed, t.number))
-                load_state(algorithm, state)
+                assert store is not None
+                state = download_state(study, t, store, artifacts, Path(tmp.name))
+                algorithm = build(host, task, plan, trial_seed(search_seed, t.number), root)
+                load_state(algorithm, state, f"trial {t.number}'s state in {artifacts!r}")
+                if state.parent == Path(tmp.name):
+                    state.unlink()
                 episodes = task.meta_test()
                 try:
                     scores = evaluate(algorithm, episodes, task, split="meta-test")
@@ -193,6 +203,7 @@ def compute_leaderboard(
             "test_ci_over": test["over"],
             "params": plan.params_text(),
         })
+    tmp.cleanup()
     columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",
                f"test_{metric.name}", "test_ci95", "test_n", "test_ci_over", "params"]
     counts = {
@@ -225,39 +236,49 @@ def load_leaderboard(
     *,
     host: PluginHost | None = None,
     top_k: int | None = None,
+    artifacts: str | None = None,
+    data_root: str | None = None,
+    device: str | None = None,
 ) -> Leaderboard:
     """The leaderboard of a stored study (evaluating on meta-test what is not cached yet).
 
     A study with trials still running is shown as it stands and nothing is written to the
-    storage (its meta-test scores are cached once it has finished).
+    storage (its meta-test scores are cached once it has finished). Any machine with the
+    storage, the artifact store and the same input files computes the same leaderboard.
+
+    Args:
+        artifacts: the artifact store as this machine reaches it (default: the study's).
+        data_root: where relative input paths resolve (default: the working directory).
+        device: the torch device to score on (default: the study's first device).
+
+    Raises:
+        ConfigError: no such study, an input file that differs from the study's, or a
+            trial state missing from the store; nothing is written then.
     """
     import optuna
+    from optuna.trial import TrialState
 
-    from autometa.config import DEFAULT_STORAGE, SearchConfig, check_study_name
+    from autometa.config import DEFAULT_STORAGE
+    from autometa.engine.inputs import check_same, fingerprints, path_settings, root_of
     from autometa.engine.prepare import build_task, check_device, parse_task_params
-    from autometa.engine.storage import CONFIG_ATTR, open_storage
+    from autometa.engine.storage import open_storage, stored_search
     from autometa.plugins import create_host
 
     if top_k is not None:
         check_top_k(top_k)
-    check_study_name(study_name)
     storage = storage or DEFAULT_STORAGE
-    store = open_storage(storage, must_exist=True, create_tables=False)
-    try:
-        study = optuna.load_study(study_name=study_name, storage=store)
-    except KeyError:
-        names = optuna.get_all_study_names(store)
-        from autometa.errors import unknown
-
-        raise ConfigError(unknown(f"study in {redact(storage)}", study_name, names)) from None
-    stored = study.user_attrs.get(CONFIG_ATTR)
-    if stored is None:
-        raise ConfigError(f"study {study_name!r} in {redact(storage)} was not made by autometa")
-    config = SearchConfig.from_dict(stored["config"], where=f"study {study_name!r}")
+    config, inputs = stored_search(study_name, storage, artifacts=artifacts,
+                                   data_root=data_root, device=device)
     host = host or create_host()
-    task = build_task(config, host, parse_task_params(config, host), check_device(config.device))
-    from optuna.trial import TrialState
-
+    params = parse_task_params(config, host)
+    root = root_of(config.data_root)
+    paths = path_settings(host.get("task", config.task).load(), params, "task_params")
+    check_same(inputs, fingerprints(paths, root), paths, root, study_name)
+    task = build_task(config, host, params, check_device(config.device))
+    study = optuna.load_study(study_name=study_name,
+                              storage=open_storage(storage, create_tables=False))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return compute_leaderboard(study, task, host, top_k=top_k or config.top_k,
-                               artifacts=Path(stored["artifacts_path"]), cache=not running)
+                               artifacts=config.artifacts,
+                               root=Path(data_root) if data_root is not None else None,
+                               cache=not running)

@@ -133,6 +133,18 @@ def _is_text(tp: Any) -> bool:
     return tp is str or (isinstance(origin, type) and issubclass(origin, os.PathLike | PurePath))
 
 
+def is_path(tp: Any) -> bool:
+    """True if ``tp`` declares a file path (``os.PathLike`` or ``pathlib`` among its types,
+    e.g. ``str | os.PathLike[str] | None``): an input file the engine identifies by content
+    and resolves against the data root."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, UnionType):
+        return any(is_path(m) for m in typing.get_args(tp))
+    if origin is typing.Annotated:
+        return is_path(typing.get_args(tp)[0])
+    return tp is not str and _is_text(tp)
+
+
 def parse_bool(value: Any) -> bool:
     """A bool, or from the command line one of ``true/false/1/0/yes/no`` (any case)."""
     if isinstance(value, bool):

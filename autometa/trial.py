@@ -58,16 +58,24 @@ def trial_seed(search_seed: int, trial_number: int) -> int:
     return (search_seed * 1_000_003 + trial_number * 7_919) % (2**31 - 1)
 
 
-def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int) -> MetaAlgorithm:
-    """Instantiate the source model's network on the task's device and wrap it in the algorithm."""
+def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
+          root: Path | None = None) -> MetaAlgorithm:
+    """Instantiate the source model's network on the task's device and wrap it in the algorithm.
+
+    Relative input paths among the settings (a checkpoint's ``path``) resolve against
+    ``root`` (None: the working directory).
+    """
+    from autometa.engine.inputs import localize
+
     source_cls = host.get("source", plan.source).load()
     algorithm_cls = host.get("algorithm", plan.algorithm).load()
     torch.manual_seed(seed)  # network initialisation
     try:
-        source = source_cls(**plan.source_params)
+        source = source_cls(**localize(source_cls, plan.source_params, root))
         source.prepare(task)
         model = source.build(task.spec).to(task.device)
-        return algorithm_cls(model, task, **plan.algorithm_params)
+        return algorithm_cls(model, task, **localize(algorithm_cls, plan.algorithm_params,
+                                                     root))
     except TypeError as exc:
         raise PluginError(f"cannot build {plan.describe()}: {exc}") from exc
 
@@ -200,8 +208,10 @@ def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
     tmp.replace(path)  # atomic: a crash never leaves a half-written state
 
 
-def load_state(algorithm: MetaAlgorithm, path: Path) -> None:
+def load_state(algorithm: MetaAlgorithm, path: Path, shown: str | None = None) -> None:
     """Restore a trial's saved state, read with ``weights_only=True`` (tensors only).
+
+    ``shown`` names the state in messages (default: its path).
 
     Raises:
         DataError: the file is damaged or not one autometa wrote (one line; never torch's
@@ -214,7 +224,7 @@ def load_state(algorithm: MetaAlgorithm, path: Path) -> None:
         first = next(iter(str(exc).strip().splitlines()), "").split(". ")[0]
         detail = "" if "weights_only" in first or len(first) > 120 else f": {first}"
         raise DataError(
-            f"trial state '{path}' is corrupt or not the tensors autometa saved "
+            f"{shown or f'trial state {str(path)!r}'} is corrupt or not the tensors autometa saved "
             f"({type(exc).__name__}{detail}); it was damaged or replaced: restore it from a "
             "copy, or start a new study"
         ) from None

@@ -202,11 +202,11 @@ def test_a_damaged_trial_state_is_one_line_without_torchs_advice(tmp_path, capsy
     autometa.search("sinusoid", host=_host(), sources=["mlp"], n_trials=1, top_k=1,
                     storage=f"sqlite:///{tmp_path / 'a.db'}", artifacts=str(tmp_path / "art"),
                     task_params=SMALL, meta_steps=2, eval_every=2, seed=0)
-    state = next((tmp_path / "art").rglob("trial-0.pt"))
+    state, = (tmp_path / "art" / "sinusoid-seed0").iterdir()  # Optuna's artifact, by its id
     state.write_bytes(content)
     study = optuna.load_study(study_name="sinusoid-seed0", storage=f"sqlite:///{tmp_path}/a.db")
     study.set_user_attr("autometa.test", {})  # forget the cached test score
     code = main(["leaderboard", "sinusoid-seed0", "--storage", f"sqlite:///{tmp_path}/a.db"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "trial state" in err[0]
+    assert code == 2 and len(err) == 1 and "trial 0's state in" in err[0]
     assert "weights_only" not in err[0] and "corrupt" in err[0]

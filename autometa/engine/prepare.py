@@ -6,16 +6,18 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from autometa.config import SearchConfig, check_writable_dir
+from autometa.config import SearchConfig
+from autometa.engine.artifacts import check_location
+from autometa.engine.inputs import check_same, fingerprints, localize, path_settings, root_of
 from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
 from autometa.params import declared_types, parse
-from autometa.plugins import PluginHost
+from autometa.plugins import Kind, PluginHost
 from autometa.space import Categorical, Float, Int, parse_value, restrict
 from autometa.task import Task
 
@@ -31,21 +33,37 @@ class Prepared:
     task: Task
     algorithms: dict[str, dict[str, Any]]  # name -> restricted search space
     sources: dict[str, dict[str, Any]]
+    #: input files by setting: {"task_params.path": {"path": as given, "sha256": ...}}
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    root: Path | None = None  # relative input paths resolve here (None: working directory)
 
 
-def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
+def prepare(config: SearchConfig, host: PluginHost,
+            expected_inputs: Mapping[str, Mapping[str, str]] | None = None) -> Prepared:
     """Check every input and resolve plugins and the task; raises before anything is stored.
 
     The returned config holds every task parameter and plugin setting parsed as its
     declared type (:mod:`autometa.params`), so that the study stores typed values.
+
+    Args:
+        expected_inputs: the input files' hashes stored by the study this process joins
+            (:mod:`autometa.engine.inputs`); a copy that differs or is missing is refused
+            before the task is built.
 
     Raises:
         ConfigError, DataError, PluginError: the first bad input, one line naming it.
     """
     devices = resolve_devices(config)
     device = torch.device(devices[0])
-    check_writable_dir(Path(config.artifacts), "artifacts")
+    check_location(config.artifacts)
     task_params = parse_task_params(config, host)
+    root = root_of(config.data_root)  # where input files are hashed
+    # Plugins get relative paths as written, or resolved against data_root when it is given.
+    data_root = Path(config.data_root) if config.data_root is not None else None
+    paths = path_settings(host.get("task", config.task).load(), task_params, "task_params")
+    inputs = fingerprints(paths, root)
+    if expected_inputs is not None:
+        check_same(expected_inputs, inputs, paths, root, config.study)
     task = build_task(config, host, task_params, device)
 
     def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
@@ -57,7 +75,7 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
         # checkpoint's path, an uninstalled library) fails before anything is stored.
         fixed = {k: v for k, v in space.items() if not isinstance(v, Float | Int | Categorical)}
         try:
-            source = cls(**fixed)
+            source = cls(**localize(cls, fixed, data_root))
         except AutometaError as exc:
             return str(exc)
         reason = source.incompatibility(task.spec)
@@ -67,6 +85,18 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
                          algorithm_problem, task)
     sources = _choose(host, "source", config.sources, config.source_params, source_problem,
                       task)
+    plugin_paths: dict[str, str] = {}
+    kinds: tuple[tuple[Kind, dict[str, dict[str, Any]]], ...] = (
+        ("algorithm", algorithms), ("source", sources))
+    for kind, chosen in kinds:
+        for name, space in chosen.items():
+            fixed = {k: v for k, v in space.items()
+                     if not isinstance(v, Float | Int | Categorical)}
+            plugin_paths |= path_settings(host.get(kind, name).load(), fixed,
+                                          f"{kind}_params.{name}")
+    inputs |= fingerprints(plugin_paths, root)
+    if expected_inputs is not None:
+        check_same(expected_inputs, inputs, plugin_paths, root, config.study)
     typed = replace(
         config,
         device=devices[0],
@@ -77,7 +107,7 @@ def prepare(config: SearchConfig, host: PluginHost) -> Prepared:
         source_params={n: _overrides(s, config.source_params.get(n, {}))
                        for n, s in sources.items() if n in config.source_params},
     )
-    return Prepared(typed, host, task, algorithms, sources)
+    return Prepared(typed, host, task, algorithms, sources, inputs, data_root)
 
 
 def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,12 +191,15 @@ def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str,
                device: torch.device) -> Task:
     """Build the task once for the whole search (data live on ``device``).
 
-    ``task_params`` must come from :func:`parse_task_params`. A task that raises anything
-    but an autometa error is a plugin bug, reported as one :class:`PluginError` line.
+    ``task_params`` must come from :func:`parse_task_params`; relative input paths among
+    them resolve against ``config.data_root``. A task that raises anything but an autometa
+    error is a plugin bug, reported as one :class:`PluginError` line.
     """
     task_cls = host.get("task", config.task).load()
+    local = localize(task_cls, task_params,
+                     Path(config.data_root) if config.data_root is not None else None)
     try:
-        task: Task = task_cls(**task_params, seed=config.seed, device=device)
+        task: Task = task_cls(**local, seed=config.seed, device=device)
     except AutometaError:
         raise
     except Exception as exc:

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -15,17 +14,12 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
+from autometa.engine.lock import storage_lock
 from autometa.engine.pool import Pool
 from autometa.engine.prepare import prepare
 from autometa.engine.sampling import pruner, sampler
-from autometa.engine.storage import (
-    CONFIG_ATTR,
-    counts,
-    fail_dead_trials,
-    local_file,
-    open_study,
-    storage_lock,
-)
+from autometa.engine.storage import counts, fail_dead_trials, open_study, stored_search
+from autometa.engine.urls import local_file
 from autometa.engine.worker import Event, WorkerSpec, run_worker
 from autometa.errors import ConfigError
 from autometa.leaderboard import Leaderboard, compute_leaderboard
@@ -41,12 +35,15 @@ def run_search(
     host: PluginHost | None = None,
     progress: Progress | None = None,
     ready: Callable[[], None] = lambda: None,
+    expected_inputs: dict[str, Any] | None = None,
 ) -> Leaderboard:
     """Run (or resume) the search described by ``config`` and return its leaderboard.
 
     Args:
         ready: called once every input is checked and the study is open, before the first
             trial (the CLI then lets held log lines through).
+        expected_inputs: the input files' hashes of the study this process joins (see
+            :func:`join_search`).
 
     Raises:
         ConfigError, DataError, PluginError: a bad input, before anything is stored.
@@ -56,14 +53,14 @@ def run_search(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, host, progress, ready)
+        return _run(config, host, progress, ready, expected_inputs)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
-         ready: Callable[[], None]) -> Leaderboard:
-    prepared = prepare(config, host)
+         ready: Callable[[], None], expected_inputs: dict[str, Any] | None) -> Leaderboard:
+    prepared = prepare(config, host, expected_inputs)
     config = prepared.config
     study = open_study(prepared, sampler(config.seed), pruner(config.pruner))
     with storage_lock(config.storage):
@@ -95,11 +92,11 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
         running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if not running and remaining != 0:
             progress.phase(f"scoring the best {config.top_k} on meta-test")
-    artifacts = Path(study.user_attrs[CONFIG_ATTR]["artifacts_path"])
     # While other processes still run trials of this study, the leaderboard is a snapshot:
     # nothing is cached in the storage, and the last process to finish writes the reports.
     leaderboard = compute_leaderboard(study, prepared.task, host, top_k=config.top_k,
-                                      artifacts=artifacts, cache=not running)
+                                      artifacts=config.artifacts, root=prepared.root,
+                                      cache=not running)
     leaderboard.report = not running and _first_to_report(study, config.storage)
     host.notify("search_finished", study_name=study.study_name, leaderboard=leaderboard)
     return leaderboard
@@ -118,6 +115,23 @@ def _first_to_report(study: optuna.Study, url: str) -> bool:
             return False
         study.set_user_attr(REPORTED_ATTR, finished)
         return True
+
+
+def join_search(study_name: str, storage: str, *, host: PluginHost | None = None,
+                progress: Progress | None = None, ready: Callable[[], None] = lambda: None,
+                **machine: Any) -> Leaderboard:
+    """Join a stored study from this machine and run its trials until its budget is spent
+    (``autometa worker``): the search's settings come from the storage, this machine's
+    own from ``machine`` (see :data:`MACHINE_KEYS`).
+
+    Every input file must match the hash the study stored (same data on every machine).
+
+    Raises:
+        ConfigError: no such study, a machine setting that cannot be used here, or an
+            input file that differs or is missing (named); before anything runs.
+    """
+    config, inputs = stored_search(study_name, storage, **machine)
+    return run_search(config, host=host, progress=progress, ready=ready, expected_inputs=inputs)
 
 
 def worker_specs(config: SearchConfig) -> list[WorkerSpec]:

@@ -9,17 +9,25 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa import __version__
+from autometa.config import SearchConfig
+from autometa.engine.lock import storage_lock
 from autometa.engine.prepare import Prepared
-from autometa.errors import ConfigError, PluginError, one_line, redact
+from autometa.engine.urls import (
+    JOURNAL_SUFFIXES,
+    check_folder,
+    local_file,
+    open_error,
+    scheme,
+    with_driver,
+)
+from autometa.errors import AutometaError, ConfigError, PluginError, one_line, redact, unknown
 from autometa.plugins import Kind
 from autometa.space import from_json, to_json
 
@@ -40,20 +48,8 @@ def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
 
-#: Storage paths that are Optuna journal files (one JSON line per change; local processes).
-JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 #: Seconds a SQLite connection waits for another process's write before failing.
 SQLITE_BUSY_TIMEOUT = 60
-
-
-def local_file(url: str) -> Path | None:
-    """The file behind a SQLite URL or a journal path; None for a server or memory."""
-    if "://" not in url:
-        return Path(url) if url.endswith(JOURNAL_SUFFIXES) else None
-    if url.split(":", 1)[0].split("+", 1)[0] == "sqlite" and ":///" in url:
-        path = url.split(":///", 1)[1].split("?", 1)[0]
-        return Path(path) if path and path != ":memory:" else None
-    return None
 
 
 def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = True
@@ -76,29 +72,31 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
         ConfigError: one line naming the URL with its password replaced by ``***``.
     """
     shown = redact(url)
-    scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
+    kind = scheme(url)
     file = local_file(url)
     if must_exist and file is not None and not file.is_file():
         raise ConfigError(f"storage: no database at {str(file)!r} ({shown}); run a search "
                           "first or give --storage")
     if file is not None:
-        _check_folder(file, url)
-    if not scheme and file is None:
+        check_folder(file, url)
+    if not kind and file is None:
         raise ConfigError(f"storage: {shown} is neither a database URL (sqlite:///x.db, "
                           "postgresql://...) nor a journal file path ending in "
                           f"{', '.join(JOURNAL_SUFFIXES)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if not scheme:
+            if not kind:
                 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
                 return JournalStorage(JournalFileBackend(str(file)))
-            if scheme in {"sqlite", "postgresql", "mysql"}:
+            if kind in {"sqlite", "postgresql", "mysql"}:
+                # A server's connections are checked before use (pre-ping), so a worker
+                # reconnects by itself after the server restarts.
                 kwargs = ({"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
-                          if scheme == "sqlite" else {})
+                          if kind == "sqlite" else {"pool_pre_ping": True})
                 return optuna.storages.RDBStorage(
-                    url,
+                    with_driver(url),
                     engine_kwargs=kwargs,
                     heartbeat_interval=HEARTBEAT,
                     grace_period=GRACE,
@@ -107,45 +105,10 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
                     skip_compatibility_check=not create_tables,
                 )
             return optuna.storages.get_storage(url)
+    except ConfigError:
+        raise
     except Exception as exc:
-        reason = redact(one_line(str(getattr(exc, "orig", None) or exc)))
-        if len(reason) > 200:
-            reason = reason[:197] + "..."
-        raise ConfigError(f"storage: cannot open {shown}: {reason}; check the URL, that the "
-                          "server is reachable and its driver installed (e.g. "
-                          "sqlite:///autometa.db)") from None
-
-
-def _check_folder(file: Path, url: str) -> None:
-    if not file.parent.is_dir():
-        raise ConfigError(f"storage: folder {str(file.parent)!r} of {redact(url)} does not "
-                          "exist; create it or choose another path")
-
-
-@contextmanager
-def storage_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock shared by every process on this machine using ``url``.
-
-    Taken around creating the schema and the study, and around claiming a trial against
-    the budget, so that any number of local processes create one study and finish exactly
-    ``n_trials``. It is a ``flock`` on ``<file>.autometa-lock`` beside a SQLite or journal
-    file (Optuna's journal keeps its own ``<file>.lock``); a
-    server storage gets none here (its processes may overshoot the budget by one trial
-    each when they claim at the same instant).
-    """
-    file = local_file(url)
-    if file is None:
-        yield
-        return
-    import fcntl
-
-    _check_folder(file, url)
-    with open(f"{file}.autometa-lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        raise open_error(url, exc) from None
 
 
 def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
@@ -173,10 +136,15 @@ def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
             study = None
         if study is not None:
             return study
-    with storage_lock(config.storage):
-        storage = open_storage(config.storage)
-        return (_resume(prepared, storage, sampler, pruner)
-                or _create(prepared, storage, sampler, pruner))
+    try:
+        with storage_lock(config.storage):
+            storage = open_storage(config.storage)
+            return (_resume(prepared, storage, sampler, pruner)
+                    or _create(prepared, storage, sampler, pruner))
+    except Exception as exc:  # a server refusing the connection, at the lock or the study
+        if is_storage_error(exc):
+            raise open_error(config.storage, exc) from None
+        raise
 
 
 def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
@@ -200,6 +168,13 @@ def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
             f"study {name!r} in {redact(config.storage)} was run with other settings "
             f"({diff}); use the original settings to resume it, or a new study name"
         )
+    for key, entry in stored.get("inputs", {}).items():
+        mine = prepared.inputs.get(key)
+        if mine is not None and mine["sha256"] != entry["sha256"]:
+            raise ConfigError(f"{key}: {mine['path']!r} has changed since study {name!r} was "
+                              f"created (sha256 {mine['sha256'][:12]}... now, "
+                              f"{entry['sha256'][:12]}... then); restore the file, or start a "
+                              "new study")
     if "spaces" in stored:
         _use_stored_spaces(prepared, stored["spaces"], name)
     log.info("resuming study %r (%d trials so far)", name, len(study.trials))
@@ -214,12 +189,12 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     name = config.study
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, direction=prepared.task.metric.direction)
-    artifacts = (Path(config.artifacts) / name).resolve()
     study.set_user_attr(CONFIG_ATTR, {
         "autometa_version": __version__,
         "config": _jsonable(config.to_dict()),
         "fingerprint": _jsonable(config.fingerprint()),
-        "artifacts_path": str(artifacts),
+        # SHA-256 of every input file: a worker elsewhere must have the same data.
+        "inputs": prepared.inputs,
         "task": prepared.task.describe(),
         # The plugins and spaces this search resolved: a resume uses exactly these, so a
         # plugin installed or upgraded since cannot change the space Optuna samples from.
@@ -227,6 +202,44 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
                    "source": {n: to_json(s) for n, s in prepared.sources.items()}},
     })
     return study
+
+
+#: Settings of one machine rather than of the search: a process joining a stored study
+#: gives its own (the study's storage URL as this machine reaches it, its devices, ...).
+MACHINE_KEYS = ("storage", "artifacts", "data_root", "device", "devices", "workers",
+                "threads", "timeout")
+
+
+def stored_search(study_name: str, storage: str, **machine: Any
+                  ) -> tuple[SearchConfig, dict[str, Any]]:
+    """The settings stored by study ``study_name`` in ``storage``, with this machine's own
+    :data:`MACHINE_KEYS` (those given and not None; ``data_root`` is never taken from the
+    study), and the hashes of its input files.
+
+    Raises:
+        ConfigError: no such storage or study (the studies there are listed), or a study
+            autometa did not make; nothing is created or written.
+    """
+    from autometa.config import check_study_name
+    from autometa.errors import redact
+
+    check_study_name(study_name)
+    unknown_keys = set(machine) - set(MACHINE_KEYS)
+    if unknown_keys:
+        raise ConfigError(f"not a setting of one machine: {', '.join(sorted(unknown_keys))}; "
+                          f"these are: {', '.join(MACHINE_KEYS)}")
+    store = open_storage(storage, must_exist=True, create_tables=False)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = optuna.get_all_study_names(store)
+        raise ConfigError(unknown(f"study in {redact(storage)}", study_name, names)) from None
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        raise ConfigError(f"study {study_name!r} in {redact(storage)} was not made by autometa")
+    data = {**stored["config"], "study_name": study_name, "storage": storage, "data_root": None}
+    data.update({k: v for k, v in machine.items() if v is not None})
+    return SearchConfig.from_dict(data, where=f"study {study_name!r}"), stored.get("inputs", {})
 
 
 def _use_stored_spaces(prepared: Prepared, spaces: Mapping[str, Any], study: str) -> None:
@@ -257,6 +270,61 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
     return "; ".join(changed)
+
+
+#: Seconds a worker waits for an unreachable storage (a database server restarting)
+#: before it gives up.
+OUTAGE = 300
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) says the storage cannot be reached: a dropped or
+    refused database connection, as opposed to an error of the trial itself. Optuna wraps
+    SQLAlchemy's errors in ``StorageInternalError``; the cause is checked."""
+    import sqlalchemy.exc
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+            return True
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def wait_for_storage(study: optuna.Study, url: str, error: BaseException,
+                     timeout: float = OUTAGE) -> None:
+    """Block until the storage answers again (connections are re-made by the pool's
+    pre-ping), polling every few seconds.
+
+    Raises:
+        StorageUnavailable: still unreachable after ``timeout`` seconds.
+    """
+    log.warning("storage %s is unreachable (%s); waiting up to %d s for it", redact(url),
+                redact(one_line(str(getattr(error, "orig", None) or error)))[:200], timeout)
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            study._storage.get_study_id_from_name(study.study_name)
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StorageUnavailable(
+                    f"storage {redact(url)} unreachable for {timeout:.0f} s "
+                    f"({redact(one_line(str(exc)))[:200]}); this worker stops, and its trial "
+                    "in flight runs again when a worker resumes the study") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        log.warning("storage %s is reachable again", redact(url))
+        return
+
+
+class StorageUnavailable(AutometaError):
+    """The storage stayed unreachable longer than :data:`OUTAGE` seconds."""
 
 
 def counts(trial: FrozenTrial) -> bool:

@@ -16,24 +16,35 @@ import gc
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
+from autometa.engine.artifacts import keep_best, open_store, upload_state
+from autometa.engine.lock import storage_lock
 from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import pruner, sampler, trial_sampler
-from autometa.engine.storage import CONFIG_ATTR, claim, fail_running, open_study
+from autometa.engine.storage import (
+    claim,
+    fail_running,
+    is_storage_error,
+    open_study,
+    wait_for_storage,
+)
 from autometa.errors import one_line, redact
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
-from autometa.trial import Diverged, TrialPlan, build, meta_train, save_state, trial_seed
+from autometa.trial import Diverged, TrialPlan, build, meta_train, trial_seed
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +81,35 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
                            host or create_host())
     config = prepared.config
     study = open_study(prepared, sampler(config.seed), pruner(config.pruner))
-    artifacts = Path(study.user_attrs[CONFIG_ATTR]["artifacts_path"])
+    store = open_store(config.artifacts, study.study_name)
     ran = 0
     while keep_going():
-        trial = claim(study, config.storage, config.n_trials, spec.deadline,
-                      {"device": spec.device, "worker": spec.index},
-                      lambda number: trial_sampler(config.seed, number))
+        try:
+            trial = claim(study, config.storage, config.n_trials, spec.deadline,
+                          {"device": spec.device, "worker": spec.index},
+                          lambda number: trial_sampler(config.seed, number))
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            wait_for_storage(study, config.storage, exc)
+            continue
         if trial is None:
             return ran
         send(("claimed", (trial.number,)))
         try:
-            run_trial(study, trial, prepared, artifacts, send, device=spec.device)
+            run_trial(study, trial, prepared, store, send, device=spec.device)
+        except Exception as exc:
+            if not is_storage_error(exc):
+                fail_running(study, config.storage, trial.number, "interrupted")
+                raise
+            # The server went away while this trial wrote to it: once it is back, the
+            # trial is failed and queued again (its progress is lost), and work goes on.
+            wait_for_storage(study, config.storage, exc)
+            fail_running(study, config.storage, trial.number,
+                         "the storage was unreachable while it ran")
+            send(("trial_finished", (trial.number, "FAIL", None,
+                                     "storage unreachable; it will run again")))
+            continue
         except BaseException:  # Ctrl-C in this process: the trial runs again on resume
             fail_running(study, config.storage, trial.number, "interrupted")
             raise
@@ -88,12 +117,14 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
     return ran
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared, artifacts: Path,
-              send: Callable[[Event], None], *, device: str) -> None:
-    """Sample ``trial``'s configuration, meta-train it, and tell the study how it ended.
+def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
+              store: ArtifactStore, send: Callable[[Event], None], *, device: str) -> None:
+    """Sample ``trial``'s configuration, meta-train it, upload its state to ``store`` and
+    tell the study how it ended.
 
     Any exception inside the trial fails it with its reason (``user_attrs["failure"]``)
-    and the worker goes on; a pruned trial keeps its last meta-val score.
+    and the worker goes on; a pruned trial keeps its last meta-val score. A storage that
+    cannot be reached is not the trial's fault: that error is raised to the worker.
     """
     config, task, host = prepared.config, prepared.task, prepared.host
     plan = TrialPlan(
@@ -122,37 +153,86 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared, arti
             raise optuna.TrialPruned(f"meta-val {score:.4g} at step {step}")
 
     state, value, note = TrialState.COMPLETE, None, ""
-    with _heartbeat(study, trial):
+    with Heartbeat(study, trial):
         try:
             generator = torch.Generator(device=task.device).manual_seed(seed)
-            algorithm = build(host, task, plan, seed)
+            algorithm = build(host, task, plan, seed, prepared.root)
             value = meta_train(algorithm, task, meta_steps=config.meta_steps,
                                eval_every=config.eval_every, generator=generator,
                                on_eval=on_eval, on_step=on_step)
-            save_state(algorithm, artifacts / f"trial-{trial.number}.pt")
+            upload_state(algorithm, trial, store)
         except optuna.TrialPruned as exc:
             state, note = TrialState.PRUNED, str(exc)
         except Diverged as exc:
             state, note = TrialState.FAIL, f"diverged: {exc}"
         except Exception as exc:  # this trial's data, hyperparameters or plugin code
+            if is_storage_error(exc):
+                raise
             log.debug("trial %d failed", trial.number, exc_info=True)
             state, note = TrialState.FAIL, f"{type(exc).__name__}: {redact(one_line(str(exc)))}"
         finally:
             algorithm = None  # type: ignore[assignment]  # free the device before the next
             _release_device_memory(task.device)
-    if state == TrialState.FAIL:
-        trial.set_user_attr("failure", note[:1000])
-    frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    try:
+        if state == TrialState.FAIL:
+            trial.set_user_attr("failure", note[:1000])
+        frozen = study.tell(trial, value if state == TrialState.COMPLETE else None,
+                            state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Its heartbeats stopped reaching the storage for GRACE seconds (an outage), so
+        # another worker failed it and queued it again: that retry's result counts.
+        log.warning("trial %d was failed as stale meanwhile; this result is dropped",
+                    trial.number)
+        send(("trial_finished", (trial.number, "FAIL", None, "taken over as stale")))
+        return
+    if state == TrialState.COMPLETE and config.keep != "all":
+        with storage_lock(config.storage):
+            keep_best(study, store, config.keep)
     send(("trial_finished", (trial.number, state.name, value, note)))
     host.notify("trial_finished", study_name=study.study_name, trial=frozen)
 
 
-def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Any:
-    """Optuna's heartbeat thread for ``trial`` (as ``study.optimize`` runs it), so that a
-    trial of a process that dies is found stale on any machine; a no-op without heartbeats."""
-    from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, not public
+class Heartbeat:
+    """Records ``trial``'s heartbeat every ``heartbeat_interval`` seconds in a thread, as
+    Optuna's ``study.optimize`` does, so that a trial of a process that dies is found stale
+    on any machine; a no-op for storages without heartbeats.
 
-    return get_heartbeat_thread(trial._trial_id, study._storage)
+    Unlike Optuna's thread (which ends at the first error), a beat that fails (the server
+    restarting) is skipped and the next one tried, so a short outage does not make a
+    running trial look dead.
+    """
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        from optuna.storages._heartbeat import BaseHeartbeat
+
+        storage = study._storage  # the study's own storage: Optuna offers no other handle
+        self._beat = storage if isinstance(storage, BaseHeartbeat) else None
+        self._interval = self._beat.get_heartbeat_interval() if self._beat else None
+        self._trial_id = trial._trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self._beat is not None and self._interval:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"heartbeat-{self._trial_id}")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self._beat is not None and self._interval
+        while True:
+            try:
+                self._beat.record_heartbeat(self._trial_id)
+            except Exception as exc:  # the storage is unreachable: try again next beat
+                log.debug("heartbeat of trial id %d failed: %s", self._trial_id, exc)
+            if self._stop.wait(self._interval):
+                return
 
 
 def _release_device_memory(device: torch.device) -> None:

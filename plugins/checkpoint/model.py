@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class Checkpoint(SourceModel):
     def __init__(
         self,
         *,
-        path: str | None = None,  # the local weights file
+        path: str | os.PathLike[str] | None = None,  # the local weights file
         arch: str = "conv4",  # registered source model or "module:attr" (see module doc)
         arch_params: Mapping[str, Any] | None = None,  # the architecture's keyword arguments
         replace_head: bool = True,  # fresh head if only the head's shape differs

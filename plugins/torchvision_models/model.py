@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -91,7 +92,7 @@ class TorchvisionModel(SourceModel):
         self,
         *,
         arch: str = "resnet18",  # a classification model of torchvision.models
-        path: str | None = None,  # local weights file (None: torchvision's random init)
+        path: str | os.PathLike[str] | None = None,  # local weights file (None: random init)
         size: int = 224,  # inputs are resized to size x size
         normalize: bool = True,  # ImageNet mean/std standardisation of [0, 1] inputs
         running_stats: bool = False,  # keep BatchNorm running statistics (see module doc)

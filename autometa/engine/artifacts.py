@@ -1,0 +1,164 @@
+"""Trial states in Optuna's artifact store: uploaded per trial, read back by any machine that
+has the store, and bounded on disk by ``keep``.
+
+Each completed trial's trained state (tensors only, :func:`autometa.trial.save_state`) is
+uploaded with :func:`optuna.artifacts.upload_artifact` as ``trial-<number>.pt``; the study's
+storage records its artifact id (so optuna-dashboard lists it), and the bytes live in the
+store:
+
+- a directory (default ``autometa-artifacts``): Optuna's ``FileSystemArtifactStore`` in
+  ``<directory>/<study>``; for several machines, a path they all mount (NFS, a shared disk);
+- ``s3://bucket``: Optuna's ``Boto3ArtifactStore`` (``pip install boto3``; credentials and
+  an S3-compatible endpoint such as MinIO from boto3's usual environment variables,
+  ``AWS_ENDPOINT_URL`` among them).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.artifacts import download_artifact, get_all_artifact_meta, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import FrozenTrial, TrialState
+
+from autometa.config import check_writable_dir
+from autometa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+    from autometa.algorithm import MetaAlgorithm
+
+log = logging.getLogger(__name__)
+
+#: Study user attribute: numbers of trials whose state ``keep`` removed from the store.
+REMOVED_ATTR = "autometa.removed"
+
+
+def check_location(location: str) -> str | None:
+    """Check an artifact store's location without creating anything; the S3 bucket, or
+    None for a directory.
+
+    Raises:
+        ConfigError: a directory that cannot be created or written, ``s3://`` with a prefix
+            or without boto3 installed, or another scheme.
+    """
+    if location.startswith("s3://"):
+        bucket = location[len("s3://"):].strip("/")
+        if not bucket or "/" in bucket:
+            raise ConfigError(f"artifacts: {location!r} is not s3://BUCKET (no prefix: "
+                              "Optuna's S3 store keys artifacts by id in the bucket)")
+        try:
+            import boto3  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"artifacts: {location!r} needs boto3; pip install boto3") from None
+        return bucket
+    if "://" in location:
+        raise ConfigError(f"artifacts: {location!r} is neither a directory nor s3://BUCKET")
+    check_writable_dir(Path(location), "artifacts")
+    return None
+
+
+def open_store(location: str, study: str) -> ArtifactStore:
+    """The artifact store at ``location`` for study ``study`` (see the module docstring).
+
+    Raises:
+        ConfigError: see :func:`check_location`.
+    """
+    bucket = check_location(location)
+    if bucket is not None:
+        return optuna.artifacts.Boto3ArtifactStore(bucket)
+    directory = Path(location) / study
+    directory.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(directory)
+
+
+def state_name(number: int) -> str:
+    """The artifact's file name for trial ``number``'s state."""
+    return f"trial-{number}.pt"
+
+
+def upload_state(algorithm: MetaAlgorithm, trial: optuna.Trial, store: ArtifactStore) -> str:
+    """Save ``algorithm``'s trained state and upload it as ``trial``'s artifact; its id."""
+    from autometa.trial import save_state
+
+    with tempfile.TemporaryDirectory(prefix="autometa-state-") as tmp:
+        path = Path(tmp) / state_name(trial.number)
+        save_state(algorithm, path)
+        return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                               mimetype="application/octet-stream")
+
+
+def state_artifact(trial: FrozenTrial, storage: optuna.storages.BaseStorage) -> str | None:
+    """The artifact id of ``trial``'s state, or None if it never uploaded one."""
+    for meta in get_all_artifact_meta(trial, storage=storage):
+        if meta.filename == state_name(trial.number):
+            return meta.artifact_id
+    return None
+
+
+def download_state(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore,
+                   location: str, into: Path) -> Path:
+    """Fetch ``trial``'s state from the store into directory ``into``; the file's path.
+
+    Raises:
+        ConfigError: the trial has no state, ``keep`` removed it, or the store lacks it
+            (another store than the one the workers wrote to).
+    """
+    from autometa.engine.storage import CONFIG_ATTR
+
+    artifact = state_artifact(trial, study._storage)
+    legacy = study.user_attrs.get(CONFIG_ATTR, {}).get("artifacts_path")
+    if artifact is None and legacy and (Path(legacy) / state_name(trial.number)).is_file():
+        return Path(legacy) / state_name(trial.number)  # a study of autometa 0.1's first days
+    if artifact is None:
+        raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has no saved "
+                          "state in the storage (it ran before artifacts were uploaded, or "
+                          "failed while saving); start a new study")
+    if trial.number in study.user_attrs.get(REMOVED_ATTR, []):
+        raise ConfigError(f"trial {trial.number}'s state was removed by the study's keep "
+                          "setting (only the best on meta-val are kept)")
+    path = into / state_name(trial.number)
+    try:
+        download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact)
+    except ArtifactNotFound:
+        raise ConfigError(f"trial {trial.number}'s state (artifact {artifact}) is not in the "
+                          f"artifact store {location!r}; give the store the workers wrote to "
+                          "(--artifacts, a path every machine shares)") from None
+    return path
+
+
+def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> list[int]:
+    """Remove the states of completed trials ranked below ``keep`` on meta-val; the numbers.
+
+    A trial ranked below ``keep`` never climbs back (later trials only push it down), so a
+    state removed is never needed by a leaderboard of ``top_k <= keep``. Called under the
+    storage lock after a trial completes; ``keep="all"`` removes nothing.
+    """
+    if keep == "all":
+        return []
+    assert isinstance(keep, int)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
+    removed: list[int] = list(study.user_attrs.get(REMOVED_ATTR, []))
+    newly = []
+    for trial in ranked[keep:]:
+        if trial.number in removed:
+            continue
+        artifact = state_artifact(trial, study._storage)
+        if artifact is not None:
+            try:
+                store.remove(artifact)
+            except ArtifactNotFound:
+                pass  # removed before (a crash between removing and recording it)
+        newly.append(trial.number)
+    if newly:
+        study.set_user_attr(REMOVED_ATTR, sorted(removed + newly))
+        log.info("removed the states of trials %s (keep=%s)", newly, keep)
+    return newly
+

@@ -1,0 +1,139 @@
+"""Trial states in Optuna's artifact store (``--artifacts``, ``keep``) and input files
+identified by content (``autometa worker``, ``--data-root``), on an embedded storage.
+
+The same paths on PostgreSQL, across processes in separate directories, are in
+``test_postgres.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+import autometa
+from autometa import ConfigError
+from autometa.cli import main
+from autometa.engine.artifacts import REMOVED_ATTR, state_artifact
+
+SMALL = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
+TINY = dict(task_params=SMALL, algorithms=["finetune"], sources=["mlp"], meta_steps=2,
+            eval_every=2, seed=0, pruner="none")
+
+
+def _states(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+
+
+def test_keep_bounds_the_states_to_the_best_k_on_meta_val(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    board = autometa.search("sinusoid", n_trials=5, keep=2, top_k=2, storage=url,
+                            artifacts=str(tmp_path / "art"), **TINY)
+    store = tmp_path / "art" / "sinusoid-seed0"
+    assert len(_states(store)) == 2  # 5 trials ran, each uploaded its state
+    study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
+    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
+                      key=lambda t: t.value)
+    kept = {state_artifact(t, study._storage) for t in complete[:2]}
+    assert {p.name for p in _states(store)} == kept  # exactly the two best states
+    assert sorted(study.user_attrs[REMOVED_ATTR]) == sorted(t.number for t in complete[2:])
+    assert board.frame["test_mse"].notna().sum() == 2
+    # Every trial is listed in Optuna's own artifact records (what optuna-dashboard shows).
+    assert all(state_artifact(t, study._storage) for t in complete)
+
+
+def test_keep_fewer_than_top_k_is_refused_before_anything_is_stored(tmp_path):
+    with pytest.raises(ConfigError, match="^keep: 1 is fewer than top_k=3"):
+        autometa.search("sinusoid", keep=1, top_k=3, storage=f"sqlite:///{tmp_path}/a.db")
+    with pytest.raises(ConfigError, match="^keep: expected 'all' or a number"):
+        autometa.search("sinusoid", keep="some", storage=f"sqlite:///{tmp_path}/a.db")
+    assert not (tmp_path / "a.db").exists()
+
+
+def test_artifacts_given_on_resume_are_used(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    autometa.search("sinusoid", n_trials=1, top_k=1, storage=url,
+                    artifacts=str(tmp_path / "first"), **TINY)
+    autometa.search("sinusoid", n_trials=2, top_k=1, storage=url,
+                    artifacts=str(tmp_path / "second"), **TINY)
+    assert len(_states(tmp_path / "first" / "sinusoid-seed0")) == 1
+    assert len(_states(tmp_path / "second" / "sinusoid-seed0")) == 1  # not ignored
+    # A store without the states: one line naming the store and the fix.
+    study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
+    study.set_user_attr("autometa.test", {})  # forget the cached test scores
+    with pytest.raises(ConfigError, match=r"is not in the artifact store '.*empty'; give the "
+                                          r"store the workers wrote to"):
+        autometa.load_leaderboard("sinusoid-seed0", url, top_k=2,
+                                  artifacts=str(tmp_path / "empty"))
+
+
+# -- input files: the same data on every machine -----------------------------------------
+def _csv(path: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=60), rng.normal(size=60)
+    pd.DataFrame({"a": a, "b": b, "y": 3 * a - b}).to_csv(path, index=False)
+
+
+def _run_csv(url: str) -> int:
+    return main(["run", "--task", "csv", "--task-param", "path=data.csv", "--task-param",
+                 "target=y", "--algorithms", "finetune", "--sources", "mlp", "--trials", "1",
+                 "--meta-steps", "2", "--eval-every", "2", "--top-k", "1", "--storage", url,
+                 "--study", "shared", "--no-progress"])
+
+
+def _n_trials(url: str) -> int:
+    return len(optuna.load_study(study_name="shared", storage=url).trials)
+
+
+def test_a_worker_needs_the_same_input_files(tmp_path, monkeypatch, capsys):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, other, empty = (tmp_path / d for d in ("first", "other", "empty"))
+    for d in (first, other, empty):
+        d.mkdir()
+    _csv(first / "data.csv")
+    monkeypatch.chdir(first)
+    assert _run_csv(url) == 0
+    capsys.readouterr()
+
+    _csv(other / "data.csv", seed=1)  # another file under the same name
+    monkeypatch.chdir(other)
+    assert main(["worker", "shared", "--storage", url, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autometa: error: task_params.path: ")
+    assert "data.csv' differs from the file study 'shared' was created with" in err[0]
+
+    monkeypatch.chdir(empty)
+    assert main(["worker", "shared", "--storage", url, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "input 'data.csv' of study 'shared' is not at" in err[0]
+    assert "--data-root" in err[0]
+    assert _n_trials(url) == 1  # nothing ran, nothing was stored
+
+    # The same file under another root: accepted (the budget is spent: it shows the board).
+    assert main(["worker", "shared", "--storage", url, "--data-root", str(first),
+                 "--no-progress"]) == 0
+    assert "shared: csv" in capsys.readouterr().out
+
+    # Resuming where the file has changed since is refused too.
+    _csv(first / "data.csv", seed=2)
+    monkeypatch.chdir(first)
+    assert _run_csv(url) == 2
+    assert "has changed since study 'shared' was created" in capsys.readouterr().err
+
+
+def test_a_worker_never_creates_a_study(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    autometa.search("sinusoid", n_trials=1, top_k=1, storage=url, study_name="real",
+                    artifacts=str(tmp_path / "art"), **TINY)
+    assert main(["worker", "reel", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown study in sqlite:///" in err[0]
+    assert "'reel' (did you mean 'real'?)" in err[0]
+    assert main(["worker", "real", "--storage", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "no database at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    assert optuna.get_all_study_names(url) == ["real"]

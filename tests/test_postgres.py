@@ -1,0 +1,179 @@
+"""Workers on several machines sharing one study on a real PostgreSQL server.
+
+Each "machine" is an ``autometa`` process in a directory of its own, with its own copy of
+the input CSV; they share only what machines would share: the storage URL and the artifact
+store (a directory standing in for a shared mount). The server is started by the
+``postgres`` fixture (``tests/pg_server.py``), killed processes are killed for real
+(``SIGKILL``), and the server is restarted mid-search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+STUDY = "shared"
+
+
+def _csv(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=60), rng.normal(size=60)
+    pd.DataFrame({"a": a, "b": b, "y": 3 * a - b}).to_csv(path, index=False)
+
+
+def _machine(root: Path, name: str) -> Path:
+    """A working directory with its own copy of the data, as on another machine."""
+    directory = root / name
+    directory.mkdir()
+    _csv(directory / "data.csv")
+    return directory
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "autometa", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _run(url: str, artifacts: Path, trials: int, meta_steps: int) -> list[str]:
+    return ["run", "--task", "csv", "--task-param", "path=data.csv", "--task-param", "target=y",
+            "--algorithms", "finetune", "--sources", "mlp", "--trials", str(trials),
+            "--meta-steps", str(meta_steps), "--eval-every", str(meta_steps), "--pruner",
+            "none", "--top-k", "2", "--study", STUDY, "--storage", url, "--artifacts",
+            str(artifacts), "--threads", "1", "--no-progress"]
+
+
+def _worker(url: str, artifacts: Path) -> list[str]:
+    return ["worker", STUDY, "--storage", url, "--artifacts", str(artifacts), "--threads", "1",
+            "--no-progress"]
+
+
+def _trials(url: str) -> list[FrozenTrial]:
+    """The study's trials, read without creating or writing anything."""
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True,
+                                             skip_compatibility_check=True)
+    except optuna.exceptions.StorageInternalError:  # no tables yet
+        return []
+    try:
+        return optuna.load_study(study_name=STUDY, storage=storage).trials
+    except KeyError:  # no study yet
+        return []
+    finally:
+        storage.engine.dispose()
+
+
+def _wait(condition: Callable[[], bool], procs: list[subprocess.Popen[str]],
+          timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (out, err)
+    return out
+
+
+def _pid(t: FrozenTrial) -> int | None:
+    return (t.user_attrs.get("worker") or {}).get("pid")
+
+
+def _config(t: FrozenTrial) -> str:
+    return json.dumps(t.params, sort_keys=True)
+
+
+def test_run_and_worker_in_two_directories_finish_one_study(pg_url, tmp_path):
+    shared = tmp_path / "shared-artifacts"
+    one, two = _machine(tmp_path, "one"), _machine(tmp_path, "two")
+    url = pg_url.replace("postgresql+psycopg://", "postgresql://")  # as users write it
+    first = _cli(*_run(url, shared, trials=6, meta_steps=500), cwd=one)
+    _wait(lambda: len(_trials(url)) > 0, [first])
+    second = _cli(*_worker(url, shared), cwd=two)
+    _finish(first), _finish(second)
+
+    trials = _trials(url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # exactly n_trials
+    assert len({_config(t) for t in trials}) == 6  # no configuration sampled twice
+    assert {_pid(t) for t in trials} == {first.pid, second.pid}  # both machines ran trials
+
+    # Either directory prints, and writes, the same leaderboard.
+    boards = []
+    for directory in (one, two):
+        out = _finish(_cli("leaderboard", STUDY, "--storage", url, "--artifacts", str(shared),
+                           cwd=directory))
+        boards.append((directory / "autometa-reports" / f"{STUDY}.csv").read_text())
+        assert "shared: csv, mse" in out
+    assert boards[0] == boards[1]
+    frame = pd.read_csv(directory / "autometa-reports" / f"{STUDY}.csv")
+    assert len(frame) == 6 and frame["test_mse"].notna().sum() == 2
+
+
+def test_a_killed_worker_s_trial_is_retried_by_the_other(pg_url, tmp_path):
+    shared = tmp_path / "shared-artifacts"
+    one, two = _machine(tmp_path, "one"), _machine(tmp_path, "two")
+    first = _cli(*_run(pg_url, shared, trials=6, meta_steps=800), cwd=one)
+    _wait(lambda: len(_trials(pg_url)) > 0, [first])
+    second = _cli(*_worker(pg_url, shared), cwd=two)
+    _wait(lambda: any(t.state == TrialState.RUNNING and _pid(t) == second.pid
+                      for t in _trials(pg_url)), [first, second])
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait()
+    _finish(first)
+
+    trials = _trials(pg_url)
+    killed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(killed) == 1 and _pid(killed[0]) == second.pid
+    assert f"its process {second.pid} died" in killed[0].user_attrs["crash"]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 6  # the budget, finished by the survivor
+    retry = [t for t in complete if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retry) == 1 and retry[0].params == killed[0].params
+
+
+def test_workers_survive_a_server_restart(postgres, pg_url, tmp_path):
+    """The server goes away for 3 s while both machines run trials. Workers reconnect; a
+    trial that wrote to the storage during the outage (a meta-val report) fails with that
+    reason and runs again; any other trial in flight finishes as if nothing happened."""
+    shared = tmp_path / "shared-artifacts"
+    one, two = _machine(tmp_path, "one"), _machine(tmp_path, "two")
+    # Trials report to the storage every 20 meta-steps: many writes, so the outage is felt.
+    args = _run(pg_url, shared, trials=6, meta_steps=400)
+    args[args.index("--eval-every") + 1] = "20"
+    first = _cli(*args, cwd=one)
+    _wait(lambda: len(_trials(pg_url)) > 0, [first])
+    second = _cli(*_worker(pg_url, shared), cwd=two)
+    _wait(lambda: sum(t.state == TrialState.RUNNING for t in _trials(pg_url)) == 2,
+          [first, second])
+    postgres.restart(downtime=3.0)
+    _finish(first)
+    err = second.communicate(timeout=300)[1]
+    assert second.returncode == 0, err
+
+    trials = _trials(pg_url)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    for t in failed:  # only trials in flight during the outage, each queued again
+        assert t.user_attrs["crash"] == "the storage was unreachable while it ran"
+        assert any(r.system_attrs.get("failed_trial") == t.number for r in trials
+                   if r.state == TrialState.COMPLETE)
+    assert len(failed) <= 2
+    print(f"{len(failed)} trial(s) in flight failed and ran again; the rest reconnected")
