@@ -137,3 +137,18 @@ def test_a_worker_never_creates_a_study(tmp_path, capsys):
     assert "no database at" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
     assert optuna.get_all_study_names(url) == ["real"]
+
+
+def test_postgresql_without_a_driver_says_which_extra_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+        "psycopg", "psycopg2") else find_spec(name, *a))
+    code = main(["run", "--task", "sinusoid", "--storage", "postgresql://u:pw9@127.0.0.1:1/x",
+                 "--trials", "1", "--meta-steps", "1", "--eval-every", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0] == ("autometa: error: storage: postgresql://u:***@127.0.0.1:1/x needs a "
+                      "PostgreSQL driver; install it with pip install 'autometa[postgres]' "
+                      "(psycopg 3)")

@@ -45,6 +45,7 @@ class Pool:
         self.running: dict[int, int] = {}  # worker index -> trial number it runs
         self.restarts: dict[int, int] = {spec.index: 0 for spec in self.specs}
         self.errors: dict[int, str] = {}
+        self.phases: set[str] = set()  # phase lines shown (each once)
         self.finished = 0  # trials the workers finished
         self.given_up: list[str] = []  # why slots stopped being replaced
 
@@ -110,6 +111,10 @@ class Pool:
             if name == "claimed":  # known before sampling, so Ctrl-C there fails it too
                 self.running[index] = args[0]
                 continue
+            if name == "phase":  # every idle worker says it: show it once
+                if args[0] in self.phases:
+                    continue
+                self.phases.add(args[0])
             if name == "trial_finished":
                 self.running.pop(index, None)
                 self.restarts[index] = 0

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 Event = tuple[str, tuple[Any, ...]]
 #: Seconds between two ``step`` events of a trial (the display needs no more).
 STEP_EVENT_EVERY = 0.2
+#: Seconds between two looks at the study while waiting for trials running elsewhere.
+WAIT_POLL = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
                keep_going: Callable[[], bool] = lambda: True) -> int:
     """Run trials until the study's budget or the deadline is spent; returns how many.
 
+    Once the budget is claimed, the worker stays while trials run elsewhere, and runs again
+    any whose process dies (found by its pid on this machine, by its heartbeat from
+    another).
+
     ``prepared`` skips the preparation (the calling process has done it on this device);
     ``keep_going`` is asked before each claim (a pool's worker stops when its supervisor
     is gone).
@@ -82,19 +88,32 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
     config = prepared.config
     study = open_study(prepared, sampler(config.seed), pruner(config.pruner))
     store = open_store(config.artifacts, study.study_name)
-    ran = 0
+    ran, waiting = 0, False
     while keep_going():
         try:
             trial = claim(study, config.storage, config.n_trials, spec.deadline,
                           {"device": spec.device, "worker": spec.index},
                           lambda number: trial_sampler(config.seed, number))
+            elsewhere = [] if trial else study.get_trials(deepcopy=False,
+                                                          states=(TrialState.RUNNING,))
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
             wait_for_storage(study, config.storage, exc)
             continue
         if trial is None:
-            return ran
+            # The budget is claimed, but a trial running elsewhere may yet die (a machine
+            # lost): stay until none runs, to run it again if it does (claim() fails it
+            # once its process is gone or its heartbeat stale).
+            if not elsewhere or (spec.deadline is not None and time.time() >= spec.deadline):
+                return ran
+            if not waiting:
+                send(("phase", (f"budget claimed; waiting for {len(elsewhere)} trial(s) "
+                                "running elsewhere (any whose process dies runs again here)",)))
+                waiting = True
+            time.sleep(WAIT_POLL)
+            continue
+        waiting = False
         send(("claimed", (trial.number,)))
         try:
             run_trial(study, trial, prepared, store, send, device=spec.device)
