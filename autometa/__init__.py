@@ -28,6 +28,7 @@ _LAZY = {
     "SearchConfig": "autometa.config",
     "search": "autometa.engine.run",
     "run_search": "autometa.engine.run",
+    "join_search": "autometa.engine.run",
     "Leaderboard": "autometa.leaderboard",
     "load_leaderboard": "autometa.leaderboard",
 }
@@ -54,6 +55,7 @@ __all__ = [
     "create_host",
     "hookimpl",
     "hookspec",
+    "join_search",
     "load_leaderboard",
     "run_search",
     "search",
@@ -62,7 +64,7 @@ __all__ = [
 if TYPE_CHECKING:
     from autometa.algorithm import MetaAlgorithm
     from autometa.config import SearchConfig
-    from autometa.engine.run import run_search, search
+    from autometa.engine.run import join_search, run_search, search
     from autometa.leaderboard import Leaderboard, load_leaderboard
     from autometa.metrics import Metric
     from autometa.source_model import Backbone, SourceModel

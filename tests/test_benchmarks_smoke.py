@@ -114,3 +114,23 @@ def test_scaling(bench, tmp_path: Path) -> None:
     assert [(r["workers"], r["trials"]) for r in result["runs"]] == [(1, 2), (2, 2)]
     assert all(r["trials_per_hour"] > 0 for r in result["runs"])
     assert result["summary"]["ratio"] > 0 and "2 workers / 1 worker" in md
+
+
+def test_postgres_workers(bench, tmp_path: Path, postgres) -> None:
+    workers = bench("postgres_workers")
+    workers.main(["--trials", "6", "--workers", "1,2", "--repeats", "1",
+                  "--heartbeat-seconds", "0", "--url", postgres.url("bench_smoke"),
+                  "--out", str(tmp_path)])
+    result, md = written(tmp_path, "postgres_workers")
+    assert {"environment", "settings", "runs", "summary", "heartbeat"} <= set(result)
+    assert result["environment"]["postgresql"].startswith("PostgreSQL")
+    assert result["environment"]["versions"]["optuna"]
+    assert [(r["workers"], r["trials"]) for r in result["runs"]] == [(1, 6), (2, 6)]
+    for run in result["runs"]:
+        assert run["ok"] and run["complete"] == 6 and run["states"] == {"COMPLETE": 6}
+        assert sum(run["trials_per_worker"]) == 6 and run["trials_per_s"] > 0
+        assert run["xact_commit"] > 0 and run["max_connections"] >= run["workers"]
+        assert {"median", "p95", "max"} <= set(run["claim_ms"]) <= set(run["lock_wait_ms"])
+    assert result["heartbeat"] is None  # --heartbeat-seconds 0 skips it
+    assert [s["workers"] for s in result["summary"]] == [1, 2]
+    assert "| workers | trials/s (range) |" in md and "## What limits it" in md

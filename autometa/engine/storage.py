@@ -361,20 +361,25 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
     """
     if deadline is not None and time.time() >= deadline:
         return None
+    # The serial section of a search (its cost bounds claims per second on one storage:
+    # benchmarks/postgres_workers.py), so it reads the trials once.
     with storage_lock(url):
         fail_dead_trials(study)
-        if n_trials is not None and budget_used(study) >= n_trials:
-            return None
         trials = study.get_trials(deepcopy=False)
+        used = sum(1 for t in trials if counts(t) or t.state == TrialState.RUNNING)
+        if n_trials is not None and used >= n_trials:
+            return None
         # ask() takes the first queued (WAITING) trial, else creates trial len(trials).
         waiting = [t.number for t in trials if t.state == TrialState.WAITING]
         study.sampler = sampler_for(min(waiting) if waiting else len(trials))
         with warnings.catch_warnings():  # the worker runs Optuna's heartbeat thread itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = study.ask()
-        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
-                                          **worker})
-        return trial
+    # Outside the lock: until it is set, no process fails this trial as dead (it has no
+    # process id to check, and no heartbeat old enough to be stale).
+    trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
+                                      **worker})
+    return trial
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
