@@ -360,9 +360,10 @@ def _show(board: Leaderboard, out: Path) -> None:
                       markup=False, highlight=False)
         return
     if not board.report:
-        console.print(f"the reports of these trials were already written (by the process "
-                      f"that finished the search); `autometa leaderboard {board.study_name}` "
-                      "writes them again", markup=False, highlight=False)
+        console.print(f"the reports of these trials were already written, by the process "
+                      "that finished the search, into its --out folder on its machine; "
+                      f"`autometa leaderboard {board.study_name}` writes them here",
+                      markup=False, highlight=False)
         return
     paths = board.write(out)
     console.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)

@@ -37,7 +37,8 @@ def unknown(what: str, name: str, choices: Iterable[str]) -> str:
 
 
 #: ``scheme://user:password@host``: the password part of a URL in any text.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+#: Greedy up to the URL's last ``@``, so that a password holding an ``@`` is hidden whole.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*@")
 
 
 def redact(text: str) -> str:

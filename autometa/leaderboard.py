@@ -267,7 +267,7 @@ def load_leaderboard(
     if top_k is not None:
         check_top_k(top_k)
     storage = storage or DEFAULT_STORAGE
-    config, inputs = stored_search(study_name, storage, artifacts=artifacts,
+    config, inputs, _ = stored_search(study_name, storage, artifacts=artifacts,
                                    data_root=data_root, device=device)
     host = host or create_host()
     params = parse_task_params(config, host)

@@ -78,11 +78,11 @@ def _csv(path: Path, seed: int = 0) -> None:
     pd.DataFrame({"a": a, "b": b, "y": 3 * a - b}).to_csv(path, index=False)
 
 
-def _run_csv(url: str) -> int:
+def _run_csv(url: str, artifacts: Path) -> int:
     return main(["run", "--task", "csv", "--task-param", "path=data.csv", "--task-param",
                  "target=y", "--algorithms", "finetune", "--sources", "mlp", "--trials", "1",
                  "--meta-steps", "2", "--eval-every", "2", "--top-k", "1", "--storage", url,
-                 "--study", "shared", "--no-progress"])
+                 "--study", "shared", "--artifacts", str(artifacts), "--no-progress"])
 
 
 def _n_trials(url: str) -> int:
@@ -96,7 +96,7 @@ def test_a_worker_needs_the_same_input_files(tmp_path, monkeypatch, capsys):
         d.mkdir()
     _csv(first / "data.csv")
     monkeypatch.chdir(first)
-    assert _run_csv(url) == 0
+    assert _run_csv(url, tmp_path / "art") == 0
     capsys.readouterr()
 
     _csv(other / "data.csv", seed=1)  # another file under the same name
@@ -121,7 +121,7 @@ def test_a_worker_needs_the_same_input_files(tmp_path, monkeypatch, capsys):
     # Resuming where the file has changed since is refused too.
     _csv(first / "data.csv", seed=2)
     monkeypatch.chdir(first)
-    assert _run_csv(url) == 2
+    assert _run_csv(url, tmp_path / "art") == 2
     assert "has changed since study 'shared' was created" in capsys.readouterr().err
 
 
@@ -131,8 +131,8 @@ def test_a_worker_never_creates_a_study(tmp_path, capsys):
                     artifacts=str(tmp_path / "art"), **TINY)
     assert main(["worker", "reel", "--storage", url]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown study in sqlite:///" in err[0]
-    assert "'reel' (did you mean 'real'?)" in err[0]
+    assert len(err) == 1 and "no study 'reel' in sqlite:///" in err[0]
+    assert "(did you mean 'real'?); studies there: real" in err[0]
     assert main(["worker", "real", "--storage", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert "no database at" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
@@ -152,3 +152,36 @@ def test_postgresql_without_a_driver_says_which_extra_to_install(tmp_path, monke
     assert err[0] == ("autometa: error: storage: postgresql://u:***@127.0.0.1:1/x needs a "
                       "PostgreSQL driver; install it with pip install 'autometa[postgres]' "
                       "(psycopg 3)")
+
+
+def test_a_worker_refuses_an_artifact_store_the_others_do_not_share(tmp_path, monkeypatch,
+                                                                      capsys):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    monkeypatch.chdir(tmp_path)
+    autometa.search("sinusoid", n_trials=1, top_k=1, storage=url, **TINY)  # ./autometa-artifacts
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["worker", "sinusoid-seed0", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "keeps trial states in 'autometa-artifacts', a folder relative to " \
+                             "the machine that created it; give --artifacts" in err[0]
+    assert main(["worker", "sinusoid-seed0", "--storage", url, "--artifacts",
+                 str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks trial 0's state, which another worker stored" in err[0]
+    assert not (elsewhere / "autometa-artifacts").exists()
+    assert main(["worker", "sinusoid-seed0", "--storage", url, "--artifacts",
+                 str(tmp_path / "autometa-artifacts")]) == 0  # the right store: accepted
+
+
+@pytest.mark.parametrize("url, says", [
+    ("postgres://u@127.0.0.1:1/x", "write postgresql://, not postgres://"),
+    ("postgresql://u:pa@ss@127.0.0.1:1/x", "the user name or password holds '@'; "
+                                           "percent-encode it"),
+])
+def test_storage_url_mistakes_are_one_line_with_the_fix(tmp_path, capsys, url, says):
+    code = main(["run", "--task", "sinusoid", "--storage", url, "--trials", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and says in err[0]
+    assert "ss@127" not in err[0]  # no part of a password

@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 import autometa
+from autometa.engine.storage import schema_ready
 
 SMALL = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
 TASK_FLAGS = [a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")]
@@ -27,6 +28,8 @@ TASK_FLAGS = [a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")]
 def _trials(db: Path, study: str = "sinusoid-seed0") -> list[optuna.trial.FrozenTrial]:
     """The study's trials, read without writing anything (a search may be creating the
     tables: even Optuna's schema check may write its version row)."""
+    if not schema_ready(f"sqlite:///{db}"):  # Optuna would stamp its version rows
+        raise KeyError(study)
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_table_creation=True,
                                          skip_compatibility_check=True)
     return optuna.load_study(study_name=study, storage=storage).trials
@@ -120,8 +123,8 @@ def test_a_rerun_right_after_a_kill_runs_the_stale_trial_again(tmp_path):
 
 def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trials(tmp_path):
     db = tmp_path / "autometa.db"
-    proc = _cli(*RUN, "--trials", "4", "--workers", "2", cwd=tmp_path)
-    running = _wait_running(db, proc)
+    proc = _cli(*RUN, "--trials", "6", "--workers", "2", cwd=tmp_path)
+    _wait_running(db, proc)
     # A snapshot while trials run: shown, nothing written to the storage.
     before = {t.number: t.state for t in _trials(db)}
     snapshot = subprocess.run([sys.executable, "-m", "autometa", "leaderboard",
@@ -130,6 +133,7 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     assert snapshot.returncode == 0, snapshot.stderr
     assert "still running" in snapshot.stdout
     assert not (tmp_path / "autometa-reports").exists()
+    running = _wait_running(db, proc)  # still one (the snapshot may take seconds when busy)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
@@ -141,11 +145,11 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     assert "autometa.test" not in optuna.load_study(
         study_name="sinusoid-seed0", storage=f"sqlite:///{db}").user_attrs
     assert before  # the snapshot saw the running study
-    rerun = _cli(*RUN, "--trials", "4", "--workers", "2", cwd=tmp_path)
+    rerun = _cli(*RUN, "--trials", "6", "--workers", "2", cwd=tmp_path)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     trials = _trials(db)
-    assert len(_counted(trials)) == 4
+    assert len(_counted(trials)) == 6
     assert [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
 
 

@@ -121,7 +121,8 @@ def download_state(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore
                           "failed while saving); start a new study")
     if trial.number in study.user_attrs.get(REMOVED_ATTR, []):
         raise ConfigError(f"trial {trial.number}'s state was removed by the study's keep "
-                          "setting (only the best on meta-val are kept)")
+                          "setting (only the best on meta-val are kept); ask for fewer trials "
+                          "(--top-k at most keep)")
     path = into / state_name(trial.number)
     try:
         download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact)
@@ -130,6 +131,35 @@ def download_state(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore
                           f"artifact store {location!r}; give the store the workers wrote to "
                           "(--artifacts, a path every machine shares)") from None
     return path
+
+
+def check_shared(study: optuna.Study, location: str, given: bool) -> None:
+    """Refuse to join ``study`` with an artifact store the other workers do not write to:
+    a relative directory taken from the study (another machine's folder), or a store
+    that lacks the state of the study's latest completed trial.
+
+    Raises:
+        ConfigError: one line naming the store and the fix (``--artifacts``).
+    """
+    fix = ("give --artifacts with the store every machine shares (a directory they all "
+           "mount, or s3://BUCKET)")
+    if not given and "://" not in location and not Path(location).is_absolute():
+        raise ConfigError(f"artifacts: study {study.study_name!r} keeps trial states in "
+                          f"{location!r}, a folder relative to the machine that created it; "
+                          f"{fix}")
+    removed = set(study.user_attrs.get(REMOVED_ATTR, []))
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.number not in removed]
+    for trial in sorted(done, key=lambda t: -t.number)[:1]:
+        artifact = state_artifact(trial, study._storage)
+        if artifact is None:
+            return
+        try:
+            open_store(location, study.study_name).open_reader(artifact).close()
+        except ArtifactNotFound:
+            raise ConfigError(f"artifacts: {location!r} on this machine lacks trial "
+                              f"{trial.number}'s state, which another worker stored: it is not "
+                              f"the study's shared store; {fix}") from None
 
 
 def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> list[int]:

@@ -64,8 +64,9 @@ class Pool:
             if self.given_up and not self.finished:
                 raise ConfigError(
                     f"no worker process could run a trial ({self.given_up[0]}); from a Python "
-                    "script, call autometa.search under `if __name__ == \"__main__\":` (each "
-                    "worker process imports the main module), or use workers=1")
+                    "script, call autometa.search or join_search under `if __name__ == "
+                    "\"__main__\":` (each worker process imports the main module), or use "
+                    "workers=1")
         except KeyboardInterrupt:
             self.stop("interrupted (Ctrl-C); it runs again on resume")
             raise

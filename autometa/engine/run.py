@@ -4,6 +4,7 @@ them on the leaderboard. ``search`` and ``run_search`` are autometa's Python ent
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
+from autometa.engine.artifacts import check_shared
 from autometa.engine.lock import storage_lock
 from autometa.engine.pool import Pool
 from autometa.engine.prepare import prepare
@@ -48,6 +50,11 @@ def run_search(
     Raises:
         ConfigError, DataError, PluginError: a bad input, before anything is stored.
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A pool's worker process importing a script that calls this without the
+        # `if __name__ == "__main__":` guard: leave quietly (no second search, no traceback
+        # per worker); the supervisor then reports the missing guard in one error.
+        raise SystemExit(1)
     host = host or create_host()
     threads = torch.get_num_threads()
     if config.threads:
@@ -122,15 +129,19 @@ def join_search(study_name: str, storage: str, *, host: PluginHost | None = None
                 **machine: Any) -> Leaderboard:
     """Join a stored study from this machine and run its trials until its budget is spent
     (``autometa worker``): the search's settings come from the storage, this machine's
-    own from ``machine`` (see :data:`MACHINE_KEYS`).
+    own from ``machine``: ``storage`` (this URL), ``artifacts``, ``data_root``, ``device``,
+    ``devices``, ``workers``, ``threads``, ``timeout`` (the others are the study's).
 
-    Every input file must match the hash the study stored (same data on every machine).
+    Every input file must match the hash the study stored (same data on every machine),
+    and the artifact store must be the one the other workers write to.
 
     Raises:
-        ConfigError: no such study, a machine setting that cannot be used here, or an
-            input file that differs or is missing (named); before anything runs.
+        ConfigError: no such study, a machine setting that cannot be used here, an input
+            file that differs or is missing, or an artifact store that is not the
+            study's shared one (each named); before anything runs.
     """
-    config, inputs = stored_search(study_name, storage, **machine)
+    config, inputs, study = stored_search(study_name, storage, **machine)
+    check_shared(study, config.artifacts, given=machine.get("artifacts") is not None)
     return run_search(config, host=host, progress=progress, ready=ready, expected_inputs=inputs)
 
 

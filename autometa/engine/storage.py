@@ -1,5 +1,7 @@
 """The study in its storage: opening a storage URL, creating or resuming a study with its
-stored settings and spaces, and which trials count against the budget."""
+stored settings and spaces, reading them back for a process that joins it, which trials
+count against the budget (claimed under the storage's lock), dead trials failed and queued
+again, and waiting out a database server that went away."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from autometa.engine.urls import (
     scheme,
     with_driver,
 )
-from autometa.errors import AutometaError, ConfigError, PluginError, one_line, redact, unknown
+from autometa.errors import AutometaError, ConfigError, PluginError, closest, one_line, redact
 from autometa.plugins import Kind
 from autometa.space import from_json, to_json
 
@@ -79,6 +81,9 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
                           "first or give --storage")
     if file is not None:
         check_folder(file, url)
+    if kind == "postgres":
+        raise ConfigError(f"storage: {shown}: write postgresql://, not postgres:// "
+                          "(SQLAlchemy's name for the dialect)")
     if not kind and file is None:
         raise ConfigError(f"storage: {shown} is neither a database URL (sqlite:///x.db, "
                           "postgresql://...) nor a journal file path ending in "
@@ -124,7 +129,8 @@ def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
     """
     config = prepared.config
     file = local_file(config.storage)
-    if file is not None and file.is_file() and file.stat().st_size > 0:
+    if file is not None and file.is_file() and file.stat().st_size > 0 \
+            and schema_ready(config.storage):
         # An existing file: resuming only reads, so no lock (and no lock file) is needed;
         # tables another process is still creating make this fall through to the lock.
         try:
@@ -191,7 +197,8 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
                                 pruner=pruner, direction=prepared.task.metric.direction)
     study.set_user_attr(CONFIG_ATTR, {
         "autometa_version": __version__,
-        "config": _jsonable(config.to_dict()),
+        # The storage URL is each machine's own; stored without its password.
+        "config": _jsonable({**config.to_dict(), "storage": redact(config.storage)}),
         "fingerprint": _jsonable(config.fingerprint()),
         # SHA-256 of every input file: a worker elsewhere must have the same data.
         "inputs": prepared.inputs,
@@ -211,35 +218,42 @@ MACHINE_KEYS = ("storage", "artifacts", "data_root", "device", "devices", "worke
 
 
 def stored_search(study_name: str, storage: str, **machine: Any
-                  ) -> tuple[SearchConfig, dict[str, Any]]:
+                  ) -> tuple[SearchConfig, dict[str, Any], optuna.Study]:
     """The settings stored by study ``study_name`` in ``storage``, with this machine's own
     :data:`MACHINE_KEYS` (those given and not None; ``data_root`` is never taken from the
-    study), and the hashes of its input files.
+    study); the hashes of its input files; the study.
 
     Raises:
         ConfigError: no such storage or study (the studies there are listed), or a study
             autometa did not make; nothing is created or written.
     """
     from autometa.config import check_study_name
-    from autometa.errors import redact
 
     check_study_name(study_name)
     unknown_keys = set(machine) - set(MACHINE_KEYS)
     if unknown_keys:
         raise ConfigError(f"not a setting of one machine: {', '.join(sorted(unknown_keys))}; "
                           f"these are: {', '.join(MACHINE_KEYS)}")
+    def missing(names: list[str]) -> ConfigError:
+        return ConfigError(f"no study {study_name!r} in {redact(storage)}"
+                           f"{closest(study_name, names)}; studies there: "
+                           f"{', '.join(sorted(names)) or 'none'}")
+
+    open_storage(storage, must_exist=True, create_tables=False)  # the URL's own errors
+    if not schema_ready(storage):  # no study yet (or its tables are being created now)
+        raise missing([])
     store = open_storage(storage, must_exist=True, create_tables=False)
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
     except KeyError:
-        names = optuna.get_all_study_names(store)
-        raise ConfigError(unknown(f"study in {redact(storage)}", study_name, names)) from None
+        raise missing(optuna.get_all_study_names(store)) from None
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
         raise ConfigError(f"study {study_name!r} in {redact(storage)} was not made by autometa")
     data = {**stored["config"], "study_name": study_name, "storage": storage, "data_root": None}
     data.update({k: v for k, v in machine.items() if v is not None})
-    return SearchConfig.from_dict(data, where=f"study {study_name!r}"), stored.get("inputs", {})
+    config = SearchConfig.from_dict(data, where=f"study {study_name!r}")
+    return config, stored.get("inputs", {}), study
 
 
 def _use_stored_spaces(prepared: Prepared, spaces: Mapping[str, Any], study: str) -> None:
@@ -270,6 +284,44 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
     return "; ".join(changed)
+
+
+def schema_ready(url: str) -> bool:
+    """True once Optuna's tables exist at ``url`` and are stamped with their version.
+
+    Checked with one plain query before a reader opens the storage: Optuna's RDB storage
+    writes its version rows when it finds none, even when told to skip creating tables,
+    and doing that while another process creates the schema makes that process fail
+    ("already exists"). A journal file is always ready once it exists.
+
+    Raises:
+        ConfigError: the storage cannot be reached (see :func:`open_storage`).
+    """
+    if scheme(url) not in {"sqlite", "postgresql", "mysql"}:
+        return True
+    file = local_file(url)
+    if file is not None and not file.is_file():
+        return False
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(with_driver(url), poolclass=sqlalchemy.pool.NullPool)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise open_error(url, exc) from None
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                sqlalchemy.text("SELECT version_num FROM alembic_version")).first() is not None
+    except sqlalchemy.exc.ProgrammingError:  # PostgreSQL, MySQL: no such table
+        return False
+    except sqlalchemy.exc.OperationalError as exc:
+        if scheme(url) == "sqlite" and "no such table" in str(exc):
+            return False
+        raise open_error(url, exc) from None
+    finally:
+        engine.dispose()
 
 
 #: Seconds a worker waits for an unreachable storage (a database server restarting)
@@ -379,6 +431,8 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
     # process id to check, and no heartbeat old enough to be stale).
     trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
                                       **worker})
+    if trial.user_attrs.get("crash"):  # a retry inherits its failed trial's attributes
+        trial.set_user_attr("crash", None)
     return trial
 
 
@@ -390,11 +444,24 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     """
     host = socket.gethostname()
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    storage = study._storage  # the study's own storage: Optuna offers no other handle
+    # Optuna's own query for trials whose heartbeat is older than GRACE (what its
+    # fail_stale_trials uses), so that each is failed here with a reason.
+    stale: set[int] = set()
+    if isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) \
+            and storage.get_heartbeat_interval():
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    for t in running:
         who = t.user_attrs.get(WORKER_ATTR) or {}
         if who.get("host") == host and isinstance(who.get("pid"), int) \
                 and not _alive(who["pid"]):
             fail_trial(study, t, f"its process {who['pid']} died")
+            failed.append(t.number)
+        elif t._trial_id in stale:
+            fail_trial(study, t, f"no heartbeat for {GRACE} s from {who.get('host', '?')} "
+                                 f"(process {who.get('pid', '?')}): its machine or process "
+                                 "was lost")
             failed.append(t.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

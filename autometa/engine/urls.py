@@ -42,7 +42,10 @@ def with_driver(url: str) -> str:
     Raises:
         ConfigError: a PostgreSQL URL and no driver installed (the fix: the extra).
     """
-    head = url.split("://", 1)[0]
+    head, _, rest = url.partition("://")
+    if is_server(url) and rest.split("/", 1)[0].count("@") > 1:
+        raise ConfigError(f"storage: {redact(url)}: the user name or password holds '@'; "
+                          "percent-encode it (@ as %40, : as %3A, / as %2F)")
     if head.lower() != "postgresql":
         return url
     for module, dialect in POSTGRES_DRIVERS:
@@ -66,6 +69,6 @@ def open_error(url: str, exc: BaseException) -> ConfigError:
     reason = redact(one_line(str(getattr(exc, "orig", None) or exc)))
     if len(reason) > 200:
         reason = reason[:197] + "..."
-    return ConfigError(f"storage: cannot open {redact(url)}: {reason}; check the URL, that the "
-                       "server is reachable and its driver installed (e.g. "
-                       "sqlite:///autometa.db)")
+    hint = ("that the server is reachable, the database exists and the user may use it"
+            if is_server(url) else "its folder and permissions (e.g. sqlite:///autometa.db)")
+    return ConfigError(f"storage: cannot open {redact(url)}: {reason}; check the URL, {hint}")

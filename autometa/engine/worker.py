@@ -205,8 +205,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         send(("trial_finished", (trial.number, "FAIL", None, "taken over as stale")))
         return
     if state == TrialState.COMPLETE and config.keep != "all":
-        with storage_lock(config.storage):
-            keep_best(study, store, config.keep)
+        try:
+            with storage_lock(config.storage):
+                keep_best(study, store, config.keep)
+        except Exception as exc:  # the trial is told: a later trial's clean-up catches up
+            log.warning("could not remove the states beyond the best %s: %s", config.keep,
+                        redact(one_line(str(exc))))
     send(("trial_finished", (trial.number, state.name, value, note)))
     host.notify("trial_finished", study_name=study.study_name, trial=frozen)
 
