@@ -49,7 +49,13 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.Popen([sys.executable, "-m", "autometa", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_ctrl_c)
+
+
+def _default_ctrl_c() -> None:
+    """Ctrl-C as in a terminal: a test run started in the background by a shell inherits
+    SIGINT ignored, and so would the search (Ctrl-C would then do nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = 120,
@@ -136,7 +142,7 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     running = _wait_running(db, proc)  # still one (the snapshot may take seconds when busy)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines() == [
         "autometa: interrupted; re-run the same command to resume"]
     trials = _trials(db)
