@@ -344,16 +344,27 @@ def _show(board: Leaderboard, out: Path) -> None:
 
     arrow = "lower is better" if board.direction == "minimize" else "higher is better"
     counts = ", ".join(f"{v} {k}" for k, v in board.counts.items() if v)
+    console = _console()
+    # A narrow terminal (80 columns) lists each trial's hyperparameters under the table,
+    # wrapped between "k=v" pairs: in a column they would be folded mid-number.
+    beside = console.width >= WIDE_TABLE
     table = Table(title=f"{board.study_name}: {board.task}, {board.metric} ({arrow})",
                   caption=f"trials: {counts or 'none'}; ranked on meta-val, "
                           f"test = mean ± 95% CI over meta-test {board.ci_over}")
-    for column in board.display_columns():
-        wide = column == "params"
-        table.add_column(column, overflow="fold", no_wrap=not wide, ratio=1 if wide else None)
-    for row in board.display_rows():
-        table.add_row(*(_plain(v) for v in row.values()))
-    console = _console()
+    columns = [c for c in board.display_columns() if beside or c != "params"]
+    for column in columns:
+        if column == "params":
+            table.add_column(column, overflow="fold", ratio=1)
+        else:  # a number or a name is never split: elided (…) if it cannot fit
+            table.add_column(column, overflow="ellipsis", no_wrap=True)
+    rows = board.display_rows()
+    for row in rows:
+        table.add_row(*(_plain(row[c]) for c in columns))
     console.print(table)
+    if not beside and rows:
+        console.print("hyperparameters (algorithm | source):", markup=False, highlight=False)
+        for row in rows:
+            console.print(_plain(f"{row['rank']:>4}. trial {row['trial']}: {row['params']}"))
     if board.counts.get("running"):
         console.print(f"{board.counts['running']} trial(s) still running in other processes: "
                       "this is a snapshot, and the last process to finish writes the reports",
@@ -369,12 +380,19 @@ def _show(board: Leaderboard, out: Path) -> None:
     console.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)
 
 
+#: Terminal columns from which the leaderboard shows hyperparameters in the table.
+WIDE_TABLE = 120
+
+
 def _console() -> Any:
-    """stdout; when it is not a terminal (a pipe, a CI log) rows are not folded at 80 columns."""
+    """stdout, as wide as the terminal or ``$COLUMNS``; a pipe or a CI log without
+    ``$COLUMNS`` gets 200 columns (rows are not folded at 80 there)."""
+    import os
+
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=200)
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=200)
 
 
 def _plain(text: str) -> Any:

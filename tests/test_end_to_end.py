@@ -76,6 +76,15 @@ def test_leaderboard_command_reprints_a_stored_study(tmp_path: Path) -> None:
     again = autometa_cli("leaderboard", "sinusoid-seed3", "--out", "again", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     pd.testing.assert_frame_equal(first, pd.read_csv(tmp_path / "again" / "sinusoid-seed3.csv"))
+    # An 80-column terminal: every line fits, and no number or "k=v" pair is split.
+    narrow = autometa_cli("leaderboard", "sinusoid-seed3", "--out", "again", cwd=tmp_path,
+                          env={"COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    words = narrow.stdout.split()
+    for row in first.itertuples():
+        assert f"{row.val_mse:.4g}" in words
+        assert all(pair in words for pair in row.params.split() if "=" in pair)
     missing = autometa_cli("leaderboard", "sinusoid-seed4", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
