@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
@@ -62,6 +63,8 @@ def test_python_and_cli_give_the_same_leaderboard(tmp_path: Path) -> None:
                             artifacts=str(tmp_path / "python-artifacts"))
     python = board.frame
     assert len(python) == len(cli) > 0
+    study = optuna.load_study(study_name="sinusoid-seed3", storage=f"sqlite:///{tmp_path}/python.db")
+    assert study.metric_names == ["meta-val mse"]  # what optuna-dashboard labels the values
     for column in ("trial", "algorithm", "source", "params", "test_n", "test_ci_over"):
         assert list(python[column]) == list(cli[column].fillna(""))  # CSV: "" reads as NaN
     for column in ("val_mse", "test_mse", "test_ci95"):

@@ -173,7 +173,8 @@ def test_a_killed_worker_s_trial_is_retried_by_the_other(pg_url, tmp_path):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 6  # the budget, finished by the survivor
     retry = [t for t in complete if t.system_attrs.get("failed_trial") == killed[0].number]
-    assert len(retry) == 1 and retry[0].params == killed[0].params
+    # The same parameters (those sampled before the kill, if it came mid-sampling).
+    assert len(retry) == 1 and killed[0].params.items() <= retry[0].params.items()
     assert retry[0].user_attrs["crash"] is None  # the retry did not crash
 
 

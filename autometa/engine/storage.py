@@ -195,6 +195,9 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     name = config.study
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, direction=prepared.task.metric.direction)
+    with warnings.catch_warnings():  # experimental in Optuna; optuna-dashboard shows it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([f"meta-val {prepared.task.metric.name}"])
     study.set_user_attr(CONFIG_ATTR, {
         "autometa_version": __version__,
         # The storage URL is each machine's own; stored without its password.
@@ -427,8 +430,14 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
         with warnings.catch_warnings():  # the worker runs Optuna's heartbeat thread itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = study.ask()
-    # Outside the lock: until it is set, no process fails this trial as dead (it has no
-    # process id to check, and no heartbeat old enough to be stale).
+        # A first heartbeat at once: a process that dies before its heartbeat thread starts
+        # must still be found stale (Optuna finds only trials with a beat older than GRACE).
+        storage = study._storage  # the study's own storage: Optuna offers no other handle
+        if isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) \
+                and storage.get_heartbeat_interval():
+            storage.record_heartbeat(trial._trial_id)
+    # Outside the lock: until it is set, no process fails this trial as dead by its pid
+    # (it has none to check yet; its heartbeat is fresh).
     trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
                                       **worker})
     if trial.user_attrs.get("crash"):  # a retry inherits its failed trial's attributes
