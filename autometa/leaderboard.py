@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,19 @@ if TYPE_CHECKING:
     import optuna
 
     from autometa.plugins import PluginHost
+    from autometa.predictor import Predictor
     from autometa.task import Task
+    from autometa.trial import MetaTestScore, TrialPlan
 
-#: Study user attribute caching meta-test results: {trial number: {mean, ci95, n, over}}.
+#: Study user attribute caching the meta-test results of listed trials that their worker
+#: did not score: {trial number: {mean, ci95, n, over, scores}}.
 TEST_ATTR = "autometa.test"
+
+
+#: What the ``tie`` column means, for people reading a table.
+TIE_NOTE = ("Trials with the same tie group cannot be told apart on meta-test (paired "
+            "Wilcoxon signed-rank test on the same episodes, Holm-corrected, α = 0.05); "
+            "group 1 is tied with the best.")
 
 
 @dataclass
@@ -38,7 +48,14 @@ class Leaderboard:
             ``algorithm``, ``source``, ``val_<metric>``, ``test_<metric>``,
             ``test_ci95`` (half-width), ``test_n`` and ``test_ci_over`` (what the interval
             is over: ``episodes``, or ``examples`` of a target dataset's single test split),
-            ``params``. Test columns are empty beyond the ``top_k`` best.
+            ``tie_group`` (scored trials that a Holm-corrected paired Wilcoxon test on the
+            same meta-test episodes cannot tell apart share a group; 1 = tied with the
+            best), ``p_vs_best`` (that adjusted p-value against the best), ``fit_time_s``
+            (meta-training seconds), ``adapt_ms`` (milliseconds to adapt to and predict
+            one meta-val episode), ``peak_mem_mb`` (peak CUDA memory, MiB; empty on a
+            CPU), ``params`` (text), then one column per hyperparameter
+            (``<plugin>.<name>``, empty where a trial's plugins lack it). Test columns are
+            empty beyond the ``top_k`` best.
         counts: trials per final state (complete, pruned, failed, running).
     """
 
@@ -51,7 +68,16 @@ class Leaderboard:
     #: Whether the CLI writes this leaderboard's reports: False for a snapshot of a study
     #: still running elsewhere, and for every process of one search but the one that
     #: finished it (the reports are written once).
-    report: bool = True
+    writes_reports: bool = True
+    #: The study (trials, their learning curves and user attributes), None if detached.
+    study: optuna.Study | None = field(default=None, repr=False)
+    #: What the study stored about its search (``autometa.config``: settings, versions,
+    #: task description, input hashes).
+    stored: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Per-episode (or per-example) meta-test scores of each scored trial, by trial number:
+    #: the paired samples behind ``tie_group``.
+    test_scores: dict[int, list[float]] = field(default_factory=dict, repr=False)
+    context: _Context | None = field(default=None, repr=False)
 
     @property
     def best(self) -> pd.Series:
@@ -68,7 +94,8 @@ class Leaderboard:
             f"# autometa leaderboard: {self.study_name}",
             "",
             f"Task `{self.task}`, metric {self.metric} ({arrow}); trials: {counts or 'none'}. "
-            f"Ranked on meta-val; meta-test shown as mean ± 95% CI over {self.ci_over}.",
+            f"Ranked on meta-val; meta-test shown as mean ± 95% CI over {self.ci_over}. "
+            f"{TIE_NOTE}",
             "",
         ]
         rows = self.display_rows()
@@ -86,8 +113,9 @@ class Leaderboard:
         return " and ".join(sorted(over)) or "episodes"
 
     def display_columns(self) -> list[str]:
-        return ["rank", "trial", "algorithm", "source", f"val {self.metric}",
-                f"test {self.metric} (95% CI)", "params"]
+        """Column headers of :meth:`display_rows` (the metric is named in the title)."""
+        return ["rank", "trial", "algorithm", "source", "val", "test (95% CI)", "tie",
+                "params"]
 
     def display_rows(self) -> list[dict[str, str]]:
         """Rows formatted for people (terminal and Markdown)."""
@@ -95,8 +123,10 @@ class Leaderboard:
         for d in self.frame.to_dict("records"):
             test = d[f"test_{self.metric}"]
             test_text = "" if _nan(test) else f"{test:.4g} ± {d['test_ci95']:.2g}"
+            group = d.get("tie_group")
+            tie = "" if group is None or pd.isna(group) else str(group)
             values = [str(d["rank"]), str(d["trial"]), d["algorithm"], d["source"],
-                      f"{d[f'val_{self.metric}']:.4g}", test_text, d["params"]]
+                      f"{d[f'val_{self.metric}']:.4g}", test_text, tie, d["params"]]
             out.append(dict(zip(self.display_columns(), values, strict=True)))
         return out
 
@@ -110,6 +140,34 @@ class Leaderboard:
         md_path.write_text(self.to_markdown(), encoding="utf-8")
         return [csv_path, md_path]
 
+    def report(self, path: str | Path) -> Path:
+        """Write the HTML report (``<study>.html``) into the directory ``path``; returns
+        the file's path.
+
+        See :func:`autometa.report.write_report` for what it holds and the errors raised.
+        """
+        from autometa.report import write_report
+
+        return write_report([self], path)
+
+    def model(self, rank: int = 1) -> Predictor:
+        """The trial ranked ``rank`` on meta-val, meta-trained and ready to adapt and
+        predict (see :class:`autometa.predictor.Predictor`).
+
+        Raises:
+            ConfigError: ``rank`` is not that of a completed trial, this leaderboard is
+                not attached to its study, or the trial's state is not in the store.
+            DataError: the state is damaged.
+        """
+        from autometa.predictor import Predictor, pick
+
+        if self.study is None or self.context is None:
+            raise ConfigError("this leaderboard is not attached to its study; use "
+                              "autometa.load_model(study, rank, storage=...)")
+        c = self.context
+        return Predictor.from_trial(self.study, pick(self.study, rank), c.task, c.host,
+                                    artifacts=c.artifacts, root=c.root, rank=rank)
+
 
 def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -122,8 +180,14 @@ def _md_escape(text: str) -> str:
 def compute_leaderboard(
     study: optuna.Study, task: Task, host: PluginHost, *, top_k: int, artifacts: str,
     root: Path | None = None, cache: bool = True,
+    phase: Callable[[str], None] = lambda text: None,
 ) -> Leaderboard:
     """Rank ``study``'s completed trials and score the ``top_k`` best on meta-test.
+
+    A trial among the best ``top_k`` when it finished was scored by its worker (its
+    ``test_*`` user attributes); any other listed trial is rebuilt here, its state
+    downloaded and scored, and the result cached in the study. Scored trials are grouped
+    into statistical ties (:func:`autometa.metrics.tie_groups`).
 
     Args:
         artifacts: the artifact store the trials' states were uploaded to (a directory or
@@ -131,95 +195,153 @@ def compute_leaderboard(
         root: where relative input paths resolve (default: the working directory).
         cache: store new meta-test scores in the study; False for a snapshot of a study
             that is still running (nothing is written to the storage then).
+        phase: told what is being done when trials must be scored here (a progress line).
 
     Raises:
         ConfigError: a listed trial's state is not in the store.
     """
-    import tempfile
-
     from optuna.trial import TrialState
 
-    from autometa.engine.artifacts import download_state, open_store
     from autometa.engine.storage import CONFIG_ATTR
-    from autometa.metrics import mean_ci95
-    from autometa.trial import (
-        Diverged,
-        TrialPlan,
-        build,
-        evaluate,
-        load_state,
-        scored_per_example,
-        trial_seed,
-    )
+    from autometa.metrics import tie_groups
 
     metric = task.metric
     stored = study.user_attrs.get(CONFIG_ATTR, {})
-    search_seed = stored.get("config", {}).get("seed", 0)
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    sign = 1.0 if metric.direction == "minimize" else -1.0
-    ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
-
-    tested: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
-    untested = [t for t in ranked[:top_k] if str(t.number) not in tested]
-    store = open_store(artifacts, study.study_name) if untested else None
-    tmp = tempfile.TemporaryDirectory(prefix="autometa-states-")
-    rows = []
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    ranked = ranked_trials(study)
+    context = _Context(task, host, artifacts, root, stored.get("config", {}).get("seed", 0))
+    tests = _meta_test_scores(study, ranked[:top_k], context, cache, phase)
+    scored = [t.number for t in ranked[:top_k]
+              if t.number in tests and not tests[t.number].failure]
+    groups, pvalues = tie_groups([list(tests[n].scores) for n in scored])
+    tie = dict(zip(scored, zip(groups, pvalues, strict=True), strict=True))
+    rows, hyper = [], sorted({k for t in ranked for k in t.params} - {"algorithm", "source"})
     for rank, t in enumerate(ranked, start=1):
-        plan = TrialPlan(**{k: t.user_attrs[k] for k in
-                            ("algorithm", "source", "algorithm_params", "source_params")})
-        test: dict[str, Any] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": ""}
-        if rank <= top_k:
-            key = str(t.number)
-            if key not in tested:
-                assert store is not None
-                state = download_state(study, t, store, artifacts, Path(tmp.name))
-                algorithm = build(host, task, plan, trial_seed(search_seed, t.number), root)
-                load_state(algorithm, state, f"trial {t.number}'s state in {artifacts!r}")
-                if state.parent == Path(tmp.name):
-                    state.unlink()
-                episodes = task.meta_test()
-                try:
-                    scores = evaluate(algorithm, episodes, task, split="meta-test")
-                except Diverged as exc:  # listed without a test score, never ranked on NaN
-                    log.warning("trial %d has no meta-test score: %s", t.number, exc)
-                    tested[key] = {"mean": math.nan, "ci95": math.nan, "n": 0, "over": "",
-                                   "failure": f"diverged: {exc}"}
-                else:
-                    mean, half = mean_ci95(scores)
-                    over = "examples" if scored_per_example(episodes, task) else "episodes"
-                    tested[key] = {"mean": mean, "ci95": half, "n": len(scores), "over": over}
-                if cache:
-                    study.set_user_attr(TEST_ATTR, tested)
-            test = {"n": tested[key].get("episodes", 0), "over": "episodes", **tested[key]}
+        plan = _plan(t)
+        test = tests.get(t.number)
+        group, p = tie.get(t.number, (None, math.nan))
         rows.append({
             "rank": rank,
             "trial": t.number,
             "algorithm": plan.algorithm,
             "source": plan.source,
             f"val_{metric.name}": t.value,
-            f"test_{metric.name}": test["mean"],
-            "test_ci95": test["ci95"],
-            "test_n": int(test["n"]),
-            "test_ci_over": test["over"],
+            f"test_{metric.name}": test.mean if test else math.nan,
+            "test_ci95": test.ci95 if test else math.nan,
+            "test_n": test.n if test else 0,
+            "test_ci_over": test.over if test and not test.failure else "",
+            "tie_group": group,
+            "p_vs_best": p,
+            **{k: t.user_attrs.get(k, math.nan) for k in COST_COLUMNS},
             "params": plan.params_text(),
+            **{k: t.params.get(k) for k in hyper},
         })
-    tmp.cleanup()
     columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",
-               f"test_{metric.name}", "test_ci95", "test_n", "test_ci_over", "params"]
+               f"test_{metric.name}", "test_ci95", "test_n", "test_ci_over", "tie_group",
+               "p_vs_best", *COST_COLUMNS, "params", *hyper]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["tie_group"] = frame["tie_group"].astype("Int64")
+    for k in hyper:  # as sampled: an integer stays one beside trials that lack it
+        frame[k] = pd.Series([row[k] for row in rows], dtype=object)
     counts = {
         "complete": len(complete),
-        "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
-        "failed": sum(t.state == TrialState.FAIL for t in study.trials),
-        "running": sum(t.state == TrialState.RUNNING for t in study.trials),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "running": sum(t.state == TrialState.RUNNING for t in trials),
     }
     return Leaderboard(
         study_name=study.study_name,
         task=stored.get("config", {}).get("task", "?"),
         metric=metric.name,
         direction=metric.direction,
-        frame=pd.DataFrame(rows, columns=columns),
+        frame=frame,
         counts=counts,
+        study=study,
+        stored=stored,
+        test_scores={n: list(tests[n].scores) for n in scored},
+        context=context,
     )
+
+
+def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials, best on meta-val first (the leaderboard's order)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
+
+
+#: Cost columns of the leaderboard: the trial user attributes a worker records
+#: (:data:`autometa.engine.worker.COST_ATTRS`): meta-training seconds, milliseconds to adapt
+#: to and predict one episode, peak CUDA memory in MiB (empty on a CPU).
+COST_COLUMNS = ("fit_time_s", "adapt_ms", "peak_mem_mb")
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What rebuilding a listed trial's model needs (scoring it, or handing it back)."""
+
+    task: Task
+    host: PluginHost
+    artifacts: str
+    root: Path | None
+    search_seed: int
+
+
+def _plan(t: optuna.trial.FrozenTrial) -> TrialPlan:
+    from autometa.trial import TrialPlan
+
+    return TrialPlan(**{k: t.user_attrs[k] for k in
+                        ("algorithm", "source", "algorithm_params", "source_params")})
+
+
+def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial],
+                      context: _Context, cache: bool, phase: Callable[[str], None]
+                      ) -> dict[int, MetaTestScore]:
+    """The meta-test result of each of the ``listed`` trials: from its user attributes
+    (scored by its worker), from the study's cache, or scored now (and cached)."""
+    import tempfile
+
+    from autometa.engine.artifacts import download_state, open_store
+    from autometa.trial import MetaTestScore, build, load_state, score_meta_test, trial_seed
+
+    cached: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
+    tests: dict[int, MetaTestScore] = {}
+    missing = []
+    for t in listed:
+        attrs = t.user_attrs
+        if "test_mean" in attrs or "test_failure" in attrs:
+            tests[t.number] = MetaTestScore(
+                float(attrs.get("test_mean", math.nan)),
+                float(attrs["test_ci95"] if attrs.get("test_ci95") is not None else math.nan),
+                int(attrs.get("test_n", 0)), str(attrs.get("test_over", "")),
+                tuple(map(float, attrs.get("test_scores", ()))),
+                str(attrs.get("test_failure", "")))
+        elif str(t.number) in cached:
+            tests[t.number] = MetaTestScore.from_json(cached[str(t.number)])
+        else:
+            missing.append(t)
+    if not missing:
+        return tests
+    phase(f"scoring {len(missing)} trial(s) on meta-test")
+    store = open_store(context.artifacts, study.study_name)
+    with tempfile.TemporaryDirectory(prefix="autometa-states-") as tmp:
+        for t in missing:
+            state = download_state(study, t, store, context.artifacts, Path(tmp))
+            algorithm = build(context.host, context.task, _plan(t),
+                              trial_seed(context.search_seed, t.number), context.root)
+            load_state(algorithm, state, f"trial {t.number}'s state in {context.artifacts!r}")
+            test = score_meta_test(algorithm, context.task)
+            if test.failure:  # listed without a test score, never ranked on NaN
+                log.warning("trial %d has no meta-test score: %s", t.number, test.failure)
+            tests[t.number] = test
+            cached[str(t.number)] = test.to_json()
+            if cache:
+                study.set_user_attr(TEST_ATTR, cached)
+    return tests
 
 
 def check_top_k(top_k: object) -> int:
@@ -255,30 +377,18 @@ def load_leaderboard(
         ConfigError: no such study, an input file that differs from the study's, or a
             trial state missing from the store; nothing is written then.
     """
-    import optuna
     from optuna.trial import TrialState
 
     from autometa.config import DEFAULT_STORAGE
-    from autometa.engine.inputs import check_same, fingerprints, path_settings, root_of
-    from autometa.engine.prepare import build_task, check_device, parse_task_params
-    from autometa.engine.storage import open_storage, stored_search
-    from autometa.plugins import create_host
+    from autometa.engine.prepare import open_stored
 
     if top_k is not None:
         check_top_k(top_k)
-    storage = storage or DEFAULT_STORAGE
-    config, inputs, _ = stored_search(study_name, storage, artifacts=artifacts,
-                                   data_root=data_root, device=device)
-    host = host or create_host()
-    params = parse_task_params(config, host)
-    root = root_of(config.data_root)
-    paths = path_settings(host.get("task", config.task).load(), params, "task_params")
-    check_same(inputs, fingerprints(paths, root), paths, root, study_name)
-    task = build_task(config, host, params, check_device(config.device))
-    study = optuna.load_study(study_name=study_name,
-                              storage=open_storage(storage, create_tables=False))
+    stored = open_stored(study_name, storage or DEFAULT_STORAGE, host=host,
+                         artifacts=artifacts, data_root=data_root, device=device)
+    task = stored.build_task()
+    study = stored.study
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return compute_leaderboard(study, task, host, top_k=top_k or config.top_k,
-                               artifacts=config.artifacts,
-                               root=Path(data_root) if data_root is not None else None,
+    return compute_leaderboard(study, task, stored.host, top_k=top_k or stored.config.top_k,
+                               artifacts=stored.config.artifacts, root=stored.root,
                                cache=not running)

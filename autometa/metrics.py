@@ -83,3 +83,58 @@ def mean_ci95(scores: Tensor) -> tuple[float, float]:
         return mean, math.nan
     half = float(t.ppf(0.975, n - 1)) * float(x.std(unbiased=True)) / math.sqrt(n)
     return mean, half
+
+
+#: Significance level of the paired tests that group trials into ties.
+TIE_ALPHA = 0.05
+
+
+def tie_groups(scores: list[list[float]], alpha: float = TIE_ALPHA
+               ) -> tuple[list[int], list[float]]:
+    """Group ranked models whose paired meta-test scores cannot be told apart.
+
+    ``scores[i]`` holds model ``i``'s scores on the same episodes (or examples) as every
+    other model's, models in rank order (best first). Walking the ranking, the first model
+    not yet grouped leads a new group; each later ungrouped model is compared with it by a
+    two-sided Wilcoxon signed-rank test on the paired differences (Wilcoxon 1945; scipy),
+    the p-values of one leader's comparisons Holm-corrected (Holm 1979; statsmodels), and
+    those with an adjusted p-value ≥ ``alpha`` join its group. Group 1 is therefore "tied
+    with the best".
+
+    A pair with fewer than two scores, a different number of scores, or no difference at
+    all is a tie (p = 1): nothing tells them apart.
+
+    Returns:
+        (group per model, numbered from 1; each model's adjusted p-value against the best,
+        NaN for the best itself).
+    """
+    import numpy as np
+    from scipy.stats import wilcoxon
+    from statsmodels.stats.multitest import multipletests
+
+    n = len(scores)
+    groups = [0] * n
+    pvalues = [math.nan] * n
+    group = 0
+    for leader in range(n):
+        if groups[leader]:
+            continue
+        group += 1
+        groups[leader] = group
+        others = [i for i in range(leader + 1, n) if not groups[i]]
+        raw = []
+        for i in others:
+            a, b = np.asarray(scores[leader]), np.asarray(scores[i])
+            if len(a) < 2 or len(a) != len(b) or not np.any(a != b):
+                raw.append(1.0)
+            else:
+                raw.append(float(wilcoxon(a, b, alternative="two-sided").pvalue))
+        if not others:
+            continue
+        adjusted = multipletests(raw, alpha=alpha, method="holm")[1]
+        for i, p in zip(others, adjusted, strict=True):
+            if leader == 0:
+                pvalues[i] = float(p)
+            if p >= alpha:
+                groups[i] = group
+    return groups, pvalues

@@ -37,6 +37,9 @@ class Progress:
     def evaluated(self, number: int, step: int, score: float) -> None:
         """Trial ``number`` scored ``score`` on meta-val after ``step`` meta-steps."""
 
+    def trial_status(self, number: int, text: str) -> None:
+        """Trial ``number`` is doing ``text`` (e.g. "scoring on meta-test")."""
+
     def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
         """A trial ended (``state``: COMPLETE, PRUNED or FAIL; ``note`` says why if not)."""
 
@@ -110,6 +113,11 @@ class RichProgress(Progress):
             bar, description = self._trials[number]
             self.bars.update(bar, completed=step, info=f"{description.split('(')[0]}  "
                                                        f"meta-val {score:.4g}")
+
+    def trial_status(self, number: int, text: str) -> None:
+        if number in self._trials:
+            bar, description = self._trials[number]
+            self.bars.update(bar, info=f"{description.split('(')[0]}  {text}")
 
     def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
         from rich.text import Text

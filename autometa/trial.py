@@ -4,6 +4,7 @@ score it on meta-val episodes along the way, and save what it learned."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,28 @@ def _split(split: str | None, episodes: Episodes, task: Task) -> str:
     return "evaluation"
 
 
+@dataclass
+class Clock:
+    """Wall time of a trial's parts (what AutoGluon users know as ``fit_time`` and
+    ``pred_time``), filled by :func:`meta_train`.
+
+    Attributes:
+        train_s: seconds spent in meta-steps (sampling episodes included, meta-val
+            evaluations excluded).
+        eval_s: seconds spent adapting to and predicting meta-val episodes.
+        eval_episodes: meta-val episodes evaluated (each evaluation counts them again).
+    """
+
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    eval_episodes: int = 0
+
+    @property
+    def adapt_ms(self) -> float:
+        """Milliseconds to adapt to one episode and predict its query set (NaN if none)."""
+        return 1000 * self.eval_s / self.eval_episodes if self.eval_episodes else math.nan
+
+
 def meta_train(
     algorithm: MetaAlgorithm,
     task: Task,
@@ -167,37 +190,102 @@ def meta_train(
     generator: torch.Generator,
     on_eval: Callable[[int, float], None] = lambda step, score: None,
     on_step: Callable[[int], None] = lambda step: None,
+    clock: Clock | None = None,
 ) -> float:
     """Meta-train for ``meta_steps`` and return the final meta-val score.
 
     ``on_eval(step, score)`` runs after each evaluation (every ``eval_every`` steps and at
-    the end); it may raise ``optuna.TrialPruned`` to stop the trial.
+    the end); it may raise ``optuna.TrialPruned`` to stop the trial. ``clock``, if given,
+    accumulates the time spent training and evaluating.
 
     Raises:
         Diverged: the training loss, a meta-val prediction or a score is not finite.
     """
+    clock = clock if clock is not None else Clock()
     algorithm.model.train()
     steps = meta_steps if algorithm.meta_trains else 0
     score = math.nan
+    started = time.perf_counter()
     for step in range(1, steps + 1):
         loss = algorithm.meta_step(task.sample(algorithm.tasks_per_step, generator))
         if not math.isfinite(loss):
             raise Diverged(f"meta-training loss is {loss} at step {step}")
         on_step(step)
         if step % eval_every == 0 or step == steps:
-            score = _val_score(algorithm, task)
+            clock.train_s += time.perf_counter() - started
+            score = _val_score(algorithm, task, clock)
+            started = time.perf_counter()
             on_eval(step, score)
+    clock.train_s += time.perf_counter() - started
     if steps == 0:
-        score = _val_score(algorithm, task)
+        score = _val_score(algorithm, task, clock)
         on_eval(0, score)
     return score
 
 
-def _val_score(algorithm: MetaAlgorithm, task: Task) -> float:
-    score = float(evaluate(algorithm, task.meta_val(), task, split="meta-val").mean())
+def _val_score(algorithm: MetaAlgorithm, task: Task, clock: Clock) -> float:
+    _sync(task.device)
+    started = time.perf_counter()
+    episodes = task.meta_val()
+    score = float(evaluate(algorithm, episodes, task, split="meta-val").mean())  # synchronises
+    clock.eval_s += time.perf_counter() - started
+    clock.eval_episodes += len(episodes)
     if not math.isfinite(score):
         raise Diverged(f"meta-val {task.metric.name} is {score}")
     return score
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that a timer started next measures only what follows."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class MetaTestScore:
+    """A model's meta-test result: the mean and 95% CI half-width of ``scores``.
+
+    ``scores`` has one value per meta-test episode, or per test example of a target
+    dataset's single test split (``over``); every trial is scored on the same episodes, so
+    two trials' ``scores`` are paired. ``failure`` is set (and the numbers NaN) when the
+    predictions were not finite.
+    """
+
+    mean: float
+    ci95: float
+    n: int
+    over: str
+    scores: tuple[float, ...] = ()
+    failure: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci95": self.ci95, "n": self.n, "over": self.over,
+                "scores": list(self.scores), **({"failure": self.failure} if self.failure
+                                                 else {})}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MetaTestScore:
+        return cls(float(data["mean"]), float(data["ci95"]), int(data.get("n", 0)),
+                   str(data.get("over", "")), tuple(map(float, data.get("scores", ()))),
+                   str(data.get("failure", "")))
+
+
+def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
+    """Score ``algorithm`` (meta-trained) on the task's meta-test episodes.
+
+    A model whose predictions are not finite gets a :class:`MetaTestScore` with ``failure``
+    set rather than an exception: it stays listed, never ranked on NaN.
+    """
+    from autometa.metrics import mean_ci95
+
+    episodes = task.meta_test()
+    over = "examples" if scored_per_example(episodes, task) else "episodes"
+    try:
+        scores = evaluate(algorithm, episodes, task, split="meta-test")
+    except Diverged as exc:
+        return MetaTestScore(math.nan, math.nan, 0, over, failure=f"diverged: {exc}")
+    mean, half = mean_ci95(scores)
+    return MetaTestScore(mean, half, len(scores), over, tuple(scores.double().cpu().tolist()))
 
 
 def save_state(algorithm: MetaAlgorithm, path: Path) -> None:

@@ -21,7 +21,8 @@ RUN = [
     *(a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")),
 ]
 COLUMNS = ["rank", "trial", "algorithm", "source", "val_mse", "test_mse", "test_ci95",
-           "test_n", "test_ci_over", "params"]
+           "test_n", "test_ci_over", "tie_group", "p_vs_best", "fit_time_s", "adapt_ms",
+           "peak_mem_mb", "params"]
 
 
 def autometa_cli(*args: str, cwd: Path, env: dict[str, str] | None = None
@@ -36,14 +37,23 @@ def test_cli_search_prints_and_writes_the_leaderboard(tmp_path: Path) -> None:
     result = autometa_cli(*RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(tmp_path / "autometa-reports" / "sinusoid-seed3.csv")
-    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns[:len(COLUMNS)]) == COLUMNS
+    # then one column per hyperparameter, as sampled
+    hyper = list(frame.columns[len(COLUMNS):])
+    assert hyper == sorted(hyper) and "mlp.hidden" in hyper
+    assert set(frame["mlp.hidden"]) <= {16, 32, 40, 64, 128}
+    assert (frame["fit_time_s"] > 0).all() and (frame["adapt_ms"] > 0).all()
+    assert frame["peak_mem_mb"].isna().all()  # measured on CUDA only
     assert list(frame["rank"]) == list(range(1, len(frame) + 1))
     assert frame["val_mse"].is_monotonic_increasing
     assert set(frame["algorithm"]) <= {"maml", "finetune"} and set(frame["source"]) == {"mlp"}
     tested = frame[frame["test_n"] > 0]
     assert len(tested) == min(3, len(frame)) and (tested["test_n"] == 20).all()
     assert (tested["test_ci_over"] == "episodes").all()
-    for column in ("rank", "algorithm", "val mse", "test mse (95% CI)", "params"):
+    assert tested["tie_group"].iloc[0] == 1 and pd.isna(tested["p_vs_best"].iloc[0])
+    assert frame.loc[frame["test_n"] == 0, "tie_group"].isna().all()
+    assert "sinusoid-seed3: sinusoid, mse (lower is better)" in result.stdout
+    for column in ("rank", "algorithm", "val", "test (95% CI)", "tie", "params"):
         assert column in result.stdout
     for row in frame.itertuples():
         assert f"│ {row.rank} " in result.stdout and row.params in result.stdout
@@ -65,6 +75,11 @@ def test_python_and_cli_give_the_same_leaderboard(tmp_path: Path) -> None:
     assert len(python) == len(cli) > 0
     study = optuna.load_study(study_name="sinusoid-seed3", storage=f"sqlite:///{tmp_path}/python.db")
     assert study.metric_names == ["meta-val mse"]  # what optuna-dashboard labels the values
+    # optuna-dashboard lists each listed trial's meta-test result among its user attributes
+    for row in python[python["test_n"] > 0].itertuples():
+        attrs = study.trials[row.trial].user_attrs
+        assert attrs["test_mean"] == row.test_mse and attrs["test_ci95"] == row.test_ci95
+        assert attrs["test_n"] == row.test_n == len(attrs["test_scores"]) == 20
     for column in ("trial", "algorithm", "source", "params", "test_n", "test_ci_over"):
         assert list(python[column]) == list(cli[column].fillna(""))  # CSV: "" reads as NaN
     for column in ("val_mse", "test_mse", "test_ci95"):
@@ -85,6 +100,7 @@ def test_leaderboard_command_reprints_a_stored_study(tmp_path: Path) -> None:
     assert narrow.returncode == 0, narrow.stderr
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
     words = narrow.stdout.split()
+    assert {"rank", "trial", "algorithm", "source", "val", "test", "tie"} <= set(words)
     for row in first.itertuples():
         assert f"{row.val_mse:.4g}" in words
         assert all(pair in words for pair in row.params.split() if "=" in pair)

@@ -87,7 +87,7 @@ def test_two_workers_finish_exactly_the_budget_with_distinct_configurations(tmp_
     assert workers == {0, 1}  # both processes ran trials
     assert {t.user_attrs["worker"]["pid"] for t in trials}.isdisjoint({os.getpid()})
     assert board.counts["complete"] + board.counts["pruned"] + board.counts["failed"] == 6
-    assert board.report
+    assert board.writes_reports
 
 
 RUN = ["run", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",

@@ -258,3 +258,53 @@ def _choose(
     if not chosen:
         raise PluginError(f"no installed {label} is compatible with this task")
     return chosen
+
+
+@dataclass
+class StoredStudy:
+    """A study another process stored, opened on this machine (a leaderboard, a model
+    handed back): its settings with this machine's own, the study, the plugin host.
+
+    Nothing is built until :meth:`build_task`, so that a caller can refuse a wrong request
+    (a rank out of range) before the task's data is read.
+    """
+
+    config: SearchConfig
+    inputs: dict[str, Any]
+    study: Any  # optuna.Study (Optuna is imported only where a study is opened)
+    host: PluginHost
+
+    @property
+    def root(self) -> Path | None:
+        """Where relative input paths resolve (None: the working directory)."""
+        return Path(self.config.data_root) if self.config.data_root is not None else None
+
+    def build_task(self) -> Task:
+        """The study's task built here, once its input files are known to be the study's.
+
+        Raises:
+            ConfigError: an input file differs from the study's or is missing, or the
+                device cannot be used here.
+        """
+        config, host = self.config, self.host
+        params = parse_task_params(config, host)
+        root = root_of(config.data_root)
+        paths = path_settings(host.get("task", config.task).load(), params, "task_params")
+        check_same(self.inputs, fingerprints(paths, root), paths, root, config.study)
+        return build_task(config, host, params, check_device(config.device))
+
+
+def open_stored(study_name: str, storage: str, *, host: PluginHost | None = None,
+                **machine: Any) -> StoredStudy:
+    """Open study ``study_name`` in ``storage`` with this machine's settings ``machine``
+    (``artifacts``, ``data_root``, ``device``; see
+    :func:`autometa.engine.storage.stored_search`).
+
+    Raises:
+        ConfigError: no such storage or study (those there are listed); nothing is written.
+    """
+    from autometa.engine.storage import stored_search
+    from autometa.plugins import create_host
+
+    config, inputs, study = stored_search(study_name, storage, **machine)
+    return StoredStudy(config, inputs, study, host or create_host())

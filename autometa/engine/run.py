@@ -97,14 +97,12 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
             else:
                 Pool(study, config.storage, specs, send).run()
         running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if not running and remaining != 0:
-            progress.phase(f"scoring the best {config.top_k} on meta-test")
     # While other processes still run trials of this study, the leaderboard is a snapshot:
     # nothing is cached in the storage, and the last process to finish writes the reports.
     leaderboard = compute_leaderboard(study, prepared.task, host, top_k=config.top_k,
                                       artifacts=config.artifacts, root=prepared.root,
-                                      cache=not running)
-    leaderboard.report = not running and _first_to_report(study, config.storage)
+                                      cache=not running, phase=progress.phase)
+    leaderboard.writes_reports = not running and _first_to_report(study, config.storage)
     host.notify("search_finished", study_name=study.study_name, leaderboard=leaderboard)
     return leaderboard
 

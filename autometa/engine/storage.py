@@ -206,12 +206,29 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
         # SHA-256 of every input file: a worker elsewhere must have the same data.
         "inputs": prepared.inputs,
         "task": prepared.task.describe(),
+        # Provenance for reports: who provided each plugin used, at which version.
+        "plugins": _plugin_versions(prepared),
         # The plugins and spaces this search resolved: a resume uses exactly these, so a
         # plugin installed or upgraded since cannot change the space Optuna samples from.
         "spaces": {"algorithm": {n: to_json(s) for n, s in prepared.algorithms.items()},
                    "source": {n: to_json(s) for n, s in prepared.sources.items()}},
     })
     return study
+
+
+def _plugin_versions(prepared: Prepared) -> dict[str, dict[str, str]]:
+    """``{kind: {name: "distribution version"}}`` of the task and the resolved algorithms
+    and sources (``"plugin (in-process)"`` for one registered by code)."""
+    host, config = prepared.host, prepared.config
+    names = {"task": [config.task], "algorithm": list(prepared.algorithms),
+             "source": list(prepared.sources)}
+    def origin(kind: str, name: str) -> str:
+        reg = host.get(kind, name)  # type: ignore[arg-type]
+        return f"{reg.distribution} {reg.version}" if reg.distribution else \
+            f"{reg.plugin} (in-process)"
+
+    return {kind: {name: origin(kind, name) for name in group}
+            for kind, group in names.items()}
 
 
 #: Settings of one machine rather than of the search: a process joining a stored study

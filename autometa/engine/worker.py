@@ -6,8 +6,8 @@ study's settings come from the storage, the budget is counted there
 draws the display (the calling process itself, or the pool's supervisor).
 
 An event is ``(method, args)`` naming a :class:`~autometa.progress.Progress` method:
-``trial_started``, ``step``, ``evaluated``, ``trial_finished``; and ``claimed`` (a trial
-number, before its parameters are sampled) for a pool's supervisor.
+``trial_started``, ``step``, ``evaluated``, ``trial_status``, ``trial_finished``; and
+``claimed`` (a trial number, before its parameters are sampled) for a pool's supervisor.
 """
 
 from __future__ import annotations
@@ -41,7 +41,16 @@ from autometa.engine.storage import (
 from autometa.errors import one_line, redact
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
-from autometa.trial import Diverged, TrialPlan, build, meta_train, trial_seed
+from autometa.trial import (
+    Clock,
+    Diverged,
+    MetaTestScore,
+    TrialPlan,
+    build,
+    meta_train,
+    score_meta_test,
+    trial_seed,
+)
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -172,14 +181,23 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             raise optuna.TrialPruned(f"meta-val {score:.4g} at step {step}")
 
     state, value, note = TrialState.COMPLETE, None, ""
+    clock, test = Clock(), None
+    if task.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(task.device)
     with Heartbeat(study, trial):
         try:
             generator = torch.Generator(device=task.device).manual_seed(seed)
             algorithm = build(host, task, plan, seed, prepared.root)
             value = meta_train(algorithm, task, meta_steps=config.meta_steps,
                                eval_every=config.eval_every, generator=generator,
-                               on_eval=on_eval, on_step=on_step)
+                               on_eval=on_eval, on_step=on_step, clock=clock)
             upload_state(algorithm, trial, store)
+            if ahead(study, trial.number, value, task.metric.direction) < config.top_k:
+                # Among the best top_k so far, it may be listed with a test score: score it
+                # now, while the model is in memory (the leaderboard then has nothing to do;
+                # a trial outside the top_k can never enter it later).
+                send(("trial_status", (trial.number, "scoring on meta-test")))
+                test = score_meta_test(algorithm, task)
         except optuna.TrialPruned as exc:
             state, note = TrialState.PRUNED, str(exc)
         except Diverged as exc:
@@ -193,6 +211,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             algorithm = None  # type: ignore[assignment]  # free the device before the next
             _release_device_memory(task.device)
     try:
+        record_costs(trial, clock, task.device)
+        if test is not None:
+            record_test(trial, test)
         if state == TrialState.FAIL:
             trial.set_user_attr("failure", note[:1000])
         frozen = study.tell(trial, value if state == TrialState.COMPLETE else None,
@@ -213,6 +234,47 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                         redact(one_line(str(exc))))
     send(("trial_finished", (trial.number, state.name, value, note)))
     host.notify("trial_finished", study_name=study.study_name, trial=frozen)
+
+
+def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int:
+    """How many completed trials rank before trial ``number`` scoring ``value`` (meta-val;
+    ties go to the lower trial number, as on the leaderboard)."""
+    sign = 1.0 if direction == "minimize" else -1.0
+    key = (sign * value, number)
+    return sum((sign * float(t.value), t.number) < key for t in
+               study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.value is not None)
+
+
+#: Trial user attributes written by a worker (optuna-dashboard lists them per trial).
+#: Costs: meta-training seconds, milliseconds to adapt to and predict one meta-val
+#: episode, peak CUDA memory in MiB (CUDA devices only).
+COST_ATTRS = ("fit_time_s", "adapt_ms", "peak_mem_mb")
+#: The meta-test result of a trial among the best ``top_k`` when it finished: mean, 95% CI
+#: half-width, number of scores, what they are over, and the per-episode scores.
+TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_over", "test_scores")
+
+
+def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:
+    """Store the trial's times (and peak CUDA memory) as its user attributes."""
+    trial.set_user_attr("fit_time_s", round(clock.train_s, 3))
+    if clock.eval_episodes:
+        trial.set_user_attr("adapt_ms", round(clock.adapt_ms, 4))
+    if device.type == "cuda":
+        trial.set_user_attr("peak_mem_mb",
+                            round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
+
+
+def record_test(trial: optuna.Trial, test: MetaTestScore) -> None:
+    """Store a meta-test result as the trial's user attributes (:data:`TEST_ATTRS`)."""
+    if test.failure:
+        trial.set_user_attr("test_failure", test.failure[:1000])
+        return
+    trial.set_user_attr("test_mean", test.mean)
+    trial.set_user_attr("test_ci95", test.ci95 if test.ci95 == test.ci95 else None)
+    trial.set_user_attr("test_n", test.n)
+    trial.set_user_attr("test_over", test.over)
+    trial.set_user_attr("test_scores", list(test.scores))
 
 
 class Heartbeat:
