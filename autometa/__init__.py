@@ -31,6 +31,7 @@ _LAZY = {
     "join_search": "autometa.engine.run",
     "Leaderboard": "autometa.leaderboard",
     "load_leaderboard": "autometa.leaderboard",
+    "load_model": "autometa.predictor",
 }
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "hookspec",
     "join_search",
     "load_leaderboard",
+    "load_model",
     "run_search",
     "search",
 ]
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
     from autometa.engine.run import join_search, run_search, search
     from autometa.leaderboard import Leaderboard, load_leaderboard
     from autometa.metrics import Metric
+    from autometa.predictor import load_model
     from autometa.source_model import Backbone, SourceModel
     from autometa.task import Episodes, Task, TaskSpec
 

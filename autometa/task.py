@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -56,6 +57,25 @@ class Episodes:
 
     def to(self, device: torch.device | str) -> Episodes:
         return Episodes(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class InputBatch:
+    """New examples read from a file or folder by :meth:`Task.read_inputs`.
+
+    Attributes:
+        x: (n, *input_shape) float32 on the CPU, encoded as the task encodes its own data.
+        labels: with ``labelled=True``, n labels: class names, or regression targets as
+            rows of floats (n, output_size); otherwise None.
+        ids: one per input, naming it in the output: a file name, or the CSV's data row
+            counted from 0.
+        id_name: what the ids are: ``"file"`` or ``"row"``.
+    """
+
+    x: Tensor
+    labels: list[Any] | None
+    ids: list[Any]
+    id_name: str
 
 
 class Task(ABC):
@@ -115,6 +135,32 @@ class Task(ABC):
         Classification tasks with a class split should implement it.
         """
         raise NotImplementedError(f"task {type(self).__name__} has no labelled meta-train pool")
+
+    def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
+        """New examples at ``path``, encoded exactly as this task encodes its own data.
+
+        Used by ``autometa predict``: its ``--input`` (``labelled=False``) and its
+        ``--support`` (``labelled=True``: a support set to adapt on, with labels). The
+        default reads a CSV of numbers, one column per input value, given to the model as
+        they are (:mod:`autometa.numeric_inputs`: a ``label`` column names the classes;
+        ``target`` or ``target_<i>`` columns hold regression targets). Override it when
+        the task encodes its data (scales numbers, one-hot encodes text, decodes images):
+        ``autometa predict`` then trusts a target task's inputs without a support set.
+
+        Args:
+            path: an existing file or folder (the caller checked that it exists).
+            labelled: read a label for every example too (a support set).
+
+        Returns:
+            The examples, ``labels`` set only if ``labelled``.
+
+        Raises:
+            DataError: the inputs cannot be read or do not match the task; one line
+                naming the file (or column, row) and the fix.
+        """
+        from autometa.numeric_inputs import read_numbers
+
+        return read_numbers(self, path, labelled=labelled)
 
     def describe(self) -> dict[str, Any]:
         """Facts shown in reports."""

@@ -63,12 +63,9 @@ def test_artifacts_given_on_resume_are_used(tmp_path):
     assert len(_states(tmp_path / "first" / "sinusoid-seed0")) == 1
     assert len(_states(tmp_path / "second" / "sinusoid-seed0")) == 1  # not ignored
     # A store without the states: one line naming the store and the fix.
-    study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
-    study.set_user_attr("autometa.test", {})  # forget the cached test scores
     with pytest.raises(ConfigError, match=r"is not in the artifact store '.*empty'; give the "
                                           r"store the workers wrote to"):
-        autometa.load_leaderboard("sinusoid-seed0", url, top_k=2,
-                                  artifacts=str(tmp_path / "empty"))
+        autometa.load_model("sinusoid-seed0", storage=url, artifacts=str(tmp_path / "empty"))
 
 
 # -- input files: the same data on every machine -----------------------------------------

@@ -72,7 +72,8 @@ from autometa.datasets import (
 )
 from autometa.episodes import ClassPool
 from autometa.errors import unknown
-from autometa.task import Task
+from autometa.numeric_inputs import read_frame
+from autometa.task import InputBatch, Task
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,13 @@ class CSVTask(InnerTask):
                           for part, group in zip(("train", "val", "test"), groups, strict=True)))
         return inner
 
+    def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
+        """Rows of a CSV with this task's feature columns, encoded by its preprocessor
+        (:mod:`autometa_plugins.csvfile.inputs`)."""
+        from autometa_plugins.csvfile.inputs import read_rows
+
+        return read_rows(self, path, labelled=labelled)
+
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             **super().describe(),
@@ -322,24 +330,7 @@ def read_csv(path: Path, name: str) -> pd.DataFrame:
         raise DataError(f"{name} does not exist{where}; pass the path of an existing CSV file")
     if path.is_dir():
         raise DataError(f"{name} is a directory; expected a CSV file")
-    try:
-        frame = pd.read_csv(path, low_memory=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{name} is empty; expected a header row of column names, then one "
-                        "row per example") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{name} is not a readable CSV: not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start}); save it as a UTF-8 CSV file") from None
-    except (pd.errors.ParserError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{name} is not a readable CSV ({reason}); expected the same number "
-                        "of comma-separated fields on every line") from None
-    except OSError as exc:
-        raise DataError(f"{name} cannot be read ({exc.strerror or exc}); check that it is a "
-                        "readable file") from None
-    if len(frame) == 0:
-        raise DataError(f"{name} has a header ({len(frame.columns)} column(s)) but no data "
-                        "rows; add rows")
+    frame = read_frame(path, name)
     _check_unique_columns(path, name)
     return frame
 

@@ -42,6 +42,7 @@ from autometa.datasets import (
 )
 from autometa.episodes import ClassPool
 from autometa.space import SearchSpace
+from autometa.task import InputBatch
 from autometa_plugins.image_folder.loader import (
     LAYOUTS,
     NAME,
@@ -188,6 +189,13 @@ class ImageFolder(InnerTask):
         # Every image (n, C, size, size) and its class (n,), in class order, file order.
         self.images, self.labels = x, labels.to(self.device)
         return self.images, self.labels
+
+    def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
+        """Image files, or a folder of them, decoded as this task's images
+        (:mod:`autometa_plugins.image_folder.inputs`)."""
+        from autometa_plugins.image_folder.inputs import read_images
+
+        return read_images(self, path, labelled=labelled)
 
     def describe(self) -> dict[str, Any]:
         facts = {

@@ -1,0 +1,83 @@
+"""New rows for a built CSV task (:meth:`CSVTask.read_inputs`, used by ``autometa predict``).
+
+A CSV with the task's feature columns, in any order; its label (target) column is
+optional and ignored, except in a support file, which needs it. The rows are encoded by
+the task's fitted preprocessor (standardised numbers, one-hot text), exactly as its own
+rows were. Messages name the ``autometa predict`` option the file came with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from autometa import DataError
+from autometa.task import InputBatch
+from autometa_plugins.csvfile.task import _class_name, _is_number, read_csv
+
+if TYPE_CHECKING:
+    from autometa_plugins.csvfile.task import CSVTask
+
+
+def read_rows(task: CSVTask, path: Path, *, labelled: bool) -> InputBatch:
+    """The rows of the CSV file at ``path`` encoded for ``task`` (see the module docstring).
+
+    Raises:
+        DataError: ``path`` is a folder or not a readable CSV; its columns are not the
+            task's features (and, if ``labelled``, its target); a cell is missing or not a
+            number where the task read numbers; a support row has no label.
+    """
+    flag = "--support" if labelled else "--input"
+    if path.is_dir():
+        raise DataError(f"{flag} {str(path)!r} is a folder; this study's task reads a CSV "
+                        "file of feature rows")
+    frame = read_csv(path, f"{flag} {str(path)!r}")
+    columns = [str(c) for c in frame.columns]
+    features, target = list(task.features), task.target
+    missing = [c for c in features if c not in columns]
+    extra = [c for c in columns if c not in features and c != target]
+    if missing or extra or (labelled and target not in columns):
+        problems = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra
+                    else "", f"no label column {target!r}" if labelled and target not in
+                    columns else ""]
+        label = (f"and the label column {target!r}" if labelled else
+                 f"(the label column {target!r} is optional)")
+        raise DataError(f"{flag}: the columns do not match the study's CSV task "
+                        f"({'; '.join(p for p in problems if p)}); give the feature columns "
+                        f"{features} {label}")
+    numeric = set(dict((n, c) for n, _, c in task.preprocessor.transformers_)["numeric"])
+    encoded = {}
+    for column in features:
+        values = frame[column]
+        bad = values.isna()
+        if column in numeric:
+            parsed = pd.to_numeric(values.astype(str).str.strip(), errors="coerce")
+            parsed[values.isna()] = np.nan
+            bad = parsed.isna() | ~np.isfinite(parsed.to_numpy(float))
+            encoded[column] = parsed.astype(float)
+        else:
+            encoded[column] = values.astype(str)
+        if bool(bad.any()):
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            what = "a number" if column in numeric else "a value"
+            raise DataError(f"{flag}: column {column!r} needs {what} in every row (the study "
+                            f"read it as {'numbers' if column in numeric else 'text'}); row "
+                            f"{row + 1} holds {str(values.iloc[row])!r}; fill it in or drop "
+                            "the row")
+    x = torch.as_tensor(task.preprocessor.transform(pd.DataFrame(encoded)[features]),
+                        dtype=torch.float32)  # (n, encoded features)
+    labels: list[Any] | None = None
+    if labelled:
+        y = frame[target]
+        if y.isna().any():
+            raise DataError(f"{flag}: label column {target!r} is empty in row "
+                            f"{int(np.flatnonzero(y.isna().to_numpy())[0]) + 1}; label "
+                            "every support row")
+        labels = (y.to_numpy(float).tolist() if task.kind == "regression" else
+                  [_class_name(v) for v in (y.to_numpy(float) if _is_number(y) else
+                                            y.astype(str))])
+    return InputBatch(x, labels, list(range(len(frame))), "row")

@@ -1,0 +1,65 @@
+"""New images for a built image-folder task (:meth:`ImageFolder.read_inputs`, used by
+``autometa predict``).
+
+Inputs are image files, or a folder of them (searched recursively; hidden files and
+folders skipped); a support set is a folder with one sub-folder of images per class, as
+:func:`~autometa_plugins.image_folder.loader.scan` reads the task's own. Images are
+decoded by the task's own decoder at its size and channels, pixels in [0, 1]. Messages
+name the ``autometa predict`` option the path came with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from autometa import DataError
+from autometa.task import InputBatch
+from autometa_plugins.image_folder.loader import IMAGE_SUFFIXES, decode, scan
+
+if TYPE_CHECKING:
+    from autometa_plugins.image_folder.task import ImageFolder
+
+
+def read_images(task: ImageFolder, path: Path, *, labelled: bool) -> InputBatch:
+    """The images at ``path`` decoded for ``task`` (see the module docstring).
+
+    Raises:
+        DataError: a support path that is a file, a folder without images, or an image
+            in colour for a model of grayscale images.
+    """
+    flag = "--support" if labelled else "--input"
+    labels: list[Any] | None = None
+    if labelled:
+        if not path.is_dir():
+            raise DataError(f"{flag} {str(path)!r} is a file; give a folder with one "
+                            "sub-folder of images per class")
+        folder = scan(path, "classes")
+        files = [f for c in folder.classes for f in c.files]
+        labels = [c.name for c in folder.classes for _ in c.files]
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                       and f.is_file() and not any(p.startswith(".") for p in
+                                                   f.relative_to(path).parts))
+        if not files:
+            raise DataError(f"{flag} {str(path)!r} holds no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))}); give image files")
+    else:
+        files = [path]
+    shape = tuple(task.input_shape)
+    channels = task.identity.get("params", {}).get("channels", "auto")
+    if channels == "auto" and shape[0] == 3:
+        channels = 3  # a colour study turned its grayscale images to RGB too
+    pixels = decode(files, size=task.size, channels=channels)  # uint8 (n, C, size, size)
+    if tuple(pixels.shape[1:]) != shape:
+        first = next((f for f in files if decode([f], size=task.size, channels=channels)
+                      .shape[1:] != shape), files[0])
+        raise DataError(f"{flag}: image {str(first)!r} decodes to shape "
+                        f"{tuple(decode([first], size=task.size, channels=channels).shape[1:])}"
+                        f" (colour), but the model takes {shape}: the study's images were all "
+                        "grayscale; convert it to grayscale")
+    x = torch.from_numpy(pixels).float().div_(255)  # (n, C, size, size) in [0, 1]
+    ids = [f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files]
+    return InputBatch(x, labels, ids, "file")
