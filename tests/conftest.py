@@ -77,3 +77,22 @@ def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> Iterator
     dbname = f"t_{stem}_{uuid.uuid4().hex[:8]}"
     yield postgres.url(dbname)
     postgres.drop_database(dbname)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system Chromium's path, for tests/browser.py (Playwright drives it).
+
+    Skips when Chromium or Playwright is missing, unless AUTOMETA_REQUIRE_BROWSER=1 (CI sets
+    it) turns that into a failure: CI must not go green by skipping every browser check.
+    """
+    from browser import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        reason = ("no headless browser: install Debian's chromium (apt-get install chromium) "
+                  "and pip install playwright (never `playwright install`: it downloads)")
+        if os.environ.get("AUTOMETA_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"AUTOMETA_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path

@@ -1,0 +1,228 @@
+"""The report's figures, drawn with matplotlib and rendered to static SVG.
+
+Why matplotlib and SVG: the critical-difference diagram (scikit-posthocs) draws with
+matplotlib, so every figure does; a static SVG keeps a report small (plotly would add
+3.6 MB of plotly.js to each file), opens offline, and runs no script. Text is drawn as
+paths (``svg.fonttype: path``): no user string survives as SVG markup, and the figure
+looks the same without the fonts. Figures are :class:`matplotlib.figure.Figure` objects
+saved straight to SVG, never made through ``pyplot``: no GUI backend is chosen and no
+global figure state is touched (the same as ``matplotlib.use("Agg")``, without changing
+the backend of a program that calls us).
+
+Each ``*_figure`` function returns the SVG bytes, or raises :class:`Skipped` with a
+one-line reason when there is too little data to draw it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+import matplotlib
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+    from optuna.trial import FrozenTrial
+
+#: rc settings for every figure: text as paths, no math parsing of user strings (a "$" in
+#: a name is text), fixed ids so the same data gives the same bytes.
+RC: dict[str, Any] = {
+    "svg.fonttype": "path",
+    "svg.hashsalt": "autometa",
+    "text.parse_math": False,
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#17becf", "#bcbd22", "#7f7f7f"]
+PRUNED = "#c8c8c8"
+
+
+class Skipped(Exception):
+    """Too little data for a figure; the message is the note shown instead."""
+
+
+@contextmanager
+def drawing(width: float = 7.0, height: float = 3.6) -> Iterator[tuple[Figure, list[bytes]]]:
+    """A new figure under :data:`RC`; on exit its SVG is appended to the yielded list."""
+    out: list[bytes] = []
+    with matplotlib.rc_context(cast(Any, RC)):  # typed as literal keys only
+        fig = Figure(figsize=(width, height), layout="constrained")
+        yield fig, out
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+    out.append(buffer.getvalue())
+
+
+def colours(names: Sequence[str]) -> dict[str, str]:
+    """One stable colour per name (sorted order, so each study colours alike)."""
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(sorted(set(names)))}
+
+
+def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
+                           metric: str) -> bytes:
+    """Meta-val score at each evaluated meta-step, one line per trial.
+
+    Pruned trials are light grey, complete ones coloured by algorithm, trial ``best`` (the
+    rank-1 trial) drawn thicker and labelled.
+    """
+    from optuna.trial import TrialState
+
+    shown = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+             and t.intermediate_values]
+    if not shown:
+        raise Skipped("learning curves: no complete or pruned trial reported a meta-val score")
+    algorithms = colours([_algorithm(t) for t in shown])
+    with drawing() as (fig, svg):
+        ax = fig.add_subplot()
+        # Pruned first (underneath), the best last (on top).
+        order = sorted(shown, key=lambda t: (t.state == TrialState.COMPLETE, t.number == best))
+        labelled: set[str] = set()
+        for t in order:
+            steps = sorted(t.intermediate_values)
+            values = [t.intermediate_values[s] for s in steps]
+            if t.state == TrialState.PRUNED:
+                label = None if "pruned" in labelled else "pruned"
+                ax.plot(steps, values, color=PRUNED, lw=1, label=label, zorder=1)
+                labelled.add("pruned")
+            elif t.number == best:
+                ax.plot(steps, values, color=algorithms[_algorithm(t)], lw=3, marker="o",
+                        ms=4, zorder=3, label=f"best: trial {t.number} ({_algorithm(t)})")
+            else:
+                name = _algorithm(t)
+                ax.plot(steps, values, color=algorithms[name], lw=1.3, alpha=0.85, zorder=2,
+                        label=None if name in labelled else name)
+                labelled.add(name)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel(f"meta-val {metric}")
+        ax.legend(fontsize=8, loc="best")
+    return svg[0]
+
+
+def history_figure(trials: Sequence[FrozenTrial], direction: str, metric: str) -> bytes:
+    """Each complete trial's meta-val score by trial number, and the best so far."""
+    from optuna.trial import TrialState
+
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+                   and math.isfinite(t.value)), key=lambda t: t.number)
+    if len(done) < 2:
+        raise Skipped(f"optimisation history: {len(done)} complete trial(s); needs 2")
+    better = min if direction == "minimize" else max
+    numbers = [t.number for t in done]
+    values = [float(t.value) for t in done if t.value is not None]
+    best_so_far: list[float] = []
+    for v in values:
+        best_so_far.append(v if not best_so_far else better(best_so_far[-1], v))
+    with drawing() as (fig, svg):
+        ax = fig.add_subplot()
+        ax.scatter(numbers, values, s=18, color=PALETTE[0], label="trial", zorder=2)
+        ax.step(numbers, best_so_far, where="post", color=PALETTE[3], lw=1.8,
+                label="best so far", zorder=3)
+        ax.set_xlabel("trial number")
+        ax.set_ylabel(f"meta-val {metric} ({'lower' if direction == 'minimize' else 'higher'}"
+                      " is better)")
+        ax.legend(fontsize=8)
+    return svg[0]
+
+
+def importance_figure(study: optuna.Study) -> bytes:
+    """Optuna's hyperparameter importances (its default evaluator), as horizontal bars."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except Exception as exc:  # too few trials, a single-valued space, conditional params
+            raise Skipped(f"hyperparameter importances: Optuna could not compute them "
+                          f"({type(exc).__name__}: {_short(exc)})") from None
+    if caught:  # e.g. "too few trials ... importances will be equal": not worth a figure
+        raise Skipped(f"hyperparameter importances not shown: {_short(caught[0].message)}")
+    importances = {k: v for k, v in importances.items() if math.isfinite(v)}
+    if not importances:
+        raise Skipped("hyperparameter importances: no hyperparameter varied across the "
+                      "complete trials")
+    names = list(importances)[::-1]  # most important on top
+    with drawing(height=max(1.6, 0.35 * len(names) + 0.8)) as (fig, svg):
+        ax = fig.add_subplot()
+        ax.barh(names, [importances[n] for n in names], color=PALETTE[0])
+        ax.set_xlabel("importance (share of the meta-val variance explained)")
+        ax.grid(axis="y", visible=False)
+    return svg[0]
+
+
+def forest_figure(frame: pd.DataFrame, metric: str, direction: str) -> bytes:
+    """Meta-test mean ± 95% CI of the best-ranked trial of each algorithm and each source."""
+    tested = frame.loc[frame[f"test_{metric}"].map(_finite).astype(bool)]
+    rows: list[tuple[str, float, float]] = []
+    for by in ("algorithm", "source"):
+        for name, group in tested.groupby(by, sort=False):  # frame is best first
+            top = group.iloc[0]
+            half = float(top["test_ci95"]) if _finite(top["test_ci95"]) else 0.0
+            rows.append((f"{by} {name} (trial {top['trial']})",
+                         float(top[f"test_{metric}"]), half))
+    if not rows:
+        raise Skipped("forest plot: no trial has a meta-test score")
+    rows = rows[::-1]  # first listed on top
+    with drawing(height=max(1.6, 0.32 * len(rows) + 0.9)) as (fig, svg):
+        ax = fig.add_subplot()
+        ys = list(range(len(rows)))
+        ax.errorbar([r[1] for r in rows], ys, xerr=[r[2] for r in rows], fmt="o",
+                    color=PALETTE[0], ecolor="#555", capsize=3)
+        ax.set_yticks(ys, [r[0] for r in rows])
+        ax.set_xlabel(f"meta-test {metric}, mean ± 95% CI "
+                      f"({'lower' if direction == 'minimize' else 'higher'} is better)")
+        ax.grid(axis="y", visible=False)
+    return svg[0]
+
+
+def accounting_figure(counts: Mapping[str, int]) -> bytes:
+    """Trials per final state, as horizontal bars."""
+    states = ["complete", "pruned", "failed", "running"]
+    values = [int(counts.get(s, 0)) for s in states]
+    if not sum(values):
+        raise Skipped("trial accounting: the study has no trial")
+    tint = {"complete": PALETTE[2], "pruned": "#9a9a9a", "failed": PALETTE[3],
+            "running": PALETTE[0]}
+    with drawing(height=1.8) as (fig, svg):
+        ax = fig.add_subplot()
+        ax.barh(states[::-1], values[::-1], color=[tint[s] for s in states[::-1]])
+        for y, v in enumerate(values[::-1]):
+            ax.text(v, y, f" {v}", va="center")
+        ax.set_xlabel("trials")
+        ax.grid(axis="y", visible=False)
+    return svg[0]
+
+
+def _algorithm(trial: FrozenTrial) -> str:
+    return str(trial.params.get("algorithm", trial.user_attrs.get("algorithm", "?")))
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _short(exc: BaseException | Warning | str) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def attempt(draw: Callable[..., bytes], *args: Any) -> bytes | str:
+    """``draw(*args)``, or the note to show instead when it raises :class:`Skipped`."""
+    try:
+        return draw(*args)
+    except Skipped as exc:
+        return str(exc)

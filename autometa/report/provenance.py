@@ -1,0 +1,109 @@
+"""Where a study's results come from, and the command that reproduces its search.
+
+Read from the settings the study stored when it was created (its ``autometa.config``
+user attribute): the autometa and plugin versions, the seed, the task's parameters and
+description, the storage (its password already redacted), and the search settings as a
+YAML config without this machine's own keys, so that ``autometa run --config`` repeats it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from autometa.report.html import Markup, join, key_values, note, tag
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autometa.leaderboard import Leaderboard
+
+#: The study user attribute holding the stored settings (autometa.engine.storage).
+CONFIG_ATTR = "autometa.config"
+#: Longest value shown in a key/value table (a task's class names can be many).
+MAX_VALUE = 2000
+
+
+def stored_settings(board: Leaderboard, study: optuna.Study | None) -> dict[str, Any]:
+    """The study's stored settings: ``board.stored``, else the study's attribute, else {}."""
+    if board.stored:
+        return board.stored
+    if study is not None:
+        value = study.user_attrs.get(CONFIG_ATTR)
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def reproduce_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The search settings without the keys each machine sets for itself."""
+    from autometa.engine.storage import MACHINE_KEYS
+
+    return {k: v for k, v in config.items() if k not in MACHINE_KEYS}
+
+
+def provenance_section(board: Leaderboard, stored: dict[str, Any], command: str | None,
+                       level: int) -> Markup:
+    """Versions, seed, task, storage, the reproducing config and command."""
+    h = f"h{level}"
+    parts: list[object] = []
+    if command:
+        parts.append(key_values([("report made by", tag("code", command))]))
+    if not stored:
+        parts.append(note("this study stored no autometa settings: provenance unknown"))
+        return join(parts)
+    config: dict[str, Any] = stored.get("config") or {}
+    facts: list[tuple[object, object]] = [
+        ("autometa version", stored.get("autometa_version", "not recorded")),
+        ("task", config.get("task", board.task)),
+        ("seed", config.get("seed", "not recorded")),
+        ("storage", config.get("storage", "not recorded")),
+    ]
+    for key in ("algorithms", "sources", "n_trials", "meta_steps", "eval_every", "pruner",
+                "top_k"):
+        if key in config:
+            facts.append((key, _text(config[key])))
+    parts.append(key_values(facts))
+
+    plugins = stored.get("plugins")
+    parts.append(tag(h, "plugins"))
+    if isinstance(plugins, dict) and plugins:
+        rows = []  # {kind: {name: "plugin (distribution version)"}}, or {name: text}
+        for key, value in plugins.items():
+            if isinstance(value, dict):
+                rows += [(f"{key} {name}", _text(text)) for name, text in value.items()]
+            else:
+                rows.append((str(key), _text(value)))
+        parts.append(key_values(rows))
+    else:
+        parts.append(note("plugin versions were not recorded by the autometa that made "
+                          "this study"))
+
+    parts.append(tag(h, "task parameters"))
+    task_params = config.get("task_params") or {}
+    parts.append(key_values((k, _text(v)) for k, v in sorted(task_params.items()))
+                 if task_params else note("the task's defaults (no parameter given)"))
+    description = stored.get("task")
+    if isinstance(description, dict) and description:
+        parts.append(tag(h, "task description"))
+        parts.append(key_values((k, _text(v)) for k, v in description.items()))
+
+    if config:
+        name = board.study_name
+        parts.append(tag(h, "reproduce this search"))
+        parts.append(tag("p", Markup(
+            f"Save this as {tag('code', name + '.yaml')} and run "
+            f"{tag('code', f'autometa run --config {name}.yaml')} (add this machine's "
+            f"{tag('code', '--storage')}, {tag('code', '--device')} or "
+            f"{tag('code', '--workers')} as needed):")))
+        text = yaml.safe_dump(reproduce_config(config), sort_keys=False, allow_unicode=True)
+        parts.append(tag("pre", tag("code", text)))
+    return join(parts)
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str,
+                                                           ensure_ascii=False)
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 3] + "..."

@@ -1,0 +1,159 @@
+"""The leaderboard as an HTML table: one row per complete trial, hyperparameters as columns.
+
+Works with the columns every leaderboard has and with those newer ones add when present
+(``tie_group``, ``p_vs_best``, ``fit_time_s``, ``adapt_ms``, ``peak_mem_mb`` and one
+``<plugin>.<name>`` column per hyperparameter). For an older leaderboard without the
+hyperparameter columns they are read from the study's trials.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from autometa.report.html import Markup, join, note, tag
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autometa.leaderboard import Leaderboard
+
+#: Optional columns: (frame column, header, format).
+EXTRA = [
+    ("p_vs_best", "p vs #1", "{:.3g}"),
+    ("fit_time_s", "fit (s)", "{:.3g}"),
+    ("adapt_ms", "adapt (ms/episode)", "{:.3g}"),
+    ("peak_mem_mb", "peak mem (MB)", "{:.4g}"),
+]
+
+TIE_SENTENCE = (
+    "Trials marked “tied with #1” cannot be told apart from the best: a paired Wilcoxon "
+    "test on the same meta-test episodes, Holm-corrected over the listed trials, finds no "
+    "difference (the p vs #1 column is its adjusted p-value); a higher group number is a "
+    "group of its own, further down."
+)
+
+
+def leaderboard_table(board: Leaderboard, study: optuna.Study | None) -> Markup:
+    """The table, with a sentence above it saying what its marks mean."""
+    frame = board.frame
+    if frame.empty:
+        return note("no complete trial yet: the leaderboard is empty")
+    metric = board.metric
+    ties = "tie_group" in frame.columns
+    extras = [(c, h, f) for c, h, f in EXTRA if c in frame.columns
+              and frame[c].map(_finite).any()]
+    params, values = _hyperparameters(board, study)
+    header: list[str] = ["rank"] + (["tie"] if ties else []) + [
+        "trial", "algorithm", "source", f"val {metric}", f"test {metric} ± 95% CI (n)"]
+    header += [h for _, h, _ in extras]
+    header += params or ["params"]
+    numeric = {0, header.index("trial"), header.index(f"val {metric}"),
+               header.index(f"test {metric} ± 95% CI (n)")}
+    numeric |= {header.index(h) for _, h, _ in extras}
+    rows = []
+    for d in frame.to_dict("records"):
+        cells: list[object] = [d["rank"]]
+        css = None
+        if ties:
+            badge, css = _tie(d.get("tie_group"), int(d["rank"]))
+            cells.append(badge)
+        cells += [d["trial"], d["algorithm"], d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
+                  _test(d, metric)]
+        cells += [_number(d.get(c), f) for c, _, f in extras]
+        if params:
+            mine = values.get(int(d["trial"]), {})
+            cells += [_value(mine.get(p)) for p in params]
+        else:
+            cells.append(d.get("params", ""))
+        rows.append(tag("tr", join((tag("td", c, class_="num" if i in numeric else None)
+                                    for i, c in enumerate(cells)), ""), class_=css))
+    head = join((tag("th", h) for h in header), "")
+    html_table = tag("table", Markup(tag("thead", tag("tr", head)) + tag("tbody", join(rows))),
+                     class_="leaderboard")
+    over = board.ci_over
+    lead = (f"Ranked on meta-val (the search never sees meta-test); meta-test is the mean ± "
+            f"95% confidence interval over {over}, for the best {_tested(board)} trial(s).")
+    intro = [tag("p", lead)]
+    if ties:
+        intro.append(tag("p", TIE_SENTENCE))
+    return join([*intro, tag("div", html_table, class_="scroll")])
+
+
+def _tested(board: Leaderboard) -> int:
+    return int(board.frame[f"test_{board.metric}"].map(_finite).sum())
+
+
+def _tie(group: Any, rank: int) -> tuple[Markup, str | None]:
+    if not _finite(group):
+        return Markup(""), None
+    g = int(group)
+    if g == 1:
+        text = "best" if rank == 1 else "tied with #1"
+        return tag("span", text, class_="badge g1"), ("best" if rank == 1 else "tied")
+    return tag("span", f"group {g}", class_="badge"), None
+
+
+def _test(d: dict[Any, Any], metric: str) -> str:
+    """``mean ± half-width (n)``, or "" without a meta-test score."""
+    mean, half = _float(d.get(f"test_{metric}")), _float(d.get("test_ci95"))
+    if mean is None:
+        return ""
+    n = _float(d.get("test_n")) or 0
+    if half is None:
+        return f"{mean:.4g} ({n:.0f})"
+    return f"{mean:.4g} ± {half:.2g} ({n:.0f})"
+
+
+def _hyperparameters(board: Leaderboard, study: optuna.Study | None
+                     ) -> tuple[list[str], dict[int, dict[str, Any]]]:
+    """Hyperparameter column names ``<plugin>.<name>`` and each trial's values."""
+    frame = board.frame
+    columns = [str(c) for c in frame.columns if "." in str(c)]
+    if columns:
+        return columns, {int(d["trial"]): {c: d[c] for c in columns}
+                         for d in frame.to_dict("records")}
+    if study is None:
+        return [], {}
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    values: dict[int, dict[str, Any]] = {}
+    for number in frame["trial"]:
+        trial = by_number.get(int(number))
+        if trial is None:
+            continue
+        attrs = trial.user_attrs
+        mine: dict[str, Any] = {}
+        for kind in ("algorithm", "source"):
+            plugin = attrs.get(kind, trial.params.get(kind, kind))
+            for key, value in (attrs.get(f"{kind}_params") or {}).items():
+                mine[f"{plugin}.{key}"] = value
+        values[int(number)] = mine
+    names = sorted({k for mine in values.values() for k in mine})
+    return names, values
+
+
+def _number(value: Any, fmt: str) -> str:
+    return fmt.format(float(value)) if _finite(value) else ""
+
+
+def _value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _float(value: Any) -> float | None:
+    """``value`` as a finite float, else None (missing, NaN, text, a bool)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _finite(value: Any) -> bool:
+    return _float(value) is not None
