@@ -1,0 +1,59 @@
+"""What the commands share: flags, the one-line usage errors, the terminal."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, NoReturn
+
+from autometa.errors import one_line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the README's promise for bad input)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"autometa: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def data_root_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", help="directory that relative input paths (CSV files, "
+                                            "image folders, checkpoints) are under (default: "
+                                            "the working directory)")
+
+
+def keep_states(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a number, got {text!r}") from None
+
+
+def report_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("autometa-reports"),
+                        help="directory for the CSV and Markdown leaderboard")
+
+
+def quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report trials
+
+
+def console() -> Any:
+    """stdout, as wide as the terminal or ``$COLUMNS``; a pipe or a CI log without
+    ``$COLUMNS`` gets 200 columns (rows are not folded at 80 there)."""
+    import os
+
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal or "COLUMNS" in os.environ else Console(width=200)
+
+
+def plain(text: str) -> Any:
+    from rich.text import Text
+
+    return Text(text)  # no markup interpretation of user/plugin strings

@@ -1,0 +1,198 @@
+"""The commands on a stored study's results: ``leaderboard`` (terminal, CSV, Markdown),
+``report`` (HTML), ``predict`` and ``export`` (a trial's model back)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autometa.cli.common import console, data_root_flag, plain, quiet_optuna, report_flags
+from autometa.config import DEFAULT_STORAGE, check_writable_dir
+from autometa.errors import redact
+
+if TYPE_CHECKING:
+    from autometa.leaderboard import Leaderboard
+
+
+def add_parsers(sub: Any) -> None:
+    """``leaderboard``, ``report``, ``predict`` and ``export``."""
+    board = sub.add_parser("leaderboard", help="show the leaderboard of a stored study")
+    board.add_argument("study", help="study name")
+    _stored_study_flags(board)
+    board.add_argument("--top-k", type=int, help="best trials scored on meta-test")
+    report_flags(board)
+    add_report_parser(sub)
+    add_model_parsers(sub)
+
+
+def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
+    """Where this machine finds a stored study: its storage, artifact store, data, device."""
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    parser.add_argument("--artifacts", help="the artifact store as this machine reaches it "
+                                            "(default: the study's)")
+    data_root_flag(parser)
+    parser.add_argument("--device", help="torch device to score and predict on (default: "
+                                         "the study's)")
+
+
+def add_report_parser(sub: Any) -> None:
+    """``report``: one HTML file of one or several stored studies (autometa.report)."""
+    report = sub.add_parser(
+        "report", help="write an offline HTML report of one or several studies",
+        description="Write DIR/<study>.html (one study) or DIR/report.html (several: one per "
+                    "task, compared by average rank): leaderboard, figures, failed trials "
+                    "and how to reproduce the search. Opens offline; runs no script.")
+    report.add_argument("studies", nargs="+", metavar="STUDY", help="study name(s)")
+    report.add_argument("--out", type=Path, default=Path("autometa-reports"),
+                        help="directory for the HTML file (default autometa-reports)")
+    _stored_study_flags(report)
+    report.add_argument("--top-k", type=int, help="best trials scored on meta-test")
+
+
+def add_model_parsers(sub: Any) -> None:
+    """``predict`` and ``export``: a trial's model back (autometa.predictor)."""
+    predict = sub.add_parser(
+        "predict", help="predict new inputs with a trial's adapted model",
+        description="Adapt the model of the trial ranked --rank on meta-val (a target task: "
+                    "on its train split; a few-shot task: on --support) and write one CSV "
+                    "row per input: its id, the predicted label and a p_<class> column per "
+                    "class (regression: prediction).")
+    export = sub.add_parser(
+        "export", help="write a trial's model (model.pt) and what it is (plan.json)",
+        description="Write DIR/model.pt (tensors only: torch.load(..., weights_only=True)) "
+                    "and DIR/plan.json (trial, plugins, hyperparameters, task, scores).")
+    for parser in (predict, export):
+        parser.add_argument("study", help="study name")
+        parser.add_argument("--rank", type=int, default=1,
+                            help="the trial's meta-val rank among completed trials (1)")
+        _stored_study_flags(parser)
+    predict.add_argument("--input", type=Path, required=True,
+                         help="a CSV of feature rows (the study's CSV task's columns), or "
+                              "image files / a folder of images")
+    predict.add_argument("--support", type=Path,
+                         help="labelled examples to adapt on: a CSV with the label column, or "
+                              "a folder of class folders (few-shot tasks; default for a "
+                              "target task: its train split)")
+    predict.add_argument("--out", type=Path, required=True, help="the CSV file to write")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write")
+    export.add_argument("--force", action="store_true",
+                        help="write into a folder that is not empty")
+
+
+def cmd_leaderboard(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.leaderboard import check_top_k, load_leaderboard
+
+    if args.top_k is not None:
+        check_top_k(args.top_k)
+    check_writable_dir(args.out, "--out")
+    quiet_optuna()
+    board = load_leaderboard(args.study, args.storage, top_k=args.top_k,
+                             artifacts=args.artifacts, data_root=args.data_root,
+                             device=args.device)
+    ready()
+    show_leaderboard(board, args.out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.predict_io import check_out_file, predict_file
+    from autometa.predictor import load_model
+
+    check_out_file(args.out)
+    quiet_optuna()
+    model = load_model(args.study, args.rank, storage=args.storage, artifacts=args.artifacts,
+                       data_root=args.data_root, device=args.device)
+    n = predict_file(model, args.input, args.out, support=args.support)
+    ready()
+    print(f"wrote {args.out} ({n} prediction{'s' * (n != 1)})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.predict_io import check_out_dir, export
+    from autometa.predictor import load_model
+
+    check_out_dir(args.out, args.force)
+    quiet_optuna()
+    model = load_model(args.study, args.rank, storage=args.storage, artifacts=args.artifacts,
+                       data_root=args.data_root, device=args.device)
+    paths = export(model, args.out, force=args.force)
+    ready()
+    print(f"wrote {', '.join(map(str, paths))} (study {args.study!r}, rank {args.rank}: "
+          f"trial {model.trial}, {model.algorithm} + {model.source})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    import shlex
+
+    from autometa.leaderboard import check_top_k, load_leaderboard
+    from autometa.report import write_report
+
+    if args.top_k is not None:
+        check_top_k(args.top_k)
+    check_writable_dir(args.out, "--out")
+    quiet_optuna()
+    boards = [load_leaderboard(name, args.storage, top_k=args.top_k, artifacts=args.artifacts,
+                               data_root=args.data_root, device=args.device)
+              for name in args.studies]
+    ready()
+    flags = [f for key in ("out", "storage", "artifacts", "data_root", "device", "top_k")
+             if getattr(args, key) is not None
+             for f in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
+    command = redact(shlex.join(["autometa", "report", *args.studies, *flags]))
+    path = write_report(boards, args.out, command=command)
+    print(f"wrote {path}")
+    return 0
+
+
+def show_leaderboard(board: Leaderboard, directory: Path) -> None:
+    """Print ``board`` for a terminal; write its CSV and Markdown into ``directory`` unless
+    another process writes them (see :attr:`Leaderboard.writes_reports`)."""
+    from rich.table import Table
+
+    arrow = "lower is better" if board.direction == "minimize" else "higher is better"
+    counts = ", ".join(f"{v} {k}" for k, v in board.counts.items() if v)
+    out = console()
+    # A narrow terminal (80 columns) lists each trial's hyperparameters under the table,
+    # wrapped between "k=v" pairs: in a column they would be folded mid-number.
+    beside = out.width >= WIDE_TABLE
+    table = Table(title=f"{board.study_name}: {board.task}, {board.metric} ({arrow})",
+                  caption=f"trials: {counts or 'none'}; ranked on meta-val, "
+                          f"test = mean ± 95% CI over meta-test {board.ci_over}; "
+                          "same tie = cannot be told apart (paired Wilcoxon, Holm, α=0.05)")
+    columns = [c for c in board.display_columns() if beside or c != "params"]
+    for column in columns:
+        if column == "params":
+            table.add_column(column, overflow="fold", ratio=1)
+        else:  # a number or a name is never split: elided (…) if it cannot fit
+            table.add_column(column, overflow="ellipsis", no_wrap=True)
+    rows = board.display_rows()
+    for row in rows:
+        table.add_row(*(plain(row[c]) for c in columns))
+    out.print(table)
+    if not beside and rows:
+        out.print("hyperparameters (algorithm | source):", markup=False, highlight=False)
+        for row in rows:
+            out.print(plain(f"{row['rank']:>4}. trial {row['trial']}: {row['params']}"))
+    if board.counts.get("running"):
+        out.print(f"{board.counts['running']} trial(s) still running in other processes: "
+                  "this is a snapshot, and the last process to finish writes the reports",
+                  markup=False, highlight=False)
+        return
+    if not board.writes_reports:
+        out.print(f"the reports of these trials were already written, by the process "
+                  "that finished the search, into its --out folder on its machine; "
+                  f"`autometa leaderboard {board.study_name}` writes them here",
+                  markup=False, highlight=False)
+        return
+    paths = board.write(directory)
+    out.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)
+
+
+#: Terminal columns from which the leaderboard shows hyperparameters in the table.
+WIDE_TABLE = 120
+
+

@@ -1,0 +1,183 @@
+"""``autometa run`` (a search from flags and a config file) and ``autometa worker``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from autometa.cli.common import data_root_flag, keep_states, quiet_optuna, report_flags
+from autometa.cli.results import show_leaderboard
+from autometa.config import DEFAULT_STORAGE, SearchConfig, check_writable_dir, tomllib
+from autometa.errors import ConfigError
+from autometa.params import CliText
+
+#: ``autometa run`` flag -> SearchConfig field, for the flags given on the command line.
+RUN_FLAGS = {
+    "task": "task", "algorithms": "algorithms", "sources": "sources", "trials": "n_trials",
+    "timeout": "timeout", "meta_steps": "meta_steps", "eval_every": "eval_every",
+    "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
+    "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
+    "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
+}
+
+
+def add_parsers(sub: Any) -> None:
+    """``run`` and ``worker``."""
+    run = sub.add_parser("run", help="run or resume a search",
+                         description="Run a search from flags and/or a TOML/YAML config file "
+                                     "(flags win). Re-running with the same study name resumes.")
+    run.add_argument("--config", type=Path, help="TOML or YAML file of SearchConfig keys")
+    run.add_argument("--task", help="task plugin name (see `autometa plugins`)")
+    run.add_argument("--algorithms", help="comma-separated algorithm names (default: all)")
+    run.add_argument("--sources", help="comma-separated source model names (default: all)")
+    run.add_argument("--trials", type=int, help="trials to finish in the study (default 20)")
+    run.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
+    run.add_argument("--meta-steps", type=int, help="meta-training steps per trial (500)")
+    run.add_argument("--eval-every", type=int, help="meta-val interval in steps (100)")
+    run.add_argument("--seed", type=int, help="seed of the whole search (0)")
+    run.add_argument("--study", help="study name (default: <task>-seed<seed>)")
+    run.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    run.add_argument("--artifacts", help="where trained trial states go: a directory (one "
+                                         "every machine mounts, for many) or s3://BUCKET "
+                                         "(default autometa-artifacts)")
+    run.add_argument("--keep", type=keep_states, metavar="all|K",
+                     help="trial states kept: all (default), or those of the best K on meta-val")
+    data_root_flag(run)
+    run.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
+    run.add_argument("--devices", help="comma-separated devices, one trial per device at a "
+                                       "time, e.g. cuda:0,cuda:1; 'cuda' = every visible GPU")
+    run.add_argument("--workers", type=int,
+                     help="trials at once, each in its own process (default: one per device; "
+                          "e.g. 2 on a CPU)")
+    run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
+    run.add_argument("--threads", type=int,
+                     help="torch CPU threads (default: torch's; 1 is fastest for small models)")
+    run.add_argument("--pruner", choices=["median", "none"], help="trial pruning (median)")
+    run.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
+                     help="task parameter, e.g. shots=5 (repeatable)")
+    run.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
+                     help="fix or restrict a hyperparameter, e.g. maml.inner_steps=1 or "
+                          "maml.first_order=[true,false] (repeatable)")
+    report_flags(run)
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    worker = sub.add_parser(
+        "worker", help="join a stored study from this machine and run its trials",
+        description="Join study STUDY in the storage at --storage (e.g. a PostgreSQL server "
+                    "that every machine reaches) and run its trials until its budget is "
+                    "spent. The search's settings come from the storage; input files must "
+                    "match the study's (by content hash).")
+    worker.add_argument("study", help="study name (as `autometa run` created it)")
+    worker.add_argument("--storage", required=True,
+                        help="the study's storage URL, e.g. postgresql://user@host/db")
+    worker.add_argument("--artifacts", help="the artifact store as this machine reaches it "
+                                            "(default: the study's)")
+    data_root_flag(worker)
+    worker.add_argument("--devices", help="comma-separated devices of this machine (default: "
+                                          "the study's), e.g. cuda:0,cuda:1 or cuda")
+    worker.add_argument("--workers", type=int, help="trials at once on this machine "
+                                                    "(default: one per device)")
+    worker.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    worker.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
+    report_flags(worker)
+    worker.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, sources: Sequence[str] = ()) -> SearchConfig:
+    """Merge the config file (if any) with the flags given; flags win.
+
+    ``--param`` values go to ``source_params`` for the names in ``sources`` (the installed
+    source models) or given with ``--sources``, else to ``algorithm_params``. Values stay
+    text (:class:`~autometa.params.CliText`) until the engine parses them as their declared
+    types, except ``[...]`` lists and ``{...}`` ranges, read as TOML.
+    """
+    settings: dict[str, Any] = {
+        field: getattr(args, flag) for flag, field in RUN_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    if args.task_param:
+        settings["task_params"] = dict(_key_value(p, "--task-param") for p in args.task_param)
+    for name, key, value in (_plugin_param(p) for p in args.param):
+        settings.setdefault("_params", []).append((name, key, value))
+    extra = settings.pop("_params", [])
+    if args.config:
+        config = SearchConfig.from_file(args.config, **settings)
+    else:
+        if "task" not in settings:
+            raise ConfigError("give --task NAME or --config FILE (see `autometa run --help`)")
+        config = SearchConfig.from_dict(settings, where="command line")
+    for name, key, value in extra:  # a plugin is an algorithm or a source; checked later
+        is_source = name in config.sources or (name in sources and name not in config.algorithms)
+        target = config.source_params if is_source else config.algorithm_params
+        target.setdefault(name, {})[key] = value
+    return config
+
+
+def _key_value(text: str, flag: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{flag} {text!r}: expected KEY=VALUE")
+    return key.strip(), _parse_value(raw.strip())
+
+
+def _plugin_param(text: str) -> tuple[str, str, Any]:
+    key, value = _key_value(text, "--param")
+    name, dot, param = key.partition(".")
+    if not dot or not name or not param:
+        raise ConfigError(f"--param {text!r}: expected PLUGIN.KEY=VALUE, e.g. maml.inner_steps=1")
+    return name, param, value
+
+
+def _parse_value(raw: str) -> Any:
+    """``[a, b]`` a list and ``{low = .., high = ..}`` a table (TOML), else the text.
+
+    The engine parses text as the parameter's declared type (``yes`` is true for a bool).
+    A list that is not valid TOML (``[yes,no]``) is split on commas into texts.
+    """
+    if raw.startswith("{"):
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{raw!r} is not a valid range table such as "
+                              f"{{low = 0.01, high = 0.1}}: {exc}") from None
+    if raw.startswith("[") and raw.endswith("]"):
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            return [CliText(v.strip()) for v in raw[1:-1].split(",") if v.strip()]
+    return CliText(raw)
+
+
+def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.plugins import create_host
+
+    host = create_host()
+    config = config_from_args(args, sources=host.names("source"))
+    check_writable_dir(args.out, "--out")
+    from autometa.engine.run import run_search
+    from autometa.progress import Progress, RichProgress
+
+    quiet_optuna()
+    progress = Progress() if args.no_progress else RichProgress()
+    board = run_search(config, host=host, progress=progress, ready=ready)
+    show_leaderboard(board, args.out)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.plugins import create_host
+
+    check_writable_dir(args.out, "--out")
+    from autometa.engine.run import join_search
+    from autometa.progress import Progress, RichProgress
+
+    quiet_optuna()
+    progress = Progress() if args.no_progress else RichProgress()
+    board = join_search(args.study, args.storage, host=create_host(), progress=progress,
+                        ready=ready, artifacts=args.artifacts, data_root=args.data_root,
+                        devices=args.devices, workers=args.workers, threads=args.threads,
+                        timeout=args.timeout)
+    show_leaderboard(board, args.out)
+    return 0
