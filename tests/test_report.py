@@ -9,6 +9,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -225,3 +226,39 @@ def test_report_of_an_unknown_study_is_one_line(searched: Searched, tmp_path: Pa
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no-such-study" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_optuna_dashboard_shows_the_metric_test_scores_and_states(searched: Searched) -> None:
+    """optuna-dashboard's own API (its WSGI app, as `optuna-dashboard URL` serves it) labels
+    the objective, lists each scored trial's test mean, CI and n, and its state artifact."""
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import wsgi
+
+    name = searched.names[0]
+    app = wsgi(searched.storage,
+               artifact_store=FileSystemArtifactStore(f"{searched.artifacts}/{name}"))
+
+    def get(path: str) -> dict[str, Any]:
+        environ: dict[str, Any] = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = path
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+        assert status == ["200 OK"], (status, body[:300])
+        return json.loads(body)
+
+    study_id, = (s["study_id"] for s in get("/api/studies")["study_summaries"]
+                 if s["study_name"] == name)
+    study = get(f"/api/studies/{study_id}")
+    assert study["objective_names"] == ["meta-val mse"]
+    board = _board(searched)
+    for row in board.frame[board.frame["test_n"] > 0].itertuples():
+        trial, = (t for t in study["trials"] if t["number"] == row.trial)
+        attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
+        assert float(attrs["test_mean"]) == pytest.approx(row.test_mse)
+        assert float(attrs["test_ci95"]) == pytest.approx(row.test_ci95)
+        assert int(attrs["test_n"]) == row.test_n
+        assert [a["filename"] for a in trial["artifacts"]] == [f"trial-{row.trial}.pt"]
