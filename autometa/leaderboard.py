@@ -169,6 +169,11 @@ class Leaderboard:
                                     artifacts=c.artifacts, root=c.root, rank=rank)
 
 
+def _number(value: Any) -> float:
+    """A stored number, NaN where none was recorded."""
+    return math.nan if value is None else float(value)
+
+
 def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -233,7 +238,7 @@ def compute_leaderboard(
             "test_ci_over": test.over if test and not test.failure else "",
             "tie_group": group,
             "p_vs_best": p,
-            **{k: t.user_attrs.get(k, math.nan) for k in COST_COLUMNS},
+            **{k: _number(t.user_attrs.get(k)) for k in COST_COLUMNS},
             "params": plan.params_text(),
             **{k: t.params.get(k) for k in hyper},
         })
@@ -313,7 +318,7 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
     missing = []
     for t in listed:
         attrs = t.user_attrs
-        if "test_mean" in attrs or "test_failure" in attrs:
+        if attrs.get("test_mean") is not None or attrs.get("test_failure"):
             tests[t.number] = MetaTestScore(
                 float(attrs.get("test_mean", math.nan)),
                 float(attrs["test_ci95"] if attrs.get("test_ci95") is not None else math.nan),

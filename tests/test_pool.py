@@ -123,7 +123,9 @@ def test_a_rerun_right_after_a_kill_runs_the_stale_trial_again(tmp_path):
     trials = _trials(tmp_path / "autometa.db")
     assert trials[victim.number].state == TrialState.FAIL
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert retried and retried[0].state == TrialState.COMPLETE
+    why = [(t.number, t.state.name, t.user_attrs.get("failure"), t.user_attrs.get("crash"),
+            t.system_attrs.get("failed_trial")) for t in trials]
+    assert retried and retried[0].state == TrialState.COMPLETE, (why, err)
     assert len(_counted(trials)) == 2 and "running" not in out
 
 

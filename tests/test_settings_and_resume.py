@@ -210,3 +210,36 @@ def test_a_damaged_trial_state_is_one_line_without_torchs_advice(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "trial 0's state in" in err[0]
     assert "weights_only" not in err[0] and "corrupt" in err[0]
+
+
+def test_a_retried_trial_does_not_keep_its_failed_trials_test_score(tmp_path):
+    """A trial whose process died after its meta-test scoring but before it was told: its
+    retry inherits the failed trial's attributes (Optuna copies them), but lists its own
+    meta-test score, never the dead trial's."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    autometa.search("sinusoid", sources=["mlp"], algorithms=["maml"], n_trials=1,
+                    storage=url, artifacts=str(tmp_path / "art"), seed=0, **TINY)
+    study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lost = study.ask({"algorithm": optuna.distributions.CategoricalDistribution(["maml"])})
+    first = study.trials[0].user_attrs
+    for key in ("algorithm", "source", "algorithm_params", "source_params"):
+        lost.set_user_attr(key, first[key])
+    lost.set_user_attr("worker", {"host": os.uname().nodename, "pid": int(dead.stdout)})
+    for key, value in {"test_mean": 123.0, "test_ci95": 1.0, "test_n": 4,
+                       "test_over": "episodes", "test_scores": [123.0] * 4,
+                       "fit_time_s": 999.0}.items():
+        lost.set_user_attr(key, value)
+    # The resume fails the lost trial (its process is gone) and runs it again.
+    autometa.search("sinusoid", sources=["mlp"], algorithms=["maml"], n_trials=2,
+                    storage=url, artifacts=str(tmp_path / "art"), seed=0, **TINY)
+    board = autometa.load_leaderboard("sinusoid-seed0", url, top_k=2)
+    retry, = (t for t in optuna.load_study(study_name="sinusoid-seed0", storage=url).trials
+              if t.system_attrs.get("failed_trial") == lost.number)
+    row = board.frame.set_index("trial").loc[retry.number]
+    assert row["test_n"] == 4 and row["test_mse"] != 123.0
+    assert row["fit_time_s"] != 999.0

@@ -1,7 +1,7 @@
 """The study in its storage: opening a storage URL, creating or resuming a study with its
 stored settings and spaces, reading them back for a process that joins it, which trials
 count against the budget (claimed under the storage's lock), dead trials failed and queued
-again, and waiting out a database server that went away."""
+again (a server that went away: :mod:`autometa.engine.outage`)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa import __version__
 from autometa.config import SearchConfig
 from autometa.engine.lock import storage_lock
+from autometa.engine.outage import is_storage_error
 from autometa.engine.prepare import Prepared
 from autometa.engine.urls import (
     JOURNAL_SUFFIXES,
@@ -29,7 +31,7 @@ from autometa.engine.urls import (
     scheme,
     with_driver,
 )
-from autometa.errors import AutometaError, ConfigError, PluginError, closest, one_line, redact
+from autometa.errors import ConfigError, PluginError, closest, redact
 from autometa.plugins import Kind
 from autometa.space import from_json, to_json
 
@@ -41,6 +43,15 @@ CONFIG_ATTR = "autometa.config"
 HEARTBEAT, GRACE = 10, 30
 #: A stale or crashed trial runs again with its parameters, at most this many times.
 MAX_RETRY = 2
+
+
+def heartbeat_storage(study: optuna.Study) -> BaseHeartbeat | None:
+    """The study's storage if it records trials' heartbeats (an RDB storage opened with a
+    heartbeat interval, see :func:`open_storage`), else None."""
+    storage = study._storage  # the study's own storage: Optuna offers no other handle
+    if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval():
+        return storage
+    return None
 
 
 def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
@@ -344,61 +355,6 @@ def schema_ready(url: str) -> bool:
         engine.dispose()
 
 
-#: Seconds a worker waits for an unreachable storage (a database server restarting)
-#: before it gives up.
-OUTAGE = 300
-
-
-def is_storage_error(exc: BaseException) -> bool:
-    """True if ``exc`` (or what caused it) says the storage cannot be reached: a dropped or
-    refused database connection, as opposed to an error of the trial itself. Optuna wraps
-    SQLAlchemy's errors in ``StorageInternalError``; the cause is checked."""
-    import sqlalchemy.exc
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
-            return True
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def wait_for_storage(study: optuna.Study, url: str, error: BaseException,
-                     timeout: float = OUTAGE) -> None:
-    """Block until the storage answers again (connections are re-made by the pool's
-    pre-ping), polling every few seconds.
-
-    Raises:
-        StorageUnavailable: still unreachable after ``timeout`` seconds.
-    """
-    log.warning("storage %s is unreachable (%s); waiting up to %d s for it", redact(url),
-                redact(one_line(str(getattr(error, "orig", None) or error)))[:200], timeout)
-    deadline = time.monotonic() + timeout
-    delay = 0.5
-    while True:
-        try:
-            study._storage.get_study_id_from_name(study.study_name)
-        except Exception as exc:
-            if not is_storage_error(exc):
-                raise
-            if time.monotonic() + delay > deadline:
-                raise StorageUnavailable(
-                    f"storage {redact(url)} unreachable for {timeout:.0f} s "
-                    f"({redact(one_line(str(exc)))[:200]}); this worker stops, and its trial "
-                    "in flight runs again when a worker resumes the study") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        log.warning("storage %s is reachable again", redact(url))
-        return
-
-
-class StorageUnavailable(AutometaError):
-    """The storage stayed unreachable longer than :data:`OUTAGE` seconds."""
-
-
 def counts(trial: FrozenTrial) -> bool:
     """Trials that use up budget: finished ones, except crashed trials that are retried."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -449,10 +405,9 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
             trial = study.ask()
         # A first heartbeat at once: a process that dies before its heartbeat thread starts
         # must still be found stale (Optuna finds only trials with a beat older than GRACE).
-        storage = study._storage  # the study's own storage: Optuna offers no other handle
-        if isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) \
-                and storage.get_heartbeat_interval():
-            storage.record_heartbeat(trial._trial_id)
+        beat = heartbeat_storage(study)
+        if beat is not None:
+            beat.record_heartbeat(trial._trial_id)
     # Outside the lock: until it is set, no process fails this trial as dead by its pid
     # (it has none to check yet; its heartbeat is fresh).
     trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
@@ -471,13 +426,10 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     failed = []
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    storage = study._storage  # the study's own storage: Optuna offers no other handle
     # Optuna's own query for trials whose heartbeat is older than GRACE (what its
     # fail_stale_trials uses), so that each is failed here with a reason.
-    stale: set[int] = set()
-    if isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) \
-            and storage.get_heartbeat_interval():
-        stale = set(storage._get_stale_trial_ids(study._study_id))
+    beat = heartbeat_storage(study)
+    stale = set(beat._get_stale_trial_ids(study._study_id)) if beat is not None else set()
     for t in running:
         who = t.user_attrs.get(WORKER_ATTR) or {}
         if who.get("host") == host and isinstance(who.get("pid"), int) \

@@ -29,15 +29,10 @@ from optuna.trial import TrialState
 from autometa.config import SearchConfig
 from autometa.engine.artifacts import keep_best, open_store, upload_state
 from autometa.engine.lock import storage_lock
+from autometa.engine.outage import is_storage_error, wait_for_storage
 from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import pruner, sampler, trial_sampler
-from autometa.engine.storage import (
-    claim,
-    fail_running,
-    is_storage_error,
-    open_study,
-    wait_for_storage,
-)
+from autometa.engine.storage import claim, fail_running, heartbeat_storage, open_study
 from autometa.errors import one_line, redact
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
@@ -164,6 +159,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                      suggest(trial, plan.source, prepared.sources[plan.source]))
     for key, value in vars(plan).items():
         trial.set_user_attr(key, value)
+    inherited = trial.user_attrs  # a retry copies its failed trial's attributes
+    for key in (*COST_ATTRS, *TEST_ATTRS, "test_failure", "failure"):
+        if inherited.get(key) is not None:  # the failed trial's, not this one's
+            trial.set_user_attr(key, None)
     send(("trial_started", (trial.number, plan.describe(), config.meta_steps, device)))
     seed = trial_seed(config.seed, trial.number)
     last = [0.0]
@@ -288,10 +287,7 @@ class Heartbeat:
     """
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        from optuna.storages._heartbeat import BaseHeartbeat
-
-        storage = study._storage  # the study's own storage: Optuna offers no other handle
-        self._beat = storage if isinstance(storage, BaseHeartbeat) else None
+        self._beat = heartbeat_storage(study)
         self._interval = self._beat.get_heartbeat_interval() if self._beat else None
         self._trial_id = trial._trial_id
         self._stop = threading.Event()

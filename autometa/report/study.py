@@ -90,6 +90,12 @@ def _show(result: bytes | str, alt: str, caption: str) -> Markup:
     return figure(result, alt, caption)
 
 
+def _crash(t: FrozenTrial) -> str:
+    """Why a trial whose process was lost failed (it ran again as another trial)."""
+    crash = t.user_attrs.get("crash")
+    return f"{crash}; it ran again" if crash else "no reason recorded"
+
+
 def _failures(trials: list[FrozenTrial], known: bool) -> Markup:
     from optuna.trial import TrialState
 
@@ -100,7 +106,7 @@ def _failures(trials: list[FrozenTrial], known: bool) -> Markup:
         return tag("p", "No trial failed.")
     rows = [(t.number, t.params.get("algorithm", t.user_attrs.get("algorithm", "")),
              t.params.get("source", t.user_attrs.get("source", "")),
-             t.user_attrs.get("failure", "no reason recorded")) for t in failed]
+             t.user_attrs.get("failure") or _crash(t)) for t in failed]
     return join([tag("p", f"{len(failed)} failed trial(s) and why:"),
                  tag("div", table(["trial", "algorithm", "source", "reason"], rows,
                                   numeric=[0]), class_="scroll")])
