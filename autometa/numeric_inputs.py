@@ -46,6 +46,9 @@ def read_numbers(task: Task, path: Path, *, labelled: bool) -> InputBatch:
     shape = tuple(task.input_shape)
     regression = task.kind == "regression"
     names = [str(c) for c in frame.columns]
+    if all(_is_number(n) for n in names):  # pandas took the first data row for a header
+        raise DataError(f"{flag} {str(path)!r}: its first line ({', '.join(names[:4])}) is "
+                        "numbers, not column names; add a header row (e.g. x0,x1,...)")
     label_cols = ([c for c in names if c == TARGET or c.startswith(f"{TARGET}_")]
                   if regression else [c for c in names if c == LABEL])
     features = [c for c in names if c not in label_cols]
@@ -95,6 +98,14 @@ def read_frame(path: Path, name: str) -> pd.DataFrame:
         raise DataError(f"{name} has a header ({len(frame.columns)} column(s)) but no data "
                         "rows; add rows")
     return frame
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _label_hint(regression: bool) -> str:

@@ -93,7 +93,7 @@ def predict_file(model: Predictor, inputs: Path, out: Path, support: Path | None
                           "to labelled examples; give them with --support PATH (a CSV with "
                           "the label column, or a folder of class folders)")
     if support is None and not _reads_its_own_inputs(model.task):
-        raise ConfigError(f"study {model.study!r}'s task may preprocess its inputs in ways "
+        raise ConfigError(f"the task of study {model.study!r} may preprocess its inputs in ways "
                           "autometa predict cannot repeat; give labelled examples in the same "
                           "units with --support PATH")
     x, ids, id_name = read_inputs(model.task, inputs)
@@ -104,6 +104,7 @@ def predict_file(model: Predictor, inputs: Path, out: Path, support: Path | None
         predictions = model.predict(x)
     frame = predictions.to_frame()
     frame.insert(0, id_name, ids)
+    out.parent.mkdir(parents=True, exist_ok=True)  # check_out_file found it can be made
     tmp = out.with_name(f".{out.name}.tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(out)

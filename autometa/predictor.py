@@ -17,6 +17,7 @@ evaluation computes on the same episode.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -175,12 +176,15 @@ class Predictor:
                    test_score=None if test is None or math.isnan(test) else float(test))
 
     # -- adapting ---------------------------------------------------------------------------
-    def adapt(self, support_x: Any, support_y: Any) -> Adapted:
+    def adapt(self, support_x: Any, support_y: Any = None) -> Adapted:
         """The model adapted to labelled examples (adaptation runs in :meth:`Adapted.predict`).
 
         Args:
-            support_x: (n, *input_shape) features, anything ``torch.as_tensor`` takes; for
-                an input shape ``(1,)``, (n,) is read as n examples.
+            support_x: (n, *input_shape) features encoded as the task's own examples,
+                anything ``torch.as_tensor`` takes (for an input shape ``(1,)``, (n,) is
+                read as n examples); or the path of a labelled file or folder, read and
+                encoded by the task (:meth:`~autometa.task.Task.read_inputs`, as
+                ``autometa predict --support`` reads it), ``support_y`` then omitted.
             support_y: n labels. Classification: class names or integers. For a target
                 task they are its classes (:attr:`class_names`, compared as text; integer
                 labels ``0..C-1`` where it has none), every class at least once. For a
@@ -192,6 +196,16 @@ class Predictor:
             DataError: a shape that does not match the task's, non-finite values, labels
                 that are not the task's classes or not as many as the model's ways.
         """
+        if isinstance(support_x, str | os.PathLike):
+            if support_y is not None:
+                raise ConfigError("adapt: give support_y only with support_x as numbers; a "
+                                  "support file holds its own labels")
+            from autometa.predict_io import read_support
+
+            support_x, support_y = read_support(self.task, Path(support_x))
+        elif support_y is None:
+            raise ConfigError("adapt: support_y is missing: give one label per support "
+                              "example (or support_x as the path of a labelled file)")
         x = self._features(support_x, "support_x")
         if self.task_kind == "classification":
             y, classes = self._labels(support_y, len(x))
@@ -210,8 +224,8 @@ class Predictor:
         """
         if not self.is_target:
             raise ConfigError(
-                f"study {self.study!r}'s task gives few-shot episodes, so the model has no "
-                f"classes of its own: adapt it to labelled examples first, "
+                f"the task of study {self.study!r} gives few-shot episodes, so the model "
+                f"has no support set of its own: adapt it to labelled examples first, "
                 f"model.adapt(support_x, support_y).predict(x) (CLI: --support PATH)")
         if self._train is None:
             episode = self.task.meta_test()
@@ -222,8 +236,13 @@ class Predictor:
 
     # -- input checks -----------------------------------------------------------------------
     def _features(self, data: Any, what: str) -> Tensor:
-        """``data`` as float32 (n, *input_shape) on the device; DataError otherwise."""
+        """``data`` as float32 (n, *input_shape) on the device (a path: the file's inputs,
+        read and encoded by the task); DataError otherwise."""
         shape = tuple(self.task.input_shape)
+        if isinstance(data, str | os.PathLike):
+            from autometa.predict_io import read_inputs
+
+            data, _, _ = read_inputs(self.task, Path(data))
         try:
             x = torch.as_tensor(data, dtype=torch.float32, device=self.device)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -390,8 +409,8 @@ def pick(study: optuna.Study, rank: object) -> FrozenTrial:
                           "search first (autometa run) or wait for one to complete")
     if not 1 <= rank <= len(ranked):
         n = len(ranked)
-        raise ConfigError(f"the study has {n} completed trial{'s' * (n != 1)}; --rank must "
-                          f"be 1..{n} (got {rank})")
+        raise ConfigError(f"the study has {n} completed trial{'s' * (n != 1)}; the rank "
+                          f"must be 1..{n} (got {rank})")
     return ranked[rank - 1]
 
 

@@ -66,7 +66,7 @@ def test_sinusoid_predictions_are_the_meta_test_predictions(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="few-shot episodes"):
         model.predict(episodes.query_x[0])
     n = board.counts["complete"]
-    with pytest.raises(ConfigError, match=rf"^the study has {n} completed trials?; --rank must "
+    with pytest.raises(ConfigError, match=rf"^the study has {n} completed trials?; the rank must "
                                           rf"be 1\.\.{n} \(got 3\)$"):
         autometa.load_model("sinusoid-seed0", rank=3)
     with pytest.raises(ConfigError, match="no study 'sinusoid-seed9'"):
@@ -151,11 +151,11 @@ def test_cli_unknown_study_and_rank_out_of_range(csv_study, tmp_path, capsys) ->
     assert "no study 'pest' in" in _one_line_exit_2(capsys, ["predict", "pest", *base])
     n = csv_study["complete"]
     line = _one_line_exit_2(capsys, ["predict", "pets", "--rank", str(n + 1), *base])
-    assert line.endswith(f"the study has {n} completed trial{'s' * (n > 1)}; --rank must be "
+    assert line.endswith(f"the study has {n} completed trial{'s' * (n > 1)}; the rank must be "
                          f"1..{n} (got {n + 1})")
     line = _one_line_exit_2(capsys, ["export", "pets", "--rank", "0", "--out", "m",
                                      *csv_study["opts"]])
-    assert f"--rank must be 1..{n}" in line
+    assert f"the rank must be 1..{n}" in line
     assert not (tmp_path / "o.csv").exists() and not (tmp_path / "m").exists()
 
 
@@ -333,3 +333,51 @@ def test_read_inputs_is_the_tasks_own(tmp_path: Path) -> None:
         read_support(_Lines(), tmp_path / "x.txt")
     with pytest.raises(DataError, match=r"^--input '.*' is a folder; this study's task reads"):
         read_inputs(_Numbers(), tmp_path)
+
+
+def test_iris_raw_rows_are_standardised_like_the_tasks_own(tmp_path: Path, capsys) -> None:
+    """A bundled tabular task reads raw feature rows and scales them with its train split's
+    scaler: `autometa predict` (no --support needed) and `model.predict(path)` give the
+    model's own meta-test predictions for the test rows."""
+    from sklearn.datasets import load_iris
+
+    autometa.search("iris", algorithms=["protonet"], sources=["mlp"], n_trials=1, seed=0,
+                    study_name="flowers", **TINY)
+    model = autometa.load_model("flowers")
+    episode = model.task.meta_test()
+    raw = load_iris()
+    test_rows = model.task.scaler.inverse_transform(episode.query_x[0].double().numpy())
+    pd.DataFrame(test_rows, columns=raw.feature_names).to_csv(tmp_path / "new.csv",
+                                                               index=False)
+    # --out into a folder that does not exist yet: made, not an internal error.
+    assert main(["predict", "flowers", "--input", "new.csv", "--out", "out/p.csv"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote out/p.csv ({len(test_rows)} predictions)"
+    written = pd.read_csv(tmp_path / "out" / "p.csv")
+    own = model.meta_algorithm.adapt_and_predict(episode)[0].softmax(-1)
+    np.testing.assert_allclose(written[[f"p_{c}" for c in raw.target_names]], own.numpy(),
+                               atol=1e-5)
+    from_path = model.predict(tmp_path / "new.csv")
+    assert from_path.labels == list(written["label"])
+    # Raw rows as numbers are the caller's to scale; a path is read by the task.
+    assert model.predict(episode.query_x[0]).labels == list(written["label"])
+
+
+def test_cli_predict_warns_of_a_value_the_study_never_saw(csv_study, tmp_path, capsys):
+    frame, opts = csv_study["frame"], csv_study["opts"]
+    frame.head(3).assign(colour="purple").drop(columns="kind").to_csv(tmp_path / "new.csv",
+                                                                      index=False)
+    assert main(["predict", "pets", "--input", "new.csv", "--out", "p.csv", *opts]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "column 'colour' holds 'purple', never seen" in err[0], err
+    assert "'blue', 'red'" in err[0]
+
+
+def test_a_csv_of_numbers_without_a_header_is_refused(tmp_path: Path, capsys) -> None:
+    autometa.search("sinusoid", algorithms=["maml"], sources=["mlp"], n_trials=1, seed=0,
+                    task_params=SMALL_SINUSOID, study_name="waves", **TINY)
+    (tmp_path / "q.csv").write_text("0\n1\n")
+    (tmp_path / "s.csv").write_text("x,target\n0,0.5\n1,0.2\n")
+    line = _one_line_exit_2(capsys, ["predict", "waves", "--input", "q.csv", "--support",
+                                     "s.csv", "--out", "p.csv"])
+    assert "its first line (0) is numbers, not column names; add a header row" in line
+    assert not (tmp_path / "p.csv").exists()

@@ -8,6 +8,7 @@ rows were. Messages name the ``autometa predict`` option the file came with.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from autometa_plugins.csvfile.task import _class_name, _is_number, read_csv
 
 if TYPE_CHECKING:
     from autometa_plugins.csvfile.task import CSVTask
+
+log = logging.getLogger(__name__)
 
 
 def read_rows(task: CSVTask, path: Path, *, labelled: bool) -> InputBatch:
@@ -68,6 +71,7 @@ def read_rows(task: CSVTask, path: Path, *, labelled: bool) -> InputBatch:
                             f"read it as {'numbers' if column in numeric else 'text'}); row "
                             f"{row + 1} holds {str(values.iloc[row])!r}; fill it in or drop "
                             "the row")
+    _warn_unseen(task, encoded, flag)
     x = torch.as_tensor(task.preprocessor.transform(pd.DataFrame(encoded)[features]),
                         dtype=torch.float32)  # (n, encoded features)
     labels: list[Any] | None = None
@@ -81,3 +85,23 @@ def read_rows(task: CSVTask, path: Path, *, labelled: bool) -> InputBatch:
                   [_class_name(v) for v in (y.to_numpy(float) if _is_number(y) else
                                             y.astype(str))])
     return InputBatch(x, labels, list(range(len(frame))), "row")
+
+
+def _warn_unseen(task: CSVTask, encoded: dict[str, Any], flag: str) -> None:
+    """Warn (once per column) about text values the study never saw: the one-hot encoder
+    encodes them as none of its categories (``handle_unknown="ignore"``), so the model
+    predicts from the other columns alone."""
+    named = {name: (encoder, columns) for name, encoder, columns in
+             task.preprocessor.transformers_}
+    if "categorical" not in named:
+        return
+    encoder, columns = named["categorical"]
+    if not len(columns) or not hasattr(encoder, "categories_"):  # no text column
+        return
+    for column, known in zip(columns, encoder.categories_, strict=True):
+        unseen = sorted(set(encoded[column]) - {str(k) for k in known})
+        if unseen:
+            log.warning("%s: column %r holds %s, never seen in the study's data (it knows "
+                        "%s); encoded as none of them", flag, column,
+                        ", ".join(map(repr, unseen[:3])) + (" ..." if len(unseen) > 3 else ""),
+                        ", ".join(map(repr, map(str, known[:5]))))

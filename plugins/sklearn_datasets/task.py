@@ -15,11 +15,14 @@ training. Nothing is downloaded: the data ships with scikit-learn.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from autometa.datasets import TargetTask
+from autometa.task import InputBatch
 
 
 class SklearnDataset(TargetTask):
@@ -48,7 +51,18 @@ class SklearnDataset(TargetTask):
         split = self.split(y, name=self.name)
         scaler = StandardScaler().fit(data.data[split[0].numpy()])  # the train split only
         x = torch.as_tensor(scaler.transform(data.data), dtype=torch.float32)
+        self.scaler = scaler
+        self.feature_names = [str(f) for f in data.feature_names]
         self.set_data(x, y, split, name=self.name, class_names=list(data.target_names))
+
+    def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
+        """Rows of raw features (a CSV of numbers, one column per feature in the dataset's
+        order, :attr:`feature_names`; a support file adds a ``label`` column of class
+        names), standardised like the task's own examples (the train split's scaler)."""
+        batch = super().read_inputs(path, labelled=labelled)
+        x = torch.as_tensor(self.scaler.transform(batch.x.double().numpy()),
+                            dtype=torch.float32)
+        return replace(batch, x=x)
 
 
 def _loader(name: str) -> Callable[[], Any]:
