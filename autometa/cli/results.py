@@ -72,9 +72,10 @@ def add_model_parsers(sub: Any) -> None:
                          help="a CSV of feature rows (the study's CSV task's columns), or "
                               "image files / a folder of images")
     predict.add_argument("--support", type=Path,
-                         help="labelled examples to adapt on: a CSV with the label column, or "
-                              "a folder of class folders (few-shot tasks; default for a "
-                              "target task: its train split)")
+                         help="labelled examples to adapt on: a CSV with the task's label "
+                              "column (a CSV task's own; else 'label', or 'target' for "
+                              "regression), or a folder of class folders (few-shot tasks; "
+                              "default for a target task: its train split)")
     predict.add_argument("--out", type=Path, required=True, help="the CSV file to write")
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
     export.add_argument("--force", action="store_true",
@@ -129,8 +130,9 @@ def cmd_report(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     import shlex
 
     from autometa.leaderboard import check_top_k, load_leaderboard
-    from autometa.report import write_report
+    from autometa.report import check_distinct, write_report
 
+    check_distinct(args.studies)
     if args.top_k is not None:
         check_top_k(args.top_k)
     check_writable_dir(args.out, "--out")

@@ -12,7 +12,7 @@ script, no external URL, one file to mail or archive. Modules, one concept each:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ from autometa.errors import ConfigError
 if TYPE_CHECKING:
     from autometa.leaderboard import Leaderboard
 
-__all__ = ["write_report"]
+__all__ = ["check_distinct", "write_report"]
 
 
 def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
@@ -29,8 +29,10 @@ def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
     """Write the HTML report of ``boards`` into the directory ``out`` (created if missing).
 
     One leaderboard gives ``<out>/<study>.html``; several give ``<out>/report.html``, with a
-    cross-task section (each algorithm's average rank across the studies, and a
-    critical-difference diagram from 3 studies on) followed by one section per study.
+    cross-task section (each algorithm's average rank across the studies, all on meta-test
+    or, when a best trial has no meta-test score, all on meta-val; the Friedman test and
+    the critical difference; a critical-difference diagram from 3 studies on) followed by
+    one section per study. A study named twice is refused.
 
     Each study's part holds: a header (task, metric and direction, trials per state); the
     leaderboard (meta-val score, meta-test mean ± 95% CI (n), tie groups, costs and
@@ -49,7 +51,8 @@ def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
         The path of the HTML file.
 
     Raises:
-        ConfigError: ``boards`` is empty, or ``out`` exists and is not a directory.
+        ConfigError: ``boards`` is empty, two boards have the same study name, or ``out``
+            exists and is not a directory.
     """
     from autometa.report.crosstask import crosstask_section
     from autometa.report.html import join, page, tag
@@ -58,6 +61,7 @@ def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
     boards = list(boards)
     if not boards:
         raise ConfigError("write_report: no leaderboard given; pass at least one")
+    check_distinct(board.study_name for board in boards)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"report folder {str(out)!r} is a file; give a directory")
@@ -89,6 +93,15 @@ def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
         title = f"autometa: {', '.join(names)}"
     path.write_text(page(title, body, footer=footer), encoding="utf-8")
     return path
+
+
+def check_distinct(study_names: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` if a study is named twice (it would be counted twice)."""
+    seen: set[str] = set()
+    for name in study_names:
+        if name in seen:
+            raise ConfigError(f"study {name!r} is given twice; name each study once")
+        seen.add(name)
 
 
 def _file_name(study_name: str) -> str:

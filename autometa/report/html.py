@@ -62,12 +62,14 @@ def key_values(pairs: Iterable[tuple[object, object]]) -> Markup:
     return tag("table", tag("tbody", join(rows)), class_="kv")
 
 
-def figure(svg: bytes, alt: str, caption: object = "") -> Markup:
-    """An SVG embedded as a data URL in ``<img>`` (decoded as an image: no script runs)."""
+def figure(svg: bytes, alt: str, caption: object = "", notes: Sequence[object] = ()
+           ) -> Markup:
+    """An SVG embedded as a data URL in ``<img>`` (decoded as an image: no script runs),
+    with its caption and short notes under it."""
     data = base64.b64encode(svg).decode("ascii")
     img = Markup(f'<img src="data:image/svg+xml;base64,{data}" alt="{esc(alt)}">')
     cap = tag("figcaption", caption) if caption else Markup("")
-    return tag("figure", Markup(img + cap))
+    return tag("figure", Markup(img + cap + join((note(n) for n in notes), "")))
 
 
 def section(title: object, *parts: object, id_: str | None = None, level: int = 2) -> Markup:

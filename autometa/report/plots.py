@@ -9,16 +9,19 @@ saved straight to SVG, never made through ``pyplot``: no GUI backend is chosen a
 global figure state is touched (the same as ``matplotlib.use("Agg")``, without changing
 the backend of a program that calls us).
 
-Each ``*_figure`` function returns the SVG bytes, or raises :class:`Skipped` with a
-one-line reason when there is too little data to draw it.
+Each ``*_figure`` function returns the SVG bytes (or a :class:`Drawn`, when it has notes
+to show under the figure), or raises :class:`Skipped` with a one-line reason when there is
+too little data to draw it.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib
@@ -44,10 +47,28 @@ RC: dict[str, Any] = {
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#17becf", "#bcbd22", "#7f7f7f"]
 PRUNED = "#c8c8c8"
+#: The values a metric can take, by (name, direction): intervals are drawn clipped to it.
+RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    ("accuracy", "maximize"): (0.0, 1.0),
+    ("mse", "minimize"): (0.0, math.inf),
+}
 
 
 class Skipped(Exception):
     """Too little data for a figure; the message is the note shown instead."""
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A figure's SVG and the short notes to show under it."""
+
+    svg: bytes
+    notes: tuple[str, ...] = ()
+
+
+def metric_range(metric: str, direction: str) -> tuple[float, float] | None:
+    """The values ``metric`` can take, or None for a metric autometa does not know."""
+    return RANGES.get((metric, direction))
 
 
 @contextmanager
@@ -89,9 +110,11 @@ def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
         for t in order:
             steps = sorted(t.intermediate_values)
             values = [t.intermediate_values[s] for s in steps]
+            # One evaluation is no line: draw it as a marker.
+            single: dict[str, Any] = {"marker": "o", "ms": 4} if len(steps) == 1 else {}
             if t.state == TrialState.PRUNED:
                 label = None if "pruned" in labelled else "pruned"
-                ax.plot(steps, values, color=PRUNED, lw=1, label=label, zorder=1)
+                ax.plot(steps, values, color=PRUNED, lw=1, label=label, zorder=1, **single)
                 labelled.add("pruned")
             elif t.number == best:
                 ax.plot(steps, values, color=algorithms[_algorithm(t)], lw=3, marker="o",
@@ -99,7 +122,7 @@ def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
             else:
                 name = _algorithm(t)
                 ax.plot(steps, values, color=algorithms[name], lw=1.3, alpha=0.85, zorder=2,
-                        label=None if name in labelled else name)
+                        label=None if name in labelled else name, **single)
                 labelled.add(name)
         ax.set_xlabel("meta-step")
         ax.set_ylabel(f"meta-val {metric}")
@@ -109,6 +132,7 @@ def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
 
 def history_figure(trials: Sequence[FrozenTrial], direction: str, metric: str) -> bytes:
     """Each complete trial's meta-val score by trial number, and the best so far."""
+    from matplotlib.ticker import MaxNLocator
     from optuna.trial import TrialState
 
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
@@ -126,6 +150,7 @@ def history_figure(trials: Sequence[FrozenTrial], direction: str, metric: str) -
         ax.scatter(numbers, values, s=18, color=PALETTE[0], label="trial", zorder=2)
         ax.step(numbers, best_so_far, where="post", color=PALETTE[3], lw=1.8,
                 label="best so far", zorder=3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("trial number")
         ax.set_ylabel(f"meta-val {metric} ({'lower' if direction == 'minimize' else 'higher'}"
                       " is better)")
@@ -133,8 +158,12 @@ def history_figure(trials: Sequence[FrozenTrial], direction: str, metric: str) -
     return svg[0]
 
 
-def importance_figure(study: optuna.Study) -> bytes:
-    """Optuna's hyperparameter importances (its default evaluator), as horizontal bars."""
+def importance_figure(study: optuna.Study) -> Drawn:
+    """Optuna's hyperparameter importances (its default evaluator), as horizontal bars.
+
+    The evaluator's warnings (e.g. a parameter value tried in fewer than 2 trials) become
+    notes under the figure; only an error (too few trials) replaces the figure.
+    """
     import warnings
 
     import optuna
@@ -146,8 +175,6 @@ def importance_figure(study: optuna.Study) -> bytes:
         except Exception as exc:  # too few trials, a single-valued space, conditional params
             raise Skipped(f"hyperparameter importances: Optuna could not compute them "
                           f"({type(exc).__name__}: {_short(exc)})") from None
-    if caught:  # e.g. "too few trials ... importances will be equal": not worth a figure
-        raise Skipped(f"hyperparameter importances not shown: {_short(caught[0].message)}")
     importances = {k: v for k, v in importances.items() if math.isfinite(v)}
     if not importances:
         raise Skipped("hyperparameter importances: no hyperparameter varied across the "
@@ -158,32 +185,48 @@ def importance_figure(study: optuna.Study) -> bytes:
         ax.barh(names, [importances[n] for n in names], color=PALETTE[0])
         ax.set_xlabel("importance (share of the meta-val variance explained)")
         ax.grid(axis="y", visible=False)
-    return svg[0]
+    return Drawn(svg[0], tuple(f"Optuna warned: {w}" for w in _merged(w.message for w in caught)))
 
 
-def forest_figure(frame: pd.DataFrame, metric: str, direction: str) -> bytes:
-    """Meta-test mean ± 95% CI of the best-ranked trial of each algorithm and each source."""
+def forest_figure(frame: pd.DataFrame, metric: str, direction: str) -> Drawn:
+    """Meta-test mean ± 95% CI of the best-ranked trial of each algorithm and each source.
+
+    Intervals (Student-t) are drawn clipped to the metric's range (:func:`metric_range`),
+    and so is the axis. An algorithm or source without a meta-test score is named in a
+    note under the figure.
+    """
     tested = frame.loc[frame[f"test_{metric}"].map(_finite).astype(bool)]
     rows: list[tuple[str, float, float]] = []
+    left_out: list[str] = []
     for by in ("algorithm", "source"):
         for name, group in tested.groupby(by, sort=False):  # frame is best first
             top = group.iloc[0]
             half = float(top["test_ci95"]) if _finite(top["test_ci95"]) else 0.0
             rows.append((f"{by} {name} (trial {top['trial']})",
                          float(top[f"test_{metric}"]), half))
+        scored = set(tested[by])
+        left_out += [f"{by} {name}: no trial scored on meta-test"
+                     for name in dict.fromkeys(frame[by]) if name not in scored]
     if not rows:
         raise Skipped("forest plot: no trial has a meta-test score")
+    low, high = metric_range(metric, direction) or (-math.inf, math.inf)
     rows = rows[::-1]  # first listed on top
+    below = [mean - max(low, mean - half) for _, mean, half in rows]
+    above = [min(high, mean + half) - mean for _, mean, half in rows]
     with drawing(height=max(1.6, 0.32 * len(rows) + 0.9)) as (fig, svg):
         ax = fig.add_subplot()
         ys = list(range(len(rows)))
-        ax.errorbar([r[1] for r in rows], ys, xerr=[r[2] for r in rows], fmt="o",
+        ax.errorbar([r[1] for r in rows], ys, xerr=[below, above], fmt="o",
                     color=PALETTE[0], ecolor="#555", capsize=3)
+        left, right = ax.get_xlim()
+        if max(low, left) < min(high, right):
+            ax.set_xlim(max(low, left), min(high, right))
         ax.set_yticks(ys, [r[0] for r in rows])
         ax.set_xlabel(f"meta-test {metric}, mean ± 95% CI "
                       f"({'lower' if direction == 'minimize' else 'higher'} is better)")
         ax.grid(axis="y", visible=False)
-    return svg[0]
+    notes = ("left out of the forest plot: " + "; ".join(left_out),) if left_out else ()
+    return Drawn(svg[0], notes)
 
 
 def accounting_figure(counts: Mapping[str, int]) -> bytes:
@@ -215,14 +258,29 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def _short(exc: BaseException | Warning | str) -> str:
+def _short(exc: BaseException | Warning | str, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
-    return text if len(text) <= 160 else text[:157] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def attempt(draw: Callable[..., bytes], *args: Any) -> bytes | str:
-    """``draw(*args)``, or the note to show instead when it raises :class:`Skipped`."""
+def _merged(messages: Iterable[Warning | str]) -> list[str]:
+    """Messages without duplicates or backticks; those alike but for one quoted name (one
+    per parameter) merged into one that lists the names."""
+    names: dict[str, list[str]] = {}  # message with NAME in place of the name: names
+    for message in messages:
+        text = " ".join(str(message).split())
+        quoted = re.findall(r"`([^`]*)`", text)
+        key = re.sub(r"`[^`]*`", "\0", text) if len(quoted) == 1 else text.replace("`", "")
+        listed = names.setdefault(key, [])
+        listed += [q for q in quoted[:1] if len(quoted) == 1 and q not in listed]
+    return [_short(key.replace("\0", ", ".join(listed)), 400) for key, listed in names.items()]
+
+
+def attempt(draw: Callable[..., bytes | Drawn], *args: Any) -> Drawn | str:
+    """``draw(*args)`` as a :class:`Drawn`, or the note to show instead when it raises
+    :class:`Skipped`."""
     try:
-        return draw(*args)
+        result = draw(*args)
     except Skipped as exc:
         return str(exc)
+    return result if isinstance(result, Drawn) else Drawn(result)

@@ -3,12 +3,16 @@
 Read from the settings the study stored when it was created (its ``autometa.config``
 user attribute): the autometa and plugin versions, the seed, the task's parameters and
 description, the storage (its password already redacted), and the search settings as a
-YAML config without this machine's own keys, so that ``autometa run --config`` repeats it.
+YAML config without this machine's own keys, so that ``autometa run --config`` repeats it
+(``threads`` stays: the numbers depend on it). The Python and torch versions and the time
+the report was made are those of the machine that made it.
 """
 
 from __future__ import annotations
 
 import json
+import platform
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -37,20 +41,50 @@ def stored_settings(board: Leaderboard, study: optuna.Study | None) -> dict[str,
     return {}
 
 
+#: Machine keys kept in the reproducing config: the numbers depend on them.
+KEPT_MACHINE_KEYS = ("threads",)
+#: The YAML comment above each kept machine key.
+KEPT_COMMENTS = {
+    "threads": "# threads: the torch CPU threads the trials ran with; the numbers depend on it",
+}
+
+
 def reproduce_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The search settings without the keys each machine sets for itself."""
+    """The search settings without the keys each machine sets for itself, except those
+    the numbers depend on (:data:`KEPT_MACHINE_KEYS`, when the study stored a value)."""
     from autometa.engine.storage import MACHINE_KEYS
 
-    return {k: v for k, v in config.items() if k not in MACHINE_KEYS}
+    return {k: v for k, v in config.items() if k not in MACHINE_KEYS
+            or (k in KEPT_MACHINE_KEYS and v is not None)}
+
+
+def reproduce_yaml(config: dict[str, Any]) -> str:
+    """:func:`reproduce_config` as YAML, each kept machine key last, under its comment."""
+    settings = reproduce_config(config)
+    kept = {k: settings.pop(k) for k in KEPT_MACHINE_KEYS if k in settings}
+    text = yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
+    for key, value in kept.items():
+        text += KEPT_COMMENTS[key] + "\n" + yaml.safe_dump({key: value}, sort_keys=False)
+    return text
+
+
+def made_with() -> list[tuple[object, object]]:
+    """When, and with which Python and torch, this report is made."""
+    import torch
+
+    return [("report made at (UTC)",
+             datetime.now(timezone.utc).isoformat(timespec="seconds")),
+            ("Python version", platform.python_version()),
+            ("torch version", str(torch.__version__))]
 
 
 def provenance_section(board: Leaderboard, stored: dict[str, Any], command: str | None,
                        level: int) -> Markup:
     """Versions, seed, task, storage, the reproducing config and command."""
     h = f"h{level}"
-    parts: list[object] = []
-    if command:
-        parts.append(key_values([("report made by", tag("code", command))]))
+    made: list[tuple[object, object]] = [("report made by", tag("code", command))] if command \
+        else []
+    parts: list[object] = [key_values(made + made_with())]
     if not stored:
         parts.append(note("this study stored no autometa settings: provenance unknown"))
         return join(parts)
@@ -98,8 +132,7 @@ def provenance_section(board: Leaderboard, stored: dict[str, Any], command: str 
             f"{tag('code', f'autometa run --config {name}.yaml')} (add this machine's "
             f"{tag('code', '--storage')}, {tag('code', '--device')} or "
             f"{tag('code', '--workers')} as needed):")))
-        text = yaml.safe_dump(reproduce_config(config), sort_keys=False, allow_unicode=True)
-        parts.append(tag("pre", tag("code", text)))
+        parts.append(tag("pre", tag("code", reproduce_yaml(config))))
     return join(parts)
 
 

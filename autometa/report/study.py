@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from autometa.report import plots
@@ -70,7 +71,7 @@ def study_body(board: Leaderboard, *, command: str | None, level: int, anchor: s
         f"meta-test {board.metric} with 95% confidence intervals of the best trial of each "
         "algorithm and source",
         "Forest plot: the best-ranked trial of each algorithm and of each source model, "
-        "meta-test mean ± 95% CI."))
+        f"meta-test mean ± 95% CI ({_intervals(board)})."))
     parts.append(tag("div", join(figures), class_="grid"))
 
     parts.append(tag(h, "trial accounting", id=f"{anchor}-trials"))
@@ -84,10 +85,20 @@ def study_body(board: Leaderboard, *, command: str | None, level: int, anchor: s
     return join(parts)
 
 
-def _show(result: bytes | str, alt: str, caption: str) -> Markup:
+def _show(result: plots.Drawn | str, alt: str, caption: str) -> Markup:
     if isinstance(result, str):
         return note(result)
-    return figure(result, alt, caption)
+    return figure(result.svg, alt, caption, result.notes)
+
+
+def _intervals(board: Leaderboard) -> str:
+    """How the forest plot's intervals are made and drawn."""
+    bounds = plots.metric_range(board.metric, board.direction)
+    if bounds is None:
+        return "Student-t intervals"
+    low, high = bounds
+    shown = f"[{low:g}, ∞)" if math.isinf(high) else f"[{low:g}, {high:g}]"
+    return f"Student-t intervals, clipped to the metric's range {shown}"
 
 
 def _crash(t: FrozenTrial) -> str:

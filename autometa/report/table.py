@@ -9,6 +9,7 @@ hyperparameter columns they are read from the study's trials.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autometa.report.html import Markup, join, note, tag
@@ -18,20 +19,32 @@ if TYPE_CHECKING:
 
     from autometa.leaderboard import Leaderboard
 
-#: Optional columns: (frame column, header, format).
-EXTRA = [
+
+def _fixed(value: float, digits: int = 3) -> str:
+    """``value`` to about ``digits`` significant digits, never in scientific notation
+    (1080, 10.7, 0.075)."""
+    if value == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+#: Optional columns: (frame column, header, format: a format string or a function).
+EXTRA: list[tuple[str, str, str | Callable[[float], str]]] = [
     ("p_vs_best", "p vs #1", "{:.3g}"),
-    ("fit_time_s", "fit (s)", "{:.3g}"),
-    ("adapt_ms", "adapt (ms/episode)", "{:.3g}"),
-    ("peak_mem_mb", "peak mem (MB)", "{:.4g}"),
+    ("fit_time_s", "fit (s)", _fixed),
+    ("adapt_ms", "adapt (ms/episode)", _fixed),
+    ("peak_mem_mb", "peak mem (MB)", _fixed),
 ]
 
-TIE_SENTENCE = (
-    "Trials marked “tied with #1” cannot be told apart from the best: a paired Wilcoxon "
-    "test on the same meta-test episodes, Holm-corrected over the listed trials, finds no "
-    "difference (the p vs #1 column is its adjusted p-value); a higher group number is a "
-    "group of its own, further down."
-)
+
+def tie_sentence(over: str) -> str:
+    """What the tie marks mean; ``over``: what the paired scores are ("episodes", "examples")."""
+    return ("Trials marked “tied with #1” cannot be told apart from the best: a paired "
+            f"Wilcoxon test on the same meta-test {over}, Holm-corrected over the listed "
+            "trials, finds no difference (the p vs #1 column is its adjusted p-value); a "
+            "higher group number is a group of its own, further down.")
 
 
 def leaderboard_table(board: Leaderboard, study: optuna.Study | None) -> Markup:
@@ -72,11 +85,14 @@ def leaderboard_table(board: Leaderboard, study: optuna.Study | None) -> Markup:
     html_table = tag("table", Markup(tag("thead", tag("tr", head)) + tag("tbody", join(rows))),
                      class_="leaderboard")
     over = board.ci_over
-    lead = (f"Ranked on meta-val (the search never sees meta-test); meta-test is the mean ± "
-            f"95% confidence interval over {over}, for the best {_tested(board)} trial(s).")
+    lead = (f"Ranked on meta-val (the search never sees meta-test); trials with equal "
+            f"meta-val scores are ordered by trial number (the earlier trial ranks first), "
+            f"which decides rank 1 and which trials get meta-test scores. Meta-test is the "
+            f"mean ± 95% confidence interval over {over}, for the best {_tested(board)} "
+            f"trial(s).")
     intro = [tag("p", lead)]
     if ties:
-        intro.append(tag("p", TIE_SENTENCE))
+        intro.append(tag("p", tie_sentence(over)))
     return join([*intro, tag("div", html_table, class_="scroll")])
 
 
@@ -132,8 +148,11 @@ def _hyperparameters(board: Leaderboard, study: optuna.Study | None
     return names, values
 
 
-def _number(value: Any, fmt: str) -> str:
-    return fmt.format(float(value)) if _finite(value) else ""
+def _number(value: Any, fmt: str | Callable[[float], str]) -> str:
+    if not _finite(value):
+        return ""
+    return fmt.format(float(value)) if isinstance(fmt, str) else fmt(float(value))
+
 
 
 def _value(value: Any) -> str:
