@@ -322,7 +322,7 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
             tests[t.number] = MetaTestScore(
                 float(attrs.get("test_mean", math.nan)),
                 float(attrs["test_ci95"] if attrs.get("test_ci95") is not None else math.nan),
-                int(attrs.get("test_n", 0)), str(attrs.get("test_over", "")),
+                int(attrs.get("test_n", 0)), str(attrs.get("test_ci_over", "")),
                 tuple(map(float, attrs.get("test_scores", ()))),
                 str(attrs.get("test_failure", "")))
         elif str(t.number) in cached:

@@ -50,6 +50,26 @@ class Progress:
 NullProgress = Progress
 
 
+class LineProgress(Progress):
+    """One plain line per finished trial and per phase on stdout (``--no-progress``: a log
+    file or a CI job, where bars would be noise but minutes of silence are worse)."""
+
+    def __init__(self) -> None:
+        self.metric = "score"
+
+    def search_started(self, total: int | None, done: int, timeout: float | None,
+                       metric: str, direction: str = "minimize", workers: int = 1) -> None:
+        self.metric = metric
+
+    def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
+        result = f"{self.metric} {value:.4g}" if state == "COMPLETE" and value is not None \
+            else state.lower()
+        print(f"trial {number}: {result}{f' ({note})' if note else ''}", flush=True)
+
+    def phase(self, text: str) -> None:
+        print(text, flush=True)
+
+
 class RichProgress(Progress):
     """Bars on stderr: trials of the search (best so far, ETA), and one line per running
     trial with its device, meta-step and latest meta-val score."""

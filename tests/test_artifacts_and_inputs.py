@@ -142,11 +142,14 @@ def test_postgresql_without_a_driver_says_which_extra_to_install(tmp_path, monke
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
         "psycopg", "psycopg2") else find_spec(name, *a))
-    code = main(["run", "--task", "sinusoid", "--storage", "postgresql://u:pw9@127.0.0.1:1/x",
-                 "--trials", "1", "--meta-steps", "1", "--eval-every", "1"])
+    # A URL of its own: a process keeps one lock engine per URL, and another test may have
+    # opened one for a URL like it with the driver installed.
+    code = main(["run", "--task", "sinusoid", "--storage",
+                 "postgresql://u:pw9@127.0.0.1:1/no_driver", "--trials", "1", "--meta-steps",
+                 "1", "--eval-every", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0] == ("autometa: error: storage: postgresql://u:***@127.0.0.1:1/x needs a "
+    assert err[0] == ("autometa: error: storage: postgresql://u:***@127.0.0.1:1/no_driver needs a "
                       "PostgreSQL driver; install it with pip install 'autometa[postgres]' "
                       "(psycopg 3)")
 

@@ -53,6 +53,9 @@ def test_cli_search_prints_and_writes_the_leaderboard(tmp_path: Path) -> None:
     assert tested["tie_group"].iloc[0] == 1 and pd.isna(tested["p_vs_best"].iloc[0])
     assert frame.loc[frame["test_n"] == 0, "tie_group"].isna().all()
     assert "sinusoid-seed3: sinusoid, mse (lower is better)" in result.stdout
+    # --no-progress: no bars, one plain line per finished trial
+    for row in frame.itertuples():
+        assert f"trial {row.trial}: mse {row.val_mse:.4g}" in result.stdout
     for column in ("rank", "algorithm", "val", "test (95% CI)", "tie", "params"):
         assert column in result.stdout
     for row in frame.itertuples():

@@ -60,7 +60,8 @@ def _default_ctrl_c() -> None:
 
 def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = 120,
                   after: int = 0) -> optuna.trial.FrozenTrial:
-    """The first RUNNING trial numbered ``after`` or more, once it has done some steps."""
+    """The first RUNNING trial numbered ``after`` or more, once its parameters are all
+    sampled (its plan is recorded after the last one)."""
     end = time.time() + timeout
     while time.time() < end:
         assert proc.poll() is None, proc.communicate()
@@ -68,7 +69,7 @@ def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = 120,
             try:
                 for t in _trials(db):
                     if t.state == TrialState.RUNNING and t.number >= after \
-                            and "worker" in t.user_attrs:
+                            and "worker" in t.user_attrs and "source_params" in t.user_attrs:
                         return t
             except Exception:  # the study or its tables are not created yet
                 pass

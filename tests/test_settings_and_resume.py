@@ -231,7 +231,7 @@ def test_a_retried_trial_does_not_keep_its_failed_trials_test_score(tmp_path):
         lost.set_user_attr(key, first[key])
     lost.set_user_attr("worker", {"host": os.uname().nodename, "pid": int(dead.stdout)})
     for key, value in {"test_mean": 123.0, "test_ci95": 1.0, "test_n": 4,
-                       "test_over": "episodes", "test_scores": [123.0] * 4,
+                       "test_ci_over": "episodes", "test_scores": [123.0] * 4,
                        "fit_time_s": 999.0}.items():
         lost.set_user_attr(key, value)
     # The resume fails the lost trial (its process is gone) and runs it again.

@@ -61,7 +61,8 @@ def add_parsers(sub: Any) -> None:
                      help="fix or restrict a hyperparameter, e.g. maml.inner_steps=1 or "
                           "maml.first_order=[true,false] (repeatable)")
     report_flags(run)
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars: one plain line per finished trial")
 
     worker = sub.add_parser(
         "worker", help="join a stored study from this machine and run its trials",
@@ -82,7 +83,8 @@ def add_parsers(sub: Any) -> None:
     worker.add_argument("--threads", type=int, help="torch CPU threads per worker")
     worker.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
     report_flags(worker)
-    worker.add_argument("--no-progress", action="store_true", help="no progress bars")
+    worker.add_argument("--no-progress", action="store_true",
+                        help="no progress bars: one plain line per finished trial")
 
 
 def config_from_args(args: argparse.Namespace, sources: Sequence[str] = ()) -> SearchConfig:
@@ -157,10 +159,10 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     config = config_from_args(args, sources=host.names("source"))
     check_writable_dir(args.out, "--out")
     from autometa.engine.run import run_search
-    from autometa.progress import Progress, RichProgress
+    from autometa.progress import LineProgress, RichProgress
 
     quiet_optuna()
-    progress = Progress() if args.no_progress else RichProgress()
+    progress = LineProgress() if args.no_progress else RichProgress()
     board = run_search(config, host=host, progress=progress, ready=ready)
     show_leaderboard(board, args.out)
     return 0
@@ -171,10 +173,10 @@ def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
 
     check_writable_dir(args.out, "--out")
     from autometa.engine.run import join_search
-    from autometa.progress import Progress, RichProgress
+    from autometa.progress import LineProgress, RichProgress
 
     quiet_optuna()
-    progress = Progress() if args.no_progress else RichProgress()
+    progress = LineProgress() if args.no_progress else RichProgress()
     board = join_search(args.study, args.storage, host=create_host(), progress=progress,
                         ready=ready, artifacts=args.artifacts, data_root=args.data_root,
                         devices=args.devices, workers=args.workers, threads=args.threads,

@@ -102,23 +102,26 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
     leaderboard = compute_leaderboard(study, prepared.task, host, top_k=config.top_k,
                                       artifacts=config.artifacts, root=prepared.root,
                                       cache=not running, phase=progress.phase)
-    leaderboard.writes_reports = not running and _first_to_report(study, config.storage)
+    leaderboard.writes_reports = not running and _first_to_report(study, config.storage,
+                                                                      config.top_k)
     host.notify("search_finished", study_name=study.study_name, leaderboard=leaderboard)
     return leaderboard
 
 
-#: Study user attribute: how many trials had finished when the reports were last written.
+#: Study user attribute: how many trials had finished when the reports were last written,
+#: and for which ``top_k``.
 REPORTED_ATTR = "autometa.reported"
 
 
-def _first_to_report(study: optuna.Study, url: str) -> bool:
-    """True for one process only among those that end a search at the same state."""
+def _first_to_report(study: optuna.Study, url: str, top_k: int) -> bool:
+    """True for one process only among those that end a search at the same state (the
+    same finished trials, the same ``top_k``: a re-run asking for more writes them again)."""
     with storage_lock(url):
         finished = len(study.get_trials(deepcopy=False, states=(
             TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
-        if study.user_attrs.get(REPORTED_ATTR) == finished:
+        if study.user_attrs.get(REPORTED_ATTR) in (finished, [finished, top_k]):
             return False
-        study.set_user_attr(REPORTED_ATTR, finished)
+        study.set_user_attr(REPORTED_ATTR, [finished, top_k])
         return True
 
 

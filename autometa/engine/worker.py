@@ -251,7 +251,7 @@ def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int
 COST_ATTRS = ("fit_time_s", "adapt_ms", "peak_mem_mb")
 #: The meta-test result of a trial among the best ``top_k`` when it finished: mean, 95% CI
 #: half-width, number of scores, what they are over, and the per-episode scores.
-TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_over", "test_scores")
+TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_ci_over", "test_scores")
 
 
 def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:
@@ -272,7 +272,7 @@ def record_test(trial: optuna.Trial, test: MetaTestScore) -> None:
     trial.set_user_attr("test_mean", test.mean)
     trial.set_user_attr("test_ci95", test.ci95 if test.ci95 == test.ci95 else None)
     trial.set_user_attr("test_n", test.n)
-    trial.set_user_attr("test_over", test.over)
+    trial.set_user_attr("test_ci_over", test.over)
     trial.set_user_attr("test_scores", list(test.scores))
 
 
