@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from autometa.plugins import PluginHost
     from autometa.predictor import Predictor
     from autometa.task import Task
-    from autometa.trial import MetaTestScore, TrialPlan
+    from autometa.trial import MetaTestScore
 
 #: Study user attribute caching the meta-test results of listed trials that their worker
 #: did not score: {trial number: {mean, ci95, n, over, scores}}.
@@ -209,13 +209,14 @@ def compute_leaderboard(
 
     from autometa.engine.storage import CONFIG_ATTR
     from autometa.metrics import tie_groups
+    from autometa.trial import TrialPlan
 
     metric = task.metric
     stored = study.user_attrs.get(CONFIG_ATTR, {})
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    ranked = ranked_trials(study)
-    context = _Context(task, host, artifacts, root, stored.get("config", {}).get("seed", 0))
+    ranked = ranked_trials(study, complete)
+    context = _Context(task, host, artifacts, root)
     tests = _meta_test_scores(study, ranked[:top_k], context, cache, phase)
     scored = [t.number for t in ranked[:top_k]
               if t.number in tests and not tests[t.number].failure]
@@ -223,7 +224,7 @@ def compute_leaderboard(
     tie = dict(zip(scored, zip(groups, pvalues, strict=True), strict=True))
     rows, hyper = [], sorted({k for t in ranked for k in t.params} - {"algorithm", "source"})
     for rank, t in enumerate(ranked, start=1):
-        plan = _plan(t)
+        plan = TrialPlan.of(t)
         test = tests.get(t.number)
         group, p = tie.get(t.number, (None, math.nan))
         rows.append({
@@ -269,12 +270,16 @@ def compute_leaderboard(
     )
 
 
-def ranked_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The study's completed trials, best on meta-val first (the leaderboard's order)."""
+def ranked_trials(study: optuna.Study,
+                  complete: list[optuna.trial.FrozenTrial] | None = None
+                  ) -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials (``complete``, if already read), best on meta-val
+    first (the leaderboard's order: ties go to the earlier trial)."""
     import optuna
     from optuna.trial import TrialState
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete is None:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
     return sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
 
@@ -293,14 +298,6 @@ class _Context:
     host: PluginHost
     artifacts: str
     root: Path | None
-    search_seed: int
-
-
-def _plan(t: optuna.trial.FrozenTrial) -> TrialPlan:
-    from autometa.trial import TrialPlan
-
-    return TrialPlan(**{k: t.user_attrs[k] for k in
-                        ("algorithm", "source", "algorithm_params", "source_params")})
 
 
 def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial],
@@ -308,10 +305,7 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
                       ) -> dict[int, MetaTestScore]:
     """The meta-test result of each of the ``listed`` trials: from its user attributes
     (scored by its worker), from the study's cache, or scored now (and cached)."""
-    import tempfile
-
-    from autometa.engine.artifacts import download_state, open_store
-    from autometa.trial import MetaTestScore, build, load_state, score_meta_test, trial_seed
+    from autometa.trial import MetaTestScore, restore, score_meta_test
 
     cached: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
     tests: dict[int, MetaTestScore] = {}
@@ -332,20 +326,16 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
     if not missing:
         return tests
     phase(f"scoring {len(missing)} trial(s) on meta-test")
-    store = open_store(context.artifacts, study.study_name)
-    with tempfile.TemporaryDirectory(prefix="autometa-states-") as tmp:
-        for t in missing:
-            state = download_state(study, t, store, context.artifacts, Path(tmp))
-            algorithm = build(context.host, context.task, _plan(t),
-                              trial_seed(context.search_seed, t.number), context.root)
-            load_state(algorithm, state, f"trial {t.number}'s state in {context.artifacts!r}")
-            test = score_meta_test(algorithm, context.task)
-            if test.failure:  # listed without a test score, never ranked on NaN
-                log.warning("trial %d has no meta-test score: %s", t.number, test.failure)
-            tests[t.number] = test
-            cached[str(t.number)] = test.to_json()
-            if cache:
-                study.set_user_attr(TEST_ATTR, cached)
+    for t in missing:
+        algorithm = restore(study, t, context.task, context.host,
+                            artifacts=context.artifacts, root=context.root)
+        test = score_meta_test(algorithm, context.task)
+        if test.failure:  # listed without a test score, never ranked on NaN
+            log.warning("trial %d has no meta-test score: %s", t.number, test.failure)
+        tests[t.number] = test
+        cached[str(t.number)] = test.to_json()
+        if cache:
+            study.set_user_attr(TEST_ATTR, cached)
     return tests
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +144,8 @@ class Predictor:
         """
         from optuna.trial import TrialState
 
-        from autometa.engine.artifacts import download_state, open_store
-        from autometa.engine.storage import CONFIG_ATTR
         from autometa.leaderboard import TEST_ATTR
-        from autometa.trial import TrialPlan, build, load_state, trial_seed
+        from autometa.trial import TrialPlan, restore
 
         if isinstance(trial, int):
             found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
@@ -159,14 +156,8 @@ class Predictor:
             raise ConfigError(f"trial {trial.number} of study {study.study_name!r} is "
                               f"{trial.state.name.lower()}, not complete: it has no model; "
                               "pick a completed trial (see `autometa leaderboard`)")
-        plan = TrialPlan(**{k: trial.user_attrs[k] for k in
-                            ("algorithm", "source", "algorithm_params", "source_params")})
-        seed = study.user_attrs.get(CONFIG_ATTR, {}).get("config", {}).get("seed", 0)
-        store = open_store(artifacts, study.study_name)
-        with tempfile.TemporaryDirectory(prefix="autometa-model-") as tmp:
-            state = download_state(study, trial, store, artifacts, Path(tmp))
-            algorithm = build(host, task, plan, trial_seed(seed, trial.number), root)
-            load_state(algorithm, state, f"trial {trial.number}'s state in {artifacts!r}")
+        plan = TrialPlan.of(trial)
+        algorithm = restore(study, trial, task, host, artifacts=artifacts, root=root)
         algorithm.model.eval()
         # Scored by its worker (a trial user attribute) or later by a leaderboard (cached).
         test = trial.user_attrs.get("test_mean", study.user_attrs.get(TEST_ATTR, {})

@@ -36,6 +36,12 @@ class TrialPlan:
     algorithm_params: dict[str, Any] = field(default_factory=dict)
     source_params: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, trial: Any) -> TrialPlan:
+        """The plan a worker recorded in ``trial``'s user attributes (an Optuna trial)."""
+        return cls(**{k: trial.user_attrs[k] for k in
+                      ("algorithm", "source", "algorithm_params", "source_params")})
+
     def describe(self) -> str:
         """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs."""
         return f"{self.algorithm}({_kv(self.algorithm_params, ', ')}) + " \
@@ -286,6 +292,30 @@ def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
         return MetaTestScore(math.nan, math.nan, 0, over, failure=f"diverged: {exc}")
     mean, half = mean_ci95(scores)
     return MetaTestScore(mean, half, len(scores), over, tuple(scores.double().cpu().tolist()))
+
+
+def restore(study: Any, trial: Any, task: Task, host: PluginHost, *, artifacts: str,
+            root: Path | None = None) -> MetaAlgorithm:
+    """Rebuild completed ``trial`` of ``study`` (Optuna objects) on ``task`` with its plan
+    and seed, and load its state from the artifact store at ``artifacts``.
+
+    Raises:
+        ConfigError: the state is not in the store.
+        DataError: the state is damaged (see :func:`load_state`).
+    """
+    import tempfile
+
+    from autometa.engine.artifacts import download_state, open_store
+    from autometa.engine.storage import CONFIG_ATTR
+
+    search_seed = study.user_attrs.get(CONFIG_ATTR, {}).get("config", {}).get("seed", 0)
+    store = open_store(artifacts, study.study_name)
+    with tempfile.TemporaryDirectory(prefix="autometa-state-") as tmp:
+        state = download_state(study, trial, store, artifacts, Path(tmp))
+        algorithm = build(host, task, TrialPlan.of(trial),
+                          trial_seed(search_seed, trial.number), root)
+        load_state(algorithm, state, f"trial {trial.number}'s state in {artifacts!r}")
+    return algorithm
 
 
 def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
