@@ -57,6 +57,15 @@ class MetaAlgorithm(ABC):
         return {}
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Hyperparameters a portfolio start (``initial = "portfolio"``) runs this
+        algorithm with first: its paper's settings, by default the constructor's keyword
+        defaults. A value outside the search's (narrowed) space is left to the sampler."""
+        from autometa.params import keyword_defaults
+
+        return keyword_defaults(cls)
+
+    @classmethod
     def incompatibility(cls, task: Task) -> str | None:
         """Why this algorithm cannot serve ``task``, or None if it can.
 

@@ -30,6 +30,10 @@ MAX_COUNT = 10**9  # trials, meta-steps, top_k
 MAX_THREADS = 4096
 MAX_WORKERS = 1024
 MAX_TIMEOUT = 10 * 365 * 86400.0  # seconds
+#: Names accepted by the search-strategy settings (see SearchConfig).
+PRUNERS = ("median", "hyperband", "wilcoxon", "none")
+SAMPLERS = ("tpe", "random")
+INITIALS = ("portfolio", "none")
 #: Study names also name report and artifact files: no path separators.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 
@@ -66,7 +70,17 @@ class SearchConfig:
     workers: int | None = None  # trials at once (worker processes); None: one per device
     threads: int | None = None  # torch CPU threads during the search (None: torch's default)
     top_k: int = 3  # best trials (on meta-val) evaluated on meta-test
-    pruner: str = "median"  # "median" or "none"
+    # stops unpromising trials: "median" (Optuna's median rule over meta-val at each
+    # evaluation), "hyperband" (over meta-steps, meta_steps the largest budget),
+    # "wilcoxon" (a paired test over the final meta-val episodes), or "none"
+    pruner: str = "median"
+    sampler: str = "tpe"  # proposes configurations: "tpe" (multivariate TPE) or "random"
+    # trials run before the sampler takes over: "portfolio" = every (algorithm, source)
+    # pair once with its plugins' defaults (their papers' settings); "none"
+    initial: str = "none"
+    # earlier studies whose best configurations run first: "study" (this storage) or
+    # "study@storage-url"; those whose plugins or spaces no longer match are skipped
+    warm_start: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -109,7 +123,7 @@ class SearchConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one it continues."""
         keep = {"task", "task_params", "algorithms", "sources", "algorithm_params",
-                "source_params", "meta_steps", "eval_every", "seed", "pruner"}
+                "source_params", "meta_steps", "eval_every", "seed", "pruner", "sampler"}
         return {k: v for k, v in asdict(self).items() if k in keep}
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,7 +133,7 @@ class SearchConfig:
     def _validate(self) -> None:
         _expect(self.task, str, "task", "a task plugin name")
         _expect(self.task_params, dict, "task_params", "a table of task parameters")
-        for key in ("algorithms", "sources", "devices"):
+        for key in ("algorithms", "sources", "devices", "warm_start"):
             value = getattr(self, key)
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -171,8 +185,19 @@ class SearchConfig:
                 raise ConfigError(f"data_root: {self.data_root!r} is not a directory; give "
                                   "the directory that relative input paths are under")
         _expect(self.device, str, "device", "a torch device such as 'cpu' or 'cuda:0'")
-        if self.pruner not in {"median", "none"}:
-            raise ConfigError(f"pruner: expected 'median' or 'none', got {self.pruner!r}")
+        for key, names in (("pruner", PRUNERS), ("sampler", SAMPLERS),
+                           ("initial", INITIALS)):
+            value = getattr(self, key)
+            if value not in names:
+                raise ConfigError(f"{key}: expected one of {', '.join(map(repr, names))}, got "
+                                  f"{value!r}{closest(str(value), list(names))}")
+        for entry in self.warm_start:
+            check_study_name(split_study_ref(entry, self.storage)[0])
+        if self.pruner == "hyperband" and self.meta_steps < 3 * self.eval_every:
+            raise ConfigError(f"pruner 'hyperband' needs meta_steps at least 3 x eval_every "
+                              f"(its smallest budget), got meta_steps={self.meta_steps}, "
+                              f"eval_every={self.eval_every}; raise meta_steps or lower "
+                              "eval_every")
 
 
 def _expect(value: Any, kind: type, key: str, what: str) -> None:
@@ -199,6 +224,13 @@ def check_study_name(name: Any) -> str:
             "'+' or '=', starting with a letter or digit (it names report files)"
         )
     return name
+
+
+def split_study_ref(entry: str, storage: str) -> tuple[str, str]:
+    """``(study, storage URL)`` of a warm-start entry: ``"study"`` (in ``storage``, this
+    search's) or ``"study@url"`` (study names never contain ``@``; URLs may)."""
+    name, at, url = entry.partition("@")
+    return name, (url if at else storage)
 
 
 def check_writable_dir(path: Path, key: str) -> None:

@@ -215,7 +215,7 @@ def compute_leaderboard(
     stored = study.user_attrs.get(CONFIG_ATTR, {})
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    ranked = ranked_trials(study, complete)
+    ranked = ranked_trials(study, complete)  # without those pruned during evaluation
     context = _Context(task, host, artifacts, root)
     tests = _meta_test_scores(study, ranked[:top_k], context, cache, phase)
     scored = [t.number for t in ranked[:top_k]
@@ -251,8 +251,9 @@ def compute_leaderboard(
     for k in hyper:  # as sampled: an integer stays one beside trials that lack it
         frame[k] = pd.Series([row[k] for row in rows], dtype=object)
     counts = {
-        "complete": len(complete),
-        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "complete": len(ranked),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials) + len(complete)
+        - len(ranked),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "running": sum(t.state == TrialState.RUNNING for t in trials),
     }
@@ -273,15 +274,19 @@ def compute_leaderboard(
 def ranked_trials(study: optuna.Study,
                   complete: list[optuna.trial.FrozenTrial] | None = None
                   ) -> list[optuna.trial.FrozenTrial]:
-    """The study's completed trials (``complete``, if already read), best on meta-val
-    first (the leaderboard's order: ties go to the earlier trial)."""
+    """The study's ranked trials (:func:`autometa.trial.ranked`; from ``complete``, if
+    already read), best on meta-val first (the leaderboard's order: ties go to the earlier
+    trial)."""
     import optuna
     from optuna.trial import TrialState
+
+    from autometa.trial import ranked
 
     if complete is None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    return sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
+    return sorted((t for t in complete if ranked(t)),
+                  key=lambda t: (sign * float(t.value or 0.0), t.number))
 
 
 #: Cost columns of the leaderboard: the trial user attributes a worker records

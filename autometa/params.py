@@ -63,6 +63,20 @@ def declared_types(cls: Any, skip: frozenset[str] = frozenset()) -> dict[str, An
             if name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
+def keyword_defaults(cls: Any) -> dict[str, Any]:
+    """``{parameter: default}`` of the keyword parameters of ``cls``'s constructor that
+    have a default."""
+    import inspect
+
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in signature.parameters.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is not inspect.Parameter.empty}
+
+
 def parse(key: str, declared: Any, value: Any) -> Any:
     """``value`` as the ``declared`` type (see the module docstring).
 

@@ -145,16 +145,18 @@ class Predictor:
         from optuna.trial import TrialState
 
         from autometa.leaderboard import TEST_ATTR
-        from autometa.trial import TrialPlan, restore
+        from autometa.trial import TrialPlan, ranked, restore
 
         if isinstance(trial, int):
             found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
             if not found:
                 raise ConfigError(f"study {study.study_name!r} has no trial {trial}")
             trial = found[0]
-        if trial.state != TrialState.COMPLETE:
+        if not ranked(trial):
+            state = "pruned" if trial.state == TrialState.COMPLETE else \
+                trial.state.name.lower()
             raise ConfigError(f"trial {trial.number} of study {study.study_name!r} is "
-                              f"{trial.state.name.lower()}, not complete: it has no model; "
+                              f"{state}, not complete: it has no model; "
                               "pick a completed trial (see `autometa leaderboard`)")
         plan = TrialPlan.of(trial)
         algorithm = restore(study, trial, task, host, artifacts=artifacts, root=root)

@@ -46,6 +46,14 @@ class SourceModel(ABC):
         """Hyperparameters to search and their ranges (default: none)."""
         return {}
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Settings of this source model in a portfolio start; see
+        :meth:`autometa.algorithm.MetaAlgorithm.defaults`."""
+        from autometa.params import keyword_defaults
+
+        return keyword_defaults(cls)
+
     #: Input ranks accepted: 1 for flat feature vectors, 3 for (C, H, W) images.
     input_ranks: ClassVar[tuple[int, ...]] = (1, 3)
 

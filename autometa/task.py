@@ -52,7 +52,7 @@ class Episodes:
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
-    def __getitem__(self, index: slice) -> Episodes:
+    def __getitem__(self, index: slice | Tensor) -> Episodes:
         return Episodes(*(getattr(self, f.name)[index] for f in fields(self)))
 
     def to(self, device: torch.device | str) -> Episodes:

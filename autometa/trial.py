@@ -22,6 +22,30 @@ from autometa.task import Episodes, Task
 EVAL_CHUNK = 200
 
 
+#: User attribute of a trial the Wilcoxon pruner stopped during its final evaluation: it is
+#: COMPLETE with its running mean (for the sampler), and never ranked.
+PRUNED_ATTR = "pruned"
+#: User attribute holding ``[[meta_step, meta-val score], ...]`` when the intermediate
+#: values are per-episode scores (the Wilcoxon pruner) rather than the learning curve.
+CURVE_ATTR = "val_curve"
+
+
+def ranked(trial: Any) -> bool:
+    """True if an Optuna trial takes a place in the ranking: COMPLETE, with a value, and
+    not stopped part-way through its evaluation (:data:`PRUNED_ATTR`)."""
+    from optuna.trial import TrialState
+
+    return (trial.state == TrialState.COMPLETE and trial.value is not None
+            and not trial.user_attrs.get(PRUNED_ATTR))
+
+
+def learning_curve(trial: Any) -> dict[int, float]:
+    """``{meta_step: meta-val score}`` of an Optuna trial, whatever its pruner."""
+    if CURVE_ATTR in trial.user_attrs:
+        return {int(step): float(score) for step, score in trial.user_attrs[CURVE_ATTR] or ()}
+    return dict(trial.intermediate_values)
+
+
 class Diverged(Exception):
     """The meta-training loss, or predictions or scores on evaluation episodes, became NaN
     or infinite; the message names where."""
@@ -175,11 +199,13 @@ class Clock:
             evaluations excluded).
         eval_s: seconds spent adapting to and predicting meta-val episodes.
         eval_episodes: meta-val episodes evaluated (each evaluation counts them again).
+        steps: meta-steps run (fewer than the budget when the trial was pruned).
     """
 
     train_s: float = 0.0
     eval_s: float = 0.0
     eval_episodes: int = 0
+    steps: int = 0
 
     @property
     def adapt_ms(self) -> float:
@@ -197,12 +223,14 @@ def meta_train(
     on_eval: Callable[[int, float], None] = lambda step, score: None,
     on_step: Callable[[int], None] = lambda step: None,
     clock: Clock | None = None,
+    final_score: Callable[[MetaAlgorithm], float] | None = None,
 ) -> float:
     """Meta-train for ``meta_steps`` and return the final meta-val score.
 
     ``on_eval(step, score)`` runs after each evaluation (every ``eval_every`` steps and at
     the end); it may raise ``optuna.TrialPruned`` to stop the trial. ``clock``, if given,
-    accumulates the time spent training and evaluating.
+    accumulates the time spent training and evaluating. ``final_score``, if given, scores
+    the last evaluation instead of the plain meta-val mean (:func:`paired_val_score`).
 
     Raises:
         Diverged: the training loss, a meta-val prediction or a score is not finite.
@@ -216,29 +244,83 @@ def meta_train(
         loss = algorithm.meta_step(task.sample(algorithm.tasks_per_step, generator))
         if not math.isfinite(loss):
             raise Diverged(f"meta-training loss is {loss} at step {step}")
+        clock.steps = step
         on_step(step)
         if step % eval_every == 0 or step == steps:
             clock.train_s += time.perf_counter() - started
-            score = _val_score(algorithm, task, clock)
+            score = _val_score(algorithm, task, clock, final_score if step == steps else None)
             started = time.perf_counter()
             on_eval(step, score)
     clock.train_s += time.perf_counter() - started
     if steps == 0:
-        score = _val_score(algorithm, task, clock)
+        score = _val_score(algorithm, task, clock, final_score)
         on_eval(0, score)
     return score
 
 
-def _val_score(algorithm: MetaAlgorithm, task: Task, clock: Clock) -> float:
+def _val_score(algorithm: MetaAlgorithm, task: Task, clock: Clock,
+               score_with: Callable[[MetaAlgorithm], float] | None = None) -> float:
     _sync(task.device)
     started = time.perf_counter()
     episodes = task.meta_val()
-    score = float(evaluate(algorithm, episodes, task, split="meta-val").mean())  # synchronises
-    clock.eval_s += time.perf_counter() - started
-    clock.eval_episodes += len(episodes)
+    try:
+        if score_with is not None:
+            score = score_with(algorithm)
+        else:  # .mean() synchronises
+            score = float(evaluate(algorithm, episodes, task, split="meta-val").mean())
+    finally:
+        clock.eval_s += time.perf_counter() - started
+        clock.eval_episodes += len(episodes)
     if not math.isfinite(score):
         raise Diverged(f"meta-val {task.metric.name} is {score}")
     return score
+
+
+class EvaluationPruned(Exception):
+    """The pruner stopped a trial part-way through its final meta-val evaluation.
+
+    Attributes:
+        mean: the mean score of the episodes evaluated so far (Optuna's advice for the
+            Wilcoxon pruner: the trial returns it, so that the sampler learns from it).
+        evaluated: how many of the ``total`` meta-val episodes were scored.
+    """
+
+    def __init__(self, mean: float, evaluated: int, total: int) -> None:
+        super().__init__(f"worse than the best trial on {evaluated} of {total} meta-val "
+                         "episodes (paired Wilcoxon test)")
+        self.mean, self.evaluated, self.total = mean, evaluated, total
+
+
+def paired_val_score(algorithm: MetaAlgorithm, task: Task, *, generator: torch.Generator,
+                     report: Callable[[int, float], None], should_stop: Callable[[], bool],
+                     chunk: int = 10) -> float:
+    """The meta-val mean, episode by episode in a shuffled order, for a paired pruner.
+
+    Each episode's score is passed to ``report(episode_index, score)`` (its fixed index in
+    ``task.meta_val()``, so that trials pair up); after each ``chunk`` of episodes,
+    ``should_stop()`` returning True stops the evaluation. The order is a permutation drawn from
+    ``generator`` (per trial: no trial overfits the first episodes), as Optuna's
+    WilcoxonPruner recommends.
+
+    Raises:
+        EvaluationPruned: ``report`` asked to stop; carries the running mean.
+        Diverged: a prediction or score is not finite.
+    """
+    episodes = task.meta_val()
+    n = len(episodes)
+    order = torch.randperm(n, generator=generator, device="cpu")
+    # In episode order at the end, so that the mean is summed as the plain evaluation's is.
+    scores = torch.empty(n, device=episodes.support_x.device)
+    for start in range(0, n, chunk):
+        ids = order[start : start + chunk].to(scores.device)
+        scores[ids] = evaluate(algorithm, episodes[ids], task, split="meta-val")
+        for index, score in zip(ids.tolist(), scores[ids].tolist(), strict=True):
+            report(index, score)
+        seen = start + len(ids)
+        if seen < n and should_stop():
+            done = order[:seen].to(scores.device)
+            raise EvaluationPruned(float(scores[done].mean()), seen, n)
+    return float(scores.mean())
 
 
 def _sync(device: torch.device) -> None:

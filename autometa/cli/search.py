@@ -9,7 +9,15 @@ from typing import Any
 
 from autometa.cli.common import data_root_flag, keep_states, quiet_optuna, report_flags
 from autometa.cli.results import show_leaderboard
-from autometa.config import DEFAULT_STORAGE, SearchConfig, check_writable_dir, tomllib
+from autometa.config import (
+    DEFAULT_STORAGE,
+    INITIALS,
+    PRUNERS,
+    SAMPLERS,
+    SearchConfig,
+    check_writable_dir,
+    tomllib,
+)
 from autometa.errors import ConfigError
 from autometa.params import CliText
 
@@ -20,6 +28,7 @@ RUN_FLAGS = {
     "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
     "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
     "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
+    "sampler": "sampler", "initial": "initial", "warm_start": "warm_start",
 }
 
 
@@ -54,7 +63,17 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: torch's; 1 is fastest for small models)")
-    run.add_argument("--pruner", choices=["median", "none"], help="trial pruning (median)")
+    run.add_argument("--pruner", choices=PRUNERS,
+                     help="stops unpromising trials: median (meta-val at each evaluation), "
+                          "hyperband (over meta-steps), wilcoxon (paired over meta-val "
+                          "episodes) or none (default: median)")
+    run.add_argument("--sampler", choices=SAMPLERS, help="proposes configurations (tpe)")
+    run.add_argument("--initial", choices=INITIALS,
+                     help="portfolio: every (algorithm, source) pair first, at its plugins' "
+                          "defaults (default: none)")
+    run.add_argument("--warm-start", metavar="STUDY[@URL],...",
+                     help="earlier studies (in --storage, or at URL) whose best "
+                          "configurations run first")
     run.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                      help="task parameter, e.g. shots=5 (repeatable)")
     run.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE",

@@ -148,8 +148,10 @@ def check_shared(study: optuna.Study, location: str, given: bool) -> None:
                           f"{location!r}, a folder relative to the machine that created it; "
                           f"{fix}")
     removed = set(study.user_attrs.get(REMOVED_ATTR, []))
+    from autometa.trial import ranked
+
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.number not in removed]
+            if t.number not in removed and ranked(t)]
     for trial in sorted(done, key=lambda t: -t.number)[:1]:
         artifact = state_artifact(trial, study._storage)
         if artifact is None:
@@ -172,11 +174,12 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
     if keep == "all":
         return []
     assert isinstance(keep, int)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    ranked = sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))
+    from autometa.leaderboard import ranked_trials
+
+    ranked = ranked_trials(study)
     removed: list[int] = list(study.user_attrs.get(REMOVED_ATTR, []))
     newly = []
+    # A trial never ranked (pruned during its evaluation) uploaded no state.
     for trial in ranked[keep:]:
         if trial.number in removed:
             continue

@@ -36,6 +36,8 @@ class Prepared:
     #: input files by setting: {"task_params.path": {"path": as given, "sha256": ...}}
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     root: Path | None = None  # relative input paths resolve here (None: working directory)
+    # (origin, TrialPlan) of earlier studies' best trials, to run first in a new study
+    warm: list[tuple[str, Any]] = field(default_factory=list)
 
 
 def prepare(config: SearchConfig, host: PluginHost,
@@ -65,6 +67,7 @@ def prepare(config: SearchConfig, host: PluginHost,
     if expected_inputs is not None:
         check_same(expected_inputs, inputs, paths, root, config.study)
     task = build_task(config, host, task_params, device)
+    check_pruner(config, task)
 
     def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
         reason = cls.incompatibility(task)
@@ -107,7 +110,14 @@ def prepare(config: SearchConfig, host: PluginHost,
         source_params={n: _overrides(s, config.source_params.get(n, {}))
                        for n, s in sources.items() if n in config.source_params},
     )
-    return Prepared(typed, host, task, algorithms, sources, inputs, data_root)
+    warm = []
+    if config.warm_start and expected_inputs is None:  # a joining worker never creates
+        from autometa.engine.initial import read_warm_start
+        from autometa.engine.storage import study_exists
+
+        if not study_exists(config.storage, config.study):  # queued only at creation
+            warm = read_warm_start(config)
+    return Prepared(typed, host, task, algorithms, sources, inputs, data_root, warm)
 
 
 def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,6 +132,20 @@ def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, 
         else:
             out[name] = p
     return out
+
+
+def check_pruner(config: SearchConfig, task: Task) -> None:
+    """Raise :class:`ConfigError` if the Wilcoxon pruner has too few meta-val episodes to
+    pair (a target dataset's val split is one episode)."""
+    from autometa.engine.sampling import WILCOXON_STARTUP
+
+    if config.pruner != "wilcoxon":
+        return
+    n = len(task.meta_val())
+    if n <= WILCOXON_STARTUP:
+        raise ConfigError(f"pruner 'wilcoxon' pairs trials over meta-val episodes and needs "
+                          f"more than {WILCOXON_STARTUP}; task {config.task!r} has {n}; use "
+                          "pruner 'median' or 'hyperband', or more meta-val episodes")
 
 
 def resolve_devices(config: SearchConfig) -> list[str]:

@@ -19,7 +19,7 @@ from autometa.engine.artifacts import check_shared
 from autometa.engine.lock import storage_lock
 from autometa.engine.pool import Pool
 from autometa.engine.prepare import prepare
-from autometa.engine.sampling import pruner, sampler
+from autometa.engine.sampling import strategy
 from autometa.engine.storage import counts, fail_dead_trials, open_study, stored_search
 from autometa.engine.urls import local_file
 from autometa.engine.worker import Event, WorkerSpec, run_worker
@@ -69,7 +69,7 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
          ready: Callable[[], None], expected_inputs: dict[str, Any] | None) -> Leaderboard:
     prepared = prepare(config, host, expected_inputs)
     config = prepared.config
-    study = open_study(prepared, sampler(config.seed), pruner(config.pruner))
+    study = open_study(prepared, *strategy(config))
     with storage_lock(config.storage):
         fail_dead_trials(study)  # a crashed run's trials, even when the budget is spent
     ready()

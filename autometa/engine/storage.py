@@ -202,8 +202,11 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
             sampler: optuna.samplers.BaseSampler,
             pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """A new study with the search's typed settings and resolved spaces (under the lock)."""
+    from autometa.engine.initial import describe, enqueue, initial_trials
+
     config = prepared.config
     name = config.study
+    queued = initial_trials(prepared)
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, direction=prepared.task.metric.direction)
     with warnings.catch_warnings():  # experimental in Optuna; optuna-dashboard shows it
@@ -212,7 +215,8 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     study.set_user_attr(CONFIG_ATTR, {
         "autometa_version": __version__,
         # The storage URL is each machine's own; stored without its password.
-        "config": _jsonable({**config.to_dict(), "storage": redact(config.storage)}),
+        "config": _jsonable({**config.to_dict(), "storage": redact(config.storage),
+                             "warm_start": [redact(w) for w in config.warm_start]}),
         "fingerprint": _jsonable(config.fingerprint()),
         # SHA-256 of every input file: a worker elsewhere must have the same data.
         "inputs": prepared.inputs,
@@ -224,6 +228,10 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
         "spaces": {"algorithm": {n: to_json(s) for n, s in prepared.algorithms.items()},
                    "source": {n: to_json(s) for n, s in prepared.sources.items()}},
     })
+    if queued:
+        enqueue(study, queued)
+        log.info("queued %s to run first", ", ".join(f"{n} {k} trial(s)"
+                                                    for k, n in describe(queued).items()))
     return study
 
 
@@ -315,6 +323,15 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
     return "; ".join(changed)
+
+
+def study_exists(url: str, name: str) -> bool:
+    """True if study ``name`` is in the storage at ``url``; creates and writes nothing."""
+    file = local_file(url)
+    if (file is not None and not file.is_file()) or not schema_ready(url):
+        return False
+    storage = open_storage(url, create_tables=False)
+    return name in optuna.get_all_study_names(storage)
 
 
 def schema_ready(url: str) -> bool:

@@ -31,24 +31,31 @@ from autometa.engine.artifacts import keep_best, open_store, upload_state
 from autometa.engine.lock import storage_lock
 from autometa.engine.outage import is_storage_error, wait_for_storage
 from autometa.engine.prepare import Prepared, prepare
-from autometa.engine.sampling import pruner, sampler, trial_sampler
+from autometa.engine.sampling import strategy, trial_sampler
 from autometa.engine.storage import claim, fail_running, heartbeat_storage, open_study
 from autometa.errors import one_line, redact
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
 from autometa.trial import (
+    CURVE_ATTR,
+    PRUNED_ATTR,
     Clock,
     Diverged,
+    EvaluationPruned,
     MetaTestScore,
     TrialPlan,
     build,
     meta_train,
+    paired_val_score,
+    ranked,
     score_meta_test,
     trial_seed,
 )
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
+
+    from autometa.algorithm import MetaAlgorithm
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +97,15 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
         prepared = prepare(replace(config, device=spec.device, devices=[spec.device]),
                            host or create_host())
     config = prepared.config
-    study = open_study(prepared, sampler(config.seed), pruner(config.pruner))
+    study = open_study(prepared, *strategy(config))
     store = open_store(config.artifacts, study.study_name)
     ran, waiting = 0, False
     while keep_going():
         try:
             trial = claim(study, config.storage, config.n_trials, spec.deadline,
                           {"device": spec.device, "worker": spec.index},
-                          lambda number: trial_sampler(config.seed, number))
+                          lambda number: trial_sampler(config.seed, number,
+                                                       config.sampler, study.study_name))
             elsewhere = [] if trial else study.get_trials(deepcopy=False,
                                                           states=(TrialState.RUNNING,))
         except Exception as exc:
@@ -160,7 +168,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     for key, value in vars(plan).items():
         trial.set_user_attr(key, value)
     inherited = trial.user_attrs  # a retry copies its failed trial's attributes
-    for key in (*COST_ATTRS, *TEST_ATTRS, "test_failure", "failure"):
+    for key in (*COST_ATTRS, *TEST_ATTRS, "test_failure", "failure", PRUNED_ATTR,
+                CURVE_ATTR):
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
     send(("trial_started", (trial.number, plan.describe(), config.meta_steps, device)))
@@ -173,11 +182,26 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             last[0] = now
             send(("step", (trial.number, step)))
 
+    paired = config.pruner == "wilcoxon"  # steps are meta-val episodes, not meta-steps
+    curve: list[list[float]] = []
+
     def on_eval(step: int, score: float) -> None:
-        trial.report(score, step)
         send(("evaluated", (trial.number, step, score)))
-        if trial.should_prune():
+        if paired:
+            curve.append([step, score])
+            return
+        trial.report(score, step)
+        # Never after the last evaluation: its meta-training is spent, and a pruner's rung
+        # there (Hyperband's largest budget) would throw away a finished model.
+        if 0 < step < config.meta_steps and trial.should_prune():
             raise optuna.TrialPruned(f"meta-val {score:.4g} at step {step}")
+
+    def final_score(algorithm: MetaAlgorithm) -> float:
+        send(("trial_status", (trial.number, "meta-val, paired with the best")))
+        order = torch.Generator().manual_seed(seed)
+        return paired_val_score(algorithm, task, generator=order,
+                                report=lambda episode, score: trial.report(score, episode),
+                                should_stop=trial.should_prune)
 
     state, value, note = TrialState.COMPLETE, None, ""
     clock, test = Clock(), None
@@ -189,7 +213,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             algorithm = build(host, task, plan, seed, prepared.root)
             value = meta_train(algorithm, task, meta_steps=config.meta_steps,
                                eval_every=config.eval_every, generator=generator,
-                               on_eval=on_eval, on_step=on_step, clock=clock)
+                               on_eval=on_eval, on_step=on_step, clock=clock,
+                               final_score=final_score if paired else None)
             upload_state(algorithm, trial, store)
             if ahead(study, trial.number, value, task.metric.direction) < config.top_k:
                 # Among the best top_k so far, it may be listed with a test score: score it
@@ -199,6 +224,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                 test = score_meta_test(algorithm, task)
         except optuna.TrialPruned as exc:
             state, note = TrialState.PRUNED, str(exc)
+        except EvaluationPruned as exc:
+            # Told COMPLETE with its running mean, as Optuna advises for this pruner (the
+            # sampler learns from it); marked, so that it is never ranked.
+            value, note = exc.mean, str(exc)
         except Diverged as exc:
             state, note = TrialState.FAIL, f"diverged: {exc}"
         except Exception as exc:  # this trial's data, hyperparameters or plugin code
@@ -211,6 +240,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             _release_device_memory(task.device)
     try:
         record_costs(trial, clock, task.device)
+        if paired:
+            trial.set_user_attr(CURVE_ATTR, curve)
+        if state == TrialState.COMPLETE and note:
+            trial.set_user_attr(PRUNED_ATTR, note)
         if test is not None:
             record_test(trial, test)
         if state == TrialState.FAIL:
@@ -231,7 +264,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         except Exception as exc:  # the trial is told: a later trial's clean-up catches up
             log.warning("could not remove the states beyond the best %s: %s", config.keep,
                         redact(one_line(str(exc))))
-    send(("trial_finished", (trial.number, state.name, value, note)))
+    shown = "PRUNED" if note and state == TrialState.COMPLETE else state.name
+    send(("trial_finished", (trial.number, shown, value, note)))
     host.notify("trial_finished", study_name=study.study_name, trial=frozen)
 
 
@@ -240,15 +274,15 @@ def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int
     ties go to the lower trial number, as on the leaderboard)."""
     sign = 1.0 if direction == "minimize" else -1.0
     key = (sign * value, number)
-    return sum((sign * float(t.value), t.number) < key for t in
-               study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if t.value is not None)
+    return sum((sign * float(t.value or 0.0), t.number) < key for t in
+               study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ranked(t))
 
 
 #: Trial user attributes written by a worker (optuna-dashboard lists them per trial).
-#: Costs: meta-training seconds, milliseconds to adapt to and predict one meta-val
-#: episode, peak CUDA memory in MiB (CUDA devices only).
-COST_ATTRS = ("fit_time_s", "adapt_ms", "peak_mem_mb")
+#: Costs: meta-training seconds, meta-steps run (fewer than the budget if pruned),
+#: milliseconds to adapt to and predict one meta-val episode, peak CUDA memory in MiB
+#: (CUDA devices only).
+COST_ATTRS = ("fit_time_s", "meta_steps", "adapt_ms", "peak_mem_mb")
 #: The meta-test result of a trial among the best ``top_k`` when it finished: mean, 95% CI
 #: half-width, number of scores, what they are over, and the per-episode scores.
 TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_ci_over", "test_scores")
@@ -257,6 +291,7 @@ TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_ci_over", "test_scores")
 def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:
     """Store the trial's times (and peak CUDA memory) as its user attributes."""
     trial.set_user_attr("fit_time_s", round(clock.train_s, 3))
+    trial.set_user_attr("meta_steps", clock.steps)
     if clock.eval_episodes:
         trial.set_user_attr("adapt_ms", round(clock.adapt_ms, 4))
     if device.type == "cuda":

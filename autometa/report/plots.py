@@ -97,22 +97,25 @@ def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
     """
     from optuna.trial import TrialState
 
+    from autometa.trial import learning_curve, ranked
+
+    curves = {t.number: learning_curve(t) for t in trials}
     shown = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-             and t.intermediate_values]
+             and curves[t.number]]
     if not shown:
         raise Skipped("learning curves: no complete or pruned trial reported a meta-val score")
     algorithms = colours([_algorithm(t) for t in shown])
     with drawing() as (fig, svg):
         ax = fig.add_subplot()
         # Pruned first (underneath), the best last (on top).
-        order = sorted(shown, key=lambda t: (t.state == TrialState.COMPLETE, t.number == best))
+        order = sorted(shown, key=lambda t: (ranked(t), t.number == best))
         labelled: set[str] = set()
         for t in order:
-            steps = sorted(t.intermediate_values)
-            values = [t.intermediate_values[s] for s in steps]
+            steps = sorted(curves[t.number])
+            values = [curves[t.number][s] for s in steps]
             # One evaluation is no line: draw it as a marker.
             single: dict[str, Any] = {"marker": "o", "ms": 4} if len(steps) == 1 else {}
-            if t.state == TrialState.PRUNED:
+            if not ranked(t):
                 label = None if "pruned" in labelled else "pruned"
                 ax.plot(steps, values, color=PRUNED, lw=1, label=label, zorder=1, **single)
                 labelled.add("pruned")
@@ -133,10 +136,11 @@ def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
 def history_figure(trials: Sequence[FrozenTrial], direction: str, metric: str) -> bytes:
     """Each complete trial's meta-val score by trial number, and the best so far."""
     from matplotlib.ticker import MaxNLocator
-    from optuna.trial import TrialState
 
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-                   and math.isfinite(t.value)), key=lambda t: t.number)
+    from autometa.trial import ranked
+
+    done = sorted((t for t in trials if ranked(t) and math.isfinite(float(t.value or 0))),
+                  key=lambda t: t.number)
     if len(done) < 2:
         raise Skipped(f"optimisation history: {len(done)} complete trial(s); needs 2")
     better = min if direction == "minimize" else max
