@@ -93,7 +93,10 @@ def test_two_workers_finish_exactly_the_budget_with_distinct_configurations(tmp_
 
 RUN = ["run", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
        "--meta-steps", "150", "--eval-every", "50", "--top-k", "1", "--no-progress",
-       "--param", "maml.meta_batch_size=25", "--param", "maml.inner_steps=5", *TASK_FLAGS]
+       "--param", "maml.meta_batch_size=25", "--param", "maml.inner_steps=5",
+       # Step sizes that never diverge: a retry must complete (it runs its parameters again).
+       "--param", "maml.inner_lr=0.01", "--param", "maml.meta_lr=0.001",
+       "--param", "mlp.hidden=40", "--param", "mlp.layers=2", *TASK_FLAGS]
 
 
 def test_a_killed_worker_is_replaced_and_its_trial_run_again(tmp_path):
@@ -107,7 +110,8 @@ def test_a_killed_worker_is_replaced_and_its_trial_run_again(tmp_path):
     killed = trials[victim.number]
     assert killed.state == TrialState.FAIL and "died" in killed.user_attrs["crash"]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, \
+        [(t.number, t.state.name, t.user_attrs.get("failure")) for t in retries]
     assert retries[0].params == killed.params
     assert "wrote autometa-reports" in out
 
