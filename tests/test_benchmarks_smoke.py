@@ -134,3 +134,27 @@ def test_postgres_workers(bench, tmp_path: Path, postgres) -> None:
     assert result["heartbeat"] is None  # --heartbeat-seconds 0 skips it
     assert [s["workers"] for s in result["summary"]] == [1, 2]
     assert "| workers | trials/s (range) |" in md and "## What limits it" in md
+
+
+def test_search_efficiency(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    search_efficiency = bench("search_efficiency")
+    results = tmp_path / "results"
+    search_efficiency.main(["--random-trials", "4", "--related-trials", "2", "--meta-steps",
+                            "6", "--eval-every", "2", "--seeds", "0", "--processes", "1",
+                            "--out", str(tmp_path / "runs"), "--results", str(results)])
+    result, md = written(results, "search_efficiency_sinusoid")
+    strategies = [row["strategy"] for row in result["rows"]]
+    assert strategies[:5] == ["random", "tpe", "tpe+median", "tpe+wilcoxon", "tpe+hyperband"]
+    assert strategies[5].startswith("portfolio+") and strategies[6].startswith("warm+")
+    assert strategies[7] == "top-k"
+    random = result["rows"][0]
+    assert random["reached"] and random["best"] == random["target"]
+    assert random["total_trials"] == 4 and random["total_meta_steps"] > 0
+    assert all(row["meta_steps"] >= 0 and row["trials"] >= 1 for row in result["rows"])
+    assert "steps ÷ random's 100" in md and "| tpe+hyperband |" in md
+    assert "| tpe+hyperband |" in capsys.readouterr().out
+    # The tables are re-made from the JSON without running anything.
+    again = tmp_path / "again"
+    search_efficiency.main(["--from-json", str(results / "search_efficiency_sinusoid.json"),
+                            "--results", str(again)])
+    assert (again / "search_efficiency_sinusoid.md").read_text() == md
