@@ -267,7 +267,6 @@ ONE_LINE = [
     Case("argparse-pruner-choice", ("--pruner", "asha"), ("--pruner", "pruner"),
          subprocess=True),
     Case("argparse-sampler-choice", ("--sampler", "cmaes"), ("--sampler",), subprocess=True),
-    Case("hyperband-budget-too-small", ("--pruner", "hyperband"), ("hyperband", "meta_steps")),
     Case("wilcoxon-one-val-episode", ("--task", "iris", "--algorithms", "protonet",
                                       "--pruner", "wilcoxon"), ("wilcoxon", "episodes")),
     Case("warm-start-unknown-study", ("--warm-start", "nosuch"), ("nosuch", "warm_start")),

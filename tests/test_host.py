@@ -138,7 +138,7 @@ def test_lifecycle_hooks_see_the_search_and_their_errors_do_not_stop_it() -> Non
     )
     host = autometa.create_host(plugins={"reporter": reporter})
     board = autometa.search("sinusoid", algorithms=["maml"], sources=["mlp"], n_trials=2,
-                            meta_steps=4, eval_every=2, host=host,
+                            meta_steps=4, eval_every=2, host=host, pruner="none",
                             algorithm_params={"maml": {"inner_lr": 0.01}},  # never diverges
                             task_params={"val_episodes": 5, "test_episodes": 5,
                                          "eval_queries": 5})

@@ -32,7 +32,7 @@ SETTINGS: dict[str, Any] = {
                                   "inner_steps": 1, "meta_batch_size": 10,
                                   "first_order": False}},
     "source_params": {"mlp": {"hidden": 40, "layers": 2}},
-    "meta_steps": 150, "eval_every": 50, "top_k": 1, "seed": 0,
+    "meta_steps": 150, "eval_every": 50, "top_k": 1, "seed": 0, "initial": "none",
     "task_params": {"val_episodes": VAL_EPISODES, "test_episodes": 5, "eval_queries": 20},
 }
 
@@ -107,6 +107,9 @@ def test_the_wilcoxon_pruner_pairs_episodes_and_returns_the_running_mean(tmp_pat
                for t in pruned)
     assert list(board.frame["trial"]) == sorted((t.number for t in full),
                                                 key=lambda n: trials[n].value)
+    # The report draws the learning curves (meta-steps), not the per-episode scores.
+    html = board.report(tmp_path / "reports").read_text()
+    assert "Learning curves" in html and "reported a meta-val score" not in html
 
 
 def test_warm_start_runs_the_best_earlier_configurations_first(tmp_path: Path, caplog
@@ -208,3 +211,20 @@ def test_the_portfolio_runs_every_pair_at_its_defaults_first(tmp_path: Path,
     few = optuna.load_study(study_name="three", storage=settings["storage"]).trials
     assert {t.params["algorithm"] for t in few} == set(algorithms)
     assert "only the first 3 of 6 initial configurations" in caplog.text
+
+
+def test_the_quickstart_config_runs_every_algorithm_first(tmp_path: Path) -> None:
+    from autometa.config import SearchConfig
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.toml"
+    config = SearchConfig.from_file(path)
+    assert (config.initial, config.pruner) == ("portfolio", "hyperband")
+    small = {k: v for k, v in config.to_dict().items() if k != "task"}
+    small |= {"n_trials": 4, "meta_steps": 9, "eval_every": 3, "workers": 1, "top_k": 1,
+              "task_params": {"val_episodes": 12, "test_episodes": 2, "eval_queries": 5},
+              "storage": f"sqlite:///{tmp_path / 's.db'}", "artifacts": str(tmp_path / "a")}
+    small["algorithm_params"] = {**small["algorithm_params"],
+                                 "reptile": {"eval_steps": 5}}
+    autometa.search(config.task, **small)
+    trials = optuna.load_study(study_name="quickstart", storage=small["storage"]).trials
+    assert {t.params["algorithm"] for t in trials} == set(config.algorithms)

@@ -64,13 +64,13 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: torch's; 1 is fastest for small models)")
     run.add_argument("--pruner", choices=PRUNERS,
-                     help="stops unpromising trials: median (meta-val at each evaluation), "
-                          "hyperband (over meta-steps), wilcoxon (paired over meta-val "
-                          "episodes) or none (default: median)")
+                     help="stops unpromising trials: hyperband (over meta-steps), median "
+                          "(meta-val at each evaluation), wilcoxon (paired over meta-val "
+                          "episodes) or none (default: hyperband)")
     run.add_argument("--sampler", choices=SAMPLERS, help="proposes configurations (tpe)")
     run.add_argument("--initial", choices=INITIALS,
                      help="portfolio: every (algorithm, source) pair first, at its plugins' "
-                          "defaults (default: none)")
+                          "defaults; none: the sampler from the start (default: portfolio)")
     run.add_argument("--warm-start", metavar="STUDY[@URL],...",
                      help="earlier studies (in --storage, or at URL) whose best "
                           "configurations run first")

@@ -41,7 +41,8 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1
     - ``"median"``: Optuna's median rule after 5 trials, at each meta-val evaluation.
     - ``"hyperband"``: Optuna's HyperbandPruner (Li et al. 2018) with meta-steps as the
       resource: from ``eval_every`` (the first evaluation) to ``meta_steps``, keeping a
-      third at each rung.
+      third at each rung; ``meta_steps / eval_every`` below 3 leaves one bracket, and a
+      trial evaluated once (``eval_every = meta_steps``) is never pruned.
     - ``"wilcoxon"``: Optuna's WilcoxonPruner; trials report one meta-val score per
       episode (the episode's index as the step) and stop once a paired signed-rank test
       finds them worse than the best trial (p < :data:`WILCOXON_P`).
