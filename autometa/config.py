@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from autometa.errors import ConfigError, closest
+from autometa.errors import ConfigError, closest, redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -124,8 +124,11 @@ class SearchConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one it continues."""
         keep = {"task", "task_params", "algorithms", "sources", "algorithm_params",
-                "source_params", "meta_steps", "eval_every", "seed", "pruner", "sampler"}
-        return {k: v for k, v in asdict(self).items() if k in keep}
+                "source_params", "meta_steps", "eval_every", "seed", "pruner", "sampler",
+                "initial", "warm_start"}
+        out = {k: v for k, v in asdict(self).items() if k in keep}
+        out["warm_start"] = [redact(w) for w in self.warm_start]  # stored without passwords
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,7 +196,11 @@ class SearchConfig:
                 raise ConfigError(f"{key}: expected one of {', '.join(map(repr, names))}, got "
                                   f"{value!r}{closest(str(value), list(names))}")
         for entry in self.warm_start:
-            check_study_name(split_study_ref(entry, self.storage)[0])
+            name, url = split_study_ref(entry, self.storage)
+            check_study_name(name)
+            if not url:
+                raise ConfigError(f"warm_start: {entry!r} has no storage URL after '@'; give "
+                                  "'study' (this storage) or 'study@sqlite:///other.db'")
 
 
 def _expect(value: Any, kind: type, key: str, what: str) -> None:

@@ -286,8 +286,8 @@ class EvaluationPruned(Exception):
     """
 
     def __init__(self, mean: float, evaluated: int, total: int) -> None:
-        super().__init__(f"worse than the best trial on {evaluated} of {total} meta-val "
-                         "episodes (paired Wilcoxon test)")
+        super().__init__(f"wilcoxon: stopped after {evaluated} of {total} meta-val "
+                         "episodes, worse than the best trial (paired signed-rank test)")
         self.mean, self.evaluated, self.total = mean, evaluated, total
 
 

@@ -278,6 +278,14 @@ ONE_LINE = [
     Case("unknown-algorithm", ("--algorithms", "mamll"), ("mamll",)),
     Case("resume-with-other-settings", ("--study", BASE_STUDY, "--meta-steps", "3"),
          ("meta_steps", "meta-steps")),
+    Case("resume-with-another-warm-start", ("--study", BASE_STUDY, "--warm-start", "other"),
+         ("warm_start",)),
+    Case("storage-not-a-database", ("--storage", "sqlite:///{d}/t.txt"), ("not a database",),
+         setup=write("t.txt", "hello")),
+    Case("warm-start-not-a-database", ("--warm-start", "base@sqlite:///{d}/t.txt"),
+         ("not a database",), setup=write("t.txt", "hello")),
+    Case("warm-start-no-url", ("--warm-start", "base@"), ("no storage URL",)),
+    Case("warm-start-misspelt-study", ("--warm-start", "bsae"), ("did you mean 'base'",)),
 ]
 
 # -- 5. hostile files -------------------------------------------------------------------------

@@ -72,8 +72,9 @@ def add_parsers(sub: Any) -> None:
                      help="portfolio: every (algorithm, source) pair first, at its plugins' "
                           "defaults; none: the sampler from the start (default: portfolio)")
     run.add_argument("--warm-start", metavar="STUDY[@URL],...",
-                     help="earlier studies (in --storage, or at URL) whose best "
-                          "configurations run first")
+                     help="earlier studies (in --storage, or at URL) whose best 3 "
+                          "configurations that fit this search run first (before the "
+                          "portfolio)")
     run.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                      help="task parameter, e.g. shots=5 (repeatable)")
     run.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE",

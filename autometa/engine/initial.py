@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autometa.config import split_study_ref
-from autometa.errors import ConfigError, redact
+from autometa.errors import ConfigError, closest, redact
 from autometa.space import Categorical, Float, Int, check_value
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Configurations taken from each earlier study: its best on meta-val.
+#: Configurations taken from each earlier study: its best on meta-val that fit the search.
 WARM_START_BEST = 3
 #: User attribute of a queued trial naming where its configuration came from.
 ORIGIN_ATTR = "origin"
@@ -95,22 +95,27 @@ def portfolio(prepared: Prepared) -> list[Queued]:
     return out
 
 
-def read_warm_start(config: SearchConfig) -> list[tuple[str, TrialPlan]]:
-    """``(origin, plan)`` of the best :data:`WARM_START_BEST` trials of each study in
-    ``config.warm_start``, in that order; only reads.
+def read_warm_start(config: SearchConfig) -> list[tuple[str, list[tuple[str, TrialPlan]]]]:
+    """``(study, [(origin, plan), ...])`` per study in ``config.warm_start``: the plans of
+    its ranked trials, best first; only reads.
 
     Raises:
-        ConfigError: a study or its storage does not exist.
+        ConfigError: a study or its storage does not exist (the closest name suggested).
     """
     import optuna
 
     from autometa.engine.storage import open_storage, schema_ready
+    from autometa.engine.urls import local_file
     from autometa.leaderboard import ranked_trials
     from autometa.trial import TrialPlan
 
     out = []
     for entry in config.warm_start:
         name, url = split_study_ref(entry, config.storage)
+        file = local_file(url)
+        if file is not None and not file.is_file():
+            raise ConfigError(f"warm_start: {entry!r}: there is no database file at "
+                              f"{str(file)!r}; give the storage that holds study {name!r}")
         storage = open_storage(url, must_exist=True, create_tables=False) \
             if schema_ready(url) else None
         try:
@@ -119,30 +124,38 @@ def read_warm_start(config: SearchConfig) -> list[tuple[str, TrialPlan]]:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
             names = sorted(optuna.get_all_study_names(storage)) if storage else []
-            raise ConfigError(f"warm_start: no study {name!r} in {redact(url)}; its studies: "
+            raise ConfigError(f"warm_start: no study {name!r} in {redact(url)}"
+                              f"{closest(name, names)}; its studies: "
                               f"{', '.join(names) or 'none'}") from None
-        best = ranked_trials(study)[:WARM_START_BEST]
+        best = ranked_trials(study)
         if not best:
             log.warning("warm start: study %r has no complete trial; nothing taken from it",
                         name)
-        out += [(f"warm start from {name} trial {t.number}", TrialPlan.of(t)) for t in best]
+        out.append((name, [(f"warm start from {name} trial {t.number}", TrialPlan.of(t))
+                           for t in best]))
     return out
 
 
 def warm_start(prepared: Prepared) -> list[Queued]:
-    """The earlier studies' configurations read by :func:`read_warm_start`
-    (``prepared.warm``) as Optuna parameters of this search; each one whose algorithm or
-    source is not in this search, or whose value of a hyperparameter searched here is
-    outside this search's space, is skipped with a log line (settings fixed here apply).
+    """The best :data:`WARM_START_BEST` configurations of each earlier study (read by
+    :func:`read_warm_start` into ``prepared.warm``) that fit this search, as its Optuna
+    parameters. One whose algorithm or source is not in this search, or whose value of a
+    hyperparameter searched here is outside this search's space, is skipped with a log
+    line and the next best taken; settings fixed here apply to all.
     """
     out = []
-    for origin, plan in prepared.warm:
-        try:
-            params = _matched(prepared, plan)
-        except _Mismatch as exc:
-            log.warning("%s skipped: %s", origin, exc)
-            continue
-        out.append(Queued(params, origin))
+    for _, plans in prepared.warm:
+        taken = 0
+        for origin, plan in plans:
+            if taken == WARM_START_BEST:
+                break
+            try:
+                params = _matched(prepared, plan)
+            except _Mismatch as exc:
+                log.warning("%s skipped: %s", origin, exc)
+                continue
+            out.append(Queued(params, origin))
+            taken += 1
     return out
 
 

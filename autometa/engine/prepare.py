@@ -36,8 +36,9 @@ class Prepared:
     #: input files by setting: {"task_params.path": {"path": as given, "sha256": ...}}
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     root: Path | None = None  # relative input paths resolve here (None: working directory)
-    # (origin, TrialPlan) of earlier studies' best trials, to run first in a new study
-    warm: list[tuple[str, Any]] = field(default_factory=list)
+    # per earlier study, (origin, TrialPlan) of its ranked trials, best first: the
+    # configurations a new study runs first (engine.initial)
+    warm: list[tuple[str, list[tuple[str, Any]]]] = field(default_factory=list)
 
 
 def prepare(config: SearchConfig, host: PluginHost,
@@ -145,7 +146,7 @@ def check_pruner(config: SearchConfig, task: Task) -> None:
     if n <= WILCOXON_STARTUP:
         raise ConfigError(f"pruner 'wilcoxon' pairs trials over meta-val episodes and needs "
                           f"more than {WILCOXON_STARTUP}; task {config.task!r} has {n}; use "
-                          "pruner 'median' or 'hyperband', or more meta-val episodes")
+                          "pruner 'hyperband' or 'median'")
 
 
 def resolve_devices(config: SearchConfig) -> list[str]:

@@ -179,8 +179,11 @@ def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
     if stored is None:
         raise ConfigError(f"study {name!r} in {redact(config.storage)} was not made by "
                           "autometa; choose another study name")
-    if stored["fingerprint"] != _jsonable(config.fingerprint()):
-        diff = _diff(stored["fingerprint"], _jsonable(config.fingerprint()))
+    # Settings added to autometa after the study was made are not compared.
+    given = {k: v for k, v in _jsonable(config.fingerprint()).items()
+             if k in stored["fingerprint"]}
+    if stored["fingerprint"] != given:
+        diff = _diff(stored["fingerprint"], given)
         raise ConfigError(
             f"study {name!r} in {redact(config.storage)} was run with other settings "
             f"({diff}); use the original settings to resume it, or a new study name"
@@ -367,6 +370,8 @@ def schema_ready(url: str) -> bool:
     except sqlalchemy.exc.OperationalError as exc:
         if scheme(url) == "sqlite" and "no such table" in str(exc):
             return False
+        raise open_error(url, exc) from None
+    except sqlalchemy.exc.DatabaseError as exc:  # e.g. a file that is not a database
         raise open_error(url, exc) from None
     finally:
         engine.dispose()

@@ -194,7 +194,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         # Never after the last evaluation: its meta-training is spent, and a pruner's rung
         # there (Hyperband's largest budget) would throw away a finished model.
         if 0 < step < config.meta_steps and trial.should_prune():
-            raise optuna.TrialPruned(f"meta-val {score:.4g} at step {step}")
+            raise optuna.TrialPruned(f"{config.pruner}: meta-val {score:.4g} at step {step}")
 
     def final_score(algorithm: MetaAlgorithm) -> float:
         send(("trial_status", (trial.number, "meta-val, paired with the best")))
