@@ -96,7 +96,7 @@ def provenance_section(board: Leaderboard, stored: dict[str, Any], command: str 
         ("storage", config.get("storage", "not recorded")),
     ]
     for key in ("algorithms", "sources", "n_trials", "meta_steps", "eval_every", "pruner",
-                "top_k"):
+                "sampler", "initial", "warm_start", "top_k"):
         if key in config:
             facts.append((key, _text(config[key])))
     parts.append(key_values(facts))
