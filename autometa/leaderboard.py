@@ -209,7 +209,7 @@ def compute_leaderboard(
 
     from autometa.engine.storage import CONFIG_ATTR
     from autometa.metrics import tie_groups
-    from autometa.trial import TrialPlan
+    from autometa.trial import TrialPlan, ranked_trials
 
     metric = task.metric
     stored = study.user_attrs.get(CONFIG_ATTR, {})
@@ -269,24 +269,6 @@ def compute_leaderboard(
         test_scores={n: list(tests[n].scores) for n in scored},
         context=context,
     )
-
-
-def ranked_trials(study: optuna.Study,
-                  complete: list[optuna.trial.FrozenTrial] | None = None
-                  ) -> list[optuna.trial.FrozenTrial]:
-    """The study's ranked trials (:func:`autometa.trial.ranked`; from ``complete``, if
-    already read), best on meta-val first (the leaderboard's order: ties go to the earlier
-    trial)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from autometa.trial import ranked
-
-    if complete is None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    return sorted((t for t in complete if ranked(t)),
-                  key=lambda t: (sign * float(t.value or 0.0), t.number))
 
 
 #: Cost columns of the leaderboard: the trial user attributes a worker records

@@ -394,7 +394,7 @@ def pick(study: optuna.Study, rank: object) -> FrozenTrial:
     """The completed trial at meta-val ``rank`` (from 1); ConfigError if out of range."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise ConfigError(f"rank: expected a whole number from 1, got {rank!r}")
-    from autometa.leaderboard import ranked_trials
+    from autometa.trial import ranked_trials
 
     ranked = ranked_trials(study)
     if not ranked:

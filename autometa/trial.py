@@ -39,6 +39,25 @@ def ranked(trial: Any) -> bool:
             and not trial.user_attrs.get(PRUNED_ATTR))
 
 
+def rank_key(direction: str, value: float, number: int) -> tuple[float, int]:
+    """The ranking's sort key: better meta-val first (``direction`` "minimize" or
+    "maximize"), ties to the earlier trial."""
+    return (value if direction == "minimize" else -value, number)
+
+
+def ranked_trials(study: Any, complete: list[Any] | None = None) -> list[Any]:
+    """The :func:`ranked` trials of an Optuna study (from ``complete``, its COMPLETE
+    trials, if already read), best on meta-val first: the leaderboard's order."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    if complete is None:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    direction = "minimize" if study.direction == StudyDirection.MINIMIZE else "maximize"
+    return sorted((t for t in complete if ranked(t)),
+                  key=lambda t: rank_key(direction, float(t.value), t.number))
+
+
 def learning_curve(trial: Any) -> dict[int, float]:
     """``{meta_step: meta-val score}`` of an Optuna trial, whatever its pruner."""
     if CURVE_ATTR in trial.user_attrs:

@@ -174,7 +174,7 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
     if keep == "all":
         return []
     assert isinstance(keep, int)
-    from autometa.leaderboard import ranked_trials
+    from autometa.trial import ranked_trials
 
     ranked = ranked_trials(study)
     removed: list[int] = list(study.user_attrs.get(REMOVED_ATTR, []))

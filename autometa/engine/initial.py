@@ -106,8 +106,7 @@ def read_warm_start(config: SearchConfig) -> list[tuple[str, list[tuple[str, Tri
 
     from autometa.engine.storage import open_storage, schema_ready
     from autometa.engine.urls import local_file
-    from autometa.leaderboard import ranked_trials
-    from autometa.trial import TrialPlan
+    from autometa.trial import TrialPlan, ranked_trials
 
     out = []
     for entry in config.warm_start:

@@ -47,7 +47,8 @@ from autometa.trial import (
     build,
     meta_train,
     paired_val_score,
-    ranked,
+    rank_key,
+    ranked_trials,
     score_meta_test,
     trial_seed,
 )
@@ -272,10 +273,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
 def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int:
     """How many completed trials rank before trial ``number`` scoring ``value`` (meta-val;
     ties go to the lower trial number, as on the leaderboard)."""
-    sign = 1.0 if direction == "minimize" else -1.0
-    key = (sign * value, number)
-    return sum((sign * float(t.value or 0.0), t.number) < key for t in
-               study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ranked(t))
+    key = rank_key(direction, value, number)
+    return sum(rank_key(direction, float(t.value), t.number) < key
+               for t in ranked_trials(study))
 
 
 #: Trial user attributes written by a worker (optuna-dashboard lists them per trial).
