@@ -16,14 +16,40 @@ from autometa.space import Categorical, Float, Int
 
 __version__ = "0.1.0"
 
+#: The public modules: a plugin imports only these, and from each only the names in its
+#: ``__all__`` (the stable API, which changes by adding names). Everything else, in these
+#: modules (names not in ``__all__``) or in the others (``autometa.engine``,
+#: ``autometa.trial``, ...), is internal and may change in any release.
+#: tests/test_public_api.py holds the first-party plugins to it.
+PUBLIC_MODULES: tuple[str, ...] = (
+    "autometa",
+    "autometa.task",
+    "autometa.source_model",
+    "autometa.algorithm",
+    "autometa.space",
+    "autometa.metrics",
+    "autometa.errors",
+    "autometa.hookspecs",
+    "autometa.events",
+    "autometa.testing",
+    "autometa.inner_loop",
+    "autometa.episodes",
+    "autometa.datasets",
+    "autometa.weights",
+    "autometa.numeric_inputs",
+    "autometa.gradient",
+)
+
 # Public name -> module that defines it, imported lazily (these modules import torch).
 _LAZY = {
     "Task": "autometa.task",
     "TaskSpec": "autometa.task",
     "Episodes": "autometa.task",
+    "InputBatch": "autometa.task",
     "SourceModel": "autometa.source_model",
     "Backbone": "autometa.source_model",
     "MetaAlgorithm": "autometa.algorithm",
+    "GradientMetaLearner": "autometa.gradient",
     "Metric": "autometa.metrics",
     "SearchConfig": "autometa.config",
     "search": "autometa.engine.run",
@@ -42,10 +68,13 @@ __all__ = [
     "DataError",
     "Episodes",
     "Float",
+    "GradientMetaLearner",
+    "InputBatch",
     "Int",
     "Leaderboard",
     "MetaAlgorithm",
     "Metric",
+    "PUBLIC_MODULES",
     "PluginError",
     "PluginHost",
     "Registration",
@@ -67,11 +96,12 @@ if TYPE_CHECKING:
     from autometa.algorithm import MetaAlgorithm
     from autometa.config import SearchConfig
     from autometa.engine.run import join_search, run_search, search
+    from autometa.gradient import GradientMetaLearner
     from autometa.leaderboard import Leaderboard, load_leaderboard
     from autometa.metrics import Metric
     from autometa.predictor import load_model
     from autometa.source_model import Backbone, SourceModel
-    from autometa.task import Episodes, Task, TaskSpec
+    from autometa.task import Episodes, InputBatch, Task, TaskSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,8 @@ from autometa.source_model import Backbone
 from autometa.space import SearchSpace
 from autometa.task import Episodes, Task
 
+__all__ = ["MetaAlgorithm"]
+
 
 class MetaAlgorithm(ABC):
     """Base class of meta-algorithms.

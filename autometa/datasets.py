@@ -38,6 +38,17 @@ from autometa.errors import ConfigError, DataError
 from autometa.space import Float, Int, SearchSpace
 from autometa.task import Episodes, Task
 
+__all__ = [
+    "FEW_SHOT_PARAMS",
+    "FewShotTask",
+    "InnerTask",
+    "TARGET_PARAMS",
+    "TargetTask",
+    "check_finite",
+    "split_classes",
+    "split_examples",
+]
+
 #: Episode-size parameters shared by few-shot tasks, with their declared ranges.
 FEW_SHOT_PARAMS: SearchSpace = {
     "ways": Int(2, 1000),

@@ -17,6 +17,8 @@ from torch import Tensor
 from autometa.errors import DataError
 from autometa.task import Episodes
 
+__all__ = ["ClassPool"]
+
 
 class ClassPool:
     """Examples of some classes, relabelled ``0..n_classes-1`` in the order given.

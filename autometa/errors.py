@@ -6,6 +6,8 @@ import difflib
 import re
 from collections.abc import Iterable
 
+__all__ = ["AutometaError", "ConfigError", "DataError", "PluginError", "closest", "unknown"]
+
 
 class AutometaError(Exception):
     """Base of every error autometa raises on purpose (the CLI prints these as one line)."""

@@ -56,6 +56,21 @@ from torch.func import functional_call, grad, vmap
 from autometa.errors import ConfigError
 from autometa.task import Episodes
 
+__all__ = [
+    "LearningRate",
+    "LossFn",
+    "Params",
+    "Strategy",
+    "adapt",
+    "adapt_and_predict",
+    "adapt_episodes",
+    "choose_strategy",
+    "each_task",
+    "meta_backward",
+    "parameters_of",
+    "resolve_strategy",
+]
+
 log = logging.getLogger(__name__)
 
 Params = dict[str, Tensor]

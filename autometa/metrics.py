@@ -10,6 +10,19 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = [
+    "ACCURACY",
+    "Direction",
+    "MSE",
+    "Metric",
+    "TaskKind",
+    "accuracy_per_episode",
+    "accuracy_per_example",
+    "loss_for",
+    "mse_per_episode",
+    "mse_per_example",
+]
+
 TaskKind = Literal["classification", "regression"]
 Direction = Literal["minimize", "maximize"]
 

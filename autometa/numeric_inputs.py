@@ -24,6 +24,8 @@ from autometa.errors import DataError
 from autometa.predictor import label_name
 from autometa.task import InputBatch, Task
 
+__all__ = ["LABEL", "TARGET", "read_frame", "read_numbers"]
+
 #: The column holding class labels (classification).
 LABEL = "label"
 #: ... and the regression targets' column (``target_<i>`` for several).

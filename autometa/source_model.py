@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from autometa.space import SearchSpace
 from autometa.task import Task, TaskSpec
 
+__all__ = ["Backbone", "SourceModel"]
+
 
 class Backbone(nn.Module):
     """``head(features(x))``, with the split exposed as two submodules."""

@@ -20,6 +20,8 @@ from autometa.params import CliText, parse
 if TYPE_CHECKING:
     import optuna
 
+__all__ = ["Categorical", "Float", "Int", "Param", "SearchSpace"]
+
 
 @dataclass(frozen=True)
 class Float:

@@ -25,6 +25,8 @@ from torch import Tensor
 from autometa.metrics import ACCURACY, MSE, Metric, TaskKind, loss_for
 from autometa.space import SearchSpace
 
+__all__ = ["Episodes", "InputBatch", "Task", "TaskSpec"]
+
 
 @dataclass(frozen=True)
 class TaskSpec:

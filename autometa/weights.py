@@ -30,6 +30,15 @@ from torch import Tensor, nn
 
 from autometa.errors import ConfigError, DataError, PluginError
 
+__all__ = [
+    "check_flag",
+    "fit_problem",
+    "load_weights",
+    "mismatches",
+    "read_state_dict",
+    "resolve_architecture",
+]
+
 #: Mismatches listed in an error message; the rest are counted.
 LISTED = 5
 

@@ -12,15 +12,23 @@ step 0.01 to 0.4, 1 to 5 steps, Adam 1e-3, meta-batches of 2 to 32 tasks).
 
 from __future__ import annotations
 
-from autometa_plugins.maml.algorithm import MAML
+from autometa import Categorical, Float, GradientMetaLearner, Int
+from autometa.gradient import head_only
+from autometa.space import SearchSpace
 
 
-def _in_head(name: str) -> bool:
-    """The parameters the inner loop adapts: the Backbone's ``head`` submodule."""
-    return name.startswith("head.")
-
-
-class ANIL(MAML):
+class ANIL(GradientMetaLearner):
     """MAML with the inner loop on the head; same hyperparameters and search space."""
 
-    inner_params = staticmethod(_in_head)
+    adapt_only = staticmethod(head_only)
+
+    @classmethod
+    def search_space(cls) -> SearchSpace:
+        # MAML's ranges, as the paper keeps MAML's settings.
+        return {
+            "inner_lr": Float(1e-3, 0.5, log=True),
+            "inner_steps": Int(1, 5),
+            "meta_lr": Float(1e-4, 1e-2, log=True),
+            "meta_batch_size": Categorical((4, 10, 25)),
+            "first_order": Categorical((False, True)),
+        }

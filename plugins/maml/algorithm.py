@@ -9,46 +9,23 @@ A BatchNorm with running statistics updates them at every forward pass of meta-t
 (each inner step's support pass, then the query pass, episode after episode) and uses them,
 unchanged, at evaluation (eval mode): ``autometa.inner_loop``'s rule, the same for both
 orders, Meta-SGD and ANIL.
+
+The machinery is :class:`autometa.gradient.GradientMetaLearner`'s, whose constructor
+keywords are MAML's hyperparameters; this plugin adds the search space.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch import Tensor
-
-from autometa import Backbone, Categorical, Episodes, Float, Int, MetaAlgorithm, Task
-from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
+from autometa import Categorical, Float, GradientMetaLearner, Int
+from autometa.space import SearchSpace
 
 
-class MAML(MetaAlgorithm):
-    #: Names of the parameters the inner loop adapts (None: all). ANIL adapts the head only.
-    inner_params: Callable[[str], bool] | None = None
-
-    def __init__(
-        self,
-        model: Backbone,
-        task: Task,
-        *,
-        inner_lr: float = 0.01,  # alpha: step size of the inner SGD steps
-        inner_steps: int = 1,  # SGD steps on the support set, in training and at test
-        meta_lr: float = 1e-3,  # beta: Adam step size of the meta-update
-        meta_batch_size: int = 25,  # tasks per meta-update
-        first_order: bool = False,  # FOMAML: ignore second-order terms of the meta-gradient
-        strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
-    ) -> None:
-        super().__init__(model, task)
-        self.inner_lr = inner_lr
-        self.inner_steps = inner_steps
-        self.first_order = first_order
-        self.strategy: Strategy = strategy
-        self.tasks_per_step = meta_batch_size
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=meta_lr)
+class MAML(GradientMetaLearner):
+    """Model-Agnostic Meta-Learning (Finn, Abbeel and Levine 2017, arXiv:1703.03400): every
+    parameter adapted by ``inner_steps`` SGD steps of size ``inner_lr``."""
 
     @classmethod
-    def search_space(cls):
+    def search_space(cls) -> SearchSpace:
         # Ranges around the paper's settings (alpha 0.01-0.4, beta 1e-3, 1-10 steps).
         return {
             "inner_lr": Float(1e-3, 0.5, log=True),
@@ -57,22 +34,3 @@ class MAML(MetaAlgorithm):
             "meta_batch_size": Categorical((4, 10, 25)),
             "first_order": Categorical((False, True)),
         }
-
-    def _inner(self, first_order: bool) -> dict[str, Any]:
-        """The inner loop's settings (keywords of autometa.inner_loop's functions)."""
-        return {"steps": self.inner_steps, "lr": self.inner_lr, "first_order": first_order,
-                "adapt_only": self.inner_params, "strategy": self.strategy}
-
-    def meta_step(self, batch: Episodes) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        # Query loss after adaptation, back-propagated through the inner steps.
-        loss = meta_backward(self.model, batch, self.task.loss, **self._inner(self.first_order))
-        self.optimizer.step()
-        return loss
-
-    def adapt_and_predict(self, episodes: Episodes) -> Tensor:
-        # torch.func.grad ignores an outer no_grad: the inner steps still see gradients,
-        # but no graph back to the meta-parameters is kept.
-        with torch.no_grad():
-            return adapt_episodes(self.model, episodes, self.task.loss,
-                                  **self._inner(first_order=True))

@@ -16,18 +16,16 @@ classification.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
-
-from autometa import Backbone, Categorical, Float, Task
+from autometa import Backbone, Categorical, Float, GradientMetaLearner, Task
 from autometa.inner_loop import Strategy
-from autometa_plugins.maml.algorithm import MAML
+from autometa.space import SearchSpace
 
 
-class MetaSGD(MAML):
-    """MAML whose scalar inner step is replaced by learned per-entry rates ``inner_lr``."""
+class MetaSGD(GradientMetaLearner):
+    """MAML whose scalar inner step is replaced by learned per-entry rates ``inner_lr``
+    (``{parameter name: tensor}``, saved in the state dict)."""
+
+    learn_inner_lr = True
 
     def __init__(
         self,
@@ -41,21 +39,13 @@ class MetaSGD(MAML):
         first_order: bool = False,  # ignore second-order terms of the meta-gradient
         strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
     ) -> None:
-        super().__init__(model, task, inner_steps=inner_steps, meta_lr=meta_lr,
-                         meta_batch_size=meta_batch_size, first_order=first_order,
-                         strategy=strategy)
-        # alpha: one learned rate per parameter entry, on each parameter's device and dtype.
-        # A plain dict, not an nn.ParameterDict: parameter names contain dots.
-        self.inner_lr: dict[str, Tensor] = {
-            name: torch.full_like(p, init_inner_lr, requires_grad=True)
-            for name, p in model.named_parameters()
-        }
-        self.optimizer = torch.optim.Adam(
-            [*model.parameters(), *self.inner_lr.values()], lr=meta_lr
-        )
+        # Named init_inner_lr, not inner_lr: stored studies hold that name.
+        super().__init__(model, task, inner_lr=init_inner_lr, inner_steps=inner_steps,
+                         meta_lr=meta_lr, meta_batch_size=meta_batch_size,
+                         first_order=first_order, strategy=strategy)
 
     @classmethod
-    def search_space(cls):
+    def search_space(cls) -> SearchSpace:
         # Ranges around the paper's settings (alpha init in [0.005, 0.1], beta 1e-3,
         # meta-batch 4 to 32, one inner step).
         return {
@@ -64,20 +54,3 @@ class MetaSGD(MAML):
             "meta_batch_size": Categorical((4, 16, 32)),
             "first_order": Categorical((False, True)),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "inner_lr": {name: lr.detach().clone() for name, lr in self.inner_lr.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if state["inner_lr"].keys() != self.inner_lr.keys():
-            raise KeyError(
-                f"Meta-SGD state has learned rates for {sorted(state['inner_lr'])}, the model "
-                f"has parameters {sorted(self.inner_lr)}: was it saved for another model?"
-            )
-        with torch.no_grad():  # in place: the optimizer keeps its references to alpha
-            for name, lr in self.inner_lr.items():
-                lr.copy_(state["inner_lr"][name])
