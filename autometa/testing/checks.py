@@ -1,0 +1,296 @@
+"""The three contracts checked (task, source model, meta-algorithm), run as the engine runs them.
+
+Each check builds the plugin's class, calls it the way :mod:`autometa.trial` does (the
+model in train mode for ``meta_step``, in eval mode for ``adapt_and_predict``) and raises
+``AssertionError`` naming the class and the file and line of the method that broke the
+contract (see :mod:`autometa.testing.locate`). The kit's own frames are hidden from pytest's
+tracebacks (``__tracebackhide__``), so an exception raised inside plugin code shows the
+plugin's line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from autometa.algorithm import MetaAlgorithm
+from autometa.errors import ConfigError
+from autometa.params import declared_types, parse
+from autometa.source_model import Backbone, SourceModel
+from autometa.space import Categorical, SearchSpace
+from autometa.task import Episodes, Task
+from autometa.testing.locate import located
+
+__all__ = ["check_meta_algorithm", "check_source_model", "check_space", "check_task"]
+
+#: Tolerance of the comparisons of two predictions that should be the same computation.
+ATOL = 1e-6
+
+
+def _fail(cls: type, message: str, method: str | None = None) -> NoReturn:
+    __tracebackhide__ = True
+    raise AssertionError(f"{located(cls, method)}: {message}")
+
+
+def _same(a: Episodes, b: Episodes) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(
+        (a.support_x, a.support_y, a.query_x, a.query_y),
+        (b.support_x, b.support_y, b.query_x, b.query_y), strict=True))
+
+
+def _space_method(cls: type) -> str | None:
+    """The method declaring ``cls``'s space: ``search_space``, or None for a task's
+    ``params`` (a class attribute: the class's own line)."""
+    return None if issubclass(cls, Task) else "search_space"
+
+
+def check_space(cls: type, space: SearchSpace) -> None:
+    """Every declared name is a keyword of ``cls.__init__`` whose default lies in its range,
+    and every keyword parameter has a type annotation its default satisfies (the engine
+    parses users' values as that type, :mod:`autometa.params`)."""
+    __tracebackhide__ = True
+    parameters = inspect.signature(cls).parameters
+    engine = {"self", "model", "task", "seed", "device"}
+    for name, declared in declared_types(cls, skip=frozenset(engine)).items():
+        if declared is Any:
+            _fail(cls, f"parameter {name!r} has no type annotation (or one that cannot be "
+                  f"resolved at run time); annotate it, e.g. `{name}: int = 5`, so that users' "
+                  "values are checked", "__init__")
+        default = parameters[name].default
+        if default is not inspect.Parameter.empty:
+            try:
+                parse(f"{cls.__name__}.{name}", declared, default)
+            except ConfigError as exc:
+                _fail(cls, f"the default of {exc}", "__init__")
+    for name, param in space.items():
+        if name not in parameters:
+            _fail(cls, f"declares {name!r} but its __init__ has no such keyword",
+                  _space_method(cls))
+        default = parameters[name].default
+        if default is inspect.Parameter.empty:
+            continue
+        if isinstance(param, Categorical):
+            if default not in param.choices:
+                _fail(cls, f"{name}: default {default!r} is not one of {list(param.choices)}",
+                      _space_method(cls))
+        elif not param.low <= default <= param.high:
+            _fail(cls, f"{name}: default {default!r} is outside [{param.low}, {param.high}]",
+                  _space_method(cls))
+
+
+def _check_episodes(task_cls: type[Task], task: Task, episodes: Episodes, where: str,
+                    method: str) -> None:
+    __tracebackhide__ = True
+    n = len(episodes)
+    for field in ("support_x", "query_x"):
+        x = getattr(episodes, field)
+        if tuple(x.shape[2:]) != tuple(task.input_shape) or x.shape[0] != n:
+            _fail(task_cls, f"{where}.{field} has shape {list(x.shape)}; expected "
+                  f"(tasks, n, {', '.join(map(str, task.input_shape))})", method)
+    for field in ("support_x", "support_y", "query_x", "query_y"):
+        if getattr(episodes, field).device.type != task.device.type:
+            _fail(task_cls, f"{where}.{field} is on {getattr(episodes, field).device}, the "
+                  f"task on {task.device}", method)
+    for field in ("support_y", "query_y"):
+        y = getattr(episodes, field)
+        if task.kind == "classification":
+            if y.dtype != torch.long or y.dim() != 2:
+                _fail(task_cls, f"{where}.{field}: classification labels must be long "
+                      f"(tasks, n); got {y.dtype} {list(y.shape)}", method)
+            if int(y.min()) < 0 or int(y.max()) >= task.output_size:
+                _fail(task_cls, f"{where}.{field}: labels outside [0, {task.output_size})",
+                      method)
+        elif y.dim() != 3 or y.shape[-1] != task.output_size:
+            _fail(task_cls, f"{where}.{field}: regression targets must be (tasks, n, "
+                  f"{task.output_size}); got {list(y.shape)}", method)
+
+
+def check_task(task_cls: type[Task], **params: Any) -> Task:
+    """Check a task class built with ``params``; returns the instance (seed 0)."""
+    __tracebackhide__ = True
+    check_space(task_cls, task_cls.params)
+    task = task_cls(seed=0, **params)
+    if task.kind not in ("classification", "regression"):
+        _fail(task_cls, f"kind is {task.kind!r}; expected 'classification' or 'regression'")
+    if task.metric.direction not in ("minimize", "maximize"):
+        _fail(task_cls, f"metric.direction is {task.metric.direction!r}", "metric")
+    twin, other = task_cls(seed=0, **params), task_cls(seed=1, **params)
+    for split in ("meta_val", "meta_test"):
+        episodes = getattr(task, split)()
+        _check_episodes(task_cls, task, episodes, split, split)
+        if not _same(episodes, getattr(task, split)()):
+            _fail(task_cls, f"{split}() changes between calls: it must return fixed episodes",
+                  split)
+        if not _same(episodes, getattr(twin, split)()):
+            _fail(task_cls, f"{split}() differs between two tasks with the same seed", split)
+        if _same(episodes, getattr(other, split)()):
+            _fail(task_cls, f"{split}() does not depend on the seed", split)
+    batch = task.sample(3, torch.Generator(device=task.device).manual_seed(0))
+    _check_episodes(task_cls, task, batch, "sample(3)", "sample")
+    if len(batch) != 3:
+        _fail(task_cls, f"sample(3) returned {len(batch)} episodes", "sample")
+    if _same(batch, task.sample(3, torch.Generator(device=task.device).manual_seed(1))):
+        _fail(task_cls, "sample() does not depend on its generator", "sample")
+    return task
+
+
+def check_source_model(source_cls: type[SourceModel], task: Task, **hyperparameters: Any
+                       ) -> Backbone:
+    """Check a source model on ``task``; returns the built Backbone."""
+    __tracebackhide__ = True
+    check_space(source_cls, source_cls.search_space())
+    source = source_cls(**hyperparameters)
+    reason = source.incompatibility(task.spec)
+    if reason is not None:
+        _fail(source_cls, f"says it cannot serve the task: {reason}", "incompatibility")
+    source.prepare(task)
+    net = source.build(task.spec).to(task.device)
+    if not isinstance(net, Backbone):
+        _fail(source_cls, f"returned {type(net).__name__}, not a Backbone", "build")
+    x = task.meta_val().support_x[0]
+    out = net(x)
+    if tuple(out.shape) != (x.shape[0], task.output_size):
+        _fail(source_cls, f"the network outputs {list(out.shape)} for inputs {list(x.shape)}; "
+              f"expected ({x.shape[0]}, {task.output_size})", "build")
+    if not torch.allclose(out, net.head(net.features(x))):
+        _fail(source_cls, "the network's forward is not head(features(x))", "build")
+    return net
+
+
+@contextmanager
+def _evaluating(algorithm: MetaAlgorithm) -> Iterator[None]:
+    """The model in eval mode, then back in train mode, exactly as
+    :func:`autometa.trial.evaluate` runs ``adapt_and_predict``."""
+    algorithm.model.eval()
+    try:
+        yield
+    finally:
+        algorithm.model.train()
+
+
+def _tensors(state: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of a (nested) state dict, with its dotted path."""
+    if isinstance(state, Tensor):
+        yield prefix, state
+    elif isinstance(state, Mapping):
+        for key, value in state.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _snapshot(algorithm: MetaAlgorithm) -> dict[str, Tensor]:
+    """Copies of the algorithm's state and of every buffer of its model (non-persistent
+    ones included: they are not in a state dict but change predictions all the same)."""
+    out = {name: t.detach().clone() for name, t in _tensors(algorithm.state_dict())}
+    for name, buffer in algorithm.model.named_buffers():
+        out.setdefault(f"model.{name}", buffer.detach().clone())
+    return out
+
+
+def _changed(before: dict[str, Tensor], algorithm: MetaAlgorithm) -> list[str]:
+    after = _snapshot(algorithm)
+    return [k for k, v in before.items()
+            if k not in after or after[k].shape != v.shape or not torch.equal(after[k], v)]
+
+
+def _training(model: nn.Module) -> list[str]:
+    """Names of the modules in train mode (``""`` for the model itself)."""
+    return [name for name, module in model.named_modules() if module.training]
+
+
+def check_meta_algorithm(
+    algorithm_cls: type[MetaAlgorithm],
+    task: Task,
+    source_cls: type[SourceModel],
+    source_params: dict[str, Any] | None = None,
+    **hyperparameters: Any,
+) -> None:
+    """Check an algorithm on ``task`` with networks from ``source_cls``, run as the engine
+    runs it (:mod:`autometa.trial`): ``meta_step`` with the model in train mode,
+    ``adapt_and_predict`` in eval mode, which must leave every parameter and buffer
+    (BatchNorm's running statistics) as it found them and give the same predictions twice
+    and after a ``state_dict`` round trip."""
+    __tracebackhide__ = True
+    check_space(algorithm_cls, algorithm_cls.search_space())
+    reason = algorithm_cls.incompatibility(task)
+    if reason is not None:
+        _fail(algorithm_cls, f"says it cannot serve the task: {reason}", "incompatibility")
+
+    def fresh() -> MetaAlgorithm:  # as autometa.trial.build
+        __tracebackhide__ = True
+        torch.manual_seed(0)
+        source = source_cls(**(source_params or {}))
+        source.prepare(task)
+        model = source.build(task.spec).to(task.device)
+        return algorithm_cls(model, task, **hyperparameters)
+
+    algo = fresh()
+    if algo.meta_trains:
+        algo.model.train()  # as autometa.trial.meta_train
+        before = [p.detach().clone() for p in algo.model.parameters()]
+        batch = task.sample(algo.tasks_per_step, torch.Generator(device=task.device)
+                            .manual_seed(0))
+        loss = algo.meta_step(batch)
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            _fail(algorithm_cls, f"returned {loss!r}; expected a finite float", "meta_step")
+        if all(torch.equal(a, b) for a, b in zip(before, algo.model.parameters(),
+                                                 strict=True)):
+            _fail(algorithm_cls, "changed no parameter of the model", "meta_step")
+    episodes = task.meta_val()[:3]
+    n_query = episodes.query_x.shape[1]
+    with _evaluating(algo):
+        state = _snapshot(algo)
+        pred = algo.adapt_and_predict(episodes)
+        if not isinstance(pred, Tensor) or pred.dim() != 3 \
+                or tuple(pred.shape[:2]) != (len(episodes), n_query):
+            shape = list(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+            _fail(algorithm_cls, f"returned {shape}; expected ({len(episodes)}, {n_query}, "
+                  "outputs)", "adapt_and_predict")
+        if not bool(torch.isfinite(pred).all()):
+            _fail(algorithm_cls, "returned predictions that are not finite (NaN or inf) on "
+                  "the first meta-val episodes", "adapt_and_predict")
+        training = _training(algo.model)
+        if training:
+            _fail(algorithm_cls, "left the model in train mode ("
+                  f"{', '.join(repr(n or 'model') for n in training[:3])}); the engine calls it "
+                  "in eval mode: adapt a copy, or restore the mode it found "
+                  "(`was = model.training; ...; model.train(was)`)", "adapt_and_predict")
+        changed = _changed(state, algo)
+        buffers = [n for n in changed if n.startswith("model.")
+                   and n.removeprefix("model.") in dict(algo.model.named_buffers())]
+        if buffers:
+            _fail(algorithm_cls, f"changed the model's buffers {buffers[:3]} in eval mode "
+                  "(BatchNorm running statistics are updated in train mode: does it switch "
+                  "the model to train mode?); it must leave the meta-trained state as it "
+                  "found it", "adapt_and_predict")
+        if changed:
+            _fail(algorithm_cls, f"changed the meta-trained state {changed[:3]}; it must "
+                  "adapt a copy of the weights (autometa.inner_loop) and leave the state "
+                  "as it found it", "adapt_and_predict")
+        again = algo.adapt_and_predict(episodes)
+        if again.shape != pred.shape or not torch.allclose(again, pred, atol=ATOL):
+            _fail(algorithm_cls, "gave different predictions for the same episodes in two "
+                  "calls in eval mode (dropout applied regardless of the mode? an "
+                  "unseeded random draw?); predictions must be deterministic",
+                  "adapt_and_predict")
+    # Saved, as the engine saves a trial (autometa.trial.save_state), after meta-training.
+    buffer = io.BytesIO()
+    torch.save(algo.state_dict(), buffer)
+    buffer.seek(0)
+    restored = fresh()
+    restored.load_state_dict(torch.load(buffer, map_location=task.device, weights_only=True))
+    with _evaluating(restored):
+        replayed = restored.adapt_and_predict(episodes)
+    if replayed.shape != pred.shape or not torch.allclose(replayed, pred, atol=ATOL):
+        _fail(algorithm_cls, "a state_dict round trip changes the predictions: state_dict() "
+              "must hold everything adapt_and_predict uses, and load_state_dict() restore it",
+              "state_dict")
