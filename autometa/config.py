@@ -34,6 +34,9 @@ MAX_TIMEOUT = 10 * 365 * 86400.0  # seconds
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 SAMPLERS = ("tpe", "random")
 INITIALS = ("portfolio", "none")
+#: Names of pruners and samplers registered by plugins (checked against the plugins in
+#: ``prepare``, where the host is known) and of plugins in ``plugins`` (entry-point names).
+PLUGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Study names also name report and artifact files: no path separators.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 
@@ -72,16 +75,22 @@ class SearchConfig:
     top_k: int = 3  # best trials (on meta-val) evaluated on meta-test
     # stops unpromising trials: "hyperband" (over meta-steps, meta_steps the largest
     # budget), "median" (Optuna's median rule over meta-val at each evaluation),
-    # "wilcoxon" (a paired test over the final meta-val episodes), or "none"; the default
-    # was chosen by benchmarks/search_efficiency.py (README, Search strategies)
+    # "wilcoxon" (a paired test over the final meta-val episodes), "none", or a pruner a
+    # plugin registers; the default was chosen by benchmarks/search_efficiency.py (README,
+    # Search strategies)
     pruner: str = "hyperband"
-    sampler: str = "tpe"  # proposes configurations: "tpe" (multivariate TPE) or "random"
+    # proposes configurations: "tpe" (multivariate TPE), "random", or a plugin's sampler
+    sampler: str = "tpe"
     # trials run before the sampler takes over: "portfolio" = every (algorithm, source)
     # pair once with its plugins' defaults (their papers' settings); "none"
     initial: str = "portfolio"
     # earlier studies whose best configurations run first: "study" (this storage) or
     # "study@storage-url"; those whose plugins or spaces no longer match are skipped
     warm_start: list[str] = field(default_factory=list)
+    # plugins' own settings, {plugin entry-point name: {key: value}} ([plugins.NAME] in a
+    # file, --plugin-option NAME.KEY=VALUE): given to that plugin's hooks and report
+    # formats. This machine's, like storage: never stored in the study nor shown in reports
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -189,18 +198,40 @@ class SearchConfig:
                 raise ConfigError(f"data_root: {self.data_root!r} is not a directory; give "
                                   "the directory that relative input paths are under")
         _expect(self.device, str, "device", "a torch device such as 'cpu' or 'cuda:0'")
-        for key, names in (("pruner", PRUNERS), ("sampler", SAMPLERS),
-                           ("initial", INITIALS)):
-            value = getattr(self, key)
-            if value not in names:
-                raise ConfigError(f"{key}: expected one of {', '.join(map(repr, names))}, got "
-                                  f"{value!r}{closest(str(value), list(names))}")
+        for key, names in (("pruner", PRUNERS), ("sampler", SAMPLERS)):
+            value = getattr(self, key)  # a plugin's name is checked by prepare, on the host
+            if not (isinstance(value, str) and PLUGIN_NAME.fullmatch(value)):
+                raise ConfigError(f"{key}: expected one of {', '.join(map(repr, names))} or "
+                                  f"the name of a {key} a plugin registers, got {value!r}")
+        if self.initial not in INITIALS:
+            raise ConfigError(f"initial: expected one of {', '.join(map(repr, INITIALS))}, got "
+                              f"{self.initial!r}{closest(str(self.initial), list(INITIALS))}")
+        check_plugin_options(self.plugins)
         for entry in self.warm_start:
             name, url = split_study_ref(entry, self.storage)
             check_study_name(name)
             if not url:
                 raise ConfigError(f"warm_start: {entry!r} has no storage URL after '@'; give "
                                   "'study' (this storage) or 'study@sqlite:///other.db'")
+
+
+def check_plugin_options(options: Any) -> None:
+    """Raise :class:`ConfigError` unless ``options`` is ``{plugin name: {key: value}}``
+    (plugin names as entry points spell them; keys are names; values are TOML values)."""
+    example = "e.g. [plugins.my-reporter] with path = \"out.json\""
+    if not isinstance(options, dict):
+        raise ConfigError(f"plugins: expected a table per plugin ({example}), got "
+                          f"{type(options).__name__}")
+    for name, table in options.items():
+        if not (isinstance(name, str) and PLUGIN_NAME.fullmatch(name)):
+            raise ConfigError(f"plugins: {name!r} is not a plugin name (see `autometa plugins`)")
+        if not isinstance(table, dict):
+            raise ConfigError(f"plugins.{name}: expected a table of settings ({example}), got "
+                              f"{type(table).__name__}")
+        for key in table:
+            if not (isinstance(key, str) and key.isidentifier()):
+                raise ConfigError(f"plugins.{name}: setting {key!r} is not a name; use "
+                                  "letters, digits and '_'")
 
 
 def _expect(value: Any, kind: type, key: str, what: str) -> None:

@@ -45,14 +45,21 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "autometa"
 
-Kind = Literal["task", "source", "algorithm"]
+Kind = Literal["task", "source", "algorithm", "pruner", "sampler", "report_format", "command"]
 
-#: Plugin kind -> (registration hook, human name).
+#: Plugin kind -> (registration hook, human name). The first three are the plugin kinds a
+#: search combines; the others extend the engine (see :mod:`autometa.hookspecs`).
 KINDS: Mapping[Kind, tuple[str, str]] = {
     "task": ("register_tasks", "task"),
     "source": ("register_source_models", "source model"),
     "algorithm": ("register_meta_algorithms", "meta-algorithm"),
+    "pruner": ("register_pruners", "pruner"),
+    "sampler": ("register_samplers", "sampler"),
+    "report_format": ("register_report_formats", "report format"),
+    "command": ("register_commands", "command"),
 }
+#: The kinds whose entries declare settings (a task's ``params``, a ``search_space()``).
+DECLARING: frozenset[Kind] = frozenset({"task", "source", "algorithm"})
 
 #: Longest error text kept for a listing cell; a plugin's message can be pages long.
 MAX_ERROR = 500
@@ -125,7 +132,8 @@ class Registration:
         return obj
 
     def declared(self, task: Any = None) -> Mapping[str, Any]:
-        """What the entry declares: a task's ``params``, else its ``search_space()``.
+        """What the entry declares: a task's ``params``, else its ``search_space()``
+        (nothing for the kinds that extend the engine: a pruner, a report format...).
 
         Args:
             task: the search's task; passed to a ``search_space(task=...)`` that accepts it.
@@ -134,6 +142,8 @@ class Registration:
             PluginError: loading failed, the call failed, or it returned no mapping.
         """
         obj = self.load()
+        if self.kind not in DECLARING:
+            return {}
         call = "params" if self.kind == "task" else "search_space()"
         with self.guard(f"raised in {call}"):
             if self.kind == "task":
@@ -387,6 +397,11 @@ class PluginHost:
         """Sorted names available for ``kind`` (clashing and conflicting names excluded)."""
         return sorted(n for n in self._registry[kind] if (kind, n) not in self._conflicts)
 
+    def registered(self, kind: Kind, name: str) -> bool:
+        """True if a plugin registers ``name``, usable or not (:meth:`get` says why not)."""
+        key = (kind, name)
+        return name in self._registry[kind] or key in self._clashes or key in self._conflicts
+
     def get(self, kind: Kind, name: str) -> Registration:
         """The registration of ``name``.
 
@@ -426,11 +441,23 @@ class PluginHost:
         return [self._clash_message(k, n) for k, n in self._clashes] + self._conflict_messages
 
     # -- lifecycle -----------------------------------------------------------------------
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook on every plugin; one that fails is logged, not fatal."""
+    def notify(self, hook_name: str, event: Any,
+               options: Mapping[str, Mapping[str, Any]] | None = None, **kwargs: Any) -> None:
+        """Call a lifecycle hook on every plugin; one that fails is logged, not fatal.
+
+        Args:
+            event: an :mod:`autometa.events` dataclass; each plugin receives a copy whose
+                ``options`` are its own (``options[<plugin name>]``, else empty).
+            options: every plugin's settings, ``{plugin name: {key: value}}``.
+            **kwargs: the hook's other (older) arguments.
+        """
+        import dataclasses
+
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            own = dict((options or {}).get(impl.plugin_name, {}))
+            values = {**kwargs, "event": dataclasses.replace(event, options=own)}
             try:
-                impl.function(**{a: kwargs[a] for a in impl.argnames})
+                impl.function(**{a: values[a] for a in impl.argnames})
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # SystemExit too: a reporter never ends a search

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from autometa import __version__
 from autometa.cli import plugins, results, search
 from autometa.cli.common import Parser
 from autometa.errors import AutometaError, one_line, redact
 
+#: autometa's own commands -> their handlers (a plugin's command cannot take these names).
+COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], None]], int]] = {
+    "run": search.cmd_run, "worker": search.cmd_worker, "plugins": plugins.cmd_plugins,
+    "leaderboard": results.cmd_leaderboard, "report": results.cmd_report,
+    "predict": results.cmd_predict, "export": results.cmd_export,
+    "new-plugin": plugins.cmd_new_plugin,
+}
 
-def build_parser() -> Parser:
+
+def build_parser(argv: Sequence[str] | None = None) -> Parser:
+    """The ``autometa`` parser, with the commands plugins register (``register_commands``).
+
+    A plugin's command is imported only when ``argv`` runs it; listing it in ``--help``
+    needs only its name and description.
+    """
     parser = Parser(
         prog="autometa",
         description="AutoML meta-optimizer: searches meta-learning algorithms, source models "
@@ -25,7 +41,53 @@ def build_parser() -> Parser:
     search.add_parsers(sub)
     plugins.add_parsers(sub)
     results.add_parsers(sub)
+    _plugin_commands(sub, list(sys.argv[1:] if argv is None else argv))
     return parser
+
+
+#: Handlers of the plugin commands added to the parser last built, by name.
+_PLUGIN_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _plugin_commands(sub: Any, argv: list[str]) -> None:
+    """Add each plugin's command; the one ``argv`` runs is loaded and adds its arguments."""
+    from autometa.plugins import create_host
+
+    _PLUGIN_HANDLERS.clear()
+    invoked = next((a for a in argv if not a.startswith("-")), None)
+    quiet = logging.getLogger("autometa.plugins")
+    was, quiet.disabled = quiet.disabled, True  # broken plugins: the command's own host says
+    try:  # a plugin printing at import must not spoil a command's output (plugins --json)
+        with contextlib.redirect_stdout(sys.stderr):
+            host = create_host()
+    finally:
+        quiet.disabled = was
+    for name in host.names("command"):
+        reg = host.get("command", name)
+        if name in COMMANDS:
+            logging.getLogger(__name__).warning(
+                "command %r from plugin %s is not added: autometa has a command of that name",
+                name, reg.origin)
+            continue
+        parser = sub.add_parser(name, help=f"{reg.description or 'a command'} "
+                                           f"(plugin {reg.plugin})")
+        if name == invoked:
+            factory = reg.load()
+            with reg.guard("raised while adding its arguments"):
+                handler = factory(parser)
+            if not callable(handler):
+                from autometa.errors import PluginError
+
+                raise PluginError(f"command {name!r} from plugin {reg.origin}: its factory "
+                                  f"returned {type(handler).__name__}; expected "
+                                  "handler(args) -> exit status")
+
+            def run(args: argparse.Namespace, handler: Any = handler, reg: Any = reg) -> int:
+                with reg.guard("raised"):
+                    code = handler(args)
+                return int(code or 0)
+
+            _PLUGIN_HANDLERS[name] = run
 
 
 class _LogGate(logging.Handler):
@@ -63,24 +125,37 @@ def _redact_record(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     gate = _LogGate()
     root = logging.getLogger()
     level = root.level
     root.addHandler(gate)
+    try:
+        return _main(argv, gate)
+    finally:
+        root.removeHandler(gate)
+        root.setLevel(level)
+
+
+def _main(argv: Sequence[str] | None, gate: _LogGate) -> int:
+    root = logging.getLogger()
+    try:
+        parser = build_parser(argv)
+    except AutometaError as exc:  # a plugin's command failed to load or add its arguments
+        print(f"autometa: error: {redact(one_line(str(exc)))}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     root.setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if args.debug:
         gate.release()
-    commands = {"run": search.cmd_run, "worker": search.cmd_worker,
-                "plugins": plugins.cmd_plugins, "leaderboard": results.cmd_leaderboard,
-                "report": results.cmd_report, "predict": results.cmd_predict,
-                "export": results.cmd_export}
     try:
         with warnings.catch_warnings():
             logging.captureWarnings(True)  # torch/library warnings go through the gate too
             try:
-                code = commands[args.command](args, gate.release)
+                if args.command in COMMANDS:
+                    code = COMMANDS[args.command](args, gate.release)
+                else:  # a plugin's: its own output, from the start
+                    gate.release()
+                    code = _PLUGIN_HANDLERS[args.command](args)
             finally:
                 logging.captureWarnings(False)
         gate.release()
@@ -100,6 +175,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{redact(one_line(str(exc)))[:300]} (re-run with --debug for the traceback, "
               "and please report it)", file=sys.stderr)
         return 1
-    finally:
-        root.removeHandler(gate)
-        root.setLevel(level)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, NoReturn
 
-from autometa.errors import one_line
+from autometa.errors import ConfigError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -20,6 +20,39 @@ def data_root_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="directory that relative input paths (CSV files, "
                                             "image folders, checkpoints) are under (default: "
                                             "the working directory)")
+
+
+def plugin_option_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin-option", action="append", default=[],
+                        metavar="PLUGIN.KEY=VALUE",
+                        help="a setting for a plugin's hooks or report format, e.g. "
+                             "my-reporter.path=out.json (repeatable; VALUE is read as a TOML "
+                             "value when it is one, else as text; wins over [plugins.PLUGIN] "
+                             "in --config)")
+
+
+def plugin_options(given: list[str]) -> dict[str, dict[str, Any]]:
+    """``--plugin-option`` flags as ``{plugin: {key: value}}``; a VALUE that is a TOML
+    value (``3``, ``true``, ``"a b"``, ``[1, 2]``) is read as one, anything else is text.
+
+    Raises:
+        ConfigError: a flag is not ``PLUGIN.KEY=VALUE``.
+    """
+    from autometa.config import tomllib
+
+    out: dict[str, dict[str, Any]] = {}
+    for text in given:
+        key, eq, raw = text.partition("=")
+        name, dot, setting = key.strip().partition(".")
+        if not (eq and dot and name and setting):
+            raise ConfigError(f"--plugin-option {text!r}: expected PLUGIN.KEY=VALUE, e.g. "
+                              "my-reporter.path=out.json")
+        try:
+            value: Any = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out.setdefault(name, {})[setting] = value
+    return out
 
 
 def keep_states(text: str) -> int | str:

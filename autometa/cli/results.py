@@ -8,7 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autometa.cli.common import console, data_root_flag, plain, quiet_optuna, report_flags
+from autometa.cli.common import (
+    console,
+    data_root_flag,
+    plain,
+    plugin_option_flag,
+    plugin_options,
+    quiet_optuna,
+    report_flags,
+)
 from autometa.config import DEFAULT_STORAGE, check_writable_dir
 from autometa.errors import redact
 
@@ -47,6 +55,10 @@ def add_report_parser(sub: Any) -> None:
     report.add_argument("studies", nargs="+", metavar="STUDY", help="study name(s)")
     report.add_argument("--out", type=Path, default=Path("autometa-reports"),
                         help="directory for the HTML file (default autometa-reports)")
+    report.add_argument("--format", default="html",
+                        help="html (default), or a report format a plugin registers (see "
+                             "`autometa plugins`)")
+    plugin_option_flag(report)
     _stored_study_flags(report)
     report.add_argument("--top-k", type=int, help="best trials scored on meta-test")
 
@@ -130,12 +142,13 @@ def cmd_report(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     import shlex
 
     from autometa.leaderboard import check_top_k, load_leaderboard
-    from autometa.report import check_distinct, write_report
+    from autometa.report import check_distinct
 
     check_distinct(args.studies)
     if args.top_k is not None:
         check_top_k(args.top_k)
     check_writable_dir(args.out, "--out")
+    write = _report_format(args.format, plugin_options(args.plugin_option))
     quiet_optuna()
     boards = [load_leaderboard(name, args.storage, top_k=args.top_k, artifacts=args.artifacts,
                                data_root=args.data_root, device=args.device)
@@ -145,9 +158,46 @@ def cmd_report(args: argparse.Namespace, ready: Callable[[], None]) -> int:
              if getattr(args, key) is not None
              for f in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
     command = redact(shlex.join(["autometa", "report", *args.studies, *flags]))
-    path = write_report(boards, args.out, command=command)
+    path = write(boards, args.out, command)
     print(f"wrote {path}")
     return 0
+
+
+def _report_format(name: str, options: dict[str, dict[str, Any]]
+                   ) -> Callable[[list[Leaderboard], Path, str], Path]:
+    """The writer of report format ``name``: autometa's HTML, or a plugin's
+    (``register_report_formats``), which gets its plugin's ``--plugin-option`` settings.
+
+    Raises:
+        ConfigError: no such format, or options for a plugin that is not loaded.
+        PluginError: the plugin's format cannot be loaded.
+    """
+    from autometa.errors import ConfigError, closest
+    from autometa.plugins import create_host
+    from autometa.report import write_report
+
+    host = create_host()
+    loaded = [k for k, info in host.plugins.items() if info.status == "ok"]
+    for plugin in options:
+        if plugin not in loaded:
+            raise ConfigError(f"--plugin-option: no loaded plugin {plugin!r}"
+                              f"{closest(plugin, loaded)} (see `autometa plugins`)")
+    if name == "html":
+        return lambda boards, out, command: write_report(boards, out, command=command)
+    if not host.registered("report_format", name):
+        known = ["html", *host.names("report_format")]
+        raise ConfigError(f"--format: unknown report format {name!r}{closest(name, known)}; "
+                          f"formats: {', '.join(known)}")
+    reg = host.get("report_format", name)
+    factory = reg.load()
+
+    def write(boards: list[Leaderboard], out: Path, command: str) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        with reg.guard("raised while writing the report"):
+            path = factory(boards, out, options=dict(options.get(reg.plugin, {})))
+        return Path(path)
+
+    return write
 
 
 def show_leaderboard(board: Leaderboard, directory: Path) -> None:

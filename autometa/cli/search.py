@@ -7,7 +7,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from autometa.cli.common import data_root_flag, keep_states, quiet_optuna, report_flags
+from autometa.cli.common import (
+    data_root_flag,
+    keep_states,
+    plugin_option_flag,
+    plugin_options,
+    quiet_optuna,
+    report_flags,
+)
 from autometa.cli.results import show_leaderboard
 from autometa.config import (
     DEFAULT_STORAGE,
@@ -15,6 +22,7 @@ from autometa.config import (
     PRUNERS,
     SAMPLERS,
     SearchConfig,
+    check_plugin_options,
     check_writable_dir,
     tomllib,
 )
@@ -63,11 +71,14 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: torch's; 1 is fastest for small models)")
-    run.add_argument("--pruner", choices=PRUNERS,
+    run.add_argument("--pruner", metavar="{" + ",".join(PRUNERS) + ",PLUGIN'S}",
                      help="stops unpromising trials: hyperband (over meta-steps), median "
                           "(meta-val at each evaluation), wilcoxon (paired over meta-val "
-                          "episodes) or none (default: hyperband)")
-    run.add_argument("--sampler", choices=SAMPLERS, help="proposes configurations (tpe)")
+                          "episodes), none, or a pruner a plugin registers (default: "
+                          "hyperband)")
+    run.add_argument("--sampler", metavar="{" + ",".join(SAMPLERS) + ",PLUGIN'S}",
+                     help="proposes configurations: tpe, random, or a sampler a plugin "
+                          "registers (default: tpe)")
     run.add_argument("--initial", choices=INITIALS,
                      help="portfolio: every (algorithm, source) pair first, at its plugins' "
                           "defaults; none: the sampler from the start (default: portfolio)")
@@ -80,6 +91,7 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                      help="fix or restrict a hyperparameter, e.g. maml.inner_steps=1 or "
                           "maml.first_order=[true,false] (repeatable)")
+    plugin_option_flag(run)
     report_flags(run)
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars: one plain line per finished trial")
@@ -102,6 +114,7 @@ def add_parsers(sub: Any) -> None:
                                                     "(default: one per device)")
     worker.add_argument("--threads", type=int, help="torch CPU threads per worker")
     worker.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
+    plugin_option_flag(worker)
     report_flags(worker)
     worker.add_argument("--no-progress", action="store_true",
                         help="no progress bars: one plain line per finished trial")
@@ -124,6 +137,7 @@ def config_from_args(args: argparse.Namespace, sources: Sequence[str] = ()) -> S
     for name, key, value in (_plugin_param(p) for p in args.param):
         settings.setdefault("_params", []).append((name, key, value))
     extra = settings.pop("_params", [])
+    flagged = plugin_options(args.plugin_option)
     if args.config:
         config = SearchConfig.from_file(args.config, **settings)
     else:
@@ -134,6 +148,9 @@ def config_from_args(args: argparse.Namespace, sources: Sequence[str] = ()) -> S
         is_source = name in config.sources or (name in sources and name not in config.algorithms)
         target = config.source_params if is_source else config.algorithm_params
         target.setdefault(name, {})[key] = value
+    for name, table in flagged.items():  # flags win over the file's [plugins.NAME] keys
+        config.plugins.setdefault(name, {}).update(table)
+    check_plugin_options(config.plugins)
     return config
 
 
@@ -183,7 +200,7 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
 
     quiet_optuna()
     progress = LineProgress() if args.no_progress else RichProgress()
-    board = run_search(config, host=host, progress=progress, ready=ready)
+    board = run_search(config, host=host, progress=progress, ready=ready, out=args.out)
     show_leaderboard(board, args.out)
     return 0
 
@@ -200,6 +217,7 @@ def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     board = join_search(args.study, args.storage, host=create_host(), progress=progress,
                         ready=ready, artifacts=args.artifacts, data_root=args.data_root,
                         devices=args.devices, workers=args.workers, threads=args.threads,
-                        timeout=args.timeout)
+                        timeout=args.timeout, out=args.out,
+                        plugins=plugin_options(args.plugin_option) or None)
     show_leaderboard(board, args.out)
     return 0

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -18,12 +19,13 @@ from autometa.config import SearchConfig
 from autometa.engine.artifacts import check_shared
 from autometa.engine.lock import storage_lock
 from autometa.engine.pool import Pool
-from autometa.engine.prepare import prepare
+from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import strategy
 from autometa.engine.storage import counts, fail_dead_trials, open_study, stored_search
 from autometa.engine.urls import local_file
 from autometa.engine.worker import Event, WorkerSpec, run_worker
 from autometa.errors import ConfigError
+from autometa.events import SearchFailed, SearchFinished, SearchStarted
 from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
@@ -38,10 +40,13 @@ def run_search(
     progress: Progress | None = None,
     ready: Callable[[], None] = lambda: None,
     expected_inputs: dict[str, Any] | None = None,
+    out: str | Path | None = None,
 ) -> Leaderboard:
     """Run (or resume) the search described by ``config`` and return its leaderboard.
 
     Args:
+        out: the folder reports go to (``autometa run --out``), given to plugins' hooks
+            as ``event.out``.
         ready: called once every input is checked and the study is open, before the first
             trial (the CLI then lets held log lines through).
         expected_inputs: the input files' hashes of the study this process joins (see
@@ -60,28 +65,44 @@ def run_search(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, host, progress, ready, expected_inputs)
+        return _run(config, host, progress, ready, expected_inputs,
+                    None if out is None else Path(out))
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
-         ready: Callable[[], None], expected_inputs: dict[str, Any] | None) -> Leaderboard:
+         ready: Callable[[], None], expected_inputs: dict[str, Any] | None,
+         out: Path | None) -> Leaderboard:
     prepared = prepare(config, host, expected_inputs)
     config = prepared.config
-    study = open_study(prepared, *strategy(config))
+    if len(worker_specs(config)) > 1 and local_file(config.storage) is None \
+            and config.storage.startswith("sqlite"):
+        raise ConfigError("workers > 1 need a storage that several processes share (a SQLite "
+                          "file, a journal file or a database server), not an in-memory one")
+    study = open_study(prepared, *strategy(config, host, prepared.task.metric.direction))
+    try:
+        return _trials_and_leaderboard(prepared, study, progress, ready, out)
+    except BaseException as exc:
+        host.notify("search_failed", SearchFailed(study.study_name, error=exc, out=out),
+                    config.plugins)
+        raise
+
+
+def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
+                            progress: Progress | None, ready: Callable[[], None],
+                            out: Path | None) -> Leaderboard:
+    config, host = prepared.config, prepared.host
     with storage_lock(config.storage):
         fail_dead_trials(study)  # a crashed run's trials, even when the budget is spent
     ready()
     progress = progress or NullProgress()
-    specs = worker_specs(config)
-    if len(specs) > 1 and local_file(config.storage) is None \
-            and config.storage.startswith("sqlite"):
-        raise ConfigError("workers > 1 need a storage that several processes share (a SQLite "
-                          "file, a journal file or a database server), not an in-memory one")
+    specs = worker_specs(config, out)
     done = sum(1 for t in study.trials if counts(t))
     remaining = None if config.n_trials is None else max(config.n_trials - done, 0)
-    host.notify("search_started", study_name=study.study_name, config=config)
+    host.notify("search_started", SearchStarted(study.study_name, config=config,
+                                                remaining=remaining, out=out),
+                config.plugins, study_name=study.study_name, config=config)
 
     def send(event: Event) -> None:
         name, args = event
@@ -104,7 +125,9 @@ def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
                                       cache=not running, phase=progress.phase)
     leaderboard.writes_reports = not running and _first_to_report(study, config.storage,
                                                                       config.top_k)
-    host.notify("search_finished", study_name=study.study_name, leaderboard=leaderboard)
+    host.notify("search_finished", SearchFinished(study.study_name, leaderboard=leaderboard,
+                                                  out=out),
+                config.plugins, study_name=study.study_name, leaderboard=leaderboard)
     return leaderboard
 
 
@@ -127,7 +150,7 @@ def _first_to_report(study: optuna.Study, url: str, top_k: int) -> bool:
 
 def join_search(study_name: str, storage: str, *, host: PluginHost | None = None,
                 progress: Progress | None = None, ready: Callable[[], None] = lambda: None,
-                **machine: Any) -> Leaderboard:
+                out: str | Path | None = None, **machine: Any) -> Leaderboard:
     """Join a stored study from this machine and run its trials until its budget is spent
     (``autometa worker``): the search's settings come from the storage, this machine's
     own from ``machine``: ``storage`` (this URL), ``artifacts``, ``data_root``, ``device``,
@@ -143,10 +166,11 @@ def join_search(study_name: str, storage: str, *, host: PluginHost | None = None
     """
     config, inputs, study = stored_search(study_name, storage, **machine)
     check_shared(study, config.artifacts, given=machine.get("artifacts") is not None)
-    return run_search(config, host=host, progress=progress, ready=ready, expected_inputs=inputs)
+    return run_search(config, host=host, progress=progress, ready=ready, expected_inputs=inputs,
+                      out=out)
 
 
-def worker_specs(config: SearchConfig) -> list[WorkerSpec]:
+def worker_specs(config: SearchConfig, out: Path | None = None) -> list[WorkerSpec]:
     """One spec per worker: the devices in turn, one deadline for all.
 
     On a CPU each worker gets ``cores // workers`` torch threads unless ``threads`` is set.
@@ -156,7 +180,8 @@ def worker_specs(config: SearchConfig) -> list[WorkerSpec]:
     cores = os.cpu_count() or 1
     threads = config.threads or (max(1, cores // workers) if workers > 1 else None)
     return [WorkerSpec(config=config.to_dict(), device=config.devices[i % len(config.devices)],
-                       index=i, threads=threads, deadline=deadline)
+                       index=i, threads=threads, deadline=deadline,
+                       out=None if out is None else str(out))
             for i in range(workers)]
 
 
@@ -166,9 +191,10 @@ def search(task: str, **settings: Any) -> Leaderboard:
     Args:
         task: task plugin name, e.g. ``"sinusoid"``.
         **settings: any :class:`SearchConfig` field (``algorithms``, ``sources``,
-            ``n_trials``, ``seed``, ``meta_steps``, ``storage``, ...), plus ``host`` (a
-            :class:`PluginHost`, default: the installed plugins) and ``progress`` (True
-            to draw progress bars on stderr).
+            ``n_trials``, ``seed``, ``meta_steps``, ``storage``, ``plugins``, ...), plus
+            ``host`` (a :class:`PluginHost`, default: the installed plugins),
+            ``progress`` (True to draw progress bars on stderr) and ``out`` (the report
+            folder plugins' hooks are told, ``event.out``).
 
     Example:
         >>> board = autometa.search("sinusoid", algorithms=["maml", "finetune"],
@@ -177,9 +203,10 @@ def search(task: str, **settings: Any) -> Leaderboard:
     """
     host = settings.pop("host", None)
     show = settings.pop("progress", False)
+    out = settings.pop("out", None)
     config = SearchConfig.from_dict({"task": task, **settings}, where="search()")
     if show:
         from autometa.progress import RichProgress
 
-        return run_search(config, host=host, progress=RichProgress())
-    return run_search(config, host=host)
+        return run_search(config, host=host, progress=RichProgress(), out=out)
+    return run_search(config, host=host, out=out)

@@ -1,16 +1,20 @@
-"""How a search proposes and stops trials: Optuna's seeded sampler (TPE or random) and
-its pruner (median, Hyperband, Wilcoxon or none)."""
+"""How a search proposes and stops trials: Optuna's seeded sampler (TPE, random, or one a
+plugin registers) and its pruner (median, Hyperband, Wilcoxon, none, or a plugin's)."""
 
 from __future__ import annotations
 
 import warnings
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from autometa.config import PRUNERS, SAMPLERS
+from autometa.errors import PluginError, closest
+
 if TYPE_CHECKING:
     from autometa.config import SearchConfig
+    from autometa.plugins import Kind, PluginHost
 
 #: Wilcoxon pruner: p-value under which a trial is judged worse than the best (Optuna's
 #: default), and the paired episodes needed before the first test.
@@ -20,21 +24,30 @@ WILCOXON_STARTUP = 10
 HYPERBAND_ETA = 3
 
 
-def sampler(seed: int, kind: str = "tpe") -> optuna.samplers.BaseSampler:
+def sampler(seed: int, kind: str = "tpe", host: PluginHost | None = None
+            ) -> optuna.samplers.BaseSampler:
     """``"tpe"``: multivariate, grouped TPE (the space is conditional on the chosen
-    plugins); ``"random"``: independent uniform draws. Seeded.
+    plugins); ``"random"``: independent uniform draws; another name: the sampler a plugin
+    registered under it, ``factory(seed=seed)``. Seeded.
 
     TPE's constant liar (Optuna's default) counts running trials as bad ones, so workers
     sampling at the same time move apart instead of proposing alike.
+
+    Raises:
+        PluginError: no plugin registers ``kind``, or its factory failed or returned
+            something other than an ``optuna.samplers.BaseSampler``.
     """
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if kind != "tpe":
+        return _from_plugin(host, "sampler", kind, optuna.samplers.BaseSampler, seed=seed)
     with warnings.catch_warnings():  # multivariate/group TPE are flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
-def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1
+def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1,
+           direction: str = "maximize", host: PluginHost | None = None
            ) -> optuna.pruners.BasePruner:
     """The pruner named in the config (see :class:`~autometa.config.SearchConfig`).
 
@@ -47,6 +60,11 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1
       episode (the episode's index as the step) and stop once a paired signed-rank test
       finds them worse than the best trial (p < :data:`WILCOXON_P`).
     - ``"none"``: never prune.
+    - another name: the pruner a plugin registered under it, ``factory(meta_steps=...,
+      eval_every=..., direction=...)``; trials report every ``eval_every`` meta-steps.
+
+    Raises:
+        PluginError: as :func:`sampler`, for ``optuna.pruners.BasePruner``.
     """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5)
@@ -59,11 +77,34 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.pruners.WilcoxonPruner(p_threshold=WILCOXON_P,
                                                  n_startup_steps=WILCOXON_STARTUP)
-    return optuna.pruners.NopPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    return _from_plugin(host, "pruner", name, optuna.pruners.BasePruner,
+                        meta_steps=meta_steps, eval_every=eval_every, direction=direction)
 
 
-def trial_sampler(seed: int, number: int, kind: str = "tpe", study: str = ""
-                  ) -> optuna.samplers.BaseSampler:
+def _from_plugin(host: PluginHost | None, kind: Kind, name: str, base: type, **kwargs: Any
+                 ) -> Any:
+    """``factory(**kwargs)`` of the ``kind`` plugin ``name``, checked to be a ``base``."""
+    builtin = PRUNERS if kind == "pruner" else SAMPLERS
+    if host is None or not host.registered(kind, name):
+        plugins = host.names(kind) if host is not None else []
+        raise PluginError(f"unknown {kind} {name!r}{closest(name, [*builtin, *plugins])}; "
+                          f"built in: {', '.join(builtin)}; from plugins: "
+                          f"{', '.join(plugins) or 'none installed'} (see `autometa plugins`)")
+    reg = host.get(kind, name)
+    factory = reg.load()
+    with reg.guard("raised when called"):
+        made = factory(**kwargs)
+    if not isinstance(made, base):
+        raise PluginError(f"{kind} {name!r} from plugin {reg.origin} returned a "
+                          f"{type(made).__name__}; expected an {base.__module__.split('.')[0]}."
+                          f"{base.__module__.split('.')[1]}.{base.__name__}")
+    return made
+
+
+def trial_sampler(seed: int, number: int, kind: str = "tpe", study: str = "",
+                  host: PluginHost | None = None) -> optuna.samplers.BaseSampler:
     """The sampler that proposes trial ``number`` of study ``study`` seeded ``seed``.
 
     Seeded per trial number rather than once per process: whichever worker or process
@@ -74,11 +115,19 @@ def trial_sampler(seed: int, number: int, kind: str = "tpe", study: str = ""
     otherwise propose that study's configurations again.
     """
     name = zlib.crc32(study.encode())
-    return sampler((seed * 1_000_003 + number * 104_729 + name) % 2**32, kind)
+    return sampler((seed * 1_000_003 + number * 104_729 + name) % 2**32, kind, host)
 
 
-def strategy(config: SearchConfig) -> tuple[optuna.samplers.BaseSampler,
-                                             optuna.pruners.BasePruner]:
-    """The study's sampler (seeded by the search seed) and pruner, from its settings."""
-    return (sampler(config.seed, config.sampler),
-            pruner(config.pruner, meta_steps=config.meta_steps, eval_every=config.eval_every))
+def strategy(config: SearchConfig, host: PluginHost | None = None,
+             direction: str = "maximize") -> tuple[optuna.samplers.BaseSampler,
+                                                   optuna.pruners.BasePruner]:
+    """The study's sampler (seeded by the search seed) and pruner, from its settings
+    (``host``: where plugins' samplers and pruners are found; ``direction``: the task
+    metric's, passed to a plugin's pruner).
+
+    Raises:
+        PluginError: as :func:`sampler` and :func:`pruner`.
+    """
+    return (sampler(config.seed, config.sampler, host),
+            pruner(config.pruner, meta_steps=config.meta_steps, eval_every=config.eval_every,
+                   direction=direction, host=host))

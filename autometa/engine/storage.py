@@ -218,7 +218,9 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     study.set_user_attr(CONFIG_ATTR, {
         "autometa_version": __version__,
         # The storage URL is each machine's own; stored without its password.
-        "config": _jsonable({**config.to_dict(), "storage": redact(config.storage),
+        # Plugins' own options are each machine's (a reporter's token): never stored.
+        "config": _jsonable({**{k: v for k, v in config.to_dict().items() if k != "plugins"},
+                             "storage": redact(config.storage),
                              "warm_start": [redact(w) for w in config.warm_start]}),
         "fingerprint": _jsonable(config.fingerprint()),
         # SHA-256 of every input file: a worker elsewhere must have the same data.
@@ -256,7 +258,7 @@ def _plugin_versions(prepared: Prepared) -> dict[str, dict[str, str]]:
 #: Settings of one machine rather than of the search: a process joining a stored study
 #: gives its own (the study's storage URL as this machine reaches it, its devices, ...).
 MACHINE_KEYS = ("storage", "artifacts", "data_root", "device", "devices", "workers",
-                "threads", "timeout")
+                "threads", "timeout", "plugins")
 
 
 def stored_search(study_name: str, storage: str, **machine: Any

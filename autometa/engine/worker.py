@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -34,6 +35,7 @@ from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import strategy, trial_sampler
 from autometa.engine.storage import claim, fail_running, heartbeat_storage, open_study
 from autometa.errors import one_line, redact
+from autometa.events import TrialFailed, TrialFinished, TrialPruned, TrialStarted
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
 from autometa.trial import (
@@ -76,6 +78,7 @@ class WorkerSpec:
     index: int = 0  # the worker's number in its pool
     threads: int | None = None  # torch intra-op threads in this worker (None: torch's)
     deadline: float | None = None  # time.time() after which no trial starts
+    out: str | None = None  # the report folder plugins' hooks are told (event.out)
 
 
 def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
@@ -98,7 +101,8 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
         prepared = prepare(replace(config, device=spec.device, devices=[spec.device]),
                            host or create_host())
     config = prepared.config
-    study = open_study(prepared, *strategy(config))
+    host = prepared.host
+    study = open_study(prepared, *strategy(config, host, prepared.task.metric.direction))
     store = open_store(config.artifacts, study.study_name)
     ran, waiting = 0, False
     while keep_going():
@@ -106,7 +110,8 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
             trial = claim(study, config.storage, config.n_trials, spec.deadline,
                           {"device": spec.device, "worker": spec.index},
                           lambda number: trial_sampler(config.seed, number,
-                                                       config.sampler, study.study_name))
+                                                       config.sampler, study.study_name,
+                                                       host))
             elsewhere = [] if trial else study.get_trials(deepcopy=False,
                                                           states=(TrialState.RUNNING,))
         except Exception as exc:
@@ -129,7 +134,8 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
         waiting = False
         send(("claimed", (trial.number,)))
         try:
-            run_trial(study, trial, prepared, store, send, device=spec.device)
+            run_trial(study, trial, prepared, store, send, device=spec.device,
+                      out=None if spec.out is None else Path(spec.out))
         except Exception as exc:
             if not is_storage_error(exc):
                 fail_running(study, config.storage, trial.number, "interrupted")
@@ -150,7 +156,8 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
-              store: ArtifactStore, send: Callable[[Event], None], *, device: str) -> None:
+              store: ArtifactStore, send: Callable[[Event], None], *, device: str,
+              out: Path | None = None) -> None:
     """Sample ``trial``'s configuration, meta-train it, upload its state to ``store`` and
     tell the study how it ended.
 
@@ -174,6 +181,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
     send(("trial_started", (trial.number, plan.describe(), config.meta_steps, device)))
+    host.notify("trial_started", TrialStarted(
+        study.study_name, number=trial.number, algorithm=plan.algorithm, source=plan.source,
+        params=dict(trial.params), device=device, out=out), config.plugins)
     seed = trial_seed(config.seed, trial.number)
     last = [0.0]
 
@@ -267,7 +277,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                         redact(one_line(str(exc))))
     shown = "PRUNED" if note and state == TrialState.COMPLETE else state.name
     send(("trial_finished", (trial.number, shown, value, note)))
-    host.notify("trial_finished", study_name=study.study_name, trial=frozen)
+    name, plugins = study.study_name, config.plugins
+    if shown == "PRUNED":
+        host.notify("trial_pruned", TrialPruned(name, trial=frozen, step=frozen.last_step,
+                                                reason=note, out=out), plugins)
+    elif state == TrialState.FAIL:
+        host.notify("trial_failed", TrialFailed(name, trial=frozen, error=note, out=out),
+                    plugins)
+    host.notify("trial_finished", TrialFinished(name, trial=frozen, out=out), plugins,
+                study_name=name, trial=frozen)
 
 
 def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int:
