@@ -182,6 +182,13 @@ class SearchConfig:
         if self.study_name is not None:
             check_study_name(self.study_name)
         _expect(self.storage, str, "storage", "an Optuna storage URL such as sqlite:///x.db")
+        if self.storage.startswith("sqlite") and (
+                ":memory:" in self.storage or self.storage.split("?")[0] == "sqlite://"):
+            # Each Optuna storage object opens its own connection, and an in-memory SQLite
+            # database is one connection's: the worker's trials would land in another.
+            raise ConfigError(f"storage {self.storage!r} is an in-memory database, which "
+                              "lasts one connection while a search opens several; give a "
+                              "file, e.g. sqlite:///autometa.db (or a temporary folder's)")
         _expect(self.artifacts, str, "artifacts", "a directory path or s3://bucket")
         if self.keep != "all":
             if isinstance(self.keep, bool) or not isinstance(self.keep, int) \

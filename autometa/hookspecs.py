@@ -12,9 +12,9 @@ it, so that ``autometa plugins`` and ``autometa --help`` stay fast.
 **Lifecycle hooks** receive ``event``, a frozen dataclass of :mod:`autometa.events`
 (``study_name``, the plugin's own ``options``, the report folder ``out``, and the event's
 fields). A lifecycle hook that raises is logged and the search goes on
-(``AUTOMETA_STRICT_PLUGINS=1``: it is raised). The first three also keep their original
-arguments (``study_name``, ``config``, ``trial``, ``leaderboard``) for plugins written
-before ``event`` existed.
+(``AUTOMETA_STRICT_PLUGINS=1``: it is raised). ``search_started``, ``trial_finished`` and
+``search_finished`` also keep their original arguments (``study_name``, ``config``,
+``trial``, ``leaderboard``) for plugins written before ``event`` existed.
 
 A hook function whose name matches no specification makes its plugin broken, with the
 closest specification named (``register_task`` -> ``register_tasks``). Hooks evolve by

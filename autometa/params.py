@@ -29,6 +29,9 @@ from typing import Any, Literal, Union
 from autometa.errors import ConfigError
 
 #: Command-line spellings of booleans (compared in lower case).
+#: Constructor arguments the engine supplies itself (a task's seed and device, an
+#: algorithm's model and task), never users' settings: listings and the kit skip them.
+ENGINE_ARGUMENTS = frozenset({"self", "model", "task", "seed", "device"})
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
 

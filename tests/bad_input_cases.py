@@ -270,6 +270,7 @@ ONE_LINE = [
     Case("pruner-typo", ("--pruner", "hyperbnd"), ("did you mean 'hyperband'",)),
     Case("plugin-options-unknown-plugin", ("--plugin-option", "nosuch.path=x"),
          ("plugins.nosuch", "not installed")),
+    Case("in-memory-storage", ("--storage", "sqlite:///:memory:"), ("in-memory", "file")),
     Case("plugin-option-malformed", ("--plugin-option", "nodot=x"), ("PLUGIN.KEY=VALUE",)),
     Case("wilcoxon-one-val-episode", ("--task", "iris", "--algorithms", "protonet",
                                       "--pruner", "wilcoxon"), ("wilcoxon", "episodes")),

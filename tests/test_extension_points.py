@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -317,3 +318,17 @@ def test_every_trial_attribute_the_engine_writes_is_documented() -> None:
     trial_keys = {k for k in written if not k.startswith("autometa.")}  # study attributes
     assert trial_keys - set(TRIAL_ATTRS) == set(), "document these in TRIAL_ATTRS"
     assert {"fit_time_s", "test_mean", "origin", "pruned", "val_curve"} <= trial_keys
+
+
+def test_options_for_an_in_process_plugin_with_several_workers(tmp_path: Path) -> None:
+    """Worker processes load the installed plugins only; the options of an in-process one
+    are checked (and used) by the search's own process, not refused in each worker."""
+    seen: list[object] = []
+    reporter = types.SimpleNamespace(
+        search_started=autometa.hookimpl(lambda event: seen.append(event.options)))
+    host = autometa.create_host(plugins={"inproc": reporter})
+    board = autometa.search("sinusoid", n_trials=2, workers=2, pruner="none", host=host,
+                            storage=f"sqlite:///{tmp_path / 's.db'}",
+                            artifacts=str(tmp_path / "artifacts"),
+                            plugins={"inproc": {"level": 2}}, **TINY)
+    assert board.counts["complete"] == 2 and seen == [{"level": 2}]

@@ -168,3 +168,32 @@ def test_a_task_failure_points_at_the_task_method(sinusoid: Task) -> None:
         check_task(Drifting, **SINUSOID)
     assert re.match(rf"Drifting\.meta_test \({at('Drifting.meta_test')}\): "
                     r"meta_test\(\) changes between calls", str(failed.value))
+
+
+class WrongWidth(Direct):
+    """Predicts one output too many."""
+
+    def adapt_and_predict(self, episodes: Episodes) -> torch.Tensor:
+        out = super().adapt_and_predict(episodes)
+        return torch.cat([out, out[..., :1]], dim=-1)
+
+
+def test_predictions_must_have_the_tasks_output_size(sinusoid: Task) -> None:
+    with pytest.raises(AssertionError, match=r"returned \[3, 5, 2\]; expected \(3, 5, 1\)"):
+        check_meta_algorithm(WrongWidth, sinusoid, Normed)
+
+
+def test_a_fixed_value_in_a_declared_space_is_accepted() -> None:
+    from autometa import Float
+    from autometa.testing import check_space
+
+    class Fixed(SourceModel):
+        def __init__(self, *, width: int = 8, rate: float = 0.1) -> None:
+            self.width, self.rate = width, rate
+
+        def build(self, spec: TaskSpec) -> Backbone:
+            raise NotImplementedError
+
+    check_space(Fixed, {"width": 16, "rate": Float(0.01, 1.0)})
+    with pytest.raises(AssertionError, match="outside"):
+        check_space(Fixed, {"width": 16, "rate": Float(0.5, 1.0)})

@@ -20,8 +20,6 @@ from autometa.errors import AutometaError
 if TYPE_CHECKING:
     from autometa.plugins import PluginHost, PluginInfo, Registration
 
-#: Constructor arguments the engine supplies itself, never user settings.
-ENGINE_ARGUMENTS = frozenset({"self", "model", "task", "seed", "device"})
 #: The type shown for a declared name that the constructor does not take (a plugin bug the
 #: conformance kit reports).
 NOT_A_SETTING = "not a constructor setting"
@@ -105,7 +103,7 @@ def _inspect(reg: Registration) -> tuple[Mapping[str, Any], list[_Setting]]:
     """
     import inspect
 
-    from autometa.params import declared_types, describe
+    from autometa.params import ENGINE_ARGUMENTS, declared_types, describe
 
     space = reg.declared()
     factory = reg.load()

@@ -43,7 +43,8 @@ class Prepared:
 
 
 def prepare(config: SearchConfig, host: PluginHost,
-            expected_inputs: Mapping[str, Mapping[str, str]] | None = None) -> Prepared:
+            expected_inputs: Mapping[str, Mapping[str, str]] | None = None, *,
+            check_options: bool = True) -> Prepared:
     """Check every input and resolve plugins and the task; raises before anything is stored.
 
     The returned config holds every task parameter and plugin setting parsed as its
@@ -53,6 +54,9 @@ def prepare(config: SearchConfig, host: PluginHost,
         expected_inputs: the input files' hashes stored by the study this process joins
             (:mod:`autometa.engine.inputs`); a copy that differs or is missing is refused
             before the task is built.
+        check_options: refuse options for a plugin that is not loaded (False in a pool's
+            worker process: its host has the installed plugins only, while the search's
+            process checked the options against its own, in-process plugins included).
 
     Raises:
         ConfigError, DataError, PluginError: the first bad input, one line naming it.
@@ -73,7 +77,8 @@ def prepare(config: SearchConfig, host: PluginHost,
     # A plugin's sampler or pruner is built once here: an unknown name or a failing
     # factory is one line before anything is stored.
     strategy(config, host, task.metric.direction)
-    check_plugin_options(config, host)
+    if check_options:
+        check_plugin_options(config, host)
 
     def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
         reason = cls.incompatibility(task)

@@ -99,7 +99,7 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
     if prepared is None:
         config = SearchConfig.from_dict(spec.config, where="stored settings")
         prepared = prepare(replace(config, device=spec.device, devices=[spec.device]),
-                           host or create_host())
+                           host or create_host(), check_options=False)
     config = prepared.config
     host = prepared.host
     study = open_study(prepared, *strategy(config, host, prepared.task.metric.direction))

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import ConfigError
-from autometa.params import declared_types, parse
+from autometa.params import ENGINE_ARGUMENTS, declared_types, parse
 from autometa.source_model import Backbone, SourceModel
-from autometa.space import Categorical, SearchSpace
+from autometa.space import Categorical, Float, Int, SearchSpace
 from autometa.task import Episodes, Task
 from autometa.testing.locate import located
 
@@ -57,8 +57,7 @@ def check_space(cls: type, space: SearchSpace) -> None:
     parses users' values as that type, :mod:`autometa.params`)."""
     __tracebackhide__ = True
     parameters = inspect.signature(cls).parameters
-    engine = {"self", "model", "task", "seed", "device"}
-    for name, declared in declared_types(cls, skip=frozenset(engine)).items():
+    for name, declared in declared_types(cls, skip=ENGINE_ARGUMENTS).items():
         if declared is Any:
             _fail(cls, f"parameter {name!r} has no type annotation (or one that cannot be "
                   f"resolved at run time); annotate it, e.g. `{name}: int = 5`, so that users' "
@@ -76,6 +75,8 @@ def check_space(cls: type, space: SearchSpace) -> None:
         default = parameters[name].default
         if default is inspect.Parameter.empty:
             continue
+        if not isinstance(param, Float | Int | Categorical):
+            continue  # a fixed value: nothing is searched, the engine passes it as given
         if isinstance(param, Categorical):
             if default not in param.choices:
                 _fail(cls, f"{name}: default {default!r} is not one of {list(param.choices)}",
@@ -251,10 +252,11 @@ def check_meta_algorithm(
         state = _snapshot(algo)
         pred = algo.adapt_and_predict(episodes)
         if not isinstance(pred, Tensor) or pred.dim() != 3 \
-                or tuple(pred.shape[:2]) != (len(episodes), n_query):
+                or tuple(pred.shape) != (len(episodes), n_query, task.output_size):
             shape = list(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
             _fail(algorithm_cls, f"returned {shape}; expected ({len(episodes)}, {n_query}, "
-                  "outputs)", "adapt_and_predict")
+                  f"{task.output_size}): (episodes, queries, the task's output_size)",
+                  "adapt_and_predict")
         if not bool(torch.isfinite(pred).all()):
             _fail(algorithm_cls, "returned predictions that are not finite (NaN or inf) on "
                   "the first meta-val episodes", "adapt_and_predict")

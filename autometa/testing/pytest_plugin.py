@@ -7,7 +7,7 @@ not use them pays nothing. Each fixture is a factory; every call builds afresh.
 ``autometa_host(**plugins)``
     A fresh :class:`~autometa.PluginHost` with the installed plugins (entry points) plus
     the in-process ``plugins`` given, ``{name: module_or_object}``; a broken plugin is
-    listed, not raised (``host.plugins[name].status``).
+    listed, not raised (``host.plugins[name].status``), unless ``AUTOMETA_STRICT_PLUGINS=1``.
 
 ``autometa_task(name="sinusoid", *, host=None, **params)``
     The registered task ``name`` built with ``params``, seed 0, on the CPU, as the engine
@@ -83,7 +83,8 @@ def autometa_host() -> Callable[..., PluginHost]:
 
     def make(**plugins: object) -> PluginHost:
         __tracebackhide__ = True
-        return create_host(entry_points=True, strict=False, plugins=plugins)
+        # strict=None: AUTOMETA_STRICT_PLUGINS=1 turns a broken plugin into an error here too
+        return create_host(entry_points=True, strict=None, plugins=plugins)
 
     return make
 
