@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from autometa.errors import AutometaError, ConfigError, DataError, PluginError
 from autometa.hookspecs import hookimpl, hookspec
-from autometa.plugins import PluginHost, Registration, create_host
+from autometa.plugins import PluginHost, PluginInfo, Registration, create_host
 from autometa.space import Categorical, Float, Int
 
 __version__ = "0.1.0"
@@ -77,6 +77,7 @@ __all__ = [
     "PUBLIC_MODULES",
     "PluginError",
     "PluginHost",
+    "PluginInfo",
     "Registration",
     "SearchConfig",
     "SourceModel",

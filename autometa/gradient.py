@@ -90,7 +90,9 @@ class GradientMetaLearner(MetaAlgorithm):
     * :attr:`adapt_only` to choose the adapted parameters, wrapped in ``staticmethod``
       (a plain function in a class body would become a method): ``adapt_only =
       staticmethod(head_only)``;
-    * :attr:`learn_inner_lr` to learn per-entry step sizes (Meta-SGD);
+    * :attr:`learn_inner_lr` to learn per-entry step sizes (Meta-SGD); with
+      :attr:`adapt_only` too, rates exist for the adapted parameters only (a head-only
+      Meta-SGD learns the head's rates);
     * :meth:`search_space` to declare which hyperparameters to search (default: none, so
       the search runs the constructor's defaults);
     * ``__init__`` only to rename or re-default hyperparameters, passing them on to this
@@ -106,8 +108,8 @@ class GradientMetaLearner(MetaAlgorithm):
     #: Which named parameters the inner loop adapts (None: all). The others keep their
     #: meta-learned value within an episode and still receive a meta-gradient.
     adapt_only: Callable[[str], bool] | None = None
-    #: Learn one inner step size per parameter entry (Meta-SGD), initialised to
-    #: ``inner_lr`` and trained by the outer Adam with the model.
+    #: Learn one inner step size per entry of each adapted parameter (Meta-SGD),
+    #: initialised to ``inner_lr`` and trained by the outer Adam with the model.
     learn_inner_lr: ClassVar[bool] = False
 
     def __init__(
@@ -131,11 +133,13 @@ class GradientMetaLearner(MetaAlgorithm):
         self.tasks_per_step = meta_batch_size
         meta_params: list[Tensor] = [*model.parameters()]
         if self.learn_inner_lr:
-            # One rate per parameter entry, on each parameter's device and dtype. A plain
-            # dict, not an nn.ParameterDict: parameter names contain dots.
+            # One rate per entry of each parameter the inner loop adapts (adapt_only), on
+            # its device and dtype. A plain dict, not an nn.ParameterDict: parameter names
+            # contain dots.
             self.inner_lr = {
                 name: torch.full_like(p, inner_lr, requires_grad=True)
                 for name, p in model.named_parameters()
+                if self.adapt_only is None or self.adapt_only(name)
             }
             meta_params += self.inner_lr.values()
         self.optimizer = torch.optim.Adam(meta_params, lr=meta_lr)
@@ -190,8 +194,9 @@ class GradientMetaLearner(MetaAlgorithm):
             return
         if state["inner_lr"].keys() != self.inner_lr.keys():
             raise KeyError(
-                f"Meta-SGD state has learned rates for {sorted(state['inner_lr'])}, the model "
-                f"has parameters {sorted(self.inner_lr)}: was it saved for another model?"
+                f"{type(self).__name__} state has learned rates for "
+                f"{sorted(state['inner_lr'])}, this model adapts {sorted(self.inner_lr)}: was "
+                "it saved for another model?"
             )
         with torch.no_grad():  # in place: the optimizer keeps its references to the rates
             for name, lr in self.inner_lr.items():

@@ -284,6 +284,7 @@ class PluginHost:
             _Broken: at the failing stage; the plugin is unregistered again.
         """
         try:
+            _check_marked(plugin)
             self.pm.register(plugin, name=key)
             self._check_hook_names(key)
         except KeyboardInterrupt:
@@ -466,6 +467,20 @@ class PluginHost:
                                       f"{hook_name}: {describe_error(exc)}") from exc
                 log.warning("plugin %r failed in hook %s", impl.plugin_name, hook_name,
                             exc_info=exc)
+
+
+def _check_marked(plugin: object) -> None:
+    """Raise :class:`PluginError` for a function named like a hook but not marked with
+    ``@autometa.hookimpl``: pluggy skips it silently, and what it would register is then
+    "unknown" with no hint why."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    for name in sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n),
+                                                            f"{hookspecs.PROJECT}_spec")):
+        function = getattr(plugin, name, None)
+        if callable(function) and not hasattr(function, marker) \
+                and getattr(function, "__module__", None) != hookspecs.__name__:
+            raise PluginError(f"{name}() is not marked as a hook: decorate it with "
+                              "@autometa.hookimpl")
 
 
 def _import(ep: EntryPoint) -> Any:

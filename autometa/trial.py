@@ -160,9 +160,12 @@ def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task, *,
         for start in range(0, len(episodes), EVAL_CHUNK):
             chunk = episodes[start : start + EVAL_CHUNK]
             try:
-                pred = algorithm.adapt_and_predict(chunk).detach()  # (chunk, n_query, out)
+                pred = algorithm.adapt_and_predict(chunk)  # (chunk, n_query, out)
             except FloatingPointError as exc:
                 raise Diverged(f"{_split(split, episodes, task)}: {exc}") from exc
+            _check_shape(algorithm, pred, (len(chunk), chunk.query_x.shape[1],
+                                           task.output_size))
+            pred = pred.detach()
             _check_finite(pred, start, "predictions", "episodes", split, episodes, task)
             if scored_per_example(episodes, task):
                 assert task.metric.per_example is not None
@@ -177,6 +180,18 @@ def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task, *,
     finally:
         algorithm.model.train()
     return torch.cat(scores)
+
+
+def _check_shape(algorithm: MetaAlgorithm, pred: Any, expected: tuple[int, int, int]) -> None:
+    """Raise :class:`PluginError` unless ``pred`` is a tensor of shape ``expected``: a wrong
+    shape can broadcast against the targets and be scored (even ranked) silently."""
+    if isinstance(pred, Tensor) and tuple(pred.shape) == expected:
+        return
+    got = f"shape {tuple(pred.shape)}" if isinstance(pred, Tensor) else type(pred).__name__
+    cls = type(algorithm)
+    raise PluginError(f"{cls.__module__}.{cls.__qualname__}.adapt_and_predict returned {got}; "
+                      f"expected {expected}: (episodes, queries, the task's output_size); "
+                      "autometa.testing.check_meta_algorithm checks it")
 
 
 def _check_finite(values: Tensor, first_index: int, what: str, unit: str, split: str | None,

@@ -271,6 +271,8 @@ ONE_LINE = [
     Case("plugin-options-unknown-plugin", ("--plugin-option", "nosuch.path=x"),
          ("plugins.nosuch", "not installed")),
     Case("in-memory-storage", ("--storage", "sqlite:///:memory:"), ("in-memory", "file")),
+    Case("plugin-options-by-registered-name", ("--plugin-option", "iris.path=x"),
+         ("plugins.iris", "sklearn-datasets", "sklearn-datasets.KEY=VALUE")),
     Case("plugin-option-malformed", ("--plugin-option", "nodot=x"), ("PLUGIN.KEY=VALUE",)),
     Case("wilcoxon-one-val-episode", ("--task", "iris", "--algorithms", "protonet",
                                       "--pruner", "wilcoxon"), ("wilcoxon", "episodes")),

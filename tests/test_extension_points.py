@@ -40,6 +40,7 @@ RECORDER = """
     @autometa.hookimpl
     def register_meta_algorithms(register):
         register("explodes", "recorder_engine:Explodes")
+        register("broadcasts", "recorder_engine:Broadcasts")
 
     @autometa.hookimpl
     def register_report_formats(register):
@@ -119,6 +120,15 @@ ENGINE = """
 
         def adapt_and_predict(self, episodes):
             raise RuntimeError("unused")
+
+    class Broadcasts(MetaAlgorithm):
+        # One prediction per episode, (tasks, 1, out): it broadcasts against the targets.
+
+        def meta_step(self, batch):
+            return 0.0
+
+        def adapt_and_predict(self, episodes):
+            return self.model(episodes.query_x[:, :1].flatten(0, 1)).view(len(episodes), 1, -1)
 
     def write_json(leaderboards, out, *, options):
         path = Path(out) / "events.json"
@@ -241,6 +251,27 @@ def test_a_failing_trial_and_a_failed_search_are_told(recorder: object) -> None:
     assert seen[-1] == "search_failed" and "search_finished" not in seen
     assert isinstance(dict(recorder.EVENTS)["search_failed"].error,  # type: ignore[attr-defined]
                       KeyboardInterrupt)
+
+
+def test_a_prediction_of_the_wrong_shape_fails_its_trial_by_name(recorder: object) -> None:
+    """Broadcasting would score (and rank) it silently: the engine checks the shape."""
+    board = autometa.search("sinusoid", n_trials=1, pruner="none", **{
+        **TINY, "algorithms": ["broadcasts"], "algorithm_params": {}})
+    assert board.counts["failed"] == 1 and len(board.frame) == 0
+    error = dict(recorder.EVENTS)["trial_failed"].error  # type: ignore[attr-defined]
+    assert "recorder_engine.Broadcasts.adapt_and_predict returned shape (4, 1, 1); " \
+           "expected (4, 5, 1)" in error
+
+
+def test_a_hook_function_without_hookimpl_makes_its_plugin_broken() -> None:
+    def register_tasks(register):  # not decorated: pluggy alone would skip it silently
+        register("never", "nowhere:Task")
+
+    plugin = types.SimpleNamespace(register_tasks=register_tasks)
+    host = autometa.create_host(entry_points=False, plugins={"forgetful": plugin})
+    assert host.plugins["forgetful"].status == "broken"
+    assert "register_tasks() is not marked as a hook: decorate it with @autometa.hookimpl" \
+        in (host.plugins["forgetful"].error or "")
 
 
 def test_bad_plugin_pruner_is_refused_before_anything_is_stored(

@@ -224,3 +224,22 @@ def test_meta_steps_are_bit_identical_to_the_pre_refactor_code(
     torch.testing.assert_close(states[0], states[1], rtol=0, atol=0)
     episodes = sinusoid.meta_val()
     torch.testing.assert_close(*(a.adapt_and_predict(episodes) for a in algos), rtol=0, atol=0)
+
+
+def test_learned_rates_exist_for_the_adapted_parameters_only() -> None:
+    """A head-only Meta-SGD learns the head's step sizes; the body gets none to carry."""
+    from autometa_plugins.mlp.model import MLP
+    from autometa_plugins.sinusoid.task import Sinusoid
+
+    class HeadMetaSGD(GradientMetaLearner):
+        adapt_only = staticmethod(head_only)
+        learn_inner_lr = True
+
+    task = Sinusoid(val_episodes=4, test_episodes=4, eval_queries=5)
+    torch.manual_seed(0)
+    algo = HeadMetaSGD(MLP(hidden=8).build(task.spec), task, meta_batch_size=2)
+    assert sorted(algo.state_dict()["inner_lr"]) == ["head.bias", "head.weight"]
+    before = {n: r.clone() for n, r in algo.state_dict()["inner_lr"].items()}
+    algo.meta_step(task.sample(2, torch.Generator().manual_seed(0)))
+    after = algo.state_dict()["inner_lr"]
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no rate was learned"

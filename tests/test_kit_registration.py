@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 import textwrap
 import types
 from importlib.metadata import entry_points
@@ -193,3 +194,27 @@ def test_a_registration_hook_importing_torch_through_a_helper_is_refused(
             rf"\(registering it: {at('', 'kit_hooked_plugin.py', 7)} `import kit_helper` -> "
             rf"{at('', 'kit_helper.py', 1)} `from torch import nn`\)")):
         check_plugin(module, name="hooked")
+
+
+def test_a_private_autometa_import_in_the_package_fails_check_plugin(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "kit_private_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import autometa\n\n@autometa.hookimpl\ndef register_meta_algorithms(register):\n"
+        "    register('priv', 'kit_private_pkg.algo:Algo')\n")
+    (package / "algo.py").write_text(
+        "from autometa.engine.run import search\n"
+        "from autometa.inner_loop import _lr\n"
+        "from autometa import MetaAlgorithm\n\n"
+        "class Algo(MetaAlgorithm):\n"
+        "    def meta_step(self, batch):\n        return 0.0\n\n"
+        "    def adapt_and_predict(self, episodes):\n        return episodes.query_y\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import kit_private_pkg  # type: ignore[import-not-found]
+
+    with pytest.raises(AssertionError, match=r"(?s)beyond autometa's public API.*algo\.py:1: "
+                                             r"imports autometa\.engine\.run.*algo\.py:2: "
+                                             r"'from autometa\.inner_loop import _lr'"):
+        check_plugin(kit_private_pkg, name="priv")
+    sys.modules.pop("kit_private_pkg", None)

@@ -42,6 +42,7 @@ def test_every_package_is_in_the_distribution() -> None:
     (["Bad_Name", "--kind", "task"], "lowercase letters"),
     (["ok-name", "--kind", "task", "--dir", "{d}/a-file"], "--dir"),
     (["exists", "--kind", "source"], "exists already"),
+    (["protonet", "--kind", "algorithm"], "installed already"),
 ])
 def test_new_plugin_refuses_bad_input_and_writes_nothing(
         argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -8,7 +8,6 @@ reading their source (``ast``), not by running them.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 import autometa
 from autometa import PUBLIC_MODULES
+from autometa.testing.imports import import_problems
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 #: The import name of the folder plugins/ (pyproject.toml's package-dir).
@@ -36,51 +36,12 @@ def _module(name: str) -> ModuleType | None:
         return None
 
 
-def _imports(tree: ast.AST) -> Iterator[tuple[int, str, list[str]]]:
-    """(line, absolute module, names imported from it) for every import in ``tree``."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                yield node.lineno, alias.name, []
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.lineno, node.module, [alias.name for alias in node.names]
-
-
 def _problems(file: Path) -> Iterator[str]:
-    """What ``file`` (under plugins/) imports beyond the public API, one message each."""
+    """What ``file`` (under plugins/) imports beyond the public API, one message each: the
+    conformance kit's own reading (``check_plugin`` applies it to third-party plugins)."""
     relative = file.relative_to(PLUGINS)
     own = f"{PLUGIN_PACKAGE}.{relative.parts[0]}" if len(relative.parts) > 1 else None
-    for line, module, names in _imports(ast.parse(file.read_text(), str(file))):
-        where = f"plugins/{relative.as_posix()}:{line}"
-        top = module.split(".")[0]
-        if top == "autometa":
-            if module not in PUBLIC_MODULES:
-                yield (f"{where}: imports {module}, which is not a public module "
-                       f"(autometa.PUBLIC_MODULES); import from a public module instead, or "
-                       f"make {module} public")
-                continue
-            public = _module(module)
-            if public is None:
-                continue  # a public module still to be written (autometa.events)
-            exported = getattr(public, "__all__", None)
-            for name in names:
-                # `from autometa import task` imports a submodule: checked as a module.
-                submodule = f"{module}.{name}"
-                if submodule in PUBLIC_MODULES:
-                    continue
-                if exported is None:
-                    yield (f"{where}: 'from {module} import {name}', but {module} has no "
-                           f"__all__; declare its public names in __all__")
-                elif name not in exported:
-                    yield (f"{where}: 'from {module} import {name}', but {name} is not in "
-                           f"{module}.__all__; use a public name, or add {name} to "
-                           f"{module}.__all__ if plugins should rely on it")
-        elif top == PLUGIN_PACKAGE and module != PLUGIN_PACKAGE:
-            target = ".".join(module.split(".")[:2])
-            if target != own:
-                yield (f"{where}: imports {module}, another plugin's internals; a plugin "
-                       f"uses autometa's public API only: move what is shared into autometa "
-                       f"(public, in __all__) or copy it")
+    return import_problems(file, shown=f"plugins/{relative.as_posix()}", own=own)
 
 
 def test_plugins_import_only_the_public_api() -> None:

@@ -273,8 +273,17 @@ def _range(declared: Any) -> str:
 
 
 def cmd_new_plugin(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.errors import ConfigError
+    from autometa.plugins import create_host
     from autometa.scaffold import new_plugin
 
+    host = create_host()
+    taken = [f"plugin {args.name!r}"] if args.name in host.plugins else []
+    taken += [f"{r.kind} {r.name!r} of plugin {r.plugin!r}" for r in host.registrations()
+              if r.name == args.name]
+    if taken:  # a second entry point or registration of one name disables both
+        raise ConfigError(f"{taken[0]} is installed already; choose another name (a second "
+                          f"one would leave both unusable)")
     root = new_plugin(args.name, args.kind, args.dir)
     ready()
     print(f"wrote {root}")

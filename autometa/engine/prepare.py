@@ -151,6 +151,11 @@ def check_plugin_options(config: SearchConfig, host: PluginHost) -> None:
     loaded = sorted(k for k, info in host.plugins.items() if info.status == "ok")
     for name in config.plugins:
         if name not in loaded:
+            owners = sorted({r.plugin for r in host.registrations() if r.name == name})
+            if owners:
+                raise ConfigError(f"plugins.{name}: options go to a plugin by its own name, "
+                                  f"and {name!r} is something plugin {owners[0]!r} registers; "
+                                  f"give them as {owners[0]}.KEY=VALUE")
             info = host.plugins.get(name)
             why = f"is {info.status}" if info is not None else "is not installed"
             raise ConfigError(f"plugins.{name}: plugin {name!r} {why}{closest(name, loaded)}; "

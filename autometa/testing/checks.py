@@ -59,8 +59,12 @@ def check_space(cls: type, space: SearchSpace) -> None:
     parameters = inspect.signature(cls).parameters
     for name, declared in declared_types(cls, skip=ENGINE_ARGUMENTS).items():
         if declared is Any:
+            default = parameters[name].default
+            example = (f"{name}: {type(default).__name__} = {default!r}"
+                       if default is not inspect.Parameter.empty and default is not None
+                       else f"{name}: int = 5")
             _fail(cls, f"parameter {name!r} has no type annotation (or one that cannot be "
-                  f"resolved at run time); annotate it, e.g. `{name}: int = 5`, so that users' "
+                  f"resolved at run time); annotate it, e.g. `{example}`, so that users' "
                   "values are checked", "__init__")
         default = parameters[name].default
         if default is not inspect.Parameter.empty:

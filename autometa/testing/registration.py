@@ -4,7 +4,8 @@ The host (:mod:`autometa.plugins`) loads a broken plugin without complaint in no
 it lists it as broken and goes on, which suits users but hides an author's mistakes. This
 check loads the plugin in a fresh, strict host and turns each mistake into an
 ``AssertionError`` that names the plugin, the hook or registration at fault and its file and
-line: an unknown or mis-signed hook, a registration hook that raises, a factory registered
+line: an unknown or mis-signed hook, a registration hook that raises, an import of autometa
+beyond its public API (in any file of the plugin's package), a factory registered
 as an object instead of a lazy ``"module:attr"`` string, a string that does not load, a
 class that is not a subclass of its kind's contract, a declared space that fails
 :func:`~autometa.testing.check_space`, and, in a fresh interpreter, a module that imports
@@ -162,7 +163,8 @@ def check_plugin(plugin: object, *, name: str | None = None) -> PluginInfo:
     registration hook raises, the plugin registers nothing and implements no lifecycle
     hook, a factory is not a ``"module:attr"`` string, does not load, is not a subclass of
     its kind's contract (task, source model, meta-algorithm; the other kinds must load a
-    callable), or declares a space :func:`~autometa.testing.check_space` rejects. For an
+    callable), or declares a space :func:`~autometa.testing.check_space` rejects, or a file
+    of the plugin's package imports autometa beyond its public API. For an
     importable module, also imports it and runs its registration in a fresh interpreter:
     fails if that imported torch.
 
@@ -191,10 +193,31 @@ def check_plugin(plugin: object, *, name: str | None = None) -> PluginInfo:
         attr, function, _ = impls[hook]
         at = position(function)
         _check_registration(reg, f"{attr}, {at}" if at else attr)
+    if isinstance(plugin, ModuleType):
+        _check_imports(plugin, label)
     module = _importable(plugin)
     if module is not None:
         _check_no_torch(module, name, label)
     return info
+
+
+def _check_imports(plugin: ModuleType, label: str) -> None:
+    """Fail on an import of autometa beyond its public API in the plugin's package."""
+    __tracebackhide__ = True
+    from pathlib import Path
+
+    from autometa.testing.imports import FIRST_PARTY_PLUGINS, import_problems
+
+    roots = [Path(p) for p in getattr(plugin, "__path__", [])]  # a package: all its files
+    single = getattr(plugin, "__file__", None)
+    files = sorted(f for r in roots for f in r.rglob("*.py")) if roots else \
+        [Path(single)] if single else []
+    parts = plugin.__name__.split(".")
+    own = ".".join(parts[:2]) if parts[0] == FIRST_PARTY_PLUGINS else None
+    problems = [p for f in files for p in import_problems(f, shown=shown(str(f)), own=own)]
+    if problems:
+        _fail(f"{label} imports beyond autometa's public API (README, Public API):\n"
+              + "\n".join(problems))
 
 
 def _importable(plugin: object) -> str | None:
