@@ -148,8 +148,9 @@ class _Fixed:
 
 
 class _Kind:
-    def __init__(self, metric):
+    def __init__(self, metric, output_size=1):
         self.metric = metric
+        self.output_size = output_size  # evaluate() checks predictions against it
 
 
 def test_one_episode_is_scored_per_example_with_the_same_mean():
@@ -157,7 +158,7 @@ def test_one_episode_is_scored_per_example_with_the_same_mean():
     logits = torch.tensor([[[1.0, 0], [0, 1], [1, 0], [1, 0], [0, 1]]])  # 4 of 5 right
     episode = Episodes(torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long),
                        torch.zeros(1, 5, 1), target)
-    task = _Kind(ACCURACY)
+    task = _Kind(ACCURACY, output_size=2)
     assert scored_per_example(episode, task)
     scores = evaluate(_Fixed(logits), episode, task)
     assert scores.tolist() == [1, 1, 0, 1, 1]
@@ -167,7 +168,7 @@ def test_one_episode_is_scored_per_example_with_the_same_mean():
 
     pred, y = torch.randn(1, 6, 2), torch.randn(1, 6, 2)
     regression = Episodes(torch.zeros(1, 2, 1), torch.zeros(1, 2, 2), torch.zeros(1, 6, 1), y)
-    scores = evaluate(_Fixed(pred), regression, _Kind(MSE))
+    scores = evaluate(_Fixed(pred), regression, _Kind(MSE, output_size=2))
     assert scores.shape == (6,)
     assert float(scores.mean()) == pytest.approx(float(MSE(pred, y)))
 
@@ -176,7 +177,8 @@ def test_many_episodes_are_scored_per_episode():
     pred, y = torch.randn(4, 6, 2), torch.randn(4, 6, 2)
     episodes = Episodes(torch.zeros(4, 2, 1), torch.zeros(4, 2, 2), torch.zeros(4, 6, 1), y)
     assert not scored_per_example(episodes, _Kind(MSE))
-    torch.testing.assert_close(evaluate(_Fixed(pred), episodes, _Kind(MSE)), MSE(pred, y))
+    torch.testing.assert_close(evaluate(_Fixed(pred), episodes, _Kind(MSE, output_size=2)),
+                               MSE(pred, y))
 
 
 # -- labelled_digest: what pre-training sees, and the split --------------------------------
