@@ -93,6 +93,9 @@ def test_two_workers_finish_exactly_the_budget_with_distinct_configurations(tmp_
 
 RUN = ["run", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
        "--meta-steps", "150", "--eval-every", "50", "--top-k", "1", "--no-progress",
+       # No pruner: whether Hyperband stops a retry depends on which trials finished first
+       # (timing), and these tests are about retries, not pruning.
+       "--pruner", "none",
        "--param", "maml.meta_batch_size=25", "--param", "maml.inner_steps=5",
        # Step sizes that never diverge: a retry must complete (it runs its parameters again).
        "--param", "maml.inner_lr=0.01", "--param", "maml.meta_lr=0.001",
