@@ -36,7 +36,7 @@ from typing import Any, Literal
 import pluggy
 
 from autometa import hookspecs
-from autometa.errors import PluginError, closest, unknown
+from autometa.errors import ConfigError, PluginError, closest, unknown
 
 # Re-exported: the host's vocabulary (what is registered, and how) lives in its own module.
 from autometa.registration import (  # noqa: F401
@@ -324,6 +324,24 @@ class PluginHost:
         except PluginError as exc:
             return str(exc)
         return None
+
+    def check_options(self, plugins: Iterable[str]) -> None:
+        """Raise :class:`ConfigError` if a plugin given options (``[plugins.NAME]``,
+        ``--plugin-option NAME.KEY=VALUE``) is not loaded: options go to a plugin by its
+        entry-point name, as ``autometa plugins`` lists it."""
+        loaded = sorted(k for k, info in self.plugins.items() if info.status == "ok")
+        for name in plugins:
+            if name in loaded:
+                continue
+            owners = sorted({r.plugin for r in self.registrations() if r.name == name})
+            if owners:
+                raise ConfigError(f"plugins.{name}: options go to a plugin by its own name, "
+                                  f"and {name!r} is something plugin {owners[0]!r} registers; "
+                                  f"give them as {owners[0]}.KEY=VALUE")
+            info = self.plugins.get(name)
+            why = f"is {info.status}" if info is not None else "is not installed"
+            raise ConfigError(f"plugins.{name}: plugin {name!r} {why}{closest(name, loaded)}; "
+                              "options go to a loaded plugin by its name in `autometa plugins`")
 
     def registrations(self) -> list[Registration]:
         """Every usable registration, by kind then name."""

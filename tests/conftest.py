@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,3 +98,30 @@ def chromium() -> str:
             pytest.fail(f"AUTOMETA_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+#: ``install(distribution, {entry point: module}, {module: source})``.
+Install = Callable[[str, dict[str, str], dict[str, str]], None]
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
+    """Write installed distributions (dist-info + modules) into a directory on sys.path."""
+    site = tmp_path / "site"
+    site.mkdir()
+    modules: list[str] = []
+
+    def write(dist: str, eps: dict[str, str], sources: dict[str, str]) -> None:
+        info = site / f"{dist}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        lines = "".join(f"{name} = {target}\n" for name, target in eps.items())
+        (info / "entry_points.txt").write_text(f"[autometa]\n{lines}")
+        for module, source in sources.items():
+            (site / f"{module}.py").write_text(textwrap.dedent(source))
+            modules.append(module)
+        monkeypatch.syspath_prepend(str(site))  # also invalidates the import caches
+
+    yield write
+    for module in modules:
+        sys.modules.pop(module, None)

@@ -6,19 +6,15 @@ options; the older hook arguments still served."""
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 import types
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Install
 
 import autometa
 from autometa import PluginError
 from autometa.cli import main
-
-Install = Callable[[str, dict[str, str], dict[str, str]], None]
 
 RECORDER = """
     import json
@@ -169,29 +165,6 @@ LEGACY = """
 SMALL = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
 TINY = dict(algorithms=["maml"], sources=["mlp"], meta_steps=4, eval_every=2,
             initial="none", task_params=SMALL, algorithm_params={"maml": {"inner_steps": 1}})
-
-
-@pytest.fixture
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
-    """Write installed distributions (dist-info + modules) into a directory on sys.path."""
-    site = tmp_path / "site"
-    site.mkdir()
-    modules: list[str] = []
-
-    def write(dist: str, eps: dict[str, str], sources: dict[str, str]) -> None:
-        info = site / f"{dist}-1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-        lines = "".join(f"{name} = {target}\n" for name, target in eps.items())
-        (info / "entry_points.txt").write_text(f"[autometa]\n{lines}")
-        for module, source in sources.items():
-            (site / f"{module}.py").write_text(textwrap.dedent(source))
-            modules.append(module)
-        monkeypatch.syspath_prepend(str(site))
-
-    yield write
-    for module in modules:
-        sys.modules.pop(module, None)
 
 
 @pytest.fixture

@@ -5,20 +5,16 @@ or raise in their classes; `autometa plugins` lists each and exits 0."""
 from __future__ import annotations
 
 import sys
-import textwrap
 import types
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
+from conftest import Install
 
 import autometa
 from autometa import PluginError
 from autometa.cli import main
 from autometa.events import SearchStarted
 from autometa_plugins.mlp.model import MLP
-
-Install = Callable[[str, dict[str, str], dict[str, str]], None]
 
 #: Module of a second distribution's `mlp` plugin (a name autometa's own plugin has).
 FAKE_MLP = """
@@ -48,29 +44,6 @@ FAILING_ENTRIES = """
         register("bad-space", BadSpace)
         register("exits-on-load", "exit_on_import:Algo")
 """
-
-
-@pytest.fixture
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
-    """Write installed distributions (dist-info + modules) into a directory on sys.path."""
-    site = tmp_path / "site"
-    site.mkdir()
-    modules: list[str] = []
-
-    def write(dist: str, eps: dict[str, str], sources: dict[str, str]) -> None:
-        info = site / f"{dist}-1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-        lines = "".join(f"{name} = {target}\n" for name, target in eps.items())
-        (info / "entry_points.txt").write_text(f"[autometa]\n{lines}")
-        for module, source in sources.items():
-            (site / f"{module}.py").write_text(textwrap.dedent(source))
-            modules.append(module)
-        monkeypatch.syspath_prepend(str(site))  # also invalidates the import caches
-
-    yield write
-    for module in modules:
-        sys.modules.pop(module, None)
 
 
 def tables(out: str) -> list[list[list[str]]]:

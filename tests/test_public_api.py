@@ -8,32 +8,21 @@ reading their source (``ast``), not by running them.
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 import autometa
 from autometa import PUBLIC_MODULES
-from autometa.testing.imports import import_problems
+from autometa.testing.imports import FIRST_PARTY_PLUGINS, import_problems
+from autometa.testing.imports import public_module as _module
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 #: The import name of the folder plugins/ (pyproject.toml's package-dir).
-PLUGIN_PACKAGE = "autometa_plugins"
-
-
-def _module(name: str) -> ModuleType | None:
-    """The public module ``name``, or None if it does not exist (yet)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:  # the module exists but one of its own imports is missing
-            raise
-        return None
+PLUGIN_PACKAGE = FIRST_PARTY_PLUGINS
 
 
 def _problems(file: Path) -> Iterator[str]:

@@ -177,11 +177,7 @@ def _report_format(name: str, options: dict[str, dict[str, Any]]
     from autometa.report import write_report
 
     host = create_host()
-    loaded = [k for k, info in host.plugins.items() if info.status == "ok"]
-    for plugin in options:
-        if plugin not in loaded:
-            raise ConfigError(f"--plugin-option: no loaded plugin {plugin!r}"
-                              f"{closest(plugin, loaded)} (see `autometa plugins`)")
+    host.check_options(options)
     if name == "html":
         return lambda boards, out, command: write_report(boards, out, command=command)
     if not host.registered("report_format", name):

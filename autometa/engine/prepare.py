@@ -16,7 +16,7 @@ from autometa.config import SearchConfig
 from autometa.engine.artifacts import check_location
 from autometa.engine.inputs import check_same, fingerprints, localize, path_settings, root_of
 from autometa.engine.sampling import strategy
-from autometa.errors import AutometaError, ConfigError, PluginError, closest, one_line, unknown
+from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
 from autometa.params import declared_types, parse
 from autometa.plugins import Kind, PluginHost
 from autometa.space import Categorical, Float, Int, parse_value, restrict
@@ -78,7 +78,7 @@ def prepare(config: SearchConfig, host: PluginHost,
     # factory is one line before anything is stored.
     strategy(config, host, task.metric.direction)
     if check_options:
-        check_plugin_options(config, host)
+        host.check_options(config.plugins)
 
     def algorithm_problem(cls: Any, space: dict[str, Any]) -> str | None:
         reason = cls.incompatibility(task)
@@ -143,23 +143,6 @@ def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, 
         else:
             out[name] = p
     return out
-
-
-def check_plugin_options(config: SearchConfig, host: PluginHost) -> None:
-    """Raise :class:`ConfigError` if ``config.plugins`` names a plugin that is not loaded
-    (options are given to plugins by entry-point name, as ``autometa plugins`` lists them)."""
-    loaded = sorted(k for k, info in host.plugins.items() if info.status == "ok")
-    for name in config.plugins:
-        if name not in loaded:
-            owners = sorted({r.plugin for r in host.registrations() if r.name == name})
-            if owners:
-                raise ConfigError(f"plugins.{name}: options go to a plugin by its own name, "
-                                  f"and {name!r} is something plugin {owners[0]!r} registers; "
-                                  f"give them as {owners[0]}.KEY=VALUE")
-            info = host.plugins.get(name)
-            why = f"is {info.status}" if info is not None else "is not installed"
-            raise ConfigError(f"plugins.{name}: plugin {name!r} {why}{closest(name, loaded)}; "
-                              "options go to a loaded plugin by its name in `autometa plugins`")
 
 
 def check_pruner(config: SearchConfig, task: Task) -> None:

@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["FIRST_PARTY_PLUGINS", "import_problems"]
+__all__ = ["FIRST_PARTY_PLUGINS", "import_problems", "public_module"]
 
 #: The import name of autometa's own plugins (the repository's plugins/ folder).
 FIRST_PARTY_PLUGINS = "autometa_plugins"
 
 
-def _public(name: str) -> ModuleType | None:
+def public_module(name: str) -> ModuleType | None:
     """The public module ``name``, or None if this autometa does not have it."""
     try:
         return importlib.import_module(name)
@@ -62,7 +62,7 @@ def import_problems(file: Path, *, shown: str, own: str | None = None) -> Iterat
                 yield (f"{where}: imports {module}, which is not a public module "
                        f"(autometa.PUBLIC_MODULES); import from a public module instead")
                 continue
-            public = _public(module)
+            public = public_module(module)
             if public is None:
                 continue
             exported = getattr(public, "__all__", None)
