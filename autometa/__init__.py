@@ -13,8 +13,7 @@ from autometa.errors import AutometaError, ConfigError, DataError, PluginError
 from autometa.hookspecs import hookimpl, hookspec
 from autometa.plugins import PluginHost, PluginInfo, Registration, create_host
 from autometa.space import Categorical, Float, Int
-
-__version__ = "0.1.0"
+from autometa.version import __version__ as __version__
 
 #: The public modules: a plugin imports only these, and from each only the names in its
 #: ``__all__`` (the stable API, which changes by adding names). Everything else, in these

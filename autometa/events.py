@@ -34,17 +34,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import pandas as pd
     from optuna.trial import FrozenTrial
 
     from autometa.config import SearchConfig
-    from autometa.leaderboard import Leaderboard
 
 __all__ = [
     "TRIAL_ATTRS",
     "Event",
+    "LeaderboardLike",
     "SearchFailed",
     "SearchFinished",
     "SearchStarted",
@@ -107,11 +108,45 @@ class TrialFinished(Event):
     trial: FrozenTrial
 
 
+class LeaderboardLike(Protocol):
+    """What ``SearchFinished.leaderboard`` offers: it is an :class:`autometa.Leaderboard`;
+    this protocol names the part a hook uses, so that the plugin interface imports nothing
+    above it (the leaderboard sits in the results layer)."""
+
+    study_name: str
+    task: str  # the task plugin's name
+    metric: str  # the task metric's name; test/val columns are named after it
+    direction: str  # "minimize" or "maximize"
+    frame: pd.DataFrame  # one row per ranked trial, best first (see autometa.Leaderboard)
+    counts: dict[str, int]  # trials per final state: complete, pruned, failed, running
+
+    @property
+    def best(self) -> pd.Series:
+        """The top row."""
+        ...
+
+    def to_markdown(self) -> str:
+        """A Markdown report: a header line and the table."""
+        ...
+
+    def write(self, directory: str | Path) -> list[Path]:
+        """Write ``<study>.csv`` and ``<study>.md`` into ``directory``; their paths."""
+        ...
+
+    def report(self, path: str | Path) -> Path:
+        """Write the HTML report into the directory ``path``; the file's path."""
+        ...
+
+    def model(self, rank: int = 1) -> Any:
+        """The trial ranked ``rank``'s model, an :class:`autometa.predictor.Predictor`."""
+        ...
+
+
 @dataclass(frozen=True)
 class SearchFinished(Event):
     """The search ran its trials and ranked them."""
 
-    leaderboard: Leaderboard
+    leaderboard: LeaderboardLike  # an autometa.Leaderboard
 
 
 @dataclass(frozen=True)

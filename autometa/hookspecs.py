@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from autometa.config import SearchConfig
     from autometa.events import (
+        LeaderboardLike,
         SearchFailed,
         SearchFinished,
         SearchStarted,
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
         TrialPruned,
         TrialStarted,
     )
-    from autometa.leaderboard import Leaderboard
 
 __all__ = ["PROJECT", "Register", "hookimpl", "hookspec"]
 
@@ -135,7 +135,7 @@ def trial_finished(study_name: str, trial: FrozenTrial, event: TrialFinished) ->
 
 
 @hookspec
-def search_finished(study_name: str, leaderboard: Leaderboard, event: SearchFinished
+def search_finished(study_name: str, leaderboard: LeaderboardLike, event: SearchFinished
                     ) -> None:
     """Called once after a search with its :class:`autometa.Leaderboard`."""
 

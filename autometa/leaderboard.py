@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError
+from autometa.metrics import tie_groups
+from autometa.predictor import Predictor, pick
+from autometa.report import write_report
+from autometa.study.settings import CONFIG_ATTR
+from autometa.study.stored import open_stored
+from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
+from autometa.trial import restore, score_meta_test
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +32,7 @@ if TYPE_CHECKING:
     import optuna
 
     from autometa.plugins import PluginHost
-    from autometa.predictor import Predictor
     from autometa.task import Task
-    from autometa.trial import MetaTestScore
-
-#: Study user attribute caching the meta-test results of listed trials that their worker
-#: did not score: {trial number: {mean, ci95, n, over, scores}}.
-TEST_ATTR = "autometa.test"
 
 
 #: What the ``tie`` column means, for people reading a table.
@@ -146,8 +148,6 @@ class Leaderboard:
 
         See :func:`autometa.report.write_report` for what it holds and the errors raised.
         """
-        from autometa.report import write_report
-
         return write_report([self], path)
 
     def model(self, rank: int = 1) -> Predictor:
@@ -159,8 +159,6 @@ class Leaderboard:
                 not attached to its study, or the trial's state is not in the store.
             DataError: the state is damaged.
         """
-        from autometa.predictor import Predictor, pick
-
         if self.study is None or self.context is None:
             raise ConfigError("this leaderboard is not attached to its study; use "
                               "autometa.load_model(study, rank, storage=...)")
@@ -196,7 +194,7 @@ def compute_leaderboard(
 
     Args:
         artifacts: the artifact store the trials' states were uploaded to (a directory or
-            ``s3://bucket``, see :mod:`autometa.engine.artifacts`).
+            ``s3://bucket``, see :mod:`autometa.study.artifacts`).
         root: where relative input paths resolve (default: the working directory).
         cache: store new meta-test scores in the study; False for a snapshot of a study
             that is still running (nothing is written to the storage then).
@@ -206,10 +204,6 @@ def compute_leaderboard(
         ConfigError: a listed trial's state is not in the store.
     """
     from optuna.trial import TrialState
-
-    from autometa.engine.storage import CONFIG_ATTR
-    from autometa.metrics import tie_groups
-    from autometa.trial import TrialPlan, ranked_trials
 
     metric = task.metric
     stored = study.user_attrs.get(CONFIG_ATTR, {})
@@ -272,7 +266,7 @@ def compute_leaderboard(
 
 
 #: Cost columns of the leaderboard: the trial user attributes a worker records
-#: (:data:`autometa.engine.worker.COST_ATTRS`): meta-training seconds, milliseconds to adapt
+#: (:data:`autometa.study.trials.COST_ATTRS`): meta-training seconds, milliseconds to adapt
 #: to and predict one episode, peak CUDA memory in MiB (empty on a CPU).
 COST_COLUMNS = ("fit_time_s", "adapt_ms", "peak_mem_mb")
 
@@ -292,22 +286,13 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
                       ) -> dict[int, MetaTestScore]:
     """The meta-test result of each of the ``listed`` trials: from its user attributes
     (scored by its worker), from the study's cache, or scored now (and cached)."""
-    from autometa.trial import MetaTestScore, restore, score_meta_test
-
     cached: dict[str, dict[str, Any]] = dict(study.user_attrs.get(TEST_ATTR, {}))
     tests: dict[int, MetaTestScore] = {}
     missing = []
     for t in listed:
-        attrs = t.user_attrs
-        if attrs.get("test_mean") is not None or attrs.get("test_failure"):
-            tests[t.number] = MetaTestScore(
-                float(attrs.get("test_mean", math.nan)),
-                float(attrs["test_ci95"] if attrs.get("test_ci95") is not None else math.nan),
-                int(attrs.get("test_n", 0)), str(attrs.get("test_ci_over", "")),
-                tuple(map(float, attrs.get("test_scores", ()))),
-                str(attrs.get("test_failure", "")))
-        elif str(t.number) in cached:
-            tests[t.number] = MetaTestScore.from_json(cached[str(t.number)])
+        test = recorded_test(t, cached)
+        if test is not None:
+            tests[t.number] = test
         else:
             missing.append(t)
     if not missing:
@@ -360,9 +345,6 @@ def load_leaderboard(
             trial state missing from the store; nothing is written then.
     """
     from optuna.trial import TrialState
-
-    from autometa.config import DEFAULT_STORAGE
-    from autometa.engine.prepare import open_stored
 
     if top_k is not None:
         check_top_k(top_k)

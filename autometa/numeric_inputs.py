@@ -13,18 +13,18 @@ Messages name the ``autometa predict`` option the file came with (``--input`` or
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from autometa.errors import DataError
-from autometa.predictor import label_name
-from autometa.task import InputBatch, Task
 
-__all__ = ["LABEL", "TARGET", "read_frame", "read_numbers"]
+__all__ = ["LABEL", "TARGET", "InputBatch", "read_frame", "read_numbers"]
 
 #: The column holding class labels (classification).
 LABEL = "label"
@@ -32,8 +32,43 @@ LABEL = "label"
 TARGET = "target"
 
 
-def read_numbers(task: Task, path: Path, *, labelled: bool) -> InputBatch:
-    """The inputs (and, if ``labelled``, labels) in the CSV file at ``path`` for ``task``.
+@dataclass(frozen=True)
+class InputBatch:
+    """New examples read from a file or folder by :meth:`Task.read_inputs`.
+
+    Attributes:
+        x: (n, *input_shape) float32 on the CPU, encoded as the task encodes its own data.
+        labels: with ``labelled=True``, n labels: class names, or regression targets as
+            rows of floats (n, output_size); otherwise None.
+        ids: one per input, naming it in the output: a file name, or the CSV's data row
+            counted from 0.
+        id_name: what the ids are: ``"file"`` or ``"row"``.
+    """
+
+    x: Tensor
+    labels: list[Any] | None
+    ids: list[Any]
+    id_name: str
+
+
+class Shaped(Protocol):
+    """What the reader needs of a :class:`~autometa.task.Task` (a protocol: this module
+    sits below the task contract, whose default ``read_inputs`` it is)."""
+
+    @property
+    def kind(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        ...
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape."""
+        ...
+
+
+def read_numbers(task: Shaped, path: Path, *, labelled: bool) -> InputBatch:
+    """The inputs (and, if ``labelled``, labels) in the CSV file at ``path`` for ``task``
+    (a :class:`~autometa.task.Task`).
 
     Raises:
         DataError: ``path`` is a folder or not a readable CSV with data rows; the feature
@@ -113,3 +148,10 @@ def _is_number(text: str) -> bool:
 def _label_hint(regression: bool) -> str:
     return (f" (besides {TARGET!r} or {TARGET}_<i> target columns)" if regression else
             f" (besides an optional {LABEL!r} column)")
+
+
+def label_name(value: Any) -> str:
+    """A class label as text: ``3.0`` and ``3`` are ``"3"`` (as a CSV task names classes)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

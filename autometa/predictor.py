@@ -27,8 +27,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError, DataError
+from autometa.model_inputs import read_inputs, read_support
+from autometa.numeric_inputs import label_name
+from autometa.study.stored import open_stored
+from autometa.study.trials import TEST_ATTR, TrialPlan, ranked, ranked_trials
 from autometa.task import Episodes, Task
+from autometa.trial import restore
 
 if TYPE_CHECKING:
     import optuna
@@ -36,7 +42,6 @@ if TYPE_CHECKING:
 
     from autometa.algorithm import MetaAlgorithm
     from autometa.plugins import PluginHost
-    from autometa.trial import TrialPlan
 
 #: The torch seed every prediction runs under (algorithms that draw random numbers while
 #: adapting, e.g. a new head's initialisation, give the same predictions on every call).
@@ -96,7 +101,7 @@ class Predictor:
         source: the source model's name (``"mlp"``).
         params: the trial's hyperparameters as ``{"<plugin>.<name>": value}``, the names
             ``--param`` takes.
-        plan: the same as a :class:`~autometa.trial.TrialPlan`.
+        plan: the same as a :class:`~autometa.study.trials.TrialPlan`.
         trial: the trial's number in its study; ``rank`` its meta-val rank (None if unknown).
         study: the study's name.
         task_kind: ``"classification"`` or ``"regression"``.
@@ -144,9 +149,6 @@ class Predictor:
         """
         from optuna.trial import TrialState
 
-        from autometa.leaderboard import TEST_ATTR
-        from autometa.trial import TrialPlan, ranked, restore
-
         if isinstance(trial, int):
             found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
             if not found:
@@ -193,8 +195,6 @@ class Predictor:
             if support_y is not None:
                 raise ConfigError("adapt: give support_y only with support_x as numbers; a "
                                   "support file holds its own labels")
-            from autometa.predict_io import read_support
-
             support_x, support_y = read_support(self.task, Path(support_x))
         elif support_y is None:
             raise ConfigError("adapt: support_y is missing: give one label per support "
@@ -233,8 +233,6 @@ class Predictor:
         read and encoded by the task); DataError otherwise."""
         shape = tuple(self.task.input_shape)
         if isinstance(data, str | os.PathLike):
-            from autometa.predict_io import read_inputs
-
             data, _, _ = read_inputs(self.task, Path(data))
         try:
             x = torch.as_tensor(data, dtype=torch.float32, device=self.device)
@@ -366,13 +364,6 @@ class Adapted:
             model.train(training)
 
 
-def label_name(value: Any) -> str:
-    """A class label as text: ``3.0`` and ``3`` are ``"3"`` (as a CSV task names classes)."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _key(value: Hashable) -> Hashable:
     return (type(value).__name__, value)
 
@@ -394,8 +385,6 @@ def pick(study: optuna.Study, rank: object) -> FrozenTrial:
     """The completed trial at meta-val ``rank`` (from 1); ConfigError if out of range."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise ConfigError(f"rank: expected a whole number from 1, got {rank!r}")
-    from autometa.trial import ranked_trials
-
     ranked = ranked_trials(study)
     if not ranked:
         raise ConfigError(f"study {study.study_name!r} has no completed trial yet; finish a "
@@ -429,9 +418,6 @@ def load_model(study: str, rank: int = 1, *, storage: str | None = None,
             the study's, or the trial's state missing from the store.
         DataError: the stored state is damaged.
     """
-    from autometa.config import DEFAULT_STORAGE
-    from autometa.engine.prepare import open_stored
-
     stored = open_stored(study, storage or DEFAULT_STORAGE, host=host, artifacts=artifacts,
                          data_root=data_root, device=device)
     trial = pick(stored.study, rank)  # before the task is built: a wrong rank fails at once

@@ -39,8 +39,8 @@ def new_plugin(name: str, kind: str, parent: str | Path = ".") -> Path:
             with a letter; ``kind`` is not one of :data:`TEMPLATE_KINDS`; the folder
             exists already, or ``parent`` is not a writable directory. Nothing is written.
     """
-    from autometa import __version__
     from autometa.config import check_writable_dir
+    from autometa.version import __version__
 
     if kind not in TEMPLATE_KINDS:
         raise ConfigError(f"--kind {kind!r}: expected one of {', '.join(TEMPLATE_KINDS)}")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from autometa.metrics import ACCURACY, MSE, Metric, TaskKind, loss_for
+from autometa.numeric_inputs import InputBatch, read_numbers
 from autometa.space import SearchSpace
 
 __all__ = ["Episodes", "InputBatch", "Task", "TaskSpec"]
@@ -59,25 +60,6 @@ class Episodes:
 
     def to(self, device: torch.device | str) -> Episodes:
         return Episodes(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-@dataclass(frozen=True)
-class InputBatch:
-    """New examples read from a file or folder by :meth:`Task.read_inputs`.
-
-    Attributes:
-        x: (n, *input_shape) float32 on the CPU, encoded as the task encodes its own data.
-        labels: with ``labelled=True``, n labels: class names, or regression targets as
-            rows of floats (n, output_size); otherwise None.
-        ids: one per input, naming it in the output: a file name, or the CSV's data row
-            counted from 0.
-        id_name: what the ids are: ``"file"`` or ``"row"``.
-    """
-
-    x: Tensor
-    labels: list[Any] | None
-    ids: list[Any]
-    id_name: str
 
 
 class Task(ABC):
@@ -160,8 +142,6 @@ class Task(ABC):
             DataError: the inputs cannot be read or do not match the task; one line
                 naming the file (or column, row) and the fix.
         """
-        from autometa.numeric_inputs import read_numbers
-
         return read_numbers(self, path, labelled=labelled)
 
     def describe(self) -> dict[str, Any]:

@@ -1,12 +1,17 @@
 """One trial: build the source model for the task, meta-train it with the algorithm,
-score it on meta-val episodes along the way, and save what it learned."""
+score it on meta-val episodes along the way and on meta-test at the end; and a stored
+trial rebuilt with the state it saved (:func:`restore`).
+
+What a stored trial holds (its plan, seed, rank, scores) is :mod:`autometa.study.trials`;
+where its state is kept, :mod:`autometa.study.artifacts`."""
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,98 +19,22 @@ import torch
 from torch import Tensor
 
 from autometa.algorithm import MetaAlgorithm
-from autometa.errors import DataError, PluginError
+from autometa.errors import PluginError
+from autometa.metrics import mean_ci95
 from autometa.plugins import PluginHost
+from autometa.study.artifacts import download_state, load_state, open_store
+from autometa.study.inputs import localize
+from autometa.study.settings import search_seed
+from autometa.study.trials import MetaTestScore, TrialPlan, trial_seed
 from autometa.task import Episodes, Task
 
 #: Episodes evaluated at once; bounds memory on large meta-val/meta-test sets.
 EVAL_CHUNK = 200
 
 
-#: User attribute of a trial the Wilcoxon pruner stopped during its final evaluation: it is
-#: COMPLETE with its running mean (for the sampler), and never ranked.
-PRUNED_ATTR = "pruned"
-#: User attribute holding ``[[meta_step, meta-val score], ...]`` when the intermediate
-#: values are per-episode scores (the Wilcoxon pruner) rather than the learning curve.
-CURVE_ATTR = "val_curve"
-
-
-def ranked(trial: Any) -> bool:
-    """True if an Optuna trial takes a place in the ranking: COMPLETE, with a value, and
-    not stopped part-way through its evaluation (:data:`PRUNED_ATTR`)."""
-    from optuna.trial import TrialState
-
-    return (trial.state == TrialState.COMPLETE and trial.value is not None
-            and not trial.user_attrs.get(PRUNED_ATTR))
-
-
-def rank_key(direction: str, value: float, number: int) -> tuple[float, int]:
-    """The ranking's sort key: better meta-val first (``direction`` "minimize" or
-    "maximize"), ties to the earlier trial."""
-    return (value if direction == "minimize" else -value, number)
-
-
-def ranked_trials(study: Any, complete: list[Any] | None = None) -> list[Any]:
-    """The :func:`ranked` trials of an Optuna study (from ``complete``, its COMPLETE
-    trials, if already read), best on meta-val first: the leaderboard's order."""
-    from optuna.study import StudyDirection
-    from optuna.trial import TrialState
-
-    if complete is None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    direction = "minimize" if study.direction == StudyDirection.MINIMIZE else "maximize"
-    return sorted((t for t in complete if ranked(t)),
-                  key=lambda t: rank_key(direction, float(t.value), t.number))
-
-
-def learning_curve(trial: Any) -> dict[int, float]:
-    """``{meta_step: meta-val score}`` of an Optuna trial, whatever its pruner."""
-    if CURVE_ATTR in trial.user_attrs:
-        return {int(step): float(score) for step, score in trial.user_attrs[CURVE_ATTR] or ()}
-    return dict(trial.intermediate_values)
-
-
 class Diverged(Exception):
     """The meta-training loss, or predictions or scores on evaluation episodes, became NaN
     or infinite; the message names where."""
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    """The configuration a trial runs: plugin names and their hyperparameters."""
-
-    algorithm: str
-    source: str
-    algorithm_params: dict[str, Any] = field(default_factory=dict)
-    source_params: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, trial: Any) -> TrialPlan:
-        """The plan a worker recorded in ``trial``'s user attributes (an Optuna trial)."""
-        return cls(**{k: trial.user_attrs[k] for k in
-                      ("algorithm", "source", "algorithm_params", "source_params")})
-
-    def describe(self) -> str:
-        """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs."""
-        return f"{self.algorithm}({_kv(self.algorithm_params, ', ')}) + " \
-               f"{self.source}({_kv(self.source_params, ', ')})"
-
-    def params_text(self) -> str:
-        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins."""
-        return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}"
-
-
-def _kv(params: dict[str, Any], sep: str) -> str:
-    return sep.join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def trial_seed(search_seed: int, trial_number: int) -> int:
-    """A distinct, reproducible seed per trial."""
-    return (search_seed * 1_000_003 + trial_number * 7_919) % (2**31 - 1)
 
 
 def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
@@ -115,8 +44,6 @@ def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
     Relative input paths among the settings (a checkpoint's ``path``) resolve against
     ``root`` (None: the working directory).
     """
-    from autometa.engine.inputs import localize
-
     source_cls = host.get("source", plan.source).load()
     algorithm_cls = host.get("algorithm", plan.algorithm).load()
     torch.manual_seed(seed)  # network initialisation
@@ -363,43 +290,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass(frozen=True)
-class MetaTestScore:
-    """A model's meta-test result: the mean and 95% CI half-width of ``scores``.
-
-    ``scores`` has one value per meta-test episode, or per test example of a target
-    dataset's single test split (``over``); every trial is scored on the same episodes, so
-    two trials' ``scores`` are paired. ``failure`` is set (and the numbers NaN) when the
-    predictions were not finite.
-    """
-
-    mean: float
-    ci95: float
-    n: int
-    over: str
-    scores: tuple[float, ...] = ()
-    failure: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "ci95": self.ci95, "n": self.n, "over": self.over,
-                "scores": list(self.scores), **({"failure": self.failure} if self.failure
-                                                 else {})}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MetaTestScore:
-        return cls(float(data["mean"]), float(data["ci95"]), int(data.get("n", 0)),
-                   str(data.get("over", "")), tuple(map(float, data.get("scores", ()))),
-                   str(data.get("failure", "")))
-
-
 def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
     """Score ``algorithm`` (meta-trained) on the task's meta-test episodes.
 
     A model whose predictions are not finite gets a :class:`MetaTestScore` with ``failure``
     set rather than an exception: it stays listed, never ranked on NaN.
     """
-    from autometa.metrics import mean_ci95
-
     episodes = task.meta_test()
     over = "examples" if scored_per_example(episodes, task) else "episodes"
     try:
@@ -419,46 +315,10 @@ def restore(study: Any, trial: Any, task: Task, host: PluginHost, *, artifacts: 
         ConfigError: the state is not in the store.
         DataError: the state is damaged (see :func:`load_state`).
     """
-    import tempfile
-
-    from autometa.engine.artifacts import download_state, open_store
-    from autometa.engine.storage import CONFIG_ATTR
-
-    search_seed = study.user_attrs.get(CONFIG_ATTR, {}).get("config", {}).get("seed", 0)
     store = open_store(artifacts, study.study_name)
     with tempfile.TemporaryDirectory(prefix="autometa-state-") as tmp:
         state = download_state(study, trial, store, artifacts, Path(tmp))
         algorithm = build(host, task, TrialPlan.of(trial),
-                          trial_seed(search_seed, trial.number), root)
+                          trial_seed(search_seed(study), trial.number), root)
         load_state(algorithm, state, f"trial {trial.number}'s state in {artifacts!r}")
     return algorithm
-
-
-def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
-    """Save the trained state (tensors only, loadable with ``weights_only=True``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(algorithm.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written state
-
-
-def load_state(algorithm: MetaAlgorithm, path: Path, shown: str | None = None) -> None:
-    """Restore a trial's saved state, read with ``weights_only=True`` (tensors only).
-
-    ``shown`` names the state in messages (default: its path).
-
-    Raises:
-        DataError: the file is damaged or not one autometa wrote (one line; never torch's
-            advice to unpickle it: autometa saves tensors only, so that is never needed).
-    """
-    try:
-        state = torch.load(path, map_location=algorithm.task.device, weights_only=True)
-        algorithm.load_state_dict(state)
-    except Exception as exc:
-        first = next(iter(str(exc).strip().splitlines()), "").split(". ")[0]
-        detail = "" if "weights_only" in first or len(first) > 120 else f": {first}"
-        raise DataError(
-            f"{shown or f'trial state {str(path)!r}'} is corrupt or not the tensors autometa saved "
-            f"({type(exc).__name__}{detail}); it was damaged or replaced: restore it from a "
-            "copy, or start a new study"
-        ) from None

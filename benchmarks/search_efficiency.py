@@ -84,7 +84,7 @@ def trial_cost(trial: Any) -> tuple[int, float]:
 def reach(study: Any, target: float | None, meta_steps: int) -> dict[str, Any]:
     """Cumulative compute up to the first ranked trial scoring ``target`` or better
     (minimised metric), or over all trials if none did (``reached`` False)."""
-    from autometa.trial import ranked
+    from autometa.study.trials import ranked
 
     steps = wall = 0.0
     best = float("inf")

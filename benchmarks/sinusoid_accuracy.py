@@ -42,7 +42,8 @@ from speed import (  # noqa: E402  (the shared report helpers)
 from autometa import create_host  # noqa: E402
 from autometa.errors import AutometaError  # noqa: E402
 from autometa.metrics import mean_ci95  # noqa: E402
-from autometa.trial import TrialPlan, build, evaluate, meta_train  # noqa: E402
+from autometa.study.trials import TrialPlan  # noqa: E402
+from autometa.trial import build, evaluate, meta_train  # noqa: E402
 
 #: label -> (registered name, hyperparameters). The paper's settings where they apply.
 PAPER = {"inner_lr": 0.01, "inner_steps": 1, "meta_lr": 1e-3, "meta_batch_size": 25}

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 import autometa
 from autometa import ConfigError
 from autometa.cli import main
-from autometa.engine.artifacts import REMOVED_ATTR, state_artifact
+from autometa.study.artifacts import REMOVED_ATTR, state_artifact
 
 SMALL = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
 TINY = dict(task_params=SMALL, algorithms=["finetune"], sources=["mlp"], meta_steps=2,

@@ -14,7 +14,7 @@ from optuna.distributions import CategoricalDistribution
 from PIL import Image
 
 import autometa
-from autometa.engine.storage import open_storage
+from autometa.study.storage import open_storage
 
 TASKS = ["breast-cancer", "csv", "digits", "digits-vs-rest", "glyphs", "image-folder", "iris",
          "sinusoid", "wine"]

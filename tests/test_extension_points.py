@@ -300,9 +300,8 @@ def test_every_trial_attribute_the_engine_writes_is_documented() -> None:
     import ast
     import dataclasses
 
-    from autometa.engine.worker import COST_ATTRS, TEST_ATTRS
     from autometa.events import TRIAL_ATTRS
-    from autometa.trial import TrialPlan
+    from autometa.study.trials import COST_ATTRS, TEST_ATTRS, TrialPlan
 
     root = Path(autometa.__file__).parent
     written: set[str] = set(COST_ATTRS) | set(TEST_ATTRS)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from autometa import Backbone, create_host
+from autometa.study.trials import TrialPlan
 from autometa.task import Task
-from autometa.trial import Diverged, TrialPlan, build, evaluate, meta_train
+from autometa.trial import Diverged, build, evaluate, meta_train
 from autometa_plugins.digits.task import Digits, DigitsVsRest
 from autometa_plugins.sinusoid.task import Sinusoid
 

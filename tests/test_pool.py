@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 import autometa
-from autometa.engine.storage import schema_ready
+from autometa.study.storage import schema_ready
 
 SMALL = {"val_episodes": 4, "test_episodes": 4, "eval_queries": 5}
 TASK_FLAGS = [a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")]

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from autometa.engine.storage import schema_ready
+from autometa.study.storage import schema_ready
 
 STUDY = "shared"
 

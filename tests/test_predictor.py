@@ -221,7 +221,7 @@ def test_cli_predict_on_new_images(tmp_path: Path, capsys) -> None:
     # Python: the same images give the same probabilities; one file is read alone too.
     model = autometa.load_model("planes")
     assert model.class_names == ["airplane", "not-airplane"]
-    from autometa.predict_io import read_inputs
+    from autometa.model_inputs import read_inputs
 
     x, ids, _ = read_inputs(model.task, tmp_path / "new")
     assert x.shape == (6, 1, 8, 8) and ids == list(out["file"])
@@ -314,7 +314,7 @@ class _Lines(_Numbers):
 
 
 def test_read_inputs_is_the_tasks_own(tmp_path: Path) -> None:
-    from autometa.predict_io import read_inputs, read_support
+    from autometa.model_inputs import read_inputs, read_support
 
     (tmp_path / "x.txt").write_text("150\n25\n")
     x, ids, id_name = read_inputs(_Lines(), tmp_path / "x.txt")

@@ -10,10 +10,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from autometa import __version__
 from autometa.cli import plugins, results, search
 from autometa.cli.common import Parser
 from autometa.errors import AutometaError, one_line, redact
+from autometa.version import __version__
 
 #: autometa's own commands -> their handlers (a plugin's command cannot take these names).
 COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], None]], int]] = {

@@ -128,8 +128,8 @@ def _print_json() -> int:
     import json
     import sys
 
-    from autometa import __version__
     from autometa.plugins import create_host
+    from autometa.version import __version__
 
     # Plugin code that prints at import (or in search_space()) must not spoil the document.
     with contextlib.redirect_stdout(sys.stderr):

@@ -110,7 +110,7 @@ def cmd_leaderboard(args: argparse.Namespace, ready: Callable[[], None]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, ready: Callable[[], None]) -> int:
-    from autometa.predict_io import check_out_file, predict_file
+    from autometa.model_files import check_out_file, predict_file
     from autometa.predictor import load_model
 
     check_out_file(args.out)
@@ -124,7 +124,7 @@ def cmd_predict(args: argparse.Namespace, ready: Callable[[], None]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, ready: Callable[[], None]) -> int:
-    from autometa.predict_io import check_out_dir, export
+    from autometa.model_files import check_out_dir, export
     from autometa.predictor import load_model
 
     check_out_dir(args.out, args.force)

@@ -14,17 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from autometa.config import split_study_ref
-from autometa.errors import ConfigError, closest, redact
+from autometa.errors import ConfigError
 from autometa.space import Categorical, Float, Int, check_value
 
 if TYPE_CHECKING:
     import optuna
 
-    from autometa.config import SearchConfig
     from autometa.engine.prepare import Prepared
     from autometa.plugins import Kind
-    from autometa.trial import TrialPlan
+    from autometa.study.trials import TrialPlan
 
 log = logging.getLogger(__name__)
 
@@ -95,52 +93,13 @@ def portfolio(prepared: Prepared) -> list[Queued]:
     return out
 
 
-def read_warm_start(config: SearchConfig) -> list[tuple[str, list[tuple[str, TrialPlan]]]]:
-    """``(study, [(origin, plan), ...])`` per study in ``config.warm_start``: the plans of
-    its ranked trials, best first; only reads.
-
-    Raises:
-        ConfigError: a study or its storage does not exist (the closest name suggested).
-    """
-    import optuna
-
-    from autometa.engine.storage import open_storage, schema_ready
-    from autometa.engine.urls import local_file
-    from autometa.trial import TrialPlan, ranked_trials
-
-    out = []
-    for entry in config.warm_start:
-        name, url = split_study_ref(entry, config.storage)
-        file = local_file(url)
-        if file is not None and not file.is_file():
-            raise ConfigError(f"warm_start: {entry!r}: there is no database file at "
-                              f"{str(file)!r}; give the storage that holds study {name!r}")
-        storage = open_storage(url, must_exist=True, create_tables=False) \
-            if schema_ready(url) else None
-        try:
-            if storage is None:
-                raise KeyError(name)
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            names = sorted(optuna.get_all_study_names(storage)) if storage else []
-            raise ConfigError(f"warm_start: no study {name!r} in {redact(url)}"
-                              f"{closest(name, names)}; its studies: "
-                              f"{', '.join(names) or 'none'}") from None
-        best = ranked_trials(study)
-        if not best:
-            log.warning("warm start: study %r has no complete trial; nothing taken from it",
-                        name)
-        out.append((name, [(f"warm start from {name} trial {t.number}", TrialPlan.of(t))
-                           for t in best]))
-    return out
-
-
 def warm_start(prepared: Prepared) -> list[Queued]:
     """The best :data:`WARM_START_BEST` configurations of each earlier study (read by
-    :func:`read_warm_start` into ``prepared.warm``) that fit this search, as its Optuna
-    parameters. One whose algorithm or source is not in this search, or whose value of a
-    hyperparameter searched here is outside this search's space, is skipped with a log
-    line and the next best taken; settings fixed here apply to all.
+    :func:`~autometa.engine.warm_start.read_warm_start` into ``prepared.warm``) that fit
+    this search, as its Optuna parameters. One whose algorithm or source is not in this
+    search, or whose value of a hyperparameter searched here is outside this search's
+    space, is skipped with a log line and the next best taken; settings fixed here apply
+    to all.
     """
     out = []
     for _, plans in prepared.warm:

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from autometa.engine.urls import check_folder, local_file, open_error, scheme, with_driver
 from autometa.errors import ConfigError
+from autometa.study.urls import check_folder, local_file, open_error, scheme, with_driver
 
 #: The advisory lock's key on a PostgreSQL server (any 64-bit number; "auto" in ASCII),
 #: and the lock's name on MySQL.

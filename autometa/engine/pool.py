@@ -21,7 +21,7 @@ from typing import Any
 
 import optuna
 
-from autometa.engine.storage import fail_running
+from autometa.engine.claim import fail_running
 from autometa.engine.worker import Event, WorkerSpec, worker_main
 from autometa.errors import ConfigError
 

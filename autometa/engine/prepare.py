@@ -3,7 +3,6 @@ before anything is stored."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -13,13 +12,16 @@ from typing import Any
 import torch
 
 from autometa.config import SearchConfig
-from autometa.engine.artifacts import check_location
-from autometa.engine.inputs import check_same, fingerprints, localize, path_settings, root_of
-from autometa.engine.sampling import strategy
-from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
-from autometa.params import declared_types, parse
+from autometa.engine.sampling import WILCOXON_STARTUP, strategy
+from autometa.engine.warm_start import read_warm_start
+from autometa.errors import AutometaError, ConfigError, PluginError
+from autometa.params import declared_types
 from autometa.plugins import Kind, PluginHost
-from autometa.space import Categorical, Float, Int, parse_value, restrict
+from autometa.space import Categorical, Float, Int, restrict
+from autometa.study.artifacts import check_location
+from autometa.study.build import build_task, check_device, parse_task_params
+from autometa.study.inputs import check_same, fingerprints, localize, path_settings, root_of
+from autometa.study.storage import study_exists
 from autometa.task import Task
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ class Prepared:
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     root: Path | None = None  # relative input paths resolve here (None: working directory)
     # per earlier study, (origin, TrialPlan) of its ranked trials, best first: the
-    # configurations a new study runs first (engine.initial)
+    # configurations a new study runs first (engine.initial, read by engine.warm_start)
     warm: list[tuple[str, list[tuple[str, Any]]]] = field(default_factory=list)
 
 
@@ -52,7 +54,7 @@ def prepare(config: SearchConfig, host: PluginHost,
 
     Args:
         expected_inputs: the input files' hashes stored by the study this process joins
-            (:mod:`autometa.engine.inputs`); a copy that differs or is missing is refused
+            (:mod:`autometa.study.inputs`); a copy that differs or is missing is refused
             before the task is built.
         check_options: refuse options for a plugin that is not loaded (False in a pool's
             worker process: its host has the installed plugins only, while the search's
@@ -123,9 +125,6 @@ def prepare(config: SearchConfig, host: PluginHost,
     )
     warm = []
     if config.warm_start and expected_inputs is None:  # a joining worker never creates
-        from autometa.engine.initial import read_warm_start
-        from autometa.engine.storage import study_exists
-
         if not study_exists(config.storage, config.study):  # queued only at creation
             warm = read_warm_start(config)
     return Prepared(typed, host, task, algorithms, sources, inputs, data_root, warm)
@@ -148,8 +147,6 @@ def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, 
 def check_pruner(config: SearchConfig, task: Task) -> None:
     """Raise :class:`ConfigError` if the Wilcoxon pruner has too few meta-val episodes to
     pair (a target dataset's val split is one episode)."""
-    from autometa.engine.sampling import WILCOXON_STARTUP
-
     if config.pruner != "wilcoxon":
         return
     n = len(task.meta_val())
@@ -174,74 +171,6 @@ def resolve_devices(config: SearchConfig) -> list[str]:
         else:
             out.append(str(check_device(text)))
     return out
-
-
-def check_device(text: str) -> torch.device:
-    """The torch device ``text`` names, checked by placing a tensor on it.
-
-    Raises:
-        ConfigError: not a device name, ``meta`` (holds no data), or not usable here
-            (``cuda:9`` with one GPU, ``cuda`` on a CPU-only build of torch).
-    """
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device: {text!r} is not a torch device; use e.g. 'cpu', 'cuda' or "
-                          "'cuda:0'") from None
-    if device.type == "meta":
-        raise ConfigError("device: 'meta' tensors hold no data; use 'cpu' or 'cuda:N'")
-    try:
-        torch.zeros(1, device=device)
-    except Exception as exc:
-        available = "cpu" + (f", cuda:0..{torch.cuda.device_count() - 1}"
-                             if torch.cuda.is_available() else "")
-        raise ConfigError(f"device: {text!r} cannot be used here ({one_line(str(exc))}); "
-                          f"available: {available}") from None
-    return device
-
-
-def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
-    """``config.task_params`` parsed as the task's declared types and checked (ranges,
-    choices, required parameters)."""
-    task_cls = host.get("task", config.task).load()
-    types = declared_types(task_cls, skip=frozenset({"seed", "device"}))
-    params: dict[str, Any] = {}
-    for name, value in config.task_params.items():
-        if name not in types:
-            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, types))
-        key = f"task_params.{name}"
-        params[name] = (parse_value(key, task_cls.params[name], value)
-                        if name in task_cls.params else parse(key, types[name], value))
-    signature = inspect.signature(task_cls).parameters
-    missing = [n for n in types if signature[n].default is signature[n].empty
-               and n not in params]
-    if missing:
-        raise ConfigError(f"task {config.task!r} needs {', '.join(map(repr, missing))}; set "
-                          f"{' '.join(f'--task-param {n}=...' for n in missing)} (or "
-                          "task_params in a config file)")
-    return params
-
-
-def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str, Any],
-               device: torch.device) -> Task:
-    """Build the task once for the whole search (data live on ``device``).
-
-    ``task_params`` must come from :func:`parse_task_params`; relative input paths among
-    them resolve against ``config.data_root``. A task that raises anything but an autometa
-    error is a plugin bug, reported as one :class:`PluginError` line.
-    """
-    task_cls = host.get("task", config.task).load()
-    local = localize(task_cls, task_params,
-                     Path(config.data_root) if config.data_root is not None else None)
-    try:
-        task: Task = task_cls(**local, seed=config.seed, device=device)
-    except AutometaError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"task {config.task!r} could not be built with {dict(task_params)}: "
-                          f"{type(exc).__name__}: {one_line(str(exc))}") from exc
-    task.identity = {"task": config.task, "params": dict(task_params), "seed": config.seed}
-    return task
 
 
 #: Constructor parameters the engine passes itself, never user settings.
@@ -293,53 +222,3 @@ def _choose(
     if not chosen:
         raise PluginError(f"no installed {label} is compatible with this task")
     return chosen
-
-
-@dataclass
-class StoredStudy:
-    """A study another process stored, opened on this machine (a leaderboard, a model
-    handed back): its settings with this machine's own, the study, the plugin host.
-
-    Nothing is built until :meth:`build_task`, so that a caller can refuse a wrong request
-    (a rank out of range) before the task's data is read.
-    """
-
-    config: SearchConfig
-    inputs: dict[str, Any]
-    study: Any  # optuna.Study (Optuna is imported only where a study is opened)
-    host: PluginHost
-
-    @property
-    def root(self) -> Path | None:
-        """Where relative input paths resolve (None: the working directory)."""
-        return Path(self.config.data_root) if self.config.data_root is not None else None
-
-    def build_task(self) -> Task:
-        """The study's task built here, once its input files are known to be the study's.
-
-        Raises:
-            ConfigError: an input file differs from the study's or is missing, or the
-                device cannot be used here.
-        """
-        config, host = self.config, self.host
-        params = parse_task_params(config, host)
-        root = root_of(config.data_root)
-        paths = path_settings(host.get("task", config.task).load(), params, "task_params")
-        check_same(self.inputs, fingerprints(paths, root), paths, root, config.study)
-        return build_task(config, host, params, check_device(config.device))
-
-
-def open_stored(study_name: str, storage: str, *, host: PluginHost | None = None,
-                **machine: Any) -> StoredStudy:
-    """Open study ``study_name`` in ``storage`` with this machine's settings ``machine``
-    (``artifacts``, ``data_root``, ``device``; see
-    :func:`autometa.engine.storage.stored_search`).
-
-    Raises:
-        ConfigError: no such storage or study (those there are listed); nothing is written.
-    """
-    from autometa.engine.storage import stored_search
-    from autometa.plugins import create_host
-
-    config, inputs, study = stored_search(study_name, storage, **machine)
-    return StoredStudy(config, inputs, study, host or create_host())

@@ -16,19 +16,21 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
-from autometa.engine.artifacts import check_shared
+from autometa.engine.claim import counts, fail_dead_trials
 from autometa.engine.lock import storage_lock
 from autometa.engine.pool import Pool
 from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import strategy
-from autometa.engine.storage import counts, fail_dead_trials, open_study, stored_search
-from autometa.engine.urls import local_file
+from autometa.engine.storage import open_study
 from autometa.engine.worker import Event, WorkerSpec, run_worker
 from autometa.errors import ConfigError
 from autometa.events import SearchFailed, SearchFinished, SearchStarted
 from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
+from autometa.study.artifacts import check_shared
+from autometa.study.settings import stored_search
+from autometa.study.urls import local_file
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 One worker runs one trial at a time on one device. It owns nothing but its device: the
 study's settings come from the storage, the budget is counted there
-(:func:`~autometa.engine.storage.claim`), and what it does is sent as events to whoever
+(:func:`~autometa.engine.claim.claim`), and what it does is sent as events to whoever
 draws the display (the calling process itself, or the pool's supervisor).
 
 An event is ``(method, args)`` naming a :class:`~autometa.progress.Progress` method:
@@ -28,31 +28,36 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
-from autometa.engine.artifacts import keep_best, open_store, upload_state
+from autometa.engine.claim import claim, fail_running, heartbeat_storage
 from autometa.engine.lock import storage_lock
 from autometa.engine.outage import is_storage_error, wait_for_storage
 from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import strategy, trial_sampler
-from autometa.engine.storage import claim, fail_running, heartbeat_storage, open_study
+from autometa.engine.storage import open_study
 from autometa.errors import one_line, redact
 from autometa.events import TrialFailed, TrialFinished, TrialPruned, TrialStarted
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
-from autometa.trial import (
+from autometa.study.artifacts import keep_best, open_store, upload_state
+from autometa.study.trials import (
+    COST_ATTRS,
     CURVE_ATTR,
     PRUNED_ATTR,
+    TEST_ATTRS,
+    TrialPlan,
+    rank_key,
+    ranked_trials,
+    record_test,
+    trial_seed,
+)
+from autometa.trial import (
     Clock,
     Diverged,
     EvaluationPruned,
-    MetaTestScore,
-    TrialPlan,
     build,
     meta_train,
     paired_val_score,
-    rank_key,
-    ranked_trials,
     score_meta_test,
-    trial_seed,
 )
 
 if TYPE_CHECKING:
@@ -296,18 +301,9 @@ def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int
                for t in ranked_trials(study))
 
 
-#: Trial user attributes written by a worker (optuna-dashboard lists them per trial).
-#: Costs: meta-training seconds, meta-steps run (fewer than the budget if pruned),
-#: milliseconds to adapt to and predict one meta-val episode, peak CUDA memory in MiB
-#: (CUDA devices only).
-COST_ATTRS = ("fit_time_s", "meta_steps", "adapt_ms", "peak_mem_mb")
-#: The meta-test result of a trial among the best ``top_k`` when it finished: mean, 95% CI
-#: half-width, number of scores, what they are over, and the per-episode scores.
-TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_ci_over", "test_scores")
-
-
 def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:
-    """Store the trial's times (and peak CUDA memory) as its user attributes."""
+    """Store the trial's times (and peak CUDA memory) as its user attributes
+    (:data:`~autometa.study.trials.COST_ATTRS`)."""
     trial.set_user_attr("fit_time_s", round(clock.train_s, 3))
     trial.set_user_attr("meta_steps", clock.steps)
     if clock.eval_episodes:
@@ -315,18 +311,6 @@ def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> Non
     if device.type == "cuda":
         trial.set_user_attr("peak_mem_mb",
                             round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
-
-
-def record_test(trial: optuna.Trial, test: MetaTestScore) -> None:
-    """Store a meta-test result as the trial's user attributes (:data:`TEST_ATTRS`)."""
-    if test.failure:
-        trial.set_user_attr("test_failure", test.failure[:1000])
-        return
-    trial.set_user_attr("test_mean", test.mean)
-    trial.set_user_attr("test_ci95", test.ci95 if test.ci95 == test.ci95 else None)
-    trial.set_user_attr("test_n", test.n)
-    trial.set_user_attr("test_ci_over", test.over)
-    trial.set_user_attr("test_scores", list(test.scores))
 
 
 class Heartbeat:

@@ -2,7 +2,9 @@
 
 The page is plain HTML with inline CSS and figures embedded as SVG images (data URLs): no
 script, no external URL, one file to mail or archive. Modules, one concept each:
-:mod:`~autometa.report.html` (escaping, page assembly), :mod:`~autometa.report.table`
+:mod:`~autometa.report.board` (what a report reads from a leaderboard: a protocol, so that
+the report never imports the leaderboard), :mod:`~autometa.report.html` (escaping, page
+assembly), :mod:`~autometa.report.table`
 (the leaderboard table), :mod:`~autometa.report.plots` (figures),
 :mod:`~autometa.report.provenance` (versions and the reproducing config),
 :mod:`~autometa.report.study` (one study's part) and :mod:`~autometa.report.crosstask`
@@ -19,12 +21,12 @@ from typing import TYPE_CHECKING
 from autometa.errors import ConfigError
 
 if TYPE_CHECKING:
-    from autometa.leaderboard import Leaderboard
+    from autometa.report.board import Board
 
 __all__ = ["check_distinct", "write_report"]
 
 
-def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
+def write_report(boards: Sequence[Board], out: str | Path, *,
                  command: str | None = None) -> Path:
     """Write the HTML report of ``boards`` into the directory ``out`` (created if missing).
 
@@ -66,7 +68,7 @@ def write_report(boards: Sequence[Leaderboard], out: str | Path, *,
     if out.exists() and not out.is_dir():
         raise ConfigError(f"report folder {str(out)!r} is a file; give a directory")
     out.mkdir(parents=True, exist_ok=True)
-    from autometa import __version__
+    from autometa.version import __version__
 
     footer = f"made by autometa {__version__}"
     if len(boards) == 1:

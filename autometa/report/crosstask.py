@@ -29,7 +29,7 @@ from autometa.report import plots
 from autometa.report.html import Markup, figure, join, note, table, tag
 
 if TYPE_CHECKING:
-    from autometa.leaderboard import Leaderboard
+    from autometa.report.board import Board
 
 #: Significance level of the Nemenyi comparisons in the diagram.
 ALPHA = 0.05
@@ -48,7 +48,7 @@ class CrossTask:
     average: pd.Series  # mean rank over the studies an algorithm appears in, best first
 
 
-def labels(boards: Sequence[Leaderboard]) -> list[str]:
+def labels(boards: Sequence[Board]) -> list[str]:
     """One distinct label per study: its name, numbered when two share one."""
     out: list[str] = []
     for board in boards:
@@ -59,7 +59,7 @@ def labels(boards: Sequence[Leaderboard]) -> list[str]:
     return out
 
 
-def cross_task(boards: Sequence[Leaderboard]) -> CrossTask:
+def cross_task(boards: Sequence[Board]) -> CrossTask:
     """Score and rank each algorithm in each study (see the module docstring)."""
     columns = labels(boards)
     test: dict[str, dict[str, float]] = {}
@@ -162,7 +162,7 @@ def critical_difference(k: int, n: int, alpha: float = ALPHA) -> float:
     return q * math.sqrt(k * (k + 1) / (6 * n))
 
 
-def crosstask_section(boards: Sequence[Leaderboard], level: int = 3) -> Markup:
+def crosstask_section(boards: Sequence[Board], level: int = 3) -> Markup:
     """The cross-task table (scores, ranks, average rank) and the CD diagram or its note."""
     result = cross_task(boards)
     if result.scores.empty:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, cast
 import matplotlib
 from matplotlib.figure import Figure
 
+from autometa.study.trials import learning_curve, ranked
+
 if TYPE_CHECKING:
     import optuna
     import pandas as pd
@@ -97,7 +99,6 @@ def learning_curves_figure(trials: Sequence[FrozenTrial], best: int | None,
     """
     from optuna.trial import TrialState
 
-    from autometa.trial import learning_curve, ranked
 
     curves = {t.number: learning_curve(t) for t in trials}
     shown = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -137,7 +138,6 @@ def history_figure(trials: Sequence[FrozenTrial], direction: str, metric: str) -
     """Each complete trial's meta-val score by trial number, and the best so far."""
     from matplotlib.ticker import MaxNLocator
 
-    from autometa.trial import ranked
 
     done = sorted((t for t in trials if ranked(t) and math.isfinite(float(t.value or 0))),
                   key=lambda t: t.number)

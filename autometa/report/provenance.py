@@ -18,19 +18,18 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autometa.report.html import Markup, join, key_values, note, tag
+from autometa.study.settings import CONFIG_ATTR, MACHINE_KEYS
 
 if TYPE_CHECKING:
     import optuna
 
-    from autometa.leaderboard import Leaderboard
+    from autometa.report.board import Board
 
-#: The study user attribute holding the stored settings (autometa.engine.storage).
-CONFIG_ATTR = "autometa.config"
 #: Longest value shown in a key/value table (a task's class names can be many).
 MAX_VALUE = 2000
 
 
-def stored_settings(board: Leaderboard, study: optuna.Study | None) -> dict[str, Any]:
+def stored_settings(board: Board, study: optuna.Study | None) -> dict[str, Any]:
     """The study's stored settings: ``board.stored``, else the study's attribute, else {}."""
     if board.stored:
         return board.stored
@@ -52,8 +51,6 @@ KEPT_COMMENTS = {
 def reproduce_config(config: dict[str, Any]) -> dict[str, Any]:
     """The search settings without the keys each machine sets for itself, except those
     the numbers depend on (:data:`KEPT_MACHINE_KEYS`, when the study stored a value)."""
-    from autometa.engine.storage import MACHINE_KEYS
-
     return {k: v for k, v in config.items() if k not in MACHINE_KEYS
             or (k in KEPT_MACHINE_KEYS and v is not None)}
 
@@ -78,7 +75,7 @@ def made_with() -> list[tuple[object, object]]:
             ("torch version", str(torch.__version__))]
 
 
-def provenance_section(board: Leaderboard, stored: dict[str, Any], command: str | None,
+def provenance_section(board: Board, stored: dict[str, Any], command: str | None,
                        level: int) -> Markup:
     """Versions, seed, task, storage, the reproducing config and command."""
     h = f"h{level}"

@@ -14,17 +14,17 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from autometa.leaderboard import Leaderboard
+    from autometa.report.board import Board
 
 STATES = ("complete", "pruned", "failed", "running")
 
 
-def study_of(board: Leaderboard) -> optuna.Study | None:
+def study_of(board: Board) -> optuna.Study | None:
     """The board's Optuna study, when it carries one (a detached leaderboard does not)."""
     return board.study
 
 
-def header(board: Leaderboard) -> Markup:
+def header(board: Board) -> Markup:
     """Task, metric and direction, and the trials per state."""
     arrow = "lower is better" if board.direction == "minimize" else "higher is better"
     lead = tag("p", Markup(f"task {tag('strong', board.task)} · metric "
@@ -34,7 +34,7 @@ def header(board: Leaderboard) -> Markup:
     return join([lead, tag("p", counts, class_="counts")])
 
 
-def study_body(board: Leaderboard, *, command: str | None, level: int, anchor: str) -> Markup:
+def study_body(board: Board, *, command: str | None, level: int, anchor: str) -> Markup:
     """Everything about one study below its title; headings start at ``<h{level}>``."""
     study = study_of(board)
     trials = study.get_trials(deepcopy=False) if study is not None else []
@@ -91,7 +91,7 @@ def _show(result: plots.Drawn | str, alt: str, caption: str) -> Markup:
     return figure(result.svg, alt, caption, result.notes)
 
 
-def _intervals(board: Leaderboard) -> str:
+def _intervals(board: Board) -> str:
     """How the forest plot's intervals are made and drawn."""
     bounds = plots.metric_range(board.metric, board.direction)
     if bounds is None:

@@ -17,7 +17,7 @@ from autometa.report.html import Markup, join, note, tag
 if TYPE_CHECKING:
     import optuna
 
-    from autometa.leaderboard import Leaderboard
+    from autometa.report.board import Board
 
 
 def _fixed(value: float, digits: int = 3) -> str:
@@ -47,7 +47,7 @@ def tie_sentence(over: str) -> str:
             "higher group number is a group of its own, further down.")
 
 
-def leaderboard_table(board: Leaderboard, study: optuna.Study | None) -> Markup:
+def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
     """The table, with a sentence above it saying what its marks mean."""
     frame = board.frame
     if frame.empty:
@@ -96,7 +96,7 @@ def leaderboard_table(board: Leaderboard, study: optuna.Study | None) -> Markup:
     return join([*intro, tag("div", html_table, class_="scroll")])
 
 
-def _tested(board: Leaderboard) -> int:
+def _tested(board: Board) -> int:
     return int(board.frame[f"test_{board.metric}"].map(_finite).sum())
 
 
@@ -121,7 +121,7 @@ def _test(d: dict[Any, Any], metric: str) -> str:
     return f"{mean:.4g} ± {half:.2g} ({n:.0f})"
 
 
-def _hyperparameters(board: Leaderboard, study: optuna.Study | None
+def _hyperparameters(board: Board, study: optuna.Study | None
                      ) -> tuple[list[str], dict[int, dict[str, Any]]]:
     """Hyperparameter column names ``<plugin>.<name>`` and each trial's values."""
     frame = board.frame

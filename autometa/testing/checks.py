@@ -288,7 +288,7 @@ def check_meta_algorithm(
                   "calls in eval mode (dropout applied regardless of the mode? an "
                   "unseeded random draw?); predictions must be deterministic",
                   "adapt_and_predict")
-    # Saved, as the engine saves a trial (autometa.trial.save_state), after meta-training.
+    # Saved, as the engine saves a trial (autometa.study.artifacts.save_state), after meta-training.
     buffer = io.BytesIO()
     torch.save(algo.state_dict(), buffer)
     buffer.seek(0)

@@ -114,7 +114,7 @@ def autometa_task(autometa_host: Callable[..., PluginHost]) -> Callable[..., Tas
              **params: Any) -> Task:
         __tracebackhide__ = True
         task_cls = host_of(host).get("task", name).load()
-        # as autometa.engine.prepare.build_task: the data on the device, the identity set
+        # as autometa.study.build.build_task: the data on the device, the identity set
         task: Task = task_cls(**params, seed=0, device="cpu")
         task.identity = {"task": name, "params": dict(params), "seed": 0}
         return task

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -18,15 +18,22 @@ import torch
 
 from autometa import DataError
 from autometa.task import InputBatch
-from autometa_plugins.csvfile.task import _class_name, _is_number, read_csv
-
-if TYPE_CHECKING:
-    from autometa_plugins.csvfile.task import CSVTask
+from autometa_plugins.csvfile.columns import class_name, is_number, read_csv
 
 log = logging.getLogger(__name__)
 
 
-def read_rows(task: CSVTask, path: Path, *, labelled: bool) -> InputBatch:
+class Encoding(Protocol):
+    """What reading new rows needs of a built :class:`~autometa_plugins.csvfile.task.CSVTask`
+    (a protocol: the task imports this module, never the other way round)."""
+
+    features: list[str]  # the feature columns, in the order the preprocessor takes them
+    target: str  # the label (target) column
+    kind: str  # "classification" or "regression"
+    preprocessor: Any  # the fitted sklearn ColumnTransformer ("numeric", "categorical")
+
+
+def read_rows(task: Encoding, path: Path, *, labelled: bool) -> InputBatch:
     """The rows of the CSV file at ``path`` encoded for ``task`` (see the module docstring).
 
     Raises:
@@ -82,12 +89,12 @@ def read_rows(task: CSVTask, path: Path, *, labelled: bool) -> InputBatch:
                             f"{int(np.flatnonzero(y.isna().to_numpy())[0]) + 1}; label "
                             "every support row")
         labels = (y.to_numpy(float).tolist() if task.kind == "regression" else
-                  [_class_name(v) for v in (y.to_numpy(float) if _is_number(y) else
+                  [class_name(v) for v in (y.to_numpy(float) if is_number(y) else
                                             y.astype(str))])
     return InputBatch(x, labels, list(range(len(frame))), "row")
 
 
-def _warn_unseen(task: CSVTask, encoded: dict[str, Any], flag: str) -> None:
+def _warn_unseen(task: Encoding, encoded: dict[str, Any], flag: str) -> None:
     """Warn (once per column) about text values the study never saw: the one-hot encoder
     encodes them as none of its categories (``handle_unknown="ignore"``), so the model
     predicts from the other columns alone."""

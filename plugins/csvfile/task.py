@@ -23,7 +23,7 @@ naming the file, the column and the value:
   positions: pandas would rename the second ``label.1`` and silently use it as a feature
   (the target leaking into the features). The header is read with the ``csv`` module.
 * **kind="auto"**: classification if the target column is text or boolean, or numeric with
-  only integer values (``3.0`` counts) and at most ``AUTO_MAX_CLASSES`` (20) distinct ones;
+  only integer values (``3.0`` counts) and at most ``columns.AUTO_MAX_CLASSES`` (20) distinct ones;
   regression otherwise. Pass ``kind`` to decide yourself.
 * **Mixed types**: a column that pandas could not read as numbers is text. If more than half
   of its filled cells parse as numbers but not all (``1, 2, x, 4``), it is refused, naming
@@ -48,7 +48,6 @@ Rows are numbered in messages from 1, counting the data rows under the header.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from pandas.api.types import is_numeric_dtype
 from torch import Tensor
 
 from autometa import Categorical, ConfigError, DataError, Int
@@ -71,16 +70,22 @@ from autometa.datasets import (
     split_classes,
 )
 from autometa.episodes import ClassPool
-from autometa.errors import unknown
-from autometa.numeric_inputs import read_frame
 from autometa.task import InputBatch, Task
+from autometa_plugins.csvfile.columns import (
+    check_features_present,
+    check_target_present,
+    class_name,
+    feature_columns,
+    infer_kind,
+    is_number,
+    numbers_or_text,
+    read_csv,
+    warn_wide_categoricals,
+)
+from autometa_plugins.csvfile.inputs import read_rows
 
 log = logging.getLogger(__name__)
 
-#: kind="auto": an integer-valued numeric target with at most this many values is classes.
-AUTO_MAX_CLASSES = 20
-#: A text column with more than this share of number-like cells is a mixed-types error.
-MIXED_NUMERIC_SHARE = 0.5
 KINDS = ("auto", "classification", "regression")
 EPISODES = ("split", "few-shot")
 
@@ -140,17 +145,17 @@ class CSVTask(InnerTask):
         self.path, self.target, self.episodes = Path(path), str(target), episodes
         self.name = name = f"csv file {str(path)!r}"
         frame = read_csv(self.path, name)
-        self.features = _feature_columns(frame, self.target, features, name)
-        columns = {c: _numbers_or_text(frame[c], c, name) for c in [self.target, *self.features]}
+        self.features = feature_columns(frame, self.target, features, name)
+        columns = {c: numbers_or_text(frame[c], c, name) for c in [self.target, *self.features]}
         y_raw = columns.pop(self.target)
-        _check_target_present(y_raw, self.target, name)
-        _check_features_present(columns, name)
+        check_target_present(y_raw, self.target, name)
+        check_features_present(columns, name)
         self.kind = infer_kind(y_raw) if kind == "auto" else kind  # type: ignore[assignment]
-        if self.kind == "regression" and not _is_number(y_raw):
+        if self.kind == "regression" and not is_number(y_raw):
             raise DataError(f"{name}: target column {self.target!r} holds text (e.g. "
                             f"{str(y_raw.iloc[0])!r}); regression needs numbers; use "
                             "kind='classification'")
-        x_frame = pd.DataFrame({c: s.astype(float) if _is_number(s) else s.astype(str)
+        x_frame = pd.DataFrame({c: s.astype(float) if is_number(s) else s.astype(str)
                                 for c, s in columns.items()})
         self.target_mean: float | None = None
         self.target_std: float | None = None
@@ -173,14 +178,14 @@ class CSVTask(InnerTask):
             inner = self._split(x_frame, torch.tensor(y_raw.to_numpy(float)), shots,
                                       queries, val_fraction, test_fraction)
         self.use(inner)
-        _warn_wide_categoricals(x_frame, name)
+        warn_wide_categoricals(x_frame, name)
 
     # -- building ------------------------------------------------------------------------
     def _labels(self, y: pd.Series) -> Tensor:
         """Sorted distinct values -> labels 0..C-1 (long); sets ``class_names``."""
-        values = y.to_numpy(float) if _is_number(y) else y.astype(str).to_numpy(object)
+        values = y.to_numpy(float) if is_number(y) else y.astype(str).to_numpy(object)
         classes, labels = np.unique(values, return_inverse=True)
-        self.class_names = [_class_name(c) for c in classes]
+        self.class_names = [class_name(c) for c in classes]
         if len(classes) < 2:
             raise DataError(f"{self.name}: target column {self.target!r} holds one class "
                             f"({self.class_names[0]!r}) in all {len(y)} rows; classification "
@@ -297,8 +302,6 @@ class CSVTask(InnerTask):
     def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
         """Rows of a CSV with this task's feature columns, encoded by its preprocessor
         (:mod:`autometa_plugins.csvfile.inputs`)."""
-        from autometa_plugins.csvfile.inputs import read_rows
-
         return read_rows(self, path, labelled=labelled)
 
     def describe(self) -> dict[str, Any]:
@@ -321,151 +324,3 @@ class CSVTask(InnerTask):
                 "mse_units": "standardised target (multiply by std**2 for the target's units)",
             }
         return info
-
-
-def read_csv(path: Path, name: str) -> pd.DataFrame:
-    """The file's rows; one DataError if it is missing, unreadable, empty or has no rows."""
-    if not path.exists():
-        where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()})"
-        raise DataError(f"{name} does not exist{where}; pass the path of an existing CSV file")
-    if path.is_dir():
-        raise DataError(f"{name} is a directory; expected a CSV file")
-    frame = read_frame(path, name)
-    _check_unique_columns(path, name)
-    return frame
-
-
-def _check_unique_columns(path: Path, name: str) -> None:
-    """DataError if a column name appears twice in the header (module docstring).
-
-    pandas renames a repeated ``label`` to ``label.1``, so its columns cannot tell: the
-    header row (the first non-empty line, as pandas reads it) is read again here.
-    """
-    with open(path, newline="", encoding="utf-8-sig") as file:  # pandas drops a BOM too
-        header = next((row for row in csv.reader(file) if row), [])
-    positions: dict[str, list[int]] = {}
-    for position, column in enumerate(header, start=1):
-        if column:  # pandas names empty ones "Unnamed: <i>": distinct
-            positions.setdefault(column, []).append(position)
-    repeated = [(column, at) for column, at in positions.items() if len(at) > 1]
-    if repeated:
-        column, at = repeated[0]
-        more = f" (and {len(repeated) - 1} other repeated name(s))" if len(repeated) > 1 else ""
-        listed = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
-        raise DataError(
-            f"{name}: column name {column!r} appears {len(at)} times in the header (columns "
-            f"{listed}){more}; pandas would read the copy as {column + '.1'!r}, a feature "
-            f"(the target leaking into the features if {column!r} is the target); rename or "
-            "drop one of them")
-
-
-def infer_kind(y: pd.Series) -> str:
-    """kind="auto": classification for text/boolean or few integer values (module docstring)."""
-    if not _is_number(y):  # text or booleans
-        return "classification"
-    values = y.to_numpy(float)
-    if np.all(values == np.round(values)) and len(np.unique(values)) <= AUTO_MAX_CLASSES:
-        return "classification"
-    return "regression"
-
-
-def _feature_columns(frame: pd.DataFrame, target: str, features: Sequence[str] | str | None,
-                     name: str) -> list[str]:
-    columns = [str(c) for c in frame.columns]
-    if target not in columns:
-        raise DataError(f"{name}: {unknown('target column', target, columns)}")
-    if features is None:
-        chosen = [c for c in columns if c != target]
-    else:
-        if isinstance(features, str):  # "a,b" from the command line, unless it is one column
-            features = [features] if features in columns else features.split(",")
-        chosen = [str(f).strip() for f in features]
-        for column in chosen:
-            if column not in columns:
-                raise DataError(f"{name}: {unknown('feature column', column, columns)}")
-        if target in chosen:
-            raise ConfigError(f"{name}: column {target!r} is the target; remove it from "
-                              "features")
-        repeated = sorted({c for c in chosen if chosen.count(c) > 1})
-        if repeated:
-            raise ConfigError(f"{name}: features lists {repeated} more than once; list each "
-                              "column once")
-    if not chosen:
-        raise DataError(f"{name}: no feature columns besides the target {target!r}; add "
-                        "columns or list them in features")
-    return chosen
-
-
-def _is_number(s: pd.Series) -> bool:
-    return is_numeric_dtype(s) and not is_bool_dtype(s)
-
-
-def _row(index: Any) -> int:
-    """1-based data row of a default (RangeIndex) label."""
-    return int(index) + 1
-
-
-def _numbers_or_text(s: pd.Series, column: str, name: str) -> pd.Series:
-    """The column as numbers or as text; DataError if it mixes them (module docstring)."""
-    if is_numeric_dtype(s):  # numbers or booleans, as pandas read them
-        return s
-    filled = s.dropna()
-    parsed = pd.to_numeric(filled.astype(str).str.strip(), errors="coerce")
-    numeric = parsed.notna()
-    if len(filled) and bool(numeric.all()):
-        return pd.to_numeric(s.where(s.notna()).astype(str).str.strip(), errors="coerce")
-    if len(filled) and numeric.mean() > MIXED_NUMERIC_SHARE:
-        first = filled.index[~numeric.to_numpy()][0]
-        raise DataError(
-            f"{name}: column {column!r} mixes numbers and text: {int(numeric.sum())} of "
-            f"{len(filled)} filled cells are numbers, but row {_row(first)} holds "
-            f"{str(s[first])!r}; correct the non-numeric cells (leave a missing value empty)")
-    return s
-
-
-def _missing(s: pd.Series) -> pd.Series:
-    """Rows that are missing (empty, NA, NaN) or, for numbers, infinite."""
-    bad = s.isna()
-    if _is_number(s):
-        bad |= ~np.isfinite(s.to_numpy(float))
-    return bad
-
-
-def _check_target_present(y: pd.Series, target: str, name: str) -> None:
-    bad = _missing(y)
-    if bool(bad.any()):
-        raise DataError(
-            f"{name}: target column {target!r} is missing (empty, NA) or infinite in "
-            f"{int(bad.sum())} of {len(y)} rows (first: row {_row(bad.idxmax())}); fill in "
-            "or drop those rows")
-
-
-def _check_features_present(columns: dict[str, pd.Series], name: str) -> None:
-    problems = []
-    for column, s in columns.items():
-        bad = _missing(s)
-        if bool(bad.any()):
-            problems.append(f"{column!r} in {int(bad.sum())} row(s) (first: row "
-                            f"{_row(bad.idxmax())})")
-    if problems:
-        raise DataError(
-            f"{name}: feature column(s) hold missing (empty, NA, NaN) or infinite values: "
-            f"{', '.join(problems)}; values are not imputed: fill in or drop those rows, or "
-            "leave the column out of features")
-
-
-def _class_name(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _warn_wide_categoricals(frame: pd.DataFrame, name: str) -> None:
-    """An identifier-like text column (a value per row) one-hot encodes to noise; say so."""
-    for column in frame.columns:
-        if not is_numeric_dtype(frame[column]):
-            distinct = frame[column].nunique()
-            if distinct > 50 and distinct > len(frame) // 2:
-                log.warning("%s: text column %r has %d distinct values in %d rows, one-hot "
-                            "encoded as as many features; leave it out of features if it is "
-                            "an identifier", name, column, distinct, len(frame))

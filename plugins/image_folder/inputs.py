@@ -11,7 +11,7 @@ name the ``autometa predict`` option the path came with.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -19,11 +19,18 @@ from autometa import DataError
 from autometa.task import InputBatch
 from autometa_plugins.image_folder.loader import IMAGE_SUFFIXES, decode, scan
 
-if TYPE_CHECKING:
-    from autometa_plugins.image_folder.task import ImageFolder
+
+class Decoding(Protocol):
+    """What reading new images needs of a built
+    :class:`~autometa_plugins.image_folder.task.ImageFolder` (a protocol: the task imports
+    this module, never the other way round)."""
+
+    size: int  # the side images are resized to, in pixels
+    input_shape: tuple[int, ...]  # (channels, size, size)
+    identity: dict[str, Any]  # the task's settings as the engine built it ("params")
 
 
-def read_images(task: ImageFolder, path: Path, *, labelled: bool) -> InputBatch:
+def read_images(task: Decoding, path: Path, *, labelled: bool) -> InputBatch:
     """The images at ``path`` decoded for ``task`` (see the module docstring).
 
     Raises:

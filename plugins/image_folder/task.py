@@ -43,6 +43,7 @@ from autometa.datasets import (
 from autometa.episodes import ClassPool
 from autometa.space import SearchSpace
 from autometa.task import InputBatch
+from autometa_plugins.image_folder.inputs import read_images
 from autometa_plugins.image_folder.loader import (
     LAYOUTS,
     NAME,
@@ -193,8 +194,6 @@ class ImageFolder(InnerTask):
     def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
         """Image files, or a folder of them, decoded as this task's images
         (:mod:`autometa_plugins.image_folder.inputs`)."""
-        from autometa_plugins.image_folder.inputs import read_images
-
         return read_images(self, path, labelled=labelled)
 
     def describe(self) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from autometa import Backbone, Episodes, MetaAlgorithm, PluginHost, Task, create_host
 from autometa.space import check_value
-from autometa.trial import TrialPlan, build, load_state, meta_train, save_state
+from autometa.study.artifacts import load_state, save_state
+from autometa.study.trials import TrialPlan
+from autometa.trial import build, meta_train
 
 
 class StubTask(Task):

@@ -18,8 +18,9 @@ from torch import nn
 
 import autometa_plugins.linear_probe
 from autometa import Backbone, Episodes
+from autometa.study.trials import TrialPlan
 from autometa.testing import check_meta_algorithm
-from autometa.trial import Diverged, TrialPlan, build, evaluate, meta_train
+from autometa.trial import Diverged, build, evaluate, meta_train
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
 from autometa_plugins.linear_probe.algorithm import LinearProbe

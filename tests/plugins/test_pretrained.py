@@ -10,7 +10,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from autometa import ConfigError, PluginError, Task, create_host
-from autometa.trial import TrialPlan, build
+from autometa.study.trials import TrialPlan
+from autometa.trial import build
 from autometa_plugins import maml
 from autometa_plugins import pretrained as pretrained_plugin
 from autometa_plugins.conv4.model import Conv4

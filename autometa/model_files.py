@@ -1,15 +1,8 @@
-"""Files in and out of a loaded model (``autometa predict`` and ``autometa export``).
+"""Files out of a loaded model: predictions as a CSV (``autometa predict``) and the model
+itself (``autometa export``: its state and how to rebuild it).
 
-Inputs are read by the study's task, :meth:`~autometa.task.Task.read_inputs`, so that the
-model sees the same numbers as it saw in the study: a task that encodes its data (the csv
-task's preprocessor, the image-folder task's decoder) reads new files its own way; any
-other task gets the default, a CSV of numbers given to the model as they are
-(:mod:`autometa.numeric_inputs`). Such a task may have preprocessed its own data in ways
-that reader cannot repeat, so for a target task a support file must come with them.
-
-Every problem is one :class:`~autometa.DataError` or :class:`~autometa.ConfigError` line
-(a task's reader that fails otherwise: one :class:`~autometa.PluginError` line); nothing is
-written before every input has been read.
+Every problem is one :class:`~autometa.DataError` or :class:`~autometa.ConfigError` line;
+nothing is written before every input has been read.
 """
 
 from __future__ import annotations
@@ -17,65 +10,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from autometa.errors import AutometaError, ConfigError, DataError, PluginError
-from autometa.task import InputBatch, Task
-
-if TYPE_CHECKING:
-    from autometa.predictor import Predictor
-
-
-# -- reading ---------------------------------------------------------------------------------
-def read_inputs(task: Task, path: Path) -> tuple[Tensor, list[Any], str]:
-    """Unlabelled inputs at ``path``: (n, *input_shape) float32, one id per input (the
-    file name, or the CSV's data row from 0) and the id column's name."""
-    batch = _read(task, path, labelled=False)
-    return batch.x, batch.ids, batch.id_name
+from autometa.config import check_writable_dir
+from autometa.errors import ConfigError
+from autometa.model_inputs import read_inputs, read_support, reads_its_own_inputs
+from autometa.predictor import Predictor
+from autometa.version import __version__
 
 
-def read_support(task: Task, path: Path) -> tuple[Tensor, list[Any]]:
-    """Labelled support examples at ``path``: (n, *input_shape) float32 and n labels
-    (class names, or regression targets as rows of floats)."""
-    batch = _read(task, path, labelled=True)
-    assert batch.labels is not None
-    return batch.x, batch.labels
-
-
-def _read(task: Task, path: Path, *, labelled: bool) -> InputBatch:
-    """``task.read_inputs``, its failures other than autometa's own as one PluginError."""
-    from autometa.plugins import describe_error
-
-    flag = "--support" if labelled else "--input"
-    if not path.exists():
-        raise DataError(f"{flag} {str(path)!r} does not exist; give a CSV file or images")
-    name = task.identity.get("task", type(task).__name__)
-    try:
-        batch = task.read_inputs(path, labelled=labelled)
-    except (KeyboardInterrupt, AutometaError):
-        raise
-    except Exception as exc:  # a plugin's reader never ends the host with a traceback
-        raise PluginError(f"task {name!r} raised in read_inputs() on {flag} {str(path)!r}: "
-                          f"{describe_error(exc)}") from exc
-    shape = (len(batch.x), *task.input_shape)
-    if tuple(batch.x.shape) != shape or len(batch.ids) != len(batch.x) or (
-            labelled and (batch.labels is None or len(batch.labels) != len(batch.x))):
-        raise PluginError(f"task {name!r}: read_inputs() returned inputs of shape "
-                          f"{tuple(batch.x.shape)} with {len(batch.ids)} id(s) and "
-                          f"{'no' if batch.labels is None else len(batch.labels)} label(s); "
-                          f"expected {shape}, one id{' and label' * labelled} per input")
-    return batch
-
-
-def _reads_its_own_inputs(task: Task) -> bool:
-    """Whether ``task`` encodes new inputs itself (overrides :meth:`Task.read_inputs`)."""
-    return type(task).read_inputs is not Task.read_inputs
-
-
-# -- writing ---------------------------------------------------------------------------------
 def predict_file(model: Predictor, inputs: Path, out: Path, support: Path | None = None
                  ) -> int:
     """Write ``model``'s predictions for ``inputs`` to the CSV ``out``: an id column
@@ -92,7 +38,7 @@ def predict_file(model: Predictor, inputs: Path, out: Path, support: Path | None
         raise ConfigError(f"study {model.study!r} gives few-shot episodes: the model adapts "
                           "to labelled examples; give them with --support PATH (a CSV with "
                           "the label column, or a folder of class folders)")
-    if support is None and not _reads_its_own_inputs(model.task):
+    if support is None and not reads_its_own_inputs(model.task):
         raise ConfigError(f"the task of study {model.study!r} may preprocess its inputs in ways "
                           "autometa predict cannot repeat; give labelled examples in the same "
                           "units with --support PATH")
@@ -113,8 +59,6 @@ def predict_file(model: Predictor, inputs: Path, out: Path, support: Path | None
 
 def check_out_file(out: Path) -> None:
     """ConfigError unless ``out`` can be written as a file (checked before any work)."""
-    from autometa.config import check_writable_dir
-
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; give a file name, e.g. "
                           "predictions.csv")
@@ -123,8 +67,6 @@ def check_out_file(out: Path) -> None:
 
 def check_out_dir(directory: Path, force: bool) -> None:
     """ConfigError unless ``directory`` is new, empty (or ``force``) and writable."""
-    from autometa.config import check_writable_dir
-
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"--out {str(directory)!r} is a file; give a folder")
     if directory.is_dir() and any(directory.iterdir()) and not force:
@@ -142,8 +84,6 @@ def export(model: Predictor, directory: Path, *, force: bool = False) -> list[Pa
         ConfigError: ``directory`` is a file, or a folder that is not empty (unless
             ``force``), or not writable.
     """
-    from autometa import __version__
-
     check_out_dir(directory, force)
     task = model.task
     plan = {

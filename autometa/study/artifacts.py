@@ -1,7 +1,7 @@
 """Trial states in Optuna's artifact store: uploaded per trial, read back by any machine that
 has the store, and bounded on disk by ``keep``.
 
-Each completed trial's trained state (tensors only, :func:`autometa.trial.save_state`) is
+Each completed trial's trained state (tensors only, :func:`save_state`) is
 uploaded with :func:`optuna.artifacts.upload_artifact` as ``trial-<number>.pt``; the study's
 storage records its artifact id (so optuna-dashboard lists it), and the bytes live in the
 store:
@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
+import torch
 from optuna.artifacts import download_artifact, get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa.config import check_writable_dir
-from autometa.errors import ConfigError
+from autometa.errors import ConfigError, DataError
+from autometa.study.settings import CONFIG_ATTR
+from autometa.study.trials import ranked, ranked_trials
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -84,8 +87,6 @@ def state_name(number: int) -> str:
 
 def upload_state(algorithm: MetaAlgorithm, trial: optuna.Trial, store: ArtifactStore) -> str:
     """Save ``algorithm``'s trained state and upload it as ``trial``'s artifact; its id."""
-    from autometa.trial import save_state
-
     with tempfile.TemporaryDirectory(prefix="autometa-state-") as tmp:
         path = Path(tmp) / state_name(trial.number)
         save_state(algorithm, path)
@@ -109,8 +110,6 @@ def download_state(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore
         ConfigError: the trial has no state, ``keep`` removed it, or the store lacks it
             (another store than the one the workers wrote to).
     """
-    from autometa.engine.storage import CONFIG_ATTR
-
     artifact = state_artifact(trial, study._storage)
     legacy = study.user_attrs.get(CONFIG_ATTR, {}).get("artifacts_path")
     if artifact is None and legacy and (Path(legacy) / state_name(trial.number)).is_file():
@@ -148,8 +147,6 @@ def check_shared(study: optuna.Study, location: str, given: bool) -> None:
                           f"{location!r}, a folder relative to the machine that created it; "
                           f"{fix}")
     removed = set(study.user_attrs.get(REMOVED_ATTR, []))
-    from autometa.trial import ranked
-
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.number not in removed and ranked(t)]
     for trial in sorted(done, key=lambda t: -t.number)[:1]:
@@ -174,13 +171,11 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
     if keep == "all":
         return []
     assert isinstance(keep, int)
-    from autometa.trial import ranked_trials
-
-    ranked = ranked_trials(study)
+    best = ranked_trials(study)
     removed: list[int] = list(study.user_attrs.get(REMOVED_ATTR, []))
     newly = []
     # A trial never ranked (pruned during its evaluation) uploaded no state.
-    for trial in ranked[keep:]:
+    for trial in best[keep:]:
         if trial.number in removed:
             continue
         artifact = state_artifact(trial, study._storage)
@@ -195,3 +190,32 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
         log.info("removed the states of trials %s (keep=%s)", newly, keep)
     return newly
 
+
+def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
+    """Save the trained state (tensors only, loadable with ``weights_only=True``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(algorithm.state_dict(), tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written state
+
+
+def load_state(algorithm: MetaAlgorithm, path: Path, shown: str | None = None) -> None:
+    """Restore a trial's saved state, read with ``weights_only=True`` (tensors only).
+
+    ``shown`` names the state in messages (default: its path).
+
+    Raises:
+        DataError: the file is damaged or not one autometa wrote (one line; never torch's
+            advice to unpickle it: autometa saves tensors only, so that is never needed).
+    """
+    try:
+        state = torch.load(path, map_location=algorithm.task.device, weights_only=True)
+        algorithm.load_state_dict(state)
+    except Exception as exc:
+        first = next(iter(str(exc).strip().splitlines()), "").split(". ")[0]
+        detail = "" if "weights_only" in first or len(first) > 120 else f": {first}"
+        raise DataError(
+            f"{shown or f'trial state {str(path)!r}'} is corrupt or not the tensors autometa saved "
+            f"({type(exc).__name__}{detail}); it was damaged or replaced: restore it from a "
+            "copy, or start a new study"
+        ) from None

@@ -1,0 +1,89 @@
+"""A search's task built from its settings: the task's parameters parsed as its declared
+types, the device checked, the task built once on it. The engine builds the task of a new
+search this way, and a stored study's is rebuilt the same way on any machine.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autometa.config import SearchConfig
+from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
+from autometa.params import declared_types, parse
+from autometa.plugins import PluginHost
+from autometa.space import parse_value
+from autometa.study.inputs import localize
+from autometa.task import Task
+
+
+def check_device(text: str) -> torch.device:
+    """The torch device ``text`` names, checked by placing a tensor on it.
+
+    Raises:
+        ConfigError: not a device name, ``meta`` (holds no data), or not usable here
+            (``cuda:9`` with one GPU, ``cuda`` on a CPU-only build of torch).
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {text!r} is not a torch device; use e.g. 'cpu', 'cuda' or "
+                          "'cuda:0'") from None
+    if device.type == "meta":
+        raise ConfigError("device: 'meta' tensors hold no data; use 'cpu' or 'cuda:N'")
+    try:
+        torch.zeros(1, device=device)
+    except Exception as exc:
+        available = "cpu" + (f", cuda:0..{torch.cuda.device_count() - 1}"
+                             if torch.cuda.is_available() else "")
+        raise ConfigError(f"device: {text!r} cannot be used here ({one_line(str(exc))}); "
+                          f"available: {available}") from None
+    return device
+
+
+def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
+    """``config.task_params`` parsed as the task's declared types and checked (ranges,
+    choices, required parameters)."""
+    task_cls = host.get("task", config.task).load()
+    types = declared_types(task_cls, skip=frozenset({"seed", "device"}))
+    params: dict[str, Any] = {}
+    for name, value in config.task_params.items():
+        if name not in types:
+            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, types))
+        key = f"task_params.{name}"
+        params[name] = (parse_value(key, task_cls.params[name], value)
+                        if name in task_cls.params else parse(key, types[name], value))
+    signature = inspect.signature(task_cls).parameters
+    missing = [n for n in types if signature[n].default is signature[n].empty
+               and n not in params]
+    if missing:
+        raise ConfigError(f"task {config.task!r} needs {', '.join(map(repr, missing))}; set "
+                          f"{' '.join(f'--task-param {n}=...' for n in missing)} (or "
+                          "task_params in a config file)")
+    return params
+
+
+def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str, Any],
+               device: torch.device) -> Task:
+    """Build the task once for the whole search (data live on ``device``).
+
+    ``task_params`` must come from :func:`parse_task_params`; relative input paths among
+    them resolve against ``config.data_root``. A task that raises anything but an autometa
+    error is a plugin bug, reported as one :class:`PluginError` line.
+    """
+    task_cls = host.get("task", config.task).load()
+    local = localize(task_cls, task_params,
+                     Path(config.data_root) if config.data_root is not None else None)
+    try:
+        task: Task = task_cls(**local, seed=config.seed, device=device)
+    except AutometaError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"task {config.task!r} could not be built with {dict(task_params)}: "
+                          f"{type(exc).__name__}: {one_line(str(exc))}") from exc
+    task.identity = {"task": config.task, "params": dict(task_params), "seed": config.seed}
+    return task

@@ -1,0 +1,164 @@
+"""What a stored trial holds: the plan it ran (plugins and hyperparameters, in its user
+attributes), its seed, its place in the ranking, its learning curve and its meta-test
+score. The engine writes these (a worker), the results read them (leaderboard, report,
+Predictor); one definition serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: User attribute of a trial the Wilcoxon pruner stopped during its final evaluation: it is
+#: COMPLETE with its running mean (for the sampler), and never ranked.
+PRUNED_ATTR = "pruned"
+#: User attribute holding ``[[meta_step, meta-val score], ...]`` when the intermediate
+#: values are per-episode scores (the Wilcoxon pruner) rather than the learning curve.
+CURVE_ATTR = "val_curve"
+
+
+def ranked(trial: Any) -> bool:
+    """True if an Optuna trial takes a place in the ranking: COMPLETE, with a value, and
+    not stopped part-way through its evaluation (:data:`PRUNED_ATTR`)."""
+    from optuna.trial import TrialState
+
+    return (trial.state == TrialState.COMPLETE and trial.value is not None
+            and not trial.user_attrs.get(PRUNED_ATTR))
+
+
+def rank_key(direction: str, value: float, number: int) -> tuple[float, int]:
+    """The ranking's sort key: better meta-val first (``direction`` "minimize" or
+    "maximize"), ties to the earlier trial."""
+    return (value if direction == "minimize" else -value, number)
+
+
+def ranked_trials(study: Any, complete: list[Any] | None = None) -> list[Any]:
+    """The :func:`ranked` trials of an Optuna study (from ``complete``, its COMPLETE
+    trials, if already read), best on meta-val first: the leaderboard's order."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    if complete is None:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    direction = "minimize" if study.direction == StudyDirection.MINIMIZE else "maximize"
+    return sorted((t for t in complete if ranked(t)),
+                  key=lambda t: rank_key(direction, float(t.value), t.number))
+
+
+def learning_curve(trial: Any) -> dict[int, float]:
+    """``{meta_step: meta-val score}`` of an Optuna trial, whatever its pruner."""
+    if CURVE_ATTR in trial.user_attrs:
+        return {int(step): float(score) for step, score in trial.user_attrs[CURVE_ATTR] or ()}
+    return dict(trial.intermediate_values)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """The configuration a trial runs: plugin names and their hyperparameters."""
+
+    algorithm: str
+    source: str
+    algorithm_params: dict[str, Any] = field(default_factory=dict)
+    source_params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, trial: Any) -> TrialPlan:
+        """The plan a worker recorded in ``trial``'s user attributes (an Optuna trial)."""
+        return cls(**{k: trial.user_attrs[k] for k in
+                      ("algorithm", "source", "algorithm_params", "source_params")})
+
+    def describe(self) -> str:
+        """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs."""
+        return f"{self.algorithm}({_kv(self.algorithm_params, ', ')}) + " \
+               f"{self.source}({_kv(self.source_params, ', ')})"
+
+    def params_text(self) -> str:
+        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins."""
+        return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}"
+
+
+def _kv(params: dict[str, Any], sep: str) -> str:
+    return sep.join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_seed(search_seed: int, trial_number: int) -> int:
+    """A distinct, reproducible seed per trial."""
+    return (search_seed * 1_000_003 + trial_number * 7_919) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class MetaTestScore:
+    """A model's meta-test result: the mean and 95% CI half-width of ``scores``.
+
+    ``scores`` has one value per meta-test episode, or per test example of a target
+    dataset's single test split (``over``); every trial is scored on the same episodes, so
+    two trials' ``scores`` are paired. ``failure`` is set (and the numbers NaN) when the
+    predictions were not finite.
+    """
+
+    mean: float
+    ci95: float
+    n: int
+    over: str
+    scores: tuple[float, ...] = ()
+    failure: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci95": self.ci95, "n": self.n, "over": self.over,
+                "scores": list(self.scores), **({"failure": self.failure} if self.failure
+                                                 else {})}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MetaTestScore:
+        return cls(float(data["mean"]), float(data["ci95"]), int(data.get("n", 0)),
+                   str(data.get("over", "")), tuple(map(float, data.get("scores", ()))),
+                   str(data.get("failure", "")))
+
+
+#: Trial user attributes written by a worker (optuna-dashboard lists them per trial).
+#: Costs: meta-training seconds, meta-steps run (fewer than the budget if pruned),
+#: milliseconds to adapt to and predict one meta-val episode, peak CUDA memory in MiB
+#: (CUDA devices only).
+COST_ATTRS = ("fit_time_s", "meta_steps", "adapt_ms", "peak_mem_mb")
+#: Study user attribute caching the meta-test results of listed trials that their worker
+#: did not score: {trial number: {mean, ci95, n, over, scores}}.
+TEST_ATTR = "autometa.test"
+#: The meta-test result of a trial among the best ``top_k`` when it finished (trial user
+#: attributes): mean, 95% CI half-width, number of scores, what they are over, and the
+#: per-episode scores; ``test_failure`` instead when its predictions were not finite.
+TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_ci_over", "test_scores")
+
+
+def record_test(trial: Any, test: MetaTestScore) -> None:
+    """Store a meta-test result as ``trial``'s user attributes (:data:`TEST_ATTRS`; an
+    Optuna trial that is still running)."""
+    if test.failure:
+        trial.set_user_attr("test_failure", test.failure[:1000])
+        return
+    trial.set_user_attr("test_mean", test.mean)
+    trial.set_user_attr("test_ci95", test.ci95 if test.ci95 == test.ci95 else None)
+    trial.set_user_attr("test_n", test.n)
+    trial.set_user_attr("test_ci_over", test.over)
+    trial.set_user_attr("test_scores", list(test.scores))
+
+
+def recorded_test(trial: Any, cached: dict[str, Any]) -> MetaTestScore | None:
+    """``trial``'s meta-test result: from its user attributes (scored by its worker, see
+    :func:`record_test`), else from ``cached`` (the study's :data:`TEST_ATTR`); None if
+    it was never scored."""
+    attrs = trial.user_attrs
+    if attrs.get("test_mean") is not None or attrs.get("test_failure"):
+        return MetaTestScore(
+            float(attrs.get("test_mean", math.nan)),
+            float(attrs["test_ci95"] if attrs.get("test_ci95") is not None else math.nan),
+            int(attrs.get("test_n", 0)), str(attrs.get("test_ci_over", "")),
+            tuple(map(float, attrs.get("test_scores", ()))),
+            str(attrs.get("test_failure", "")))
+    if str(trial.number) in cached:
+        return MetaTestScore.from_json(cached[str(trial.number)])
+    return None
