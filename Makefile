@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.10 with venv):
 #   make quickstart   creates .venv, installs the pinned set, runs the quickstart search
-#   make test         creates .venv, installs the pinned set, runs ruff, mypy and pytest
+#   make test         creates .venv, installs the pinned set, runs ruff, mypy, lint-imports
+#                     (the layers contract in pyproject.toml) and pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,6 +20,7 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:
