@@ -40,19 +40,16 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed.py's workloads and tables
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the workloads and harness
 
-from speed import (  # noqa: E402
-    META_LR,
+from harness import (  # noqa: E402
     RESULTS,
-    Workload,
     environment,
-    make_autometa,
-    make_workload,
     markdown_table,
     text_table,
     write_results,
 )
+from workloads import META_LR, Workload, make_autometa, make_workload  # noqa: E402
 
 from autometa import Backbone, create_host  # noqa: E402
 from autometa.errors import ConfigError  # noqa: E402

@@ -577,7 +577,7 @@ def interpretation(summary: list[dict[str, Any]], heartbeat: dict[str, Any] | No
 
 def machine(monitor: Monitor) -> dict[str, Any]:
     """Hardware, PostgreSQL and library versions."""
-    from speed import environment
+    from harness import environment
 
     env = environment()
     for dist in ("optuna", "sqlalchemy", "psycopg"):
@@ -678,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def publish(result: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
     """Print the table and interpretation and write ``<out>/<name>.json`` and ``.md``."""
-    from speed import text_table, write_results
+    from harness import text_table, write_results
 
     rows = summary_rows(result["summary"])
     print(text_table(SUMMARY_HEADERS, rows))
@@ -691,7 +691,7 @@ def publish(result: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     """The Markdown report of a result (``main``'s, or one read back by ``--report-only``)."""
-    from speed import markdown_table
+    from harness import markdown_table
 
     env, settings, runs = result["environment"], result["settings"], result["runs"]
     summary, heartbeat = result["summary"], result["heartbeat"]

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     import optuna
-    from speed import environment, write_results
+    from harness import environment, write_results
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = []

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import (  # noqa: E402  (the shared report helpers)
+from harness import (  # noqa: E402  (the shared report helpers)
     RESULTS,
     describe_environment,
     environment,
