@@ -7,7 +7,8 @@
   (repetitions of several contenders, in a rotated order, so that a slow spell of the
   machine hits them all) and :func:`paired_ratio` (the median of same-repetition ratios);
 * reporting: :func:`ratio`, :func:`text_table`, :func:`markdown_table`, :func:`write_results`
-  (``<name>.json`` and ``<name>.md`` under :data:`RESULTS` or ``--out``), :func:`stderr_log`.
+  (``<name>.json`` and ``<name>.md`` under :data:`RESULTS` or ``--out``),
+  :func:`print_and_write`, :func:`stderr_log`.
 
 The benchmarks import it as ``harness``: run as scripts, their folder is on ``sys.path``.
 It imports torch only inside :func:`environment`, so a benchmark's ``--help`` stays fast.
@@ -184,6 +185,16 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, out: Path,
     paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps(payload, indent=indent, default=str) + "\n")
     paths[1].write_text(markdown.rstrip() + "\n")
+    return paths
+
+
+def print_and_write(name: str, payload: dict[str, Any], text: str, markdown: str,
+                    out: Path) -> list[Path]:
+    """Print ``text``, write the result files (:func:`write_results`) and say where."""
+    print(text)
+    paths = write_results(name, payload, markdown, out)
+    for path in paths:
+        print(f"wrote {path}")
     return paths
 
 

@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         os._exit(0)  # skip finalization: nothing to clean up, and it takes seconds
 
-    from harness import environment, write_results
+    from harness import environment, print_and_write
 
     contenders = [c for c in args.contenders.split(",") if c]
     if unknown := [c for c in contenders if c not in CONTENDERS]:
@@ -255,10 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               file=sys.stderr, flush=True)
     result = {"environment": env, "method": "ru_maxrss delta over pre-step RSS, fresh process",
               "rows": rows}
-    text, md = report(result)
-    print(text)
-    for path in write_results("memory", result, md, args.out):
-        print(f"wrote {path}")
+    print_and_write("memory", result, *report(result), args.out)
     return result
 
 

@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its parts, when imported
 
-from harness import RESULTS, environment, stderr_log, write_results  # noqa: E402
+from harness import RESULTS, environment, print_and_write, stderr_log  # noqa: E402
 from speed_contenders import ALL, missing_peer  # noqa: E402
 from speed_measure import RTOL, run_workload, sampling_cost  # noqa: E402
 from speed_prototypes import PROTOTYPE_SKIP, PROTOTYPES  # noqa: E402
@@ -131,10 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gradients": grads,
         "sampling": sampling,
     }
-    text, md = report(result)
-    print(text)
-    for path in write_results(args.name, result, md, args.out):
-        print(f"wrote {path}")
+    print_and_write(args.name, result, *report(result), args.out)
     return result
 
 
