@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,20 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed.py's workloads and tables
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the workloads and harness
 
-from speed import (  # noqa: E402
-    META_LR,
+from harness import (  # noqa: E402
     RESULTS,
-    Workload,
     environment,
-    make_autometa,
-    make_workload,
+    interleave,
     markdown_table,
+    paired_ratio,
+    ratio,
+    stderr_log,
     text_table,
     write_results,
 )
+from workloads import META_LR, Workload, make_autometa, make_workload  # noqa: E402
 
 from autometa import Backbone, create_host  # noqa: E402
 from autometa.errors import ConfigError  # noqa: E402
@@ -126,31 +126,24 @@ def measure(work: Workload, mode: str, inner_steps: int, *, batches: int, repeat
             runners[strategy] = run
         except ConfigError as exc:  # vmap refused (second order through BatchNorm)
             refused[strategy] = str(exc)
-    tasks = sum(len(b) for b in data)
-    rates: dict[str, list[float]] = {s: [] for s in runners}
-    for rep in range(repeats):
-        order = list(runners) if rep % 2 == 0 else list(reversed(runners))
-        for strategy in order:
-            start, done = time.perf_counter(), 0
-            while done == 0 or time.perf_counter() - start < min_seconds:
-                for batch in data:
-                    runners[strategy](batch)
-                done += tasks
-            rates[strategy].append(done / (time.perf_counter() - start))
+
+    def progress(rep: int, rates: dict[str, list[float]]) -> None:
         log(f"  {work.name} {mode} {inner_steps} step(s), repetition {rep + 1}/{repeats}: "
             + ", ".join(f"{s} {r[-1]:.1f}" for s, r in rates.items()))
+
+    # Two strategies rotated: vmap, loop, then loop, vmap, ...
+    rates = interleave(runners, data, repeats, min_seconds=min_seconds, after=progress)
     median = {s: statistics.median(r) for s, r in rates.items()}
     if len(rates) == 2:
-        ratio = statistics.median(v / lo for v, lo in zip(rates["vmap"], rates["loop"],
-                                                          strict=True))
-        faster = "vmap" if ratio > 1 else "loop"
+        vmap_over_loop: float | None = paired_ratio(rates["vmap"], rates["loop"])
+        faster = "vmap" if vmap_over_loop > 1 else "loop"
     else:
-        ratio, faster = None, next(iter(rates))  # the only one allowed
+        vmap_over_loop, faster = None, next(iter(rates))  # the only one allowed
     return {"model": work.name, "mode": mode, "inner_steps": inner_steps,
             "tasks_per_episode_batch": len(data[0]),
             "vmap_tasks_per_s": median.get("vmap"), "loop_tasks_per_s": median.get("loop"),
             "vmap_runs": rates.get("vmap"), "loop_runs": rates.get("loop"),
-            "vmap_over_loop": ratio, "faster": faster, "auto_picks": chosen,
+            "vmap_over_loop": vmap_over_loop, "faster": faster, "auto_picks": chosen,
             "auto_is_faster": chosen == faster, "refused": refused}
 
 
@@ -164,7 +157,7 @@ def report(rows: Sequence[dict[str, Any]], env: dict[str, Any], device: str
                "faster", "auto picks", "auto = faster"]
     body = [[r["model"], r["mode"], r["inner_steps"], _rate(r["vmap_tasks_per_s"]),
              _rate(r["loop_tasks_per_s"]),
-             "–" if r["vmap_over_loop"] is None else f"{r['vmap_over_loop']:.2f}x",
+             ratio(r["vmap_over_loop"]),
              r["faster"], r["auto_picks"], "yes" if r["auto_is_faster"] else "NO"]
             for r in rows]
     title = (f"{env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']} "
@@ -203,10 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
+    log = stderr_log(args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()

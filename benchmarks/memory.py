@@ -61,7 +61,7 @@ def rss_kb() -> int:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this (fresh) process."""
     import torch
-    from speed import make_autometa, make_workload
+    from workloads import make_autometa, make_workload
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -169,7 +169,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> tuple[str, str]:
-    from speed import describe_environment, markdown_table, text_table
+    from harness import describe_environment, markdown_table, text_table
 
     rows_by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in result["rows"]:
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         os._exit(0)  # skip finalization: nothing to clean up, and it takes seconds
 
-    from speed import environment, write_results
+    from harness import environment, print_and_write
 
     contenders = [c for c in args.contenders.split(",") if c]
     if unknown := [c for c in contenders if c not in CONTENDERS]:
@@ -255,10 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               file=sys.stderr, flush=True)
     result = {"environment": env, "method": "ru_maxrss delta over pre-step RSS, fresh process",
               "rows": rows}
-    text, md = report(result)
-    print(text)
-    for path in write_results("memory", result, md, args.out):
-        print(f"wrote {path}")
+    print_and_write("memory", result, *report(result), args.out)
     return result
 
 

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     import optuna
-    from speed import environment, write_results
+    from harness import environment, markdown_table, paired_ratio, print_and_write, ratio
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = []
@@ -108,10 +108,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     by = {(r["repeat"], r["workers"]): r for r in runs}
     ratios = [by[(k, 2)]["trials_per_hour"] / by[(k, 1)]["trials_per_hour"]
               for k in range(args.repeats)]
-    def paired(key: str) -> float:
-        return statistics.median(by[(k, 2)][key] / by[(k, 1)][key] for k in range(args.repeats))
 
-    summary = {"ratio": statistics.median(ratios), "ratios": ratios,
+    def paired(key: str) -> float:
+        """2 workers over 1, per repetition, then the median."""
+        return paired_ratio([by[(k, 2)][key] for k in range(args.repeats)],
+                            [by[(k, 1)][key] for k in range(args.repeats)])
+
+    summary = {"ratio": paired("trials_per_hour"), "ratios": ratios,
                "ratio_span": paired("trials_per_hour_span"),
                "ratio_wall": paired("trials_per_hour_wall"),
                "trial_time_ratio": paired("trial_s"), "target": 1.8}
@@ -119,25 +122,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              f"{args.trials} equal-cost trials per search (MAML, sinusoid, MLP 1-40-40-1, "
              f"{args.meta_steps} meta-steps, one torch thread per worker), "
              f"{args.repeats} interleaved repetitions.", "",
-             "| workers | repeat | trials/h (steady state) | trials/h (trials' span) | "
-             "trials/h (whole call) | median trial s | gap between trials ms (median / max) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r['workers']} | {r['repeat']} | {r['trials_per_hour']:.0f} | "
-                     f"{r['trials_per_hour_span']:.0f} | {r['trials_per_hour_wall']:.0f} | "
-                     f"{r['trial_s']:.2f} | {r['gap_ms']:.0f} / {r['gap_ms_max']:.0f} |")
-    lines += ["", f"**2 workers / 1 worker: {summary['ratio']:.2f}x** in steady state "
+             markdown_table(
+                 ["workers", "repeat", "trials/h (steady state)", "trials/h (trials' span)",
+                  "trials/h (whole call)", "median trial s",
+                  "gap between trials ms (median / max)"],
+                 [[r["workers"], r["repeat"], f"{r['trials_per_hour']:.0f}",
+                   f"{r['trials_per_hour_span']:.0f}", f"{r['trials_per_hour_wall']:.0f}",
+                   f"{r['trial_s']:.2f}", f"{r['gap_ms']:.0f} / {r['gap_ms_max']:.0f}"]
+                  for r in runs])]
+    lines += ["", f"**2 workers / 1 worker: {ratio(summary['ratio'])}** in steady state "
               f"(paired, per repetition: {', '.join(f'{x:.2f}' for x in ratios)}; target "
-              f">= 1.8x); {summary['ratio_span']:.2f}x over the trials' span, "
-              f"{summary['ratio_wall']:.2f}x over the whole call (worker start-up and the "
-              f"leaderboard included). A trial took {summary['trial_time_ratio']:.2f}x as long "
+              f">= 1.8x); {ratio(summary['ratio_span'])} over the trials' span, "
+              f"{ratio(summary['ratio_wall'])} over the whole call (worker start-up and the "
+              f"leaderboard included). A trial took {ratio(summary['trial_time_ratio'])} as long "
               "with two workers sharing the two cores."]
     markdown = "\n".join(lines)
-    print(markdown)
     result = {"environment": environment(), "settings": vars(args) | {"out": str(args.out)},
               "runs": runs, "summary": summary}
-    for path in write_results(args.name, result, markdown, args.out):
-        print(f"wrote {path}")
+    print_and_write(args.name, result, markdown, markdown, args.out)
     return result
 
 

@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import cpu_model, git_commit, markdown_table, write_results  # noqa: E402
 
 #: The searched space of each task: every algorithm that serves it with a small source
 #: model; finetune's L-BFGS adaptation is left out (0.03-0.7 s per episode would make
@@ -259,39 +262,33 @@ def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]],
              "(all of it if not reached), median over seeds. Ratios, per seed then the "
              "median: to random search's whole run (meta-steps, wall), and to random "
              "search's compute up to the trial that found its best (meta-steps, trials).",
-             "", "| strategy | reached | trials | meta-steps | steps ÷ random's 100 | "
-             "wall ÷ random's 100 | steps ÷ random's to best | trials ÷ random's to best |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['strategy']} | {s['reached']} | {s['trials']:.0f} | "
-                     f"{s['meta_steps']:,.0f} | {s['steps_vs_all']:.2f} | "
-                     f"{s['wall_vs_all']:.2f} | {s['steps_vs_best']:.2f} | "
-                     f"{s['trials_vs_best']:.2f} |")
-    lines += ["", "Per seed:", "", "| seed | strategy | target | best | reached | trials | "
-              "meta-steps | wall s |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['strategy']} | {r['target']:.4f} | {r['best']:.4f} "
-                     f"| {r['reached']} | {r['trials']} | {r['meta_steps']:,.0f} | "
-                     f"{r['wall_s']:.0f} |")
+             "", markdown_table(
+                 ["strategy", "reached", "trials", "meta-steps", "steps ÷ random's 100",
+                  "wall ÷ random's 100", "steps ÷ random's to best",
+                  "trials ÷ random's to best"],
+                 [[s["strategy"], s["reached"], f"{s['trials']:.0f}", f"{s['meta_steps']:,.0f}",
+                   f"{s['steps_vs_all']:.2f}", f"{s['wall_vs_all']:.2f}",
+                   f"{s['steps_vs_best']:.2f}", f"{s['trials_vs_best']:.2f}"]
+                  for s in summary]),
+             "", "Per seed:", "", markdown_table(
+                 ["seed", "strategy", "target", "best", "reached", "trials", "meta-steps",
+                  "wall s"],
+                 [[r["seed"], r["strategy"], f"{r['target']:.4f}", f"{r['best']:.4f}",
+                   r["reached"], r["trials"], f"{r['meta_steps']:,.0f}", f"{r['wall_s']:.0f}"]
+                  for r in rows])]
     lines += ["", f"Command: `python benchmarks/search_efficiency.py {env['command']}`"]
     return "\n".join(lines) + "\n"
 
 
 def environment(minutes: float) -> dict[str, Any]:
-    import subprocess
-
+    """This benchmark's own record of the machine (its results have always kept this form)."""
     import optuna
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip() or "?"
-    return {"cpu": f"{cpu}, {multiprocessing.cpu_count()} cores", "torch": torch.__version__,
-            "python": platform.python_version(), "optuna": optuna.__version__,
-            "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    return {"cpu": f"{cpu_model()}, {multiprocessing.cpu_count()} cores",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "optuna": optuna.__version__, "commit": git_commit(mark_dirty=False) or "?",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "minutes": minutes, "command": " ".join(sys.argv[1:])}
 
 
@@ -324,13 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     text = markdown(summary, rows, args, env)
     print(text)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"search_efficiency_{args.task}.md").write_text(text)
-    (results / f"search_efficiency_{args.task}.json").write_text(json.dumps(
-        {"environment": env, "args": {k: v for k, v in vars(args).items()
-                                      if k != "from_json"},
-         "summary": summary, "rows": rows}, indent=1, default=str))
+    result = {"environment": env, "args": {k: v for k, v in vars(args).items()
+                                           if k != "from_json"},
+              "summary": summary, "rows": rows}
+    write_results(f"search_efficiency_{args.task}", result, text, Path(args.results), indent=1)
     return 0
 
 

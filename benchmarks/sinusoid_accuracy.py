@@ -30,13 +30,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import (  # noqa: E402  (the shared report helpers)
+from harness import (  # noqa: E402  (the shared report helpers)
     RESULTS,
     describe_environment,
     environment,
     markdown_table,
+    print_and_write,
+    stderr_log,
     text_table,
-    write_results,
 )
 
 from autometa import create_host  # noqa: E402
@@ -164,10 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
+    log = stderr_log(args.quiet)
     env = environment()
     host = create_host()
     task = host.get("task", "sinusoid").load()(
@@ -176,10 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = [run_one(label, host, task, args.steps, args.seed, log) for label in labels]
     result = {"environment": env, "seed": args.seed, "threads": torch.get_num_threads(),
               "test_episodes": args.test_episodes, "published": PUBLISHED, "rows": rows}
-    text, md = report(result)
-    print(text)
-    for path in write_results(args.name, result, md, args.out):
-        print(f"wrote {path}")
+    print_and_write(args.name, result, *report(result), args.out)
     return result
 
 

@@ -1,0 +1,60 @@
+"""Proposed patches to autometa, prototyped on top of its real toolkit for speed.py.
+
+The plugin and autometa/inner_loop.py are unchanged; ``--prototypes`` times each patch
+beside the unpatched contender it modifies (:data:`PROTOTYPE_BASE`).
+"""
+
+from __future__ import annotations
+
+import torch
+from speed_contenders import Autometa, Contender
+from torch import nn
+from workloads import META_LR, Workload
+
+from autometa import Episodes
+
+
+class ProtoFusedAdam(Autometa):
+    """Patch: the MAML plugin's meta-optimizer as ``Adam(..., fused=True)`` (CPU and CUDA)."""
+
+    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
+        super().__init__(model, work, steps, "auto")
+        self.algorithm.optimizer = torch.optim.Adam(self.leaves, lr=META_LR, fused=True)
+        self.label, self.strategy = "proto: fused Adam", "auto"
+
+
+class ProtoCompiled(Autometa):
+    """Patch: ``torch.compile`` around the toolkit's ``adapt_and_predict`` (vmap)."""
+
+    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
+        from autometa import inner_loop
+
+        super().__init__(model, work, steps, "vmap")
+        self.label, self.strategy = "proto: torch.compile", "vmap"
+        self.predict = torch.compile(inner_loop.adapt_and_predict)
+
+    def step(self, batch: Episodes) -> None:
+        from autometa.inner_loop import parameters_of
+
+        alg = self.algorithm
+        pred = self.predict(alg.model, parameters_of(alg.model), batch.support_x,
+                            batch.support_y, batch.query_x, alg.task.loss,
+                            steps=alg.inner_steps, lr=alg.inner_lr,
+                            first_order=alg.first_order, strategy="vmap")
+        loss = alg.task.loss(pred, batch.query_y)
+        alg.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        alg.optimizer.step()
+
+
+#: Prototypes left out on a workload, and why.
+PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there"}
+
+PROTOTYPES: dict[str, type[Contender]] = {
+    "proto-fused-adam": ProtoFusedAdam,
+    "proto-compile": ProtoCompiled,
+}
+
+
+#: What each prototype is compared with: the unpatched contender it modifies.
+PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap"}
