@@ -59,7 +59,7 @@ def run_once(url: str, study_name: str, monitor: Monitor, log: ServerLog, *, wor
     """``workers`` processes spend a budget of ``trials`` in a new study; what it cost."""
     import optuna
 
-    from autometa.engine.storage import open_storage
+    from autometa.study.storage import open_storage
 
     storage = open_storage(url)
     optuna.create_study(storage=storage, study_name=study_name, direction="minimize")
@@ -142,7 +142,7 @@ def run_once(url: str, study_name: str, monitor: Monitor, log: ServerLog, *, wor
 def heartbeat_load(url: str, study_name: str, monitor: Monitor, log: ServerLog, *,
                    workers: int, seconds: float) -> dict[str, Any]:
     """``workers`` trials held open ``seconds`` each: heartbeat rows written per second."""
-    from autometa.engine.storage import HEARTBEAT
+    from autometa.study.storage import HEARTBEAT
 
     run = run_once(url, study_name, monitor, log, workers=workers, trials=workers,
                    trial_seconds=seconds)

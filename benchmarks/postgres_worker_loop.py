@@ -28,16 +28,17 @@ def worker_main(url: str, study_name: str, n_trials: int, trial_seconds: float, 
     warnings.filterwarnings("ignore")
     import optuna
 
-    from autometa.engine import storage as storage_module
+    from autometa.engine import claim as claim_module
+    from autometa.engine.claim import claim
     from autometa.engine.sampling import trial_sampler
-    from autometa.engine.storage import claim, open_storage
     from autometa.engine.worker import Heartbeat
+    from autometa.study.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lock_wait: list[float] = []
     lock_held: list[float] = []
     lock_cpu: list[float] = []
-    real_lock = storage_module.storage_lock
+    real_lock = claim_module.storage_lock
 
     @contextmanager
     def timed_lock(lock_url: str) -> Iterator[None]:
@@ -55,7 +56,7 @@ def worker_main(url: str, study_name: str, n_trials: int, trial_seconds: float, 
                 # and this does not, the holder was waiting for a core, not working.
                 lock_cpu.append(time.thread_time() - cpu)
 
-    storage_module.storage_lock = timed_lock  # type: ignore[assignment]
+    claim_module.storage_lock = timed_lock  # type: ignore[assignment]
     report: dict[str, Any] = {"index": index, "trials": 0, "claim_s": [], "trial_s": [],
                               "error": None}
     try:

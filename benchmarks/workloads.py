@@ -20,7 +20,8 @@ from torch import Tensor
 
 from autometa import Episodes, Task, create_host
 from autometa.episodes import ClassPool
-from autometa.trial import TrialPlan, build
+from autometa.study.trials import TrialPlan
+from autometa.trial import build
 
 #: The Adam meta-learning rate of every contender.
 META_LR = 1e-3
