@@ -104,7 +104,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str]:
 
 
 def describe(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
-    return " -> ".join(f"{a} (l.{graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + \
+    return " -> ".join(f"{a} (l.{graph[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False)) + \
         f" -> {cycle[-1]}"
 
 
