@@ -51,6 +51,10 @@ from autometa.registration import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "autometa"
+#: autometa's own distribution, which also holds the first-party plugins: ``pip install
+#: autometa-ml`` (on the package index, ``autometa`` is another project). The import
+#: package, the command and the entry-point group are ``autometa``.
+DISTRIBUTION = "autometa-ml"
 
 
 @dataclass

@@ -15,12 +15,12 @@ import pytest
 
 import autometa
 from autometa import Float
-from autometa.plugins import KINDS
+from autometa.plugins import DISTRIBUTION, KINDS
 from autometa.testing import check_plugin
 from autometa_plugins.sinusoid.task import Sinusoid
 
 FIRST_PARTY = sorted((ep for ep in entry_points(group="autometa")
-                      if ep.dist is not None and ep.dist.metadata["Name"] == "autometa"),
+                      if ep.dist is not None and ep.dist.metadata["Name"] == DISTRIBUTION),
                      key=lambda ep: ep.name)
 #: Kinds other than the three contracts (pruners, samplers...): their factories must load a
 #: callable, nothing more. Read from KINDS: kinds are added over time.

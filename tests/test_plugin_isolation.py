@@ -75,27 +75,27 @@ def test_two_distributions_with_one_entry_point_name_conflict_and_nothing_else_b
     install("fakedist", {"mlp": "fakedist_mlp"}, {"fakedist_mlp": FAKE_MLP})
     out, (rows,) = listing(capsys)
     mlp_rows = [r for r in rows if r[0] == "mlp"]
-    assert [r[1] for r in mlp_rows] == ["autometa 0.1.0", "fakedist 1.0"]
+    assert [r[1] for r in mlp_rows] == ["autometa-ml 0.1.0", "fakedist 1.0"]
     assert all(r[2].startswith("conflict: plugin 'mlp' is installed by 2 distributions "
-                               "(autometa 0.1.0, fakedist 1.0)") for r in mlp_rows)
+                               "(autometa-ml 0.1.0, fakedist 1.0)") for r in mlp_rows)
     assert mlp_rows[1][3] == "source model mlp, source model fancy"
-    assert "error: plugin 'mlp' is installed by 2 distributions (autometa 0.1.0, fakedist " \
+    assert "error: plugin 'mlp' is installed by 2 distributions (autometa-ml 0.1.0, fakedist " \
            "1.0); none of them is used: keep one with AUTOMETA_DISABLE_PLUGINS=fakedist:mlp" in out
-    assert ["maml", "autometa 0.1.0", "ok", "meta-algorithm maml"] in rows
+    assert ["maml", "autometa-ml 0.1.0", "ok", "meta-algorithm maml"] in rows
 
     host = autometa.create_host()
     assert "mlp" not in host.names("source") and "fancy" not in host.names("source")
     assert "conv4" in host.names("source") and "maml" in host.names("algorithm")
     for name in ("mlp", "fancy"):  # asked for by name: one line naming both distributions
         with pytest.raises(PluginError, match=rf"source model '{name}' is unavailable: .*"
-                                              r"autometa 0\.1\.0, fakedist 1\.0"):
+                                              r"autometa-ml 0\.1\.0, fakedist 1\.0"):
             host.get("source", name)
     with pytest.raises(PluginError, match="installed by 2 distributions"):
         autometa.create_host(strict=True)
 
 
 @pytest.mark.parametrize(("disable", "winner"), [("fakedist:mlp", MLP),
-                                                 ("autometa:mlp", "FakeMLP")])
+                                                 ("autometa-ml:mlp", "FakeMLP")])
 def test_disabling_one_distributions_entry_point_lets_the_other_work(
         install: Install, monkeypatch: pytest.MonkeyPatch, disable: str, winner: object) -> None:
     """AUTOMETA_DISABLE_PLUGINS=dist:name blocks just that one; a plain name blocks both."""
@@ -108,10 +108,10 @@ def test_disabling_one_distributions_entry_point_lets_the_other_work(
     cls = host.get("source", "mlp").load()
     assert cls is winner or cls.__name__ == winner
     assert "maml" not in host.names("algorithm")
-    assert ("fancy" in host.names("source")) == (dist == "autometa")
+    assert ("fancy" in host.names("source")) == (dist == "autometa-ml")
 
     host = autometa.create_host(disabled=["mlp"])
-    assert {host.plugins[k].status for k in ("autometa:mlp", "fakedist:mlp")} == {"disabled"}
+    assert {host.plugins[k].status for k in ("autometa-ml:mlp", "fakedist:mlp")} == {"disabled"}
     assert "mlp" not in host.plugins and "mlp" not in host.names("source")
 
 
@@ -128,7 +128,7 @@ def test_a_search_runs_with_the_other_plugins_while_a_name_conflicts(
     host = autometa.create_host()
     assert "finetune" not in host.names("algorithm")
     small = {"val_episodes": 2, "test_episodes": 2, "eval_queries": 5}
-    with pytest.raises(PluginError, match="'finetune'.*autometa 0.1.0, fakedist 1.0"):
+    with pytest.raises(PluginError, match="'finetune'.*autometa-ml 0.1.0, fakedist 1.0"):
         autometa.search("sinusoid", algorithms=["finetune"], sources=["mlp"], host=host,
                         task_params=small)
     board = autometa.search(

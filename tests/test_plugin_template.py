@@ -10,12 +10,15 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
+import autometa
 from autometa.cli import main
 from autometa.config import tomllib
+from autometa.plugins import DISTRIBUTION
 
 REPO = Path(__file__).resolve().parents[1]
 #: One plugin of each kind: (name, --kind).
@@ -36,6 +39,15 @@ def test_every_package_is_in_the_distribution() -> None:
              for top in ("autometa", "plugins") for p in (REPO / top).rglob("__init__.py")
              if "templates" not in p.parts}
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_the_distribution_is_named_as_the_host_knows_it() -> None:
+    """pyproject's [project] name is DISTRIBUTION (the first-party plugins' distribution,
+    what the templates require); "autometa" on the package index is another project."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION != "autometa"
+    assert version(DISTRIBUTION) == autometa.__version__
+    assert set(project["scripts"]) == {"autometa"} and "autometa" in project["entry-points"]
 
 
 @pytest.mark.parametrize("argv, words", [
