@@ -80,7 +80,8 @@ def test_two_distributions_with_one_entry_point_name_conflict_and_nothing_else_b
                                "(autometa-ml 0.1.0, fakedist 1.0)") for r in mlp_rows)
     assert mlp_rows[1][3] == "source model mlp, source model fancy"
     assert "error: plugin 'mlp' is installed by 2 distributions (autometa-ml 0.1.0, fakedist " \
-           "1.0); none of them is used: keep one with AUTOMETA_DISABLE_PLUGINS=fakedist:mlp" in out
+           "1.0); none of them is used: keep autometa's own with " \
+           "AUTOMETA_DISABLE_PLUGINS=fakedist:mlp\n" in out
     assert ["maml", "autometa-ml 0.1.0", "ok", "meta-algorithm maml"] in rows
 
     host = autometa.create_host()
@@ -92,6 +93,64 @@ def test_two_distributions_with_one_entry_point_name_conflict_and_nothing_else_b
             host.get("source", name)
     with pytest.raises(PluginError, match="installed by 2 distributions"):
         autometa.create_host(strict=True)
+
+
+@pytest.mark.parametrize("dist", ["aaadist", "zzzdist"])
+def test_a_conflict_with_a_first_party_entry_point_says_to_disable_the_third_party_one(
+        install: Install, dist: str) -> None:
+    """Whichever way the distributions sort, the fix offered keeps autometa's own `mlp`, and
+    it works."""
+    install(dist, {"mlp": "fakedist_mlp"}, {"fakedist_mlp": FAKE_MLP})
+    (message,) = autometa.create_host().clashes()
+    assert message.endswith(f"; none of them is used: keep autometa's own with "
+                            f"AUTOMETA_DISABLE_PLUGINS={dist}:mlp"), message
+    assert "autometa-ml:" not in message
+    host = autometa.create_host(disabled=[f"{dist}:mlp"])
+    assert host.clashes() == [] and host.get("source", "mlp").load() is MLP
+
+
+@pytest.mark.parametrize("entry_point", ["amaml", "zmaml"])
+def test_a_clash_with_a_first_party_entry_says_to_disable_the_third_party_plugin(
+        install: Install, capsys: pytest.CaptureFixture[str], entry_point: str) -> None:
+    """A third-party plugin registering `maml`, loaded before (amaml) or after (zmaml)
+    autometa's own: the message names both and offers to disable the third-party one only."""
+    install("fakedist", {entry_point: "fakedist_maml"}, {"fakedist_maml": """
+        import autometa
+
+        @autometa.hookimpl
+        def register_meta_algorithms(register):
+            register("maml", "fakedist_maml:Other")
+    """})
+    expected = (f"meta-algorithm 'maml' is registered by {{}}; uninstall or disable the "
+                f"third-party one to keep autometa's own "
+                f"(AUTOMETA_DISABLE_PLUGINS={entry_point})")
+    pair = ["'maml' (autometa-ml 0.1.0)", f"'{entry_point}' (fakedist 1.0)"]
+    who = " and ".join(pair if entry_point > "maml" else pair[::-1])
+    host = autometa.create_host()
+    assert host.clashes() == [expected.format(who)]
+    with pytest.raises(PluginError) as refused:
+        host.get("algorithm", "maml")
+    assert str(refused.value) == expected.format(who)
+    assert f"error: {expected.format(who)}" in listing(capsys)[0]
+    host = autometa.create_host(disabled=[entry_point])  # the advice, followed
+    from autometa_plugins.maml.algorithm import MAML
+
+    assert host.clashes() == [] and host.get("algorithm", "maml").load() is MAML
+
+
+def test_a_clash_between_third_party_plugins_is_unchanged(install: Install) -> None:
+    """No first-party plugin in it: either one may go."""
+    for dist in ("dista", "distb"):
+        install(dist, {f"{dist}-plugin": f"{dist}_plugin"}, {f"{dist}_plugin": """
+            import autometa
+
+            @autometa.hookimpl
+            def register_tasks(register):
+                register("twin", "somewhere:Task")
+        """})
+    assert autometa.create_host().clashes() == [
+        "task 'twin' is registered by 'dista-plugin' (dista 1.0) and 'distb-plugin' "
+        "(distb 1.0); uninstall or disable one (AUTOMETA_DISABLE_PLUGINS=distb-plugin)"]
 
 
 @pytest.mark.parametrize(("disable", "winner"), [("fakedist:mlp", MLP),
