@@ -223,8 +223,8 @@ class PluginHost:
         """Several distributions have entry point ``name``: list each, use none of them."""
         who = ", ".join(f"{dist} {version}" for _, dist, version in eps)
         first, last = eps[0][1], eps[-1][1]
-        others = [dist for _, dist, _ in eps if not _first_party(dist)]
-        if others and any(_first_party(dist) for _, dist, _ in eps):  # disable the others
+        others = [dist for _, dist, _ in eps if not first_party(dist)]
+        if others and any(first_party(dist) for _, dist, _ in eps):  # disable the others
             fix = ("keep autometa's own with AUTOMETA_DISABLE_PLUGINS="
                    + ",".join(f"{dist}:{name}" for dist in others))
         else:
@@ -282,8 +282,8 @@ class PluginHost:
     def _clash_message(self, kind: Kind, name: str) -> str:
         regs = self._clashes[(kind, name)]
         who = " and ".join(r.origin for r in regs)
-        others = list(dict.fromkeys(r.plugin for r in regs if not _first_party(r.distribution)))
-        if others and any(_first_party(r.distribution) for r in regs):  # disable the others
+        others = list(dict.fromkeys(r.plugin for r in regs if not first_party(r.distribution)))
+        if others and any(first_party(r.distribution) for r in regs):  # disable the others
             ones = "one" if len(others) == 1 else "ones"
             return (f"{KINDS[kind][1]} {name!r} is registered by {who}; uninstall or disable "
                     f"the third-party {ones} to keep autometa's own "
@@ -426,7 +426,7 @@ def _dist(ep: Any) -> tuple[str | None, str | None]:
     return dist.metadata["Name"], dist.version
 
 
-def _first_party(distribution: str | None) -> bool:
+def first_party(distribution: str | None) -> bool:
     """Whether ``distribution`` is autometa's own (:data:`DISTRIBUTION`), any spelling."""
     return distribution is not None and _normalise(distribution) == DISTRIBUTION
 
