@@ -11,6 +11,11 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
+	@# The distribution used to be named "autometa" (on the package index, another project):
+	@# drop an old install and its metadata, or every first-party entry point would be found
+	@# twice and conflict with itself. -qq: silent when there is none.
+	$(BIN)/python -m pip uninstall -qq --disable-pip-version-check --yes autometa
+	rm -rf autometa.egg-info
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -e .
 	touch $(STAMP)
 

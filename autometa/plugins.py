@@ -10,7 +10,9 @@ reported with the closest one (``register_task`` -> ``register_tasks``).
 
 Two installed distributions with an entry point of the same name (say ``mlp``) are both
 listed as conflicting and neither is used: what they register fails with a message naming
-both distributions until one is disabled; every other plugin keeps working.
+both distributions until one is disabled; every other plugin keeps working. Where one of
+two clashing plugins is first-party (of :data:`DISTRIBUTION`), the message says how to
+disable the third-party one, never autometa's own.
 
 A registered factory is only imported when used: :meth:`Registration.load` and
 :meth:`PluginHost.check` turn whatever goes wrong there into :class:`PluginError`, and
@@ -51,6 +53,10 @@ from autometa.registration import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "autometa"
+#: autometa's own distribution, which also holds the first-party plugins: ``pip install
+#: autometa-ml`` (on the package index, ``autometa`` is another project). The import
+#: package, the command and the entry-point group are ``autometa``.
+DISTRIBUTION = "autometa-ml"
 
 
 @dataclass
@@ -217,10 +223,14 @@ class PluginHost:
         """Several distributions have entry point ``name``: list each, use none of them."""
         who = ", ".join(f"{dist} {version}" for _, dist, version in eps)
         first, last = eps[0][1], eps[-1][1]
-        message = (
-            f"plugin {name!r} is installed by {len(eps)} distributions ({who}); none of them "
-            f"is used: keep one with AUTOMETA_DISABLE_PLUGINS={last}:{name} (or {first}:{name})"
-        )
+        others = [dist for _, dist, _ in eps if not first_party(dist)]
+        if others and any(first_party(dist) for _, dist, _ in eps):  # disable the others
+            fix = ("keep autometa's own with AUTOMETA_DISABLE_PLUGINS="
+                   + ",".join(f"{dist}:{name}" for dist in others))
+        else:
+            fix = f"keep one with AUTOMETA_DISABLE_PLUGINS={last}:{name} (or {first}:{name})"
+        message = (f"plugin {name!r} is installed by {len(eps)} distributions ({who}); none of "
+                   f"them is used: {fix}")
         log.error(message)
         self._conflict_messages.append(message)
         for ep, dist, version in eps:
@@ -272,6 +282,12 @@ class PluginHost:
     def _clash_message(self, kind: Kind, name: str) -> str:
         regs = self._clashes[(kind, name)]
         who = " and ".join(r.origin for r in regs)
+        others = list(dict.fromkeys(r.plugin for r in regs if not first_party(r.distribution)))
+        if others and any(first_party(r.distribution) for r in regs):  # disable the others
+            ones = "one" if len(others) == 1 else "ones"
+            return (f"{KINDS[kind][1]} {name!r} is registered by {who}; uninstall or disable "
+                    f"the third-party {ones} to keep autometa's own "
+                    f"(AUTOMETA_DISABLE_PLUGINS={','.join(others)})")
         return (
             f"{KINDS[kind][1]} {name!r} is registered by {who}; uninstall or disable one "
             f"(AUTOMETA_DISABLE_PLUGINS={regs[-1].plugin})"
@@ -408,6 +424,11 @@ def _dist(ep: Any) -> tuple[str | None, str | None]:
     if dist is None:
         return None, None
     return dist.metadata["Name"], dist.version
+
+
+def first_party(distribution: str | None) -> bool:
+    """Whether ``distribution`` is autometa's own (:data:`DISTRIBUTION`), any spelling."""
+    return distribution is not None and _normalise(distribution) == DISTRIBUTION
 
 
 def _normalise(distribution: str) -> str:

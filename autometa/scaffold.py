@@ -17,6 +17,7 @@ from pathlib import Path
 from string import Template
 
 from autometa.errors import ConfigError
+from autometa.plugins import DISTRIBUTION
 
 __all__ = ["TEMPLATE_KINDS", "new_plugin"]
 
@@ -36,8 +37,9 @@ def new_plugin(name: str, kind: str, parent: str | Path = ".") -> Path:
 
     Raises:
         ConfigError: ``name`` is not lowercase letters, digits and single dashes starting
-            with a letter; ``kind`` is not one of :data:`TEMPLATE_KINDS`; the folder
-            exists already, or ``parent`` is not a writable directory. Nothing is written.
+            with a letter, or it makes autometa's own distribution name; ``kind`` is not
+            one of :data:`TEMPLATE_KINDS`; the folder exists already, or ``parent`` is not
+            a writable directory. Nothing is written.
     """
     from autometa.config import check_writable_dir
     from autometa.version import __version__
@@ -48,6 +50,9 @@ def new_plugin(name: str, kind: str, parent: str | Path = ".") -> Path:
         raise ConfigError(f"plugin name {name!r}: use lowercase letters, digits and single "
                           "dashes, starting with a letter (e.g. my-task); it names the entry "
                           "point and what the plugin registers")
+    if f"autometa-{name}" == DISTRIBUTION:
+        raise ConfigError(f"plugin name {name!r}: its distribution would be autometa-{name}, "
+                          "which is autometa's own; choose another name")
     parent = Path(parent)
     check_writable_dir(parent, "--dir")
     root = parent / f"autometa-{name}"
@@ -58,6 +63,7 @@ def new_plugin(name: str, kind: str, parent: str | Path = ".") -> Path:
         "name": name,
         "kind": kind,
         "dist": f"autometa-{name}",
+        "host": DISTRIBUTION,  # what the plugin requires: autometa's distribution
         "package": "autometa_" + name.replace("-", "_"),
         "cls": "".join(part.capitalize() for part in name.split("-")),
         "summary": TEMPLATE_KINDS[kind],

@@ -150,7 +150,7 @@ def test_postgresql_without_a_driver_says_which_extra_to_install(tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0] == ("autometa: error: storage: postgresql://u:***@127.0.0.1:1/no_driver needs a "
-                      "PostgreSQL driver; install it with pip install 'autometa[postgres]' "
+                      "PostgreSQL driver; install it with pip install 'autometa-ml[postgres]' "
                       "(psycopg 3)")
 
 

@@ -131,7 +131,7 @@ def test_json_lists_maml_with_its_space_and_settings(document: dict[str, Any]) -
     from autometa_plugins.maml.algorithm import MAML
 
     maml = plugin(document, "maml")
-    assert maml["distribution"] == "autometa" and maml["version"] == autometa.__version__
+    assert maml["distribution"] == "autometa-ml" and maml["version"] == autometa.__version__
     assert (maml["status"], maml["error"], maml["kinds"]) == ("ok", None, ["algorithm"])
     (provided,) = maml["provides"]
     assert (provided["kind"], provided["name"], provided["status"]) == ("algorithm", "maml", "ok")

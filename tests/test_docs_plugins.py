@@ -17,6 +17,7 @@ import autometa.events
 import autometa.hookspecs
 import autometa.testing
 from autometa.cli.app import COMMANDS
+from autometa.plugins import DISTRIBUTION
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "plugins.md"
@@ -165,7 +166,7 @@ def test_every_public_module_is_in_the_stability_section() -> None:
     spans = ticked(body)
     missing = [m for m in autometa.PUBLIC_MODULES if m not in spans]
     assert not missing, f"name {missing} in the 'Public API and stability' section"
-    assert "DeprecationWarning" in body and "autometa>=" in body
+    assert "DeprecationWarning" in body and f"{DISTRIBUTION}>=" in body
 
 
 def test_names_said_to_be_public_are_in_their_modules_all() -> None:

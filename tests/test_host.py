@@ -9,6 +9,7 @@ import pytest
 
 import autometa
 from autometa import PluginError
+from autometa.plugins import DISTRIBUTION
 
 
 def plugin(**hooks: object) -> types.SimpleNamespace:
@@ -25,15 +26,15 @@ def tasks(*names: str) -> types.SimpleNamespace:
 
 
 def test_first_party_plugins_come_through_entry_points_with_versions() -> None:
-    """sinusoid, mlp, maml and finetune are entry-point plugins of the autometa distribution."""
+    """sinusoid, mlp, maml and finetune are entry-point plugins of autometa's distribution."""
     host = autometa.create_host()
     expected = {"sinusoid": "task", "mlp": "source", "maml": "algorithm", "finetune": "algorithm"}
     for name, kind in expected.items():
         info = host.plugins[name]
         assert (info.status, info.distribution, info.version) == \
-            ("ok", "autometa", version("autometa"))
+            ("ok", DISTRIBUTION, version(DISTRIBUTION))
         reg = host.get(kind, name)
-        assert reg.plugin == name and reg.version == version("autometa")
+        assert reg.plugin == name and reg.version == version(DISTRIBUTION)
 
 
 def test_a_failing_registration_hook_is_isolated_and_keeps_nothing() -> None:
@@ -99,7 +100,7 @@ def test_disabled_plugins_are_listed_and_provide_nothing(monkeypatch: pytest.Mon
     monkeypatch.setenv("AUTOMETA_DISABLE_PLUGINS", "maml, finetune")
     host = autometa.create_host()
     assert host.plugins["maml"].status == "disabled"
-    assert host.plugins["maml"].distribution == "autometa"
+    assert host.plugins["maml"].distribution == DISTRIBUTION
     assert "maml" not in host.names("algorithm") and "finetune" not in host.names("algorithm")
     host = autometa.create_host(disabled=["sinusoid"])
     assert "sinusoid" not in host.names("task") and "maml" in host.names("algorithm")

@@ -7,6 +7,7 @@ import re
 import sys
 import textwrap
 import types
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,12 @@ import pytest
 
 import autometa
 from autometa import Float
-from autometa.plugins import KINDS
-from autometa.testing import check_plugin
+from autometa.plugins import DISTRIBUTION, KINDS
+from autometa.testing import NameClashWarning, check_plugin
 from autometa_plugins.sinusoid.task import Sinusoid
 
 FIRST_PARTY = sorted((ep for ep in entry_points(group="autometa")
-                      if ep.dist is not None and ep.dist.metadata["Name"] == "autometa"),
+                      if ep.dist is not None and ep.dist.metadata["Name"] == DISTRIBUTION),
                      key=lambda ep: ep.name)
 #: Kinds other than the three contracts (pruners, samplers...): their factories must load a
 #: callable, nothing more. Read from KINDS: kinds are added over time.
@@ -52,7 +53,9 @@ def at(marker: str, file: str = Path(__file__).name, line: int | None = None) ->
 
 @pytest.mark.parametrize("ep", FIRST_PARTY, ids=[ep.name for ep in FIRST_PARTY])
 def test_every_first_party_plugin_passes(ep: Any) -> None:
-    info = check_plugin(ep.load(), name=ep.name)
+    with warnings.catch_warnings():  # its own names are no clash
+        warnings.simplefilter("error", NameClashWarning)
+        info = check_plugin(ep.load(), name=ep.name)
     assert info.provides and all(isinstance(r.factory, str) for r in info.provides)
 
 
@@ -64,6 +67,45 @@ def test_a_class_registered_instead_of_a_string_is_refused() -> None:
         r"registered as the object <class '.*Sinusoid'>; register "
         r'"autometa_plugins\.sinusoid\.task:Sinusoid" so that `autometa plugins` and '
         r"`--help` import nothing heavy", str(failed.value))
+
+
+def test_an_entry_named_like_a_first_party_one_is_a_warning_naming_it_and_the_fix() -> None:
+    def register_meta_algorithms(register):  # takes maml
+        register("maml", "autometa_plugins.maml.algorithm:MAML")
+        register("my-reptile", "autometa_plugins.reptile.algorithm:Reptile")
+
+    with pytest.warns(NameClashWarning) as caught:
+        info = check_plugin(plugin(register_meta_algorithms=register_meta_algorithms),
+                            name="my-maml")
+    assert [r.name for r in info.provides] == ["maml", "my-reptile"]  # a warning, no failure
+    (warned,) = caught
+    assert re.fullmatch(
+        rf"meta-algorithm 'maml' of plugin 'my-maml' \(register_meta_algorithms, "
+        rf"{at('takes maml')}\) has the name of autometa's first-party meta-algorithm 'maml' "
+        r"\(plugin 'maml', autometa-ml 0\.1\.0\), which every install of autometa has: both "
+        r"are unusable until a user disables one; register yours under a name of its own",
+        str(warned.message)), warned.message
+    assert warned.filename == __file__  # it points at the check's caller
+
+
+def test_an_entry_point_named_like_a_first_party_one_is_a_warning() -> None:
+    with pytest.warns(NameClashWarning) as caught:
+        check_plugin(registering("register_source_models", "wide-mlp",
+                                 "autometa_plugins.mlp.model:MLP"), name="mlp")
+    assert [str(w.message) for w in caught] == [
+        "plugin 'mlp': its entry-point name 'mlp' is that of autometa's first-party plugin "
+        "'mlp' (autometa-ml 0.1.0), which every install of autometa has: neither is loaded "
+        "until a user disables one; rename your entry point (pyproject.toml, "
+        "[project.entry-points.autometa])"]
+
+
+def test_a_first_party_name_of_another_kind_is_no_clash() -> None:
+    """A task `maml` is not the meta-algorithm `maml`: `--task maml` and `--algorithms maml`
+    never meet, and the host keeps one table per kind."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NameClashWarning)
+        check_plugin(registering("register_tasks", "maml",
+                                 "autometa_plugins.sinusoid.task:Sinusoid"), name="tasks")
 
 
 def test_a_misspelled_hook_is_named_with_the_closest_one() -> None:

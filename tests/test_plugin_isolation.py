@@ -75,27 +75,86 @@ def test_two_distributions_with_one_entry_point_name_conflict_and_nothing_else_b
     install("fakedist", {"mlp": "fakedist_mlp"}, {"fakedist_mlp": FAKE_MLP})
     out, (rows,) = listing(capsys)
     mlp_rows = [r for r in rows if r[0] == "mlp"]
-    assert [r[1] for r in mlp_rows] == ["autometa 0.1.0", "fakedist 1.0"]
+    assert [r[1] for r in mlp_rows] == ["autometa-ml 0.1.0", "fakedist 1.0"]
     assert all(r[2].startswith("conflict: plugin 'mlp' is installed by 2 distributions "
-                               "(autometa 0.1.0, fakedist 1.0)") for r in mlp_rows)
+                               "(autometa-ml 0.1.0, fakedist 1.0)") for r in mlp_rows)
     assert mlp_rows[1][3] == "source model mlp, source model fancy"
-    assert "error: plugin 'mlp' is installed by 2 distributions (autometa 0.1.0, fakedist " \
-           "1.0); none of them is used: keep one with AUTOMETA_DISABLE_PLUGINS=fakedist:mlp" in out
-    assert ["maml", "autometa 0.1.0", "ok", "meta-algorithm maml"] in rows
+    assert "error: plugin 'mlp' is installed by 2 distributions (autometa-ml 0.1.0, fakedist " \
+           "1.0); none of them is used: keep autometa's own with " \
+           "AUTOMETA_DISABLE_PLUGINS=fakedist:mlp\n" in out
+    assert ["maml", "autometa-ml 0.1.0", "ok", "meta-algorithm maml"] in rows
 
     host = autometa.create_host()
     assert "mlp" not in host.names("source") and "fancy" not in host.names("source")
     assert "conv4" in host.names("source") and "maml" in host.names("algorithm")
     for name in ("mlp", "fancy"):  # asked for by name: one line naming both distributions
         with pytest.raises(PluginError, match=rf"source model '{name}' is unavailable: .*"
-                                              r"autometa 0\.1\.0, fakedist 1\.0"):
+                                              r"autometa-ml 0\.1\.0, fakedist 1\.0"):
             host.get("source", name)
     with pytest.raises(PluginError, match="installed by 2 distributions"):
         autometa.create_host(strict=True)
 
 
+@pytest.mark.parametrize("dist", ["aaadist", "zzzdist"])
+def test_a_conflict_with_a_first_party_entry_point_says_to_disable_the_third_party_one(
+        install: Install, dist: str) -> None:
+    """Whichever way the distributions sort, the fix offered keeps autometa's own `mlp`, and
+    it works."""
+    install(dist, {"mlp": "fakedist_mlp"}, {"fakedist_mlp": FAKE_MLP})
+    (message,) = autometa.create_host().clashes()
+    assert message.endswith(f"; none of them is used: keep autometa's own with "
+                            f"AUTOMETA_DISABLE_PLUGINS={dist}:mlp"), message
+    assert "autometa-ml:" not in message
+    host = autometa.create_host(disabled=[f"{dist}:mlp"])
+    assert host.clashes() == [] and host.get("source", "mlp").load() is MLP
+
+
+@pytest.mark.parametrize("entry_point", ["amaml", "zmaml"])
+def test_a_clash_with_a_first_party_entry_says_to_disable_the_third_party_plugin(
+        install: Install, capsys: pytest.CaptureFixture[str], entry_point: str) -> None:
+    """A third-party plugin registering `maml`, loaded before (amaml) or after (zmaml)
+    autometa's own: the message names both and offers to disable the third-party one only."""
+    install("fakedist", {entry_point: "fakedist_maml"}, {"fakedist_maml": """
+        import autometa
+
+        @autometa.hookimpl
+        def register_meta_algorithms(register):
+            register("maml", "fakedist_maml:Other")
+    """})
+    expected = (f"meta-algorithm 'maml' is registered by {{}}; uninstall or disable the "
+                f"third-party one to keep autometa's own "
+                f"(AUTOMETA_DISABLE_PLUGINS={entry_point})")
+    pair = ["'maml' (autometa-ml 0.1.0)", f"'{entry_point}' (fakedist 1.0)"]
+    who = " and ".join(pair if entry_point > "maml" else pair[::-1])
+    host = autometa.create_host()
+    assert host.clashes() == [expected.format(who)]
+    with pytest.raises(PluginError) as refused:
+        host.get("algorithm", "maml")
+    assert str(refused.value) == expected.format(who)
+    assert f"error: {expected.format(who)}" in listing(capsys)[0]
+    host = autometa.create_host(disabled=[entry_point])  # the advice, followed
+    from autometa_plugins.maml.algorithm import MAML
+
+    assert host.clashes() == [] and host.get("algorithm", "maml").load() is MAML
+
+
+def test_a_clash_between_third_party_plugins_is_unchanged(install: Install) -> None:
+    """No first-party plugin in it: either one may go."""
+    for dist in ("dista", "distb"):
+        install(dist, {f"{dist}-plugin": f"{dist}_plugin"}, {f"{dist}_plugin": """
+            import autometa
+
+            @autometa.hookimpl
+            def register_tasks(register):
+                register("twin", "somewhere:Task")
+        """})
+    assert autometa.create_host().clashes() == [
+        "task 'twin' is registered by 'dista-plugin' (dista 1.0) and 'distb-plugin' "
+        "(distb 1.0); uninstall or disable one (AUTOMETA_DISABLE_PLUGINS=distb-plugin)"]
+
+
 @pytest.mark.parametrize(("disable", "winner"), [("fakedist:mlp", MLP),
-                                                 ("autometa:mlp", "FakeMLP")])
+                                                 ("autometa-ml:mlp", "FakeMLP")])
 def test_disabling_one_distributions_entry_point_lets_the_other_work(
         install: Install, monkeypatch: pytest.MonkeyPatch, disable: str, winner: object) -> None:
     """AUTOMETA_DISABLE_PLUGINS=dist:name blocks just that one; a plain name blocks both."""
@@ -108,10 +167,10 @@ def test_disabling_one_distributions_entry_point_lets_the_other_work(
     cls = host.get("source", "mlp").load()
     assert cls is winner or cls.__name__ == winner
     assert "maml" not in host.names("algorithm")
-    assert ("fancy" in host.names("source")) == (dist == "autometa")
+    assert ("fancy" in host.names("source")) == (dist == "autometa-ml")
 
     host = autometa.create_host(disabled=["mlp"])
-    assert {host.plugins[k].status for k in ("autometa:mlp", "fakedist:mlp")} == {"disabled"}
+    assert {host.plugins[k].status for k in ("autometa-ml:mlp", "fakedist:mlp")} == {"disabled"}
     assert "mlp" not in host.plugins and "mlp" not in host.names("source")
 
 
@@ -128,7 +187,7 @@ def test_a_search_runs_with_the_other_plugins_while_a_name_conflicts(
     host = autometa.create_host()
     assert "finetune" not in host.names("algorithm")
     small = {"val_episodes": 2, "test_episodes": 2, "eval_queries": 5}
-    with pytest.raises(PluginError, match="'finetune'.*autometa 0.1.0, fakedist 1.0"):
+    with pytest.raises(PluginError, match="'finetune'.*autometa-ml 0.1.0, fakedist 1.0"):
         autometa.search("sinusoid", algorithms=["finetune"], sources=["mlp"], host=host,
                         task_params=small)
     board = autometa.search(

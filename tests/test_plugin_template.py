@@ -10,12 +10,17 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+import autometa
 from autometa.cli import main
 from autometa.config import tomllib
+from autometa.plugins import DISTRIBUTION
 
 REPO = Path(__file__).resolve().parents[1]
 #: One plugin of each kind: (name, --kind).
@@ -38,11 +43,21 @@ def test_every_package_is_in_the_distribution() -> None:
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
 
 
+def test_the_distribution_is_named_as_the_host_knows_it() -> None:
+    """pyproject's [project] name is DISTRIBUTION (the first-party plugins' distribution,
+    what the templates require); "autometa" on the package index is another project."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION != "autometa"
+    assert version(DISTRIBUTION) == autometa.__version__
+    assert set(project["scripts"]) == {"autometa"} and "autometa" in project["entry-points"]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["Bad_Name", "--kind", "task"], "lowercase letters"),
     (["ok-name", "--kind", "task", "--dir", "{d}/a-file"], "--dir"),
     (["exists", "--kind", "source"], "exists already"),
     (["protonet", "--kind", "algorithm"], "installed already"),
+    (["ml", "--kind", "task"], "autometa-ml, which is autometa's own"),
 ])
 def test_new_plugin_refuses_bad_input_and_writes_nothing(
         argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -76,6 +91,24 @@ def test_each_kind_writes_a_package_with_its_entry_point(tmp_path: Path) -> None
                     compile(text, str(path), "exec")
 
 
+def test_a_generated_plugin_requires_autometas_own_distribution(tmp_path: Path) -> None:
+    """Its one requirement is DISTRIBUTION in this minor series, never "autometa" (another
+    project on the package index, which pip would install), and no file links to that
+    project's page."""
+    assert main(["new-plugin", "blobs", "--kind", "task", "--dir", str(tmp_path)]) == 0
+    root = tmp_path / "autometa-blobs"
+    (requirement,) = map(Requirement, tomllib.loads((root / "pyproject.toml").read_text())
+                         ["project"]["dependencies"])
+    assert canonicalize_name(requirement.name) == DISTRIBUTION == "autometa-ml"
+    assert autometa.__version__ in requirement.specifier
+    assert "0.2.0" not in requirement.specifier  # pinned to the minor series (before 1.0)
+    texts = {path.name: path.read_text() for path in root.rglob("*") if path.is_file()}
+    assert f"https://pypi.org/project/{DISTRIBUTION}/" in texts["README.md"]
+    for name, text in texts.items():
+        assert "pypi.org/project/autometa/" not in text, name
+        assert not re.search(r"""["']autometa\s*[<>=~!\[]""", text), name  # no "autometa>=..."
+
+
 def test_generated_plugins_in_a_fresh_venv_pass_their_tests_and_are_searched(
         tmp_path: Path) -> None:
     """The README's promise for plugin authors, as CI checks it: four packages from the
@@ -102,6 +135,10 @@ def test_generated_plugins_in_a_fresh_venv_pass_their_tests_and_are_searched(
     # The pinned set as constraints: the CPU torch from local disk, the versions CI tests.
     run(python, "-m", "pip", "install", "-q", "-c", REPO / "requirements-dev.txt", source,
         *(tmp_path / f"autometa-{name}" for name, _ in KINDS), "pytest")
+    # The plugins' requirement was met by this autometa, not by the index's other "autometa".
+    installed = {canonicalize_name(d["name"]) for d in json.loads(
+        run(python, "-m", "pip", "list", "--format=json").stdout)}
+    assert DISTRIBUTION in installed and "autometa" not in installed, sorted(installed)
 
     # Each package's own tests, in one run (one interpreter start-up instead of four).
     tests = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -11,7 +11,7 @@ from autometa.errors import ConfigError, one_line, redact
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
 #: PostgreSQL drivers SQLAlchemy knows, in the order a bare ``postgresql://`` URL tries
-#: them: psycopg 3 (maintained; ``pip install 'autometa[postgres]'``), then psycopg2.
+#: them: psycopg 3 (maintained; ``pip install 'autometa-ml[postgres]'``), then psycopg2.
 POSTGRES_DRIVERS = (("psycopg", "psycopg"), ("psycopg2", "psycopg2"))
 
 
@@ -52,7 +52,7 @@ def with_driver(url: str) -> str:
         if importlib.util.find_spec(module) is not None:
             return f"postgresql+{dialect}://{url.split('://', 1)[1]}"
     raise ConfigError(f"storage: {redact(url)} needs a PostgreSQL driver; install it with "
-                      "pip install 'autometa[postgres]' (psycopg 3)")
+                      "pip install 'autometa-ml[postgres]' (psycopg 3)")
 
 
 def check_folder(file: Path, url: str) -> None:

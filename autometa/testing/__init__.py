@@ -31,8 +31,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["check_meta_algorithm", "check_plugin", "check_source_model", "check_space",
-           "check_task"]
+__all__ = ["NameClashWarning", "check_meta_algorithm", "check_plugin", "check_source_model",
+           "check_space", "check_task"]
 
 # Public name -> module that defines it, imported on first use (the checks import torch).
 _LAZY = {
@@ -41,6 +41,7 @@ _LAZY = {
     "check_space": "autometa.testing.checks",
     "check_task": "autometa.testing.checks",
     "check_plugin": "autometa.testing.registration",
+    "NameClashWarning": "autometa.testing.registration",
 }
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
         check_space,
         check_task,
     )
-    from autometa.testing.registration import check_plugin
+    from autometa.testing.registration import NameClashWarning, check_plugin
 
 
 def __getattr__(name: str) -> Any:

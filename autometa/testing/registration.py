@@ -11,6 +11,11 @@ class that is not a subclass of its kind's contract, a declared space that fails
 :func:`~autometa.testing.check_space`, and, in a fresh interpreter, a module that imports
 torch while it is imported or registers (``autometa plugins`` and ``--help`` would pay for
 it on every run).
+
+One mistake is a warning (:class:`NameClashWarning`), not a failure: taking a name that
+one of autometa's own plugins has (an entry point ``mlp``, a meta-algorithm ``maml``). The
+plugin works alone, but autometa's own plugins are installed with it, so next to them
+neither is usable until a user disables one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, NoReturn
 
@@ -28,13 +35,28 @@ import pluggy
 
 from autometa import hookspecs
 from autometa.errors import PluginError, closest
-from autometa.plugins import KINDS, PluginInfo, Registration, create_host
+from autometa.plugins import (
+    ENTRY_POINT_GROUP,
+    KINDS,
+    PluginHost,
+    PluginInfo,
+    Registration,
+    create_host,
+    first_party,
+)
 from autometa.testing.locate import located, position, shown
 
-__all__ = ["check_plugin"]
+__all__ = ["NameClashWarning", "check_plugin"]
 
 #: Seconds the fresh interpreter of the torch check may take (it imports autometa only).
 PROBE_TIMEOUT = 120
+
+
+class NameClashWarning(UserWarning):
+    """:func:`check_plugin` found a name that one of autometa's own plugins has: an entry
+    point, or an entry of the same kind. Installed together (always: they come with
+    autometa), neither is usable until a user disables one; rename the plugin's.
+    ``-W error::autometa.testing.NameClashWarning`` makes it a failure."""
 
 
 def _contracts() -> dict[str, type]:
@@ -166,7 +188,8 @@ def check_plugin(plugin: object, *, name: str | None = None) -> PluginInfo:
     callable), or declares a space :func:`~autometa.testing.check_space` rejects, or a file
     of the plugin's package imports autometa beyond its public API. For an
     importable module, also imports it and runs its registration in a fresh interpreter:
-    fails if that imported torch.
+    fails if that imported torch. Warns (:class:`NameClashWarning`) when the entry-point name
+    or an entry's kind and name is one of autometa's own plugins'.
 
     Raises:
         AssertionError: naming the plugin, the hook or registration and its file:line.
@@ -193,12 +216,66 @@ def check_plugin(plugin: object, *, name: str | None = None) -> PluginInfo:
         attr, function, _ = impls[hook]
         at = position(function)
         _check_registration(reg, f"{attr}, {at}" if at else attr)
+    _warn_first_party_names(plugin, name, label, info, impls)
     if isinstance(plugin, ModuleType):
         _check_imports(plugin, label)
     module = _importable(plugin)
     if module is not None:
         _check_no_torch(module, name, label)
     return info
+
+
+def _first_party_plugins() -> list[PluginInfo]:
+    """autometa's own plugins as installed (the entry points of its distribution), each
+    loaded, as the host loads it, into a host of their own: what they are named and
+    register."""
+    host = PluginHost()
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        if dist is None or not first_party(dist.metadata["Name"]):
+            continue
+        try:
+            module = ep.load()
+        except Exception:  # its own check fails; nothing to compare with here
+            continue
+        host.add_plugin(module, ep.name, distribution=dist.metadata["Name"],
+                        version=dist.version)
+    return [info for info in host.plugins.values() if info.status == "ok"]
+
+
+def _warn_first_party_names(plugin: object, name: str, label: str, info: PluginInfo,
+                            impls: dict[str, tuple[str, Any, tuple[str, ...]]]) -> None:
+    """A :class:`NameClashWarning` for the entry-point name and for each entry that one of
+    autometa's own plugins has (nothing for autometa's own plugins themselves)."""
+    from autometa.testing.imports import FIRST_PARTY_PLUGINS
+
+    if isinstance(plugin, ModuleType) and \
+            plugin.__name__.partition(".")[0] == FIRST_PARTY_PLUGINS:
+        return
+    owned = _first_party_plugins()
+    for own in owned:
+        if own.name == name:
+            warnings.warn(
+                f"{label}: its entry-point name {name!r} is that of autometa's first-party "
+                f"plugin {own.name!r} ({own.distribution} {own.version}), which every install "
+                "of autometa has: neither is loaded until a user disables one; rename your "
+                "entry point (pyproject.toml, [project.entry-points.autometa])",
+                NameClashWarning, stacklevel=3)
+    theirs = {(reg.kind, reg.name): reg for own in owned for reg in own.provides}
+    for reg in info.provides:
+        same = theirs.get((reg.kind, reg.name))
+        if same is None:
+            continue
+        attr, function, _ = impls[KINDS[reg.kind][0]]
+        at = position(function)
+        kind = KINDS[reg.kind][1]
+        warnings.warn(
+            f"{kind} {reg.name!r} of plugin {reg.plugin!r} ({f'{attr}, {at}' if at else attr}) "
+            f"has the name of autometa's first-party {kind} {same.name!r} (plugin "
+            f"{same.plugin!r}, {same.distribution} {same.version}), which every install of "
+            "autometa has: both are unusable until a user disables one; register yours under "
+            "a name of its own",
+            NameClashWarning, stacklevel=3)
 
 
 def _check_imports(plugin: ModuleType, label: str) -> None:
