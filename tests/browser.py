@@ -11,6 +11,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from limits import BROWSER_STEP
+
+#: Playwright's timeouts are in milliseconds; every step gets the guard of limits.py.
+STEP_MS = BROWSER_STEP * 1000
+
 
 def find_chromium() -> str | None:
     """The system Chromium's path, or None (with playwright importable)."""
@@ -45,9 +50,11 @@ def open_page(html: Path, screenshot: Path, *, executable: str,
         # --no-sandbox: tests may run as root (CI containers), where Chromium's sandbox
         # refuses to start.
         browser = p.chromium.launch(executable_path=executable, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu"])
+                                    args=["--no-sandbox", "--disable-gpu"],
+                                    timeout=STEP_MS)
         try:
             page = browser.new_page(viewport={"width": width, "height": 900})
+            page.set_default_timeout(STEP_MS)  # goto, screenshot, inner_text, evaluate
             page.on("console", lambda m: check.console_errors.append(m.text)
                     if m.type == "error" else None)
             page.on("pageerror", lambda e: check.page_errors.append(str(e)))
@@ -69,7 +76,7 @@ def open_page(html: Path, screenshot: Path, *, executable: str,
             page.route("**/*", on_request)
             page.goto(url, wait_until="load")
             page.wait_for_function(
-                "Array.from(document.images).every(i => i.complete)", timeout=15_000)
+                "Array.from(document.images).every(i => i.complete)", timeout=STEP_MS)
             check.images = page.evaluate(
                 "Array.from(document.images).map(i => ({alt: i.alt, "
                 "naturalWidth: i.naturalWidth, complete: i.complete}))")

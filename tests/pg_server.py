@@ -34,6 +34,14 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
+from limits import (
+    PG_COMMAND,
+    PG_CONNECT,
+    PG_FAST_SHUTDOWN,
+    PG_IMMEDIATE_SHUTDOWN,
+    PG_KILLED,
+    PG_START,
+)
 from psycopg import sql
 
 #: Environment variable naming the directory that holds ``initdb`` and ``postgres``.
@@ -81,7 +89,8 @@ def _candidate_bindirs() -> list[Path]:
     if pg_config:
         try:
             out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=PG_COMMAND,
+                check=True,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             out = ""
@@ -176,7 +185,7 @@ class PostgresServer:
         bindir: Path | str | None = None,
         *,
         parent_dir: Path | str | None = None,
-        start_timeout: float = 60.0,
+        start_timeout: float = PG_START,
     ) -> None:
         """Prepare a server; nothing runs until `start`.
 
@@ -184,7 +193,8 @@ class PostgresServer:
             bindir: Directory with ``initdb`` and ``postgres``; `find_bindir` when None.
             parent_dir: Where the temporary directory is made; the system default when None.
                 It must be traversable by the server's user, and short (Unix socket limit).
-            start_timeout: Seconds to wait for the server to accept connections, per start.
+            start_timeout: Seconds to wait for the server to accept connections, per start
+                (a guard against a hang: tests/limits.py).
 
         Raises:
             FileNotFoundError: No PostgreSQL binaries were found.
@@ -298,7 +308,8 @@ class PostgresServer:
 
     def connect(self, dbname: str = "postgres") -> psycopg.Connection[Any]:
         """Open an autocommit psycopg connection to ``dbname`` as the superuser."""
-        return psycopg.connect(self.conninfo(dbname), autocommit=True, connect_timeout=10)
+        return psycopg.connect(self.conninfo(dbname), autocommit=True,
+                               connect_timeout=PG_CONNECT)
 
     def create_database(self, dbname: str) -> None:
         """Create an empty database.
@@ -392,7 +403,7 @@ class PostgresServer:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=PG_COMMAND,
             **self._run_as_user(),
         )
         if result.returncode != 0:
@@ -445,7 +456,7 @@ class PostgresServer:
                     return False
                 raise RuntimeError(f"postgres exited with {code}:\n{log_text[-4000:]}")
             try:
-                with psycopg.connect(self.conninfo(), connect_timeout=5):
+                with psycopg.connect(self.conninfo(), connect_timeout=PG_CONNECT):
                     return True
             except psycopg.OperationalError:
                 pass  # not listening yet, or "the database system is starting up"
@@ -466,7 +477,8 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
     """End the postmaster: fast shutdown, then immediate shutdown, then SIGKILL."""
     # SIGINT is fast shutdown (disconnect clients, checkpoint); SIGQUIT is immediate shutdown
     # (no checkpoint, recovery on next start); SIGKILL is for a server that is stuck.
-    for sig, wait in ((signal.SIGINT, 30.0), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
+    for sig, wait in ((signal.SIGINT, PG_FAST_SHUTDOWN), (signal.SIGQUIT, PG_IMMEDIATE_SHUTDOWN),
+                      (signal.SIGKILL, PG_KILLED)):
         if proc.poll() is not None:
             return
         try:

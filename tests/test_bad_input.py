@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pytest
 from bad_input_cases import BASE_STUDY, CASES, MARKER, Case, run_argv
+from limits import CLI_SEARCH
 
 from autometa.cli import main
 
-#: Seconds a console-script case may take (a hang on a hostile file fails, never blocks).
-SUBPROCESS_TIMEOUT = 60
 #: Address-space cap of a console-script case, so an expanding YAML bomb cannot exhaust the
 #: machine's memory (torch, optuna and pandas import within 3 GiB).
 MEMORY_LIMIT = 4 << 30
@@ -64,11 +63,11 @@ def run_cli(argv: list[str], cwd: Path, *, capsys: pytest.CaptureFixture[str] | 
     env.update(COLUMNS="200", OMP_NUM_THREADS="1")
     try:
         done = subprocess.run([sys.executable, "-m", "autometa.cli", *argv], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+                              capture_output=True, text=True, timeout=CLI_SEARCH,
                               preexec_fn=_limit_memory)
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        return None, [f"<timed out after {SUBPROCESS_TIMEOUT} s>", *_lines(err)]
+        return None, [f"<timed out after {CLI_SEARCH} s: a hang>", *_lines(err)]
     return done.returncode, _lines(done.stderr)
 
 
@@ -166,7 +165,7 @@ def test_image_folder_with_a_special_file_does_not_hang(
     name: str, make: Callable[[Path], None], base_storage: Path, tmp_path: Path,
 ) -> None:
     """Either the search skips the file and succeeds, or it is refused in one line naming
-    it, before anything is stored; in both cases within the timeout."""
+    it, before anything is stored; in both cases without hanging (limits.CLI_SEARCH)."""
     shutil.copy(base_storage, tmp_path / "s.db")
     before = sha256(tmp_path / "s.db")
     root = image_folder(tmp_path)

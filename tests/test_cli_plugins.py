@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from limits import QUICK_SUBPROCESS
 
 import autometa
 from autometa.cli.plugins import entry_json, jsonable
@@ -72,7 +73,7 @@ def plugins_cli(flag: str, site: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMETA_")}
     env.update(PYTHONPATH=str(site), COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "autometa", "plugins", flag], cwd=site.parent,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=QUICK_SUBPROCESS)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from limits import CLI_SEARCH, QUICK_SUBPROCESS
 
 import autometa
 
@@ -29,7 +30,7 @@ def autometa_cli(*args: str, cwd: Path, env: dict[str, str] | None = None
                  ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "autometa", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=CLI_SEARCH)
 
 
 def test_cli_search_prints_and_writes_the_leaderboard(tmp_path: Path) -> None:
@@ -189,7 +190,8 @@ def test_a_broken_plugin_is_listed_while_a_search_still_runs(tmp_path: Path) -> 
 def test_help_and_plugins_do_not_import_torch(tmp_path: Path, command: list[str]) -> None:
     """`autometa --help` and `autometa plugins` stay light: no torch (and --help: no optuna)."""
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "autometa", *command],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True,
+                            timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0
     modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                if line.startswith("import time:")}

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from limits import FORKED_CALL
 from torch import Tensor, nn
 
 from autometa import Backbone, Episodes
@@ -347,7 +348,7 @@ def test_the_threaded_loop_works_in_a_forked_child():
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
         loss, got, names = pool.apply_async(
-            _meta_gradient, (model, episodes, 2), {"steps": 1, "lr": 0.1}).get(timeout=60)
+            _meta_gradient, (model, episodes, 2), {"steps": 1, "lr": 0.1}).get(timeout=FORKED_CALL)
     assert len(names) == 2
     for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)

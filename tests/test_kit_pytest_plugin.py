@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from limits import QUICK_SUBPROCESS
 
 pytest_plugins = ["pytester"]
 
@@ -160,7 +161,7 @@ def test_the_fixtures_are_listed_and_cost_no_torch_import() -> None:
         assert "torch" in sys.modules
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=QUICK_SUBPROCESS)
     assert done.returncode == 0, done.stderr
 
 

@@ -14,6 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from limits import PLUGIN_TEMPLATE_STEP
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -118,12 +119,13 @@ def test_generated_plugins_in_a_fresh_venv_pass_their_tests_and_are_searched(
     source = tmp_path / "autometa-source"
     shutil.copytree(REPO, source, ignore=NOT_PACKAGED)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                   timeout=PLUGIN_TEMPLATE_STEP)
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
 
-    def run(*argv: str | Path, cwd: Path = tmp_path, timeout: int = 900
+    def run(*argv: str | Path, cwd: Path = tmp_path, timeout: int = PLUGIN_TEMPLATE_STEP
             ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, text=True,
                                 capture_output=True, timeout=timeout)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from limits import POOL_SEARCH, QUICK_SUBPROCESS, STOPPED_PROCESS, TRIAL_START
 from optuna.trial import TrialState
 
 import autometa
@@ -58,12 +59,12 @@ def _default_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = 120,
+def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = TRIAL_START,
                   after: int = 0) -> optuna.trial.FrozenTrial:
     """The first RUNNING trial numbered ``after`` or more, once its parameters are all
     sampled (its plan is recorded after the last one)."""
-    end = time.time() + timeout
-    while time.time() < end:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         assert proc.poll() is None, proc.communicate()
         if db.exists():
             try:
@@ -74,7 +75,7 @@ def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = 120,
             except Exception:  # the study or its tables are not created yet
                 pass
         time.sleep(0.3)
-    raise AssertionError("no trial started")
+    raise AssertionError(f"no trial started in {timeout} s: a hang")
 
 
 def test_two_workers_finish_exactly_the_budget_with_distinct_configurations(tmp_path):
@@ -106,7 +107,7 @@ def test_a_killed_worker_is_replaced_and_its_trial_run_again(tmp_path):
     proc = _cli(*RUN, "--trials", "4", "--workers", "2", cwd=tmp_path)
     victim = _wait_running(tmp_path / "autometa.db", proc)
     os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=POOL_SEARCH)
     assert proc.returncode == 0, err
     trials = _trials(tmp_path / "autometa.db")
     assert len(_counted(trials)) == 4  # exactly the budget, the killed trial not counted
@@ -123,10 +124,10 @@ def test_a_rerun_right_after_a_kill_runs_the_stale_trial_again(tmp_path):
     proc = _cli(*RUN, "--trials", "2", cwd=tmp_path)
     victim = _wait_running(tmp_path / "autometa.db", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole search, as a crash or an OOM kill would
-    proc.communicate()
+    proc.communicate(timeout=STOPPED_PROCESS)
     assert _trials(tmp_path / "autometa.db")[victim.number].state == TrialState.RUNNING
     rerun = _cli(*RUN, "--trials", "2", cwd=tmp_path)
-    out, err = rerun.communicate(timeout=300)
+    out, err = rerun.communicate(timeout=POOL_SEARCH)
     assert rerun.returncode == 0, err
     trials = _trials(tmp_path / "autometa.db")
     assert trials[victim.number].state == TrialState.FAIL
@@ -145,13 +146,13 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     before = {t.number: t.state for t in _trials(db)}
     snapshot = subprocess.run([sys.executable, "-m", "autometa", "leaderboard",
                                "sinusoid-seed0"], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120)
+                              timeout=QUICK_SUBPROCESS)
     assert snapshot.returncode == 0, snapshot.stderr
     assert "still running" in snapshot.stdout
     assert not (tmp_path / "autometa-reports").exists()
     running = _wait_running(db, proc)  # still one (the snapshot may take seconds when busy)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=STOPPED_PROCESS)
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines() == [
         "autometa: interrupted; re-run the same command to resume"]
@@ -162,7 +163,7 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
         study_name="sinusoid-seed0", storage=f"sqlite:///{db}").user_attrs
     assert before  # the snapshot saw the running study
     rerun = _cli(*RUN, "--trials", "6", "--workers", "2", cwd=tmp_path)
-    out, err = rerun.communicate(timeout=300)
+    out, err = rerun.communicate(timeout=POOL_SEARCH)
     assert rerun.returncode == 0, err
     trials = _trials(db)
     assert len(_counted(trials)) == 6
@@ -174,7 +175,7 @@ def test_three_processes_started_together_on_a_fresh_database_share_one_budget(t
             "--trials", "5", "--meta-steps", "4", "--eval-every", "2", "--top-k", "1",
             "--no-progress", *TASK_FLAGS]
     procs = [_cli(*args, cwd=tmp_path) for _ in range(3)]
-    results = [p.communicate(timeout=300) for p in procs]
+    results = [p.communicate(timeout=POOL_SEARCH) for p in procs]
     for p, (_out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
     trials = _trials(tmp_path / "autometa.db")

@@ -22,6 +22,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from limits import POOL_SEARCH, QUICK_SUBPROCESS, STOPPED_PROCESS, TRIAL_START
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa.study.storage import schema_ready
@@ -59,7 +60,7 @@ def _can_rename_machine() -> bool:
     """True if a process can get a hostname of its own (root and util-linux's unshare)."""
     try:
         return subprocess.run(["unshare", "--uts", "hostname", "x"],
-                              capture_output=True).returncode == 0
+                              capture_output=True, timeout=QUICK_SUBPROCESS).returncode == 0
     except FileNotFoundError:
         return False
 
@@ -93,18 +94,18 @@ def _trials(url: str) -> list[FrozenTrial]:
 
 
 def _wait(condition: Callable[[], bool], procs: list[subprocess.Popen[str]],
-          timeout: float = 180) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
+          timeout: float = TRIAL_START) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         for proc in procs:
             assert proc.poll() is None, proc.communicate()
         if condition():
             return
         time.sleep(0.2)
-    raise AssertionError("timed out waiting")
+    raise AssertionError(f"still waiting after {timeout} s: a hang")
 
 
-def _finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
+def _finish(proc: subprocess.Popen[str], timeout: float = POOL_SEARCH) -> str:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, (out, err)
     return out
@@ -126,7 +127,7 @@ def test_run_and_worker_in_two_directories_finish_one_study(pg_url, tmp_path):
     first = _cli(*_run(url, shared, trials=6, meta_steps=500), cwd=one)
     _wait(lambda: len(_trials(url)) > 0, [first])
     second = _cli(*_worker(url, shared), cwd=two)
-    outputs = [*first.communicate(timeout=300), *second.communicate(timeout=300)]
+    outputs = [*first.communicate(timeout=POOL_SEARCH), *second.communicate(timeout=POOL_SEARCH)]
     assert first.returncode == second.returncode == 0, outputs
     assert not any("s3cretPW" in text for text in outputs)  # never printed
     study = optuna.load_study(study_name=STUDY, storage=url)
@@ -162,7 +163,7 @@ def test_a_killed_worker_s_trial_is_retried_by_the_other(pg_url, tmp_path):
     _wait(lambda: any(t.state == TrialState.RUNNING and _pid(t) == second.pid
                       for t in _trials(pg_url)), [first, second])
     os.killpg(second.pid, signal.SIGKILL)
-    second.wait()
+    second.wait(timeout=STOPPED_PROCESS)
     _finish(first)
 
     trials = _trials(pg_url)
@@ -194,7 +195,7 @@ def test_workers_survive_a_server_restart(postgres, pg_url, tmp_path):
           [first, second])
     postgres.restart(downtime=3.0)
     _finish(first)
-    err = second.communicate(timeout=300)[1]
+    err = second.communicate(timeout=POOL_SEARCH)[1]
     assert second.returncode == 0, err
 
     trials = _trials(pg_url)

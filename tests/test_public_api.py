@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from limits import QUICK_SUBPROCESS
 
 import autometa
 from autometa import PUBLIC_MODULES
@@ -85,5 +86,5 @@ def test_importing_autometa_does_not_import_torch() -> None:
     code = ("import sys, autometa; autometa.PUBLIC_MODULES; "
             "assert 'torch' not in sys.modules, 'importing autometa imported torch'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0, result.stderr

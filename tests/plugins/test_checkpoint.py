@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from limits import IN_PROCESS_CALL
 from torch import nn
 
 from autometa import Backbone, ConfigError, DataError, PluginError, TaskSpec
@@ -228,7 +229,7 @@ class Malicious:
         return os.system, (f"touch {self.marker}",)
 
 
-def finishes(call, seconds: float = 10.0):
+def finishes(call, seconds: float = IN_PROCESS_CALL):
     """``call()``'s result or exception, failing (not hanging) if it takes over ``seconds``."""
     outcome: dict = {}
 

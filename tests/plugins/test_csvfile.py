@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from limits import CLI_SEARCH
 
 import autometa
 import autometa_plugins.csvfile
@@ -291,7 +292,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m autometa ARGS`` in tmp_path (the installed ``csv`` entry point)."""
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "autometa", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=CLI_SEARCH)
 
 
 RUN = ["run", "--task", "csv", "--task-param", "path=data.csv", "--task-param",

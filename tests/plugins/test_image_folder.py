@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from limits import CLI_SEARCH, IN_PROCESS_CALL
 from PIL import Image, ImageDraw
 
 import autometa
@@ -281,7 +282,7 @@ def test_cli_bad_folder_exits_2_and_keeps_the_storage(
          "--study", "pets", "--storage", f"sqlite:///{base / 'autometa.db'}",
          "--algorithms", "maml", "--sources", "mlp", "--trials", "2", "--no-progress"],
         cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True,
-        timeout=120)
+        timeout=CLI_SEARCH)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autometa: error: image-folder: "), \
@@ -291,7 +292,7 @@ def test_cli_bad_folder_exits_2_and_keeps_the_storage(
 
 
 # -- hostile entries: FIFOs, symlink loops, dangling links ----------------------------------
-def finishes(call: Callable[[], object], seconds: float = 20.0) -> object:
+def finishes(call: Callable[[], object], seconds: float = IN_PROCESS_CALL) -> object:
     """``call()``'s result or exception; fails (rather than hangs) past ``seconds``."""
     outcome: dict[str, object] = {}
 
@@ -349,5 +350,5 @@ def test_a_fifo_named_like_an_image_is_never_opened(tmp_path: Path) -> None:
     root = make_classes(tmp_path / "images", classes=6, per_class=3)
     os.mkfifo(root / "class-0" / "pipe.png")  # reading it blocks until a writer comes
     task = finishes(lambda: ImageFolder(path=root, size=8, val_fraction=0.34,
-                                        test_fraction=0.34, **EPISODES), seconds=10)
+                                        test_fraction=0.34, **EPISODES))
     assert [len(c.files) for c in task.folder.classes] == [3] * 6
