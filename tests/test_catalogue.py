@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from limits import QUICK_SUBPROCESS
 from optuna.distributions import CategoricalDistribution
 from PIL import Image
 
@@ -25,7 +26,8 @@ ALGORITHMS = ["anil", "finetune", "linear-probe", "maml", "metasgd", "protonet",
 def test_plugins_lists_every_task_source_model_and_algorithm(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "autometa", "plugins"], cwd=tmp_path,
                             capture_output=True, text=True, env={"COLUMNS": "250",
-                                                                 "PATH": "/usr/bin:/bin"})
+                                                                 "PATH": "/usr/bin:/bin"},
+                            timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0, result.stderr
     for kind, names in (("task", TASKS), ("source model", SOURCES),
                         ("meta-algorithm", ALGORITHMS)):

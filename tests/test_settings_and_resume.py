@@ -9,6 +9,7 @@ from typing import Literal
 import optuna
 import pytest
 import torch
+from limits import QUICK_SUBPROCESS
 
 import autometa
 import autometa_plugins.maml
@@ -224,7 +225,8 @@ def test_a_retried_trial_does_not_keep_its_failed_trials_test_score(tmp_path):
                     storage=url, artifacts=str(tmp_path / "art"), seed=0, **TINY)
     study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True,
+                          timeout=QUICK_SUBPROCESS)
     lost = study.ask({"algorithm": optuna.distributions.CategoricalDistribution(["maml"])})
     first = study.trials[0].user_attrs
     for key in ("algorithm", "source", "algorithm_params", "source_params"):

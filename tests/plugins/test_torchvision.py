@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from limits import QUICK_SUBPROCESS
 from torch import nn
 
 import autometa
@@ -68,7 +69,7 @@ def test_registration_imports_neither_torch_nor_torchvision():
         "print('torch' in sys.modules, host.get('source', 'torchvision').description)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, timeout=QUICK_SUBPROCESS).stdout
     assert out.startswith("False ")
     assert "unavailable: torchvision is not installed" in out
 
