@@ -11,12 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from limits import BUSY_LOOP_LIFETIME, STOPPED_PROCESS
+
 import autometa
 from autometa.leaderboard import COST_COLUMNS
 
-#: A pure-Python busy loop that ends by itself after this many seconds (if the test's
-#: own clean-up never runs).
-BUSY_SECONDS = 60
+#: A pure-Python busy loop. The test kills it; should its clean-up never run, it stops by
+#: itself once pytest's process is gone or after limits.BUSY_LOOP_LIFETIME.
+BUSY_LOOP = ("import os, time\n"
+             f"parent, end = os.getppid(), time.monotonic() + {BUSY_LOOP_LIFETIME}\n"
+             "while time.monotonic() < end and os.getppid() == parent:\n"
+             "    pass\n")
 
 
 def _search(tmp_path: Path, name: str) -> str:
@@ -39,14 +44,12 @@ def _search(tmp_path: Path, name: str) -> str:
 
 def test_a_busy_machine_does_not_change_the_leaderboard(tmp_path: Path) -> None:
     quiet = _search(tmp_path, "quiet")
-    busy = subprocess.Popen([sys.executable, "-c",
-                             f"import time\nend = time.monotonic() + {BUSY_SECONDS}\n"
-                             "while time.monotonic() < end:\n    pass\n"])
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
     try:
         loaded = _search(tmp_path, "loaded")
         assert busy.poll() is None  # the busy loop ran during the whole second search
     finally:
         busy.kill()
-        busy.wait()
+        busy.wait(STOPPED_PROCESS)
     assert "val_mse" in quiet and "test_mse" in quiet
     assert loaded == quiet
