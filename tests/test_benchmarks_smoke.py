@@ -106,6 +106,7 @@ def test_sinusoid_accuracy(bench, tmp_path: Path) -> None:
     assert "| algorithm | meta-steps |" in md
 
 
+@pytest.mark.slow  # searches with one, then two worker processes
 def test_scaling(bench, tmp_path: Path) -> None:
     scaling = bench("scaling")
     scaling.main(["--trials", "2", "--meta-steps", "2", "--repeats", "1",
@@ -136,6 +137,7 @@ def test_postgres_workers(bench, tmp_path: Path, postgres) -> None:
     assert "| workers | trials/s (range) |" in md and "## What limits it" in md
 
 
+@pytest.mark.slow  # eight search strategies, each a search of its own
 def test_search_efficiency(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     search_efficiency = bench("search_efficiency")
     results = tmp_path / "results"

@@ -91,6 +91,7 @@ def test_python_and_cli_give_the_same_leaderboard(tmp_path: Path) -> None:
                                        check_dtype=False)
 
 
+@pytest.mark.slow  # a CLI search, then the leaderboard command
 def test_leaderboard_command_reprints_a_stored_study(tmp_path: Path) -> None:
     """`autometa leaderboard STUDY` shows the stored rows; an unknown study exits 2."""
     assert autometa_cli(*RUN, cwd=tmp_path).returncode == 0

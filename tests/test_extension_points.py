@@ -323,6 +323,7 @@ def test_every_trial_attribute_the_engine_writes_is_documented() -> None:
     assert {"fit_time_s", "test_mean", "origin", "pruned", "val_curve"} <= trial_keys
 
 
+@pytest.mark.slow  # two worker processes
 def test_options_for_an_in_process_plugin_with_several_workers(tmp_path: Path) -> None:
     """Worker processes load the installed plugins only; the options of an in-process one
     are checked (and used) by the search's own process, not refused in each worker."""

@@ -110,6 +110,7 @@ def test_a_generated_plugin_requires_autometas_own_distribution(tmp_path: Path) 
         assert not re.search(r"""["']autometa\s*[<>=~!\[]""", text), name  # no "autometa>=..."
 
 
+@pytest.mark.slow  # a fresh venv, pip-installing autometa and four plugins, their tests, a search
 def test_generated_plugins_in_a_fresh_venv_pass_their_tests_and_are_searched(
         tmp_path: Path) -> None:
     """The README's promise for plugin authors, as CI checks it: four packages from the

@@ -78,6 +78,7 @@ def _wait_running(db: Path, proc: subprocess.Popen[str], timeout: float = TRIAL_
     raise AssertionError(f"no trial started in {timeout} s: a hang")
 
 
+@pytest.mark.slow  # two worker processes
 def test_two_workers_finish_exactly_the_budget_with_distinct_configurations(tmp_path):
     board = autometa.search("sinusoid", algorithms=["maml", "finetune"], sources=["mlp"],
                             devices=["cpu", "cpu"], n_trials=6, meta_steps=4, eval_every=2,
@@ -103,6 +104,7 @@ RUN = ["run", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
        "--param", "mlp.hidden=40", "--param", "mlp.layers=2", *TASK_FLAGS]
 
 
+@pytest.mark.slow  # a CLI search with two workers, one killed and replaced
 def test_a_killed_worker_is_replaced_and_its_trial_run_again(tmp_path):
     proc = _cli(*RUN, "--trials", "4", "--workers", "2", cwd=tmp_path)
     victim = _wait_running(tmp_path / "autometa.db", proc)
@@ -120,6 +122,7 @@ def test_a_killed_worker_is_replaced_and_its_trial_run_again(tmp_path):
     assert "wrote autometa-reports" in out
 
 
+@pytest.mark.slow  # a CLI search killed, then run again
 def test_a_rerun_right_after_a_kill_runs_the_stale_trial_again(tmp_path):
     proc = _cli(*RUN, "--trials", "2", cwd=tmp_path)
     victim = _wait_running(tmp_path / "autometa.db", proc)
@@ -138,6 +141,7 @@ def test_a_rerun_right_after_a_kill_runs_the_stale_trial_again(tmp_path):
     assert len(_counted(trials)) == 2 and "running" not in out
 
 
+@pytest.mark.slow  # CLI searches with two workers, interrupted and resumed
 def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trials(tmp_path):
     db = tmp_path / "autometa.db"
     proc = _cli(*RUN, "--trials", "6", "--workers", "2", cwd=tmp_path)
@@ -170,6 +174,7 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     assert [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
 
 
+@pytest.mark.slow  # three CLI searches at once
 def test_three_processes_started_together_on_a_fresh_database_share_one_budget(tmp_path):
     args = ["run", "--task", "sinusoid", "--algorithms", "maml,finetune", "--sources", "mlp",
             "--trials", "5", "--meta-steps", "4", "--eval-every", "2", "--top-k", "1",
@@ -194,6 +199,7 @@ def test_a_resumed_study_continues_instead_of_repeating_its_first_trials(tmp_pat
     assert len({_config(t) for t in trials}) == 4
 
 
+@pytest.mark.slow  # two worker processes on a journal file
 @pytest.mark.parametrize("url", ["runs.log", "runs.journal"])
 def test_a_journal_file_is_a_storage(tmp_path, url):
     board = autometa.search("sinusoid", algorithms=["maml"], sources=["mlp"], n_trials=2,

@@ -27,6 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autometa.study.storage import schema_ready
 
+#: Every test here runs CLI searches and workers against a real PostgreSQL server: slow.
+pytestmark = pytest.mark.slow
+
 STUDY = "shared"
 
 
