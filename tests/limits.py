@@ -54,13 +54,15 @@ QUICK_SUBPROCESS = guard(300)
 
 #: One ``autometa`` console-script run that searches a few tiny trials, or is refused while
 #: it prepares one: tests/test_bad_input.py's console-script cases, the end-to-end, csv and
-#: image-folder CLI tests. Quiet 5-25 s (the bad-input image-folder FIFO and symlink-loop
-#: cases about 21 s); those two passed 60 s at a load of 5-30, so 15 minutes.
+#: image-folder CLI tests. Quiet 2-18 s; the bad-input image-folder FIFO and symlink-loop
+#: cases took 9-13 s in a full run here, 36-44 s at a load of 8 (tests/busy_neighbour.py),
+#: and passed their old 60 s at a load of 5-30: so 15 minutes.
 CLI_SEARCH = guard(900)
 
 #: A search with several worker processes, from start to exit: the worker-pool and
 #: PostgreSQL tests (each worker starts an interpreter, imports torch and builds the task
-#: before its first trial; some runs train hundreds of meta-steps a trial). Quiet 20-60 s.
+#: before its first trial; some runs train hundreds of meta-steps a trial). Quiet 9-44 s a
+#: test; one took 123 s in a full run beside another test run.
 POOL_SEARCH = guard(1200)
 
 #: Until a background search has a trial running (the tests poll its storage): the
@@ -69,8 +71,8 @@ TRIAL_START = guard(600)
 
 #: One step of the plugin-template check (tests/test_plugin_template.py): making a fresh
 #: venv, pip-installing autometa and four generated plugins into it (non-editable, the CPU
-#: torch from local disk), their tests, a search. Quiet up to about 90 s a step (the
-#: install), 2 min 39 s for the whole test.
+#: torch from local disk), their tests, a search. The whole test: 100 s quiet, 208 s
+#: beside another test run; the install is most of it.
 PLUGIN_TEMPLATE_STEP = guard(1800)
 
 #: A result from a forked ``multiprocessing`` pool: one meta-gradient of a tiny conv4
