@@ -29,4 +29,5 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) autometa.db autometa-artifacts autometa-reports
+	rm -rf $(VENV) autometa.db autometa.db.autometa-lock autometa-artifacts autometa-reports \
+		autometa_ml.egg-info .import_linter_cache

@@ -35,9 +35,10 @@ def predict_file(model: Predictor, inputs: Path, out: Path, support: Path | None
     """
     check_out_file(out)
     if support is None and not model.is_target:
+        column = "target" if model.task_kind == "regression" else "label"
         raise ConfigError(f"study {model.study!r} gives few-shot episodes: the model adapts "
-                          "to labelled examples; give them with --support PATH (a CSV with "
-                          "the label column, or a folder of class folders)")
+                          f"to labelled examples; give them with --support PATH (a CSV with "
+                          f"the {column!r} column, or a folder of class folders)")
     if support is None and not reads_its_own_inputs(model.task):
         raise ConfigError(f"the task of study {model.study!r} may preprocess its inputs in ways "
                           "autometa predict cannot repeat; give labelled examples in the same "

@@ -168,7 +168,8 @@ def test_the_layers_contract_matches_the_architecture_table() -> None:
     table = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
     rows = [" ".join(m.group(1).replace("\\|", "|").split())
             for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|", table, re.M)]
-    assert rows == contract_layers()
+    assert rows == contract_layers(), ("the layers contract in pyproject.toml and the "
+                                       "table in ARCHITECTURE.md differ: edit both")
 
 
 def test_every_autometa_module_is_in_a_layer() -> None:

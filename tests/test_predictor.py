@@ -269,7 +269,7 @@ def test_few_shot_support_names_the_classes(tmp_path: Path, capsys) -> None:
     frame = pd.DataFrame(rows)
     frame[frame["kind"].isin(["c0", "c5"])].to_csv(tmp_path / "support.csv", index=False)
     frame[["b", "a"]].head(4).to_csv(tmp_path / "new.csv", index=False)
-    assert "give them with --support PATH" in _one_line_exit_2(
+    assert "give them with --support PATH (a CSV with the 'label' column" in _one_line_exit_2(
         capsys, ["predict", "many", "--input", "new.csv", "--out", "p.csv"])
     assert main(["predict", "many", "--input", "new.csv", "--support", "support.csv",
                  "--out", "p.csv"]) == 0
@@ -381,3 +381,6 @@ def test_a_csv_of_numbers_without_a_header_is_refused(tmp_path: Path, capsys) ->
                                      "s.csv", "--out", "p.csv"])
     assert "its first line (0) is numbers, not column names; add a header row" in line
     assert not (tmp_path / "p.csv").exists()
+    # A regression task's support file holds its targets in the 'target' column.
+    line = _one_line_exit_2(capsys, ["predict", "waves", "--input", "s.csv", "--out", "p.csv"])
+    assert "give them with --support PATH (a CSV with the 'target' column" in line
