@@ -144,7 +144,10 @@ def test_a_rerun_right_after_a_kill_runs_the_stale_trial_again(tmp_path):
 @pytest.mark.slow  # CLI searches with two workers, interrupted and resumed
 def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trials(tmp_path):
     db = tmp_path / "autometa.db"
-    proc = _cli(*RUN, "--trials", "6", "--workers", "2", cwd=tmp_path)
+    # A budget the search cannot spend before it is interrupted, however fast or busy the
+    # machine: the snapshot below must see it running (with 6 trials, a machine at load 8
+    # finished the search while the snapshot's process was still starting).
+    proc = _cli(*RUN, "--trials", "1000", "--workers", "2", cwd=tmp_path)
     _wait_running(db, proc)
     # A snapshot while trials run: shown, nothing written to the storage.
     before = {t.number: t.state for t in _trials(db)}
@@ -166,11 +169,14 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     assert "autometa.test" not in optuna.load_study(
         study_name="sinusoid-seed0", storage=f"sqlite:///{db}").user_attrs
     assert before  # the snapshot saw the running study
-    rerun = _cli(*RUN, "--trials", "6", "--workers", "2", cwd=tmp_path)
+    # The budget is not a setting a resume must repeat: two more trials than were counted,
+    # which the interrupted trials (queued again, taken first) are.
+    budget = len(_counted(trials)) + 2
+    rerun = _cli(*RUN, "--trials", str(budget), "--workers", "2", cwd=tmp_path)
     out, err = rerun.communicate(timeout=POOL_SEARCH)
     assert rerun.returncode == 0, err
     trials = _trials(db)
-    assert len(_counted(trials)) == 6
+    assert len(_counted(trials)) == budget
     assert [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
 
 
