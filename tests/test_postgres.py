@@ -25,6 +25,7 @@ import pytest
 from limits import POOL_SEARCH, QUICK_SUBPROCESS, STOPPED_PROCESS, TRIAL_START
 from optuna.trial import FrozenTrial, TrialState
 
+from autometa.engine.lock import PG_LOCK_KEY
 from autometa.study.storage import schema_ready
 
 #: Every test here runs CLI searches and workers against a real PostgreSQL server: slow.
@@ -129,7 +130,19 @@ def test_run_and_worker_in_two_directories_finish_one_study(pg_url, tmp_path):
     url = pg_url.replace("postgresql+psycopg://postgres@", "postgresql://postgres:s3cretPW@")
     first = _cli(*_run(url, shared, trials=6, meta_steps=500), cwd=one)
     _wait(lambda: len(_trials(url)) > 0, [first])
-    second = _cli(*_worker(url, shared), cwd=two)
+    # Both machines must get trials however fast either starts (beside a busy neighbour the
+    # first ran all 6 before the worker had imported torch): hold the budget's lock, the
+    # one autometa claims under, until both wait for it; the server grants it in turn.
+    import psycopg
+
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as hold:
+        hold.execute(f"SELECT pg_advisory_lock({PG_LOCK_KEY})")
+        assert len([t for t in _trials(url) if t.state != TrialState.WAITING]) < 6
+        second = _cli(*_worker(url, shared), cwd=two)
+        _wait(lambda: hold.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                   "AND NOT granted").fetchone()[0] >= 2, [first, second])
+        hold.execute(f"SELECT pg_advisory_unlock({PG_LOCK_KEY})")
     outputs = [*first.communicate(timeout=POOL_SEARCH), *second.communicate(timeout=POOL_SEARCH)]
     assert first.returncode == second.returncode == 0, outputs
     assert not any("s3cretPW" in text for text in outputs)  # never printed
