@@ -21,7 +21,7 @@ from autometa.errors import ConfigError
 from autometa.metrics import tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
-from autometa.study.settings import CONFIG_ATTR
+from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
 from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
 from autometa.trial import restore, score_meta_test
@@ -206,7 +206,7 @@ def compute_leaderboard(
     from optuna.trial import TrialState
 
     metric = task.metric
-    stored = study.user_attrs.get(CONFIG_ATTR, {})
+    stored = stored_settings(study)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = ranked_trials(study, complete)  # without those pruned during evaluation

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autometa.report.html import Markup, join, key_values, note, tag
-from autometa.study.settings import CONFIG_ATTR, MACHINE_KEYS
+from autometa.study.settings import MACHINE_KEYS
+from autometa.study.settings import stored_settings as study_settings
 
 if TYPE_CHECKING:
     import optuna
@@ -33,11 +34,7 @@ def stored_settings(board: Board, study: optuna.Study | None) -> dict[str, Any]:
     """The study's stored settings: ``board.stored``, else the study's attribute, else {}."""
     if board.stored:
         return board.stored
-    if study is not None:
-        value = study.user_attrs.get(CONFIG_ATTR)
-        if isinstance(value, dict):
-            return value
-    return {}
+    return study_settings(study) if study is not None else {}
 
 
 #: Machine keys kept in the reproducing config: the numbers depend on them.

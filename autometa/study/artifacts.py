@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autometa.config import check_writable_dir
 from autometa.errors import ConfigError, DataError
-from autometa.study.settings import CONFIG_ATTR
+from autometa.study.settings import stored_settings
 from autometa.study.trials import ranked, ranked_trials
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def download_state(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore
             (another store than the one the workers wrote to).
     """
     artifact = state_artifact(trial, study._storage)
-    legacy = study.user_attrs.get(CONFIG_ATTR, {}).get("artifacts_path")
+    legacy = stored_settings(study).get("artifacts_path")
     if artifact is None and legacy and (Path(legacy) / state_name(trial.number)).is_file():
         return Path(legacy) / state_name(trial.number)  # a study of autometa 0.1's first days
     if artifact is None:

@@ -27,7 +27,8 @@ CONFIG_ATTR = "autometa.config"
 def stored_settings(study: Any) -> dict[str, Any]:
     """What ``study`` (an Optuna study) stored about its search (:data:`CONFIG_ATTR`; empty
     for a study autometa did not make)."""
-    return dict(study.user_attrs.get(CONFIG_ATTR) or {})
+    value = study.user_attrs.get(CONFIG_ATTR)
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def search_seed(study: Any) -> int:
