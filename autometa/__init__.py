@@ -37,6 +37,9 @@ PUBLIC_MODULES: tuple[str, ...] = (
     "autometa.weights",
     "autometa.numeric_inputs",
     "autometa.gradient",
+    "autometa.images",
+    "autometa.image_store",
+    "autometa.augment",
 )
 
 # Public name -> module that defines it, imported lazily (these modules import torch).

@@ -1,1 +1,117 @@
-"""(being written)"""
+"""The cache directory: where decoded-image stores live, what it holds, how to clear it.
+
+The directory is, first found: the ``cache_dir`` setting (``--cache-dir``), the
+``AUTOMETA_CACHE_DIR`` environment variable, ``$XDG_CACHE_HOME/autometa``, then
+``~/.cache/autometa``. It is this machine's, like ``storage``: never stored in a study.
+Everything in it can be rebuilt from the data, so deleting it (``autometa cache clear``)
+only costs the next run the time to decode its images again.
+
+Importing this module imports neither torch nor numpy (``autometa cache`` stays fast).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from autometa.errors import ConfigError
+
+__all__ = ["ENV", "CachedStore", "cache_dir", "clear", "stores", "writable"]
+
+#: The environment variable that sets the cache directory (below ``--cache-dir``).
+ENV = "AUTOMETA_CACHE_DIR"
+#: Stores sit in this sub-folder, one ``<name>.json`` manifest beside each ``<name>.u8``.
+STORES = "stores"
+
+
+def cache_dir(setting: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory (see the module docstring); not created here."""
+    if setting is not None and str(setting):
+        return Path(setting).expanduser()
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "autometa"
+
+
+def writable(root: Path) -> Path:
+    """``root/stores``, created if needed and checked by writing a file in it.
+
+    Raises:
+        ConfigError: the directory cannot be created or written (one line, with the fix).
+    """
+    folder = root / STORES
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        why = "read-only file system" if exc.errno == errno.EROFS else \
+            exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"cache directory {str(root)!r} is not writable ({why}); give a writable one "
+            f"with --cache-dir DIR (or cache_dir in a config file, or ${ENV})") from None
+    return folder
+
+
+@dataclass(frozen=True)
+class CachedStore:
+    """One store in the cache: its files and what its manifest says it holds."""
+
+    name: str  # file stem: <dataset>-<slot>-<content>
+    dataset: str  # the task that built it, e.g. "image-folder"
+    shape: tuple[int, ...]  # (images, channels, height, width)
+    bytes: int  # on disk, manifest included
+    complete: bool  # False: a partial or corrupt store (a build was interrupted)
+    files: tuple[Path, ...]
+
+
+def stores(root: Path) -> list[CachedStore]:
+    """The stores under ``root`` (see :func:`cache_dir`), sorted by name; none if absent."""
+    import json
+
+    folder = root / STORES
+    if not folder.is_dir():
+        return []
+    groups: dict[str, list[Path]] = {}
+    for path in folder.iterdir():
+        if path.name.startswith(".probe-"):
+            continue
+        stem = path.name.split(".", 1)[0]
+        groups.setdefault(stem, []).append(path)
+    out = []
+    for stem, files in sorted(groups.items()):
+        manifest: dict[str, object] = {}
+        try:
+            manifest = json.loads((folder / f"{stem}.json").read_text())
+        except (OSError, ValueError):
+            pass
+        shape = tuple(int(s) for s in manifest.get("shape", ()))  # type: ignore[attr-defined]
+        data = folder / f"{stem}.u8"
+        expected = 1
+        for s in shape:
+            expected *= s
+        complete = bool(shape) and data.is_file() and data.stat().st_size == expected
+        size = sum(f.stat().st_size for f in files if f.is_file())
+        out.append(CachedStore(stem, str(manifest.get("dataset", "?")), shape, size,
+                               complete, tuple(sorted(files))))
+    return out
+
+
+def clear(root: Path) -> tuple[int, int]:
+    """Delete every store under ``root``; returns (stores, bytes) removed.
+
+    A process that has a store open keeps reading it (the files are unlinked, not
+    overwritten); the next run rebuilds what it needs.
+    """
+    listed = stores(root)
+    freed = sum(s.bytes for s in listed)
+    folder = root / STORES
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    return len(listed), freed

@@ -66,6 +66,9 @@ class SearchConfig:
     # relative paths of input files (CSVs, image folders, checkpoints) resolve against
     # this directory; None: the working directory
     data_root: str | None = None
+    # where decoded-image stores are cached (this machine's; never stored in the study):
+    # None = $AUTOMETA_CACHE_DIR, else $XDG_CACHE_HOME/autometa or ~/.cache/autometa
+    cache_dir: str | None = None
     device: str = "cpu"  # torch device of every trial, e.g. "cuda:0" (when devices is empty)
     # torch devices the trials run on, one trial per device slot at a time, e.g.
     # ["cuda:0", "cuda:1"]; "cuda" = every visible GPU; [] = [device]
@@ -204,6 +207,8 @@ class SearchConfig:
             if not Path(self.data_root).is_dir():
                 raise ConfigError(f"data_root: {self.data_root!r} is not a directory; give "
                                   "the directory that relative input paths are under")
+        if self.cache_dir is not None:
+            _expect(self.cache_dir, str, "cache_dir", "a directory path")
         _expect(self.device, str, "device", "a torch device such as 'cpu' or 'cuda:0'")
         for key, names in (("pruner", PRUNERS), ("sampler", SAMPLERS)):
             value = getattr(self, key)  # a plugin's name is checked by prepare, on the host

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autometa.episodes import ClassPool
+from autometa.episodes import ClassPool, Examples, TensorExamples
 from autometa.errors import ConfigError, DataError
 from autometa.space import Float, Int, SearchSpace
-from autometa.task import Episodes, Task
+from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, Task
 
 __all__ = [
     "FEW_SHOT_PARAMS",
@@ -136,10 +136,11 @@ class FewShotTask(Task):
         self._split = {"meta-train": train.classes, "meta-val": val.classes,
                        "meta-test": test.classes}
         self._digest: str | None = None
-        self._val = val.sample(self.val_episodes, self.ways, self.shots, self.queries,
-                               self._generator(1))
-        self._test = test.sample(self.test_episodes, self.ways, self.shots, self.queries,
-                                 self._generator(2))
+        # Held as indices (gathered a chunk at a time when scored), never as copies.
+        self._val = val.sample_fixed(self.val_episodes, self.ways, self.shots,
+                                     self.queries, self._generator(1))
+        self._test = test.sample_fixed(self.test_episodes, self.ways, self.shots,
+                                       self.queries, self._generator(2))
 
     def _generator(self, stream: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + stream)
@@ -161,10 +162,10 @@ class FewShotTask(Task):
                                     "split": self._split})
         return self._digest
 
-    def meta_val(self) -> Episodes:
+    def meta_val(self) -> EpisodeSet:
         return self._val
 
-    def meta_test(self) -> Episodes:
+    def meta_test(self) -> EpisodeSet:
         return self._test
 
 
@@ -242,16 +243,28 @@ class TargetTask(Task):
                               stratify=self.kind == "classification", name=name)
 
     def set_data(
-        self, x: Tensor, y: Tensor, split: tuple[Tensor, Tensor, Tensor], *, name: str,
-        class_names: Sequence[str] = (),
+        self, x: Tensor | Examples, y: Tensor, split: tuple[Tensor, Tensor, Tensor], *,
+        name: str, class_names: Sequence[str] = (),
     ) -> None:
-        """Hold ``x`` (n, *input_shape) and ``y`` on the device, split by ``split`` indices."""
-        check_finite(x, name)
-        x, y = x.to(self.device, torch.float32), y.to(self.device)
-        self.input_shape = tuple(x.shape[1:])
+        """Hold the examples and ``y``, split by ``split`` indices (train, val, test).
+
+        Args:
+            x: every example: a tensor (n, *input_shape), moved to the device, or
+                :class:`~autometa.episodes.Examples` (classification only), e.g. a shared
+                image store; the val and test episodes hold indices into it, not copies.
+        """
+        examples: Examples
+        if isinstance(x, Tensor):
+            check_finite(x, name)
+            examples = TensorExamples(x.to(self.device, torch.float32))
+        elif self.kind != "classification":
+            raise TypeError("regression data must be a tensor")
+        else:
+            examples = x
+        y = y.to(self.device)
+        self.input_shape = tuple(examples.shape[1:])
         self.class_names = list(class_names)
         train, val, test = (i.to(self.device) for i in split)
-        train_x = x[train]  # one copy, shared by the pool and both evaluation episodes
         if self.kind == "classification":
             y = y.long()
             classes = int(y.max()) + 1 if len(y) else 0
@@ -260,7 +273,11 @@ class TargetTask(Task):
                 raise DataError(f"{name}: the labels hold {seen} class(es) in the train split; "
                                 "classification needs at least 2, each in the train split")
             self.output_size = classes
-            self.train = ClassPool(train_x, y[train], range(classes), name=f"{name} train")
+            # The pool sees the train split only (-1 elsewhere), by global index; ``train``
+            # is sorted, so each class's examples keep their order within the split.
+            in_train = torch.full_like(y, -1)
+            in_train[train] = y[train]
+            self.train = ClassPool(examples, in_train, range(classes), name=f"{name} train")
             self.train.check(classes, self.shots + self.queries)
             self.train_classes = classes
         else:
@@ -272,14 +289,13 @@ class TargetTask(Task):
                                 f"{self.shots + self.queries} examples need that many in the "
                                 f"train split, which has {len(train)}; lower 'shots' or "
                                 "'queries'")
-            self._train_x, self._train_y = train_x, y[train]
+            self._train_x, self._train_y = examples.gather(train), y[train]
         self.sizes = {"train": len(train), "val": len(val), "test": len(test)}
         self._digest: str | None = None
 
-        train_y = y[train][None]
-
-        def one(query: Tensor) -> Episodes:  # the train split adapts, ``query`` scores
-            return Episodes(train_x[None], train_y, x[query][None], y[query][None])
+        def one(query: Tensor) -> IndexedEpisodes:  # the train split adapts, ``query`` scores
+            return IndexedEpisodes(train[None], y[train][None], query[None], y[query][None],
+                                   examples.gather)
 
         self._val, self._test = one(val), one(test)
 
@@ -318,10 +334,10 @@ class TargetTask(Task):
                                     "sizes": self.sizes, "outputs": self.output_size})
         return self._digest
 
-    def meta_val(self) -> Episodes:
+    def meta_val(self) -> EpisodeSet:
         return self._val
 
-    def meta_test(self) -> Episodes:
+    def meta_test(self) -> EpisodeSet:
         return self._test
 
     def describe(self) -> dict[str, Any]:
@@ -354,10 +370,10 @@ class InnerTask(Task):
         digest: str = self._inner.labelled_digest()  # type: ignore[attr-defined]
         return digest
 
-    def meta_val(self) -> Episodes:
+    def meta_val(self) -> EpisodeSet:
         return self._inner.meta_val()
 
-    def meta_test(self) -> Episodes:
+    def meta_test(self) -> EpisodeSet:
         return self._inner.meta_test()
 
     def describe(self) -> dict[str, Any]:

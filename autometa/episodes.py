@@ -1,8 +1,11 @@
 """Vectorised N-way K-shot episode sampling over a pool of labelled examples.
 
-Classification tasks hold their examples once, as tensors on the run's device, grouped by
-class in a :class:`ClassPool`; an episode batch is then a handful of indexing operations,
-with no Python loop over tasks, classes or examples.
+A :class:`ClassPool` groups example *indices* by class; an episode batch is a handful of
+indexing operations, with no Python loop over tasks, classes or examples, that draws
+indices (:meth:`ClassPool.sample_indices`) and then gathers just those examples. The
+examples are a tensor on the run's device (small datasets), or any :class:`Examples`:
+e.g. a decoded-image store shared by every process (:mod:`autometa.image_store`), whose
+batches are gathered on the host and converted to float on the device.
 """
 
 from __future__ import annotations
@@ -10,40 +13,81 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from autometa.errors import DataError
-from autometa.task import Episodes
+from autometa.task import Episodes, IndexedEpisodes
 
-__all__ = ["ClassPool"]
+__all__ = ["ClassPool", "Examples", "TensorExamples"]
+
+
+@runtime_checkable
+class Examples(Protocol):
+    """A dataset's examples, gathered by index (a tensor's indexing, or a shared store)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(n, *input_shape)"""
+
+    @property
+    def device(self) -> torch.device:
+        """Where :meth:`gather` puts its result (and where a pool draws its indices)."""
+
+    def gather(self, index: Tensor) -> Tensor:
+        """Examples ``index`` (any shape, int64): (*index.shape, *input_shape) float32."""
+
+
+class TensorExamples:
+    """Examples held as one tensor (n, *input_shape) on its device."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def gather(self, index: Tensor) -> Tensor:
+        return self.x[index.to(self.device)]
 
 
 class ClassPool:
     """Examples of some classes, relabelled ``0..n_classes-1`` in the order given.
 
     Args:
-        x: all examples, (n, *input_shape); kept on its device.
+        x: all examples: a tensor (n, *input_shape), kept on its device, or
+            :class:`Examples` (e.g. :class:`~autometa.image_store.StoredImages`); the
+            pool's index tensors and random draws live on ``x.device``.
         y: their integer class ids, (n,).
         classes: the class ids of this pool (e.g. the meta-train split).
         name: used in error messages (e.g. "digits meta-train").
     """
 
-    def __init__(self, x: Tensor, y: Tensor, classes: Sequence[int], *, name: str) -> None:
+    def __init__(self, x: Tensor | Examples, y: Tensor, classes: Sequence[int], *,
+                 name: str) -> None:
+        examples: Examples = TensorExamples(x) if isinstance(x, Tensor) else x
+        y = y.to(examples.device)
         self.name = name
         self.classes = [int(c) for c in classes]
         members = [torch.nonzero(y == c).flatten() for c in self.classes]
         empty = [c for c, m in zip(self.classes, members, strict=True) if len(m) == 0]
         if empty:
             raise DataError(f"{name}: class(es) {empty} have no examples")
-        self.counts = torch.tensor([len(m) for m in members], device=x.device)  # (classes,)
+        # (classes,)
+        self.counts = torch.tensor([len(m) for m in members], device=examples.device)
         width = int(self.counts.max())
         # (classes, width): example indices per class, padded by repeating the first one.
         self.index = torch.stack([
             torch.cat([m, m[:1].expand(width - len(m))]) for m in members
-        ]).to(x.device)
-        self.x = x
+        ]).to(examples.device)
+        self.x = examples
 
     @property
     def n_classes(self) -> int:
@@ -64,18 +108,18 @@ class ClassPool:
                 f"= {per_class}; lower 'shots' or 'queries'"
             )
 
-    def sample(
+    def sample_indices(
         self, n_tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator,
         *, shuffle_classes: bool = True,
-    ) -> Episodes:
-        """``n_tasks`` episodes; labels are 0..ways-1 in each episode, in class order.
+    ) -> tuple[Tensor, Tensor]:
+        """The examples of ``n_tasks`` episodes, as indices into ``x``: (tasks, ways,
+        shots + queries), the first ``shots`` of each class the support; and their labels,
+        0..ways-1 in each episode in class order, of the same shape.
 
         Args:
             shuffle_classes: draw ``ways`` random classes per episode (few-shot episodes);
                 if False, every episode has the pool's first ``ways`` classes with their
                 pool labels (a target dataset's own classes).
-
-        Shapes: support (tasks, ways*shots, *input_shape), query (tasks, ways*queries, ...).
         """
         self.check(ways, shots + queries)
         device = self.x.device
@@ -92,14 +136,35 @@ class ClassPool:
         keys = keys.masked_fill(padding, 2.0)
         picks = keys.argsort(-1)[..., :k]  # (tasks, ways, k)
         examples = self.index[classes[..., None], picks]  # (tasks, ways, k)
-        x = self.x[examples]  # (tasks, ways, k, *input_shape)
         labels = torch.arange(ways, device=device).view(1, ways, 1).expand(n_tasks, ways, k)
-        shape = x.shape[3:]
-        return Episodes(
-            support_x=x[:, :, :shots].reshape(n_tasks, ways * shots, *shape),
+        return examples, labels
+
+    def sample(
+        self, n_tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator,
+        *, shuffle_classes: bool = True,
+    ) -> Episodes:
+        """``n_tasks`` episodes (:meth:`sample_indices`, gathered now).
+
+        Shapes: support (tasks, ways*shots, *input_shape), query (tasks, ways*queries, ...).
+        """
+        return self.sample_fixed(n_tasks, ways, shots, queries, generator,
+                                 shuffle_classes=shuffle_classes)[:]
+
+    def sample_fixed(
+        self, n_tasks: int, ways: int, shots: int, queries: int, generator: torch.Generator,
+        *, shuffle_classes: bool = True,
+    ) -> IndexedEpisodes:
+        """``n_tasks`` episodes held as indices (fixed evaluation episodes), gathered a
+        slice at a time when indexed (:class:`~autometa.task.IndexedEpisodes`)."""
+        examples, labels = self.sample_indices(n_tasks, ways, shots, queries, generator,
+                                               shuffle_classes=shuffle_classes)
+        support, query = examples[:, :, :shots], examples[:, :, shots:]
+        return IndexedEpisodes(
+            support=support.reshape(n_tasks, ways * shots),
             support_y=labels[:, :, :shots].reshape(n_tasks, ways * shots),
-            query_x=x[:, :, shots:].reshape(n_tasks, ways * queries, *shape),
+            query=query.reshape(n_tasks, ways * queries),
             query_y=labels[:, :, shots:].reshape(n_tasks, ways * queries),
+            gather=self.x.gather,
         )
 
     def digest(self) -> str:
@@ -114,7 +179,7 @@ class ClassPool:
         index = self.index.cpu()
         for label, count in enumerate(self.counts.tolist()):
             members = index[label, :count].to(self.x.device)
-            rows = self.x[members].to("cpu", torch.float32).contiguous()  # (count, ...)
+            rows = self.x.gather(members).to("cpu", torch.float32).contiguous()  # (count, ...)
             hasher.update(struct.pack("<qq", label, count))
             hasher.update(rows.numpy().data)  # the buffer itself: no extra copy
         return hasher.hexdigest()
@@ -125,4 +190,4 @@ class ClassPool:
         label = torch.randint(self.n_classes, (n,), generator=generator, device=device)
         slot = (torch.rand(n, generator=generator, device=device)
                 * self.counts[label]).long()
-        return self.x[self.index[label, slot]], label
+        return self.x.gather(self.index[label, slot]), label

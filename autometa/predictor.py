@@ -221,7 +221,7 @@ class Predictor:
                 f"has no support set of its own: adapt it to labelled examples first, "
                 f"model.adapt(support_x, support_y).predict(x) (CLI: --support PATH)")
         if self._train is None:
-            episode = self.task.meta_test()
+            episode = self.task.meta_test()[:1]
             classes: list[Any] = self.class_names or list(range(self.task.output_size))
             self._train = Adapted(self, episode.support_x[0], episode.support_y[0],
                                   classes if self.task_kind == "classification" else None)

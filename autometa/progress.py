@@ -46,6 +46,13 @@ class Progress:
     def phase(self, text: str) -> None:
         """The search entered a phase without trials (e.g. scoring the best on meta-test)."""
 
+    def work(self, what: str, done: int, total: int) -> None:
+        """Long work before the trials (a dataset's store being built): ``done`` of
+        ``total`` units of ``what`` (:mod:`autometa.work`)."""
+
+    def work_ended(self) -> None:
+        """The work reported by :meth:`work` is over (finished or interrupted)."""
+
 
 NullProgress = Progress
 
@@ -68,6 +75,13 @@ class LineProgress(Progress):
 
     def phase(self, text: str) -> None:
         print(text, flush=True)
+
+    def work(self, what: str, done: int, total: int) -> None:
+        # The start, each tenth and the end: a line per minute or so on a large dataset.
+        tenth = 10 * done // max(1, total)
+        if done == 0 or done >= total or tenth > getattr(self, "_tenth", 0):
+            self._tenth = 0 if done >= total else tenth
+            print(f"{what}: {done}/{total}", flush=True)
 
 
 class RichProgress(Progress):
@@ -99,10 +113,28 @@ class RichProgress(Progress):
         self._search: Any = None
         self._trials: dict[int, tuple[Any, str]] = {}  # number -> (bar, description)
         self.best: float | None = None
+        self._work: Any = None  # the bar of long work before the trials (a store built)
+        self._work_bar: Any = None
 
     def __enter__(self) -> RichProgress:
         self.bars.start()
         return self
+
+    def work(self, what: str, done: int, total: int) -> None:
+        if self._work is None:  # one bar, before the trials' display starts
+            from rich.progress import Progress as Bars
+
+            self._work = Bars(*self.bars.columns[:-1], console=self.bars.console)
+            self._work.start()
+            self._work_bar = self._work.add_task(what, total=total, info="")
+        self._work.update(self._work_bar, completed=done, description=what)
+        if done >= total:
+            self.work_ended()
+
+    def work_ended(self) -> None:
+        if self._work is not None:
+            self._work.stop()
+            self._work = None
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.bars.stop()

@@ -15,6 +15,7 @@ whose query is its validation (meta-val) or test (meta-test) split.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from autometa.metrics import ACCURACY, MSE, Metric, TaskKind, loss_for
 from autometa.numeric_inputs import InputBatch, read_numbers
 from autometa.space import SearchSpace
 
-__all__ = ["Episodes", "InputBatch", "Task", "TaskSpec"]
+__all__ = ["EpisodeSet", "Episodes", "IndexedEpisodes", "InputBatch", "Task", "TaskSpec"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,54 @@ class Episodes:
 
     def to(self, device: torch.device | str) -> Episodes:
         return Episodes(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+class IndexedEpisodes:
+    """Fixed episodes held as indices into a dataset; a slice is gathered when asked.
+
+    The evaluation episodes of a large dataset (600 episodes of 80 images at 84 px are
+    4 GB as float32) are never held as copies: the engine scores them a chunk at a time,
+    ``episodes[start:stop]``, which gathers just that chunk's examples (the
+    learn2learn/Torchmeta way: an episode is an index set over a dataset).
+
+    Args:
+        support, query: example indices, (tasks, n_support) and (tasks, n_query), int64.
+        support_y, query_y: their labels (or regression targets), as in :class:`Episodes`.
+        gather: indices of any shape (...) → examples (..., *input_shape), float32 on the
+            task's device (e.g. :meth:`autometa.image_store.StoredImages.gather`).
+    """
+
+    def __init__(self, support: Tensor, support_y: Tensor, query: Tensor, query_y: Tensor,
+                 gather: Callable[[Tensor], Tensor]) -> None:
+        self.support, self.support_y = support, support_y
+        self.query, self.query_y = query, query_y
+        self.gather = gather
+
+    def __len__(self) -> int:
+        return self.support.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> Episodes:
+        """The episodes at ``index`` (a slice or index tensor), gathered now."""
+        return Episodes(self.gather(self.support[index]), self.support_y[index],
+                        self.gather(self.query[index]), self.query_y[index])
+
+    @property
+    def support_x(self) -> Tensor:
+        """Every episode's support examples, gathered (memory: all of them; slice first)."""
+        return self.gather(self.support)
+
+    @property
+    def query_x(self) -> Tensor:
+        """Every episode's query examples, gathered (memory: all of them; slice first)."""
+        return self.gather(self.query)
+
+    def to(self, device: torch.device | str) -> Episodes:
+        return self[:].to(device)
+
+
+#: What ``meta_val()`` and ``meta_test()`` return: episodes held as tensors, or as indices.
+#: Both give :class:`Episodes` when indexed or sliced (``episodes[start:stop]``).
+EpisodeSet = Episodes | IndexedEpisodes
 
 
 class Task(ABC):
@@ -102,12 +151,13 @@ class Task(ABC):
         """Sample ``n_tasks`` meta-train episodes using ``generator`` (on ``self.device``)."""
 
     @abstractmethod
-    def meta_val(self) -> Episodes:
-        """The fixed validation episodes (same for every call and every trial)."""
+    def meta_val(self) -> EpisodeSet:
+        """The fixed validation episodes (the same object for every call and every trial);
+        the engine slices them a chunk at a time."""
 
     @abstractmethod
-    def meta_test(self) -> Episodes:
-        """The fixed test episodes (same for every call and every trial)."""
+    def meta_test(self) -> EpisodeSet:
+        """The fixed test episodes (the same object for every call and every trial)."""
 
     #: Meta-train classes with global labels, for supervised pre-training (0: none).
     train_classes: int = 0

@@ -26,7 +26,7 @@ from autometa.study.artifacts import download_state, load_state, open_store
 from autometa.study.inputs import localize
 from autometa.study.settings import search_seed
 from autometa.study.trials import MetaTestScore, TrialPlan, trial_seed
-from autometa.task import Episodes, Task
+from autometa.task import EpisodeSet, Task
 
 #: Episodes evaluated at once; bounds memory on large meta-val/meta-test sets.
 EVAL_CHUNK = 200
@@ -57,7 +57,7 @@ def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
         raise PluginError(f"cannot build {plan.describe()}: {exc}") from exc
 
 
-def scored_per_example(episodes: Episodes, task: Task) -> bool:
+def scored_per_example(episodes: EpisodeSet, task: Task) -> bool:
     """True if :func:`evaluate` scores ``episodes`` per query example, not per episode.
 
     A split that is one episode (a target dataset's val or test split) has no spread over
@@ -66,7 +66,7 @@ def scored_per_example(episodes: Episodes, task: Task) -> bool:
     return len(episodes) == 1 and task.metric.per_example is not None
 
 
-def evaluate(algorithm: MetaAlgorithm, episodes: Episodes, task: Task, *,
+def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
              split: str | None = None) -> Tensor:
     """Scores of the adapted model on ``episodes``: (tasks,), or (n_query,) for one episode.
 
@@ -122,7 +122,7 @@ def _check_shape(algorithm: MetaAlgorithm, pred: Any, expected: tuple[int, int, 
 
 
 def _check_finite(values: Tensor, first_index: int, what: str, unit: str, split: str | None,
-                  episodes: Episodes, task: Task) -> None:
+                  episodes: EpisodeSet, task: Task) -> None:
     """Raise :class:`Diverged` naming the split, what and where, unless all are finite.
 
     ``values`` has one row per episode (or per example, ``unit``), the first numbered
@@ -139,7 +139,7 @@ def _check_finite(values: Tensor, first_index: int, what: str, unit: str, split:
                    f"{first_index + int(rows[0])}")
 
 
-def _split(split: str | None, episodes: Episodes, task: Task) -> str:
+def _split(split: str | None, episodes: EpisodeSet, task: Task) -> str:
     """The split's name for a message (looked up only when one is needed)."""
     if split is not None:
         return split
@@ -271,7 +271,7 @@ def paired_val_score(algorithm: MetaAlgorithm, task: Task, *, generator: torch.G
     n = len(episodes)
     order = torch.randperm(n, generator=generator, device="cpu")
     # In episode order at the end, so that the mean is summed as the plain evaluation's is.
-    scores = torch.empty(n, device=episodes.support_x.device)
+    scores = torch.empty(n, device=episodes.support_y.device)
     for start in range(0, n, chunk):
         ids = order[start : start + chunk].to(scores.device)
         scores[ids] = evaluate(algorithm, episodes[ids], task, split="meta-val")

@@ -17,8 +17,11 @@ SMALL_SINUSOID = {"val_episodes": 20, "test_episodes": 40, "eval_queries": 20}
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run in tmp_path (the default storage autometa.db lands there) with no plugin env vars."""
+    """Run in tmp_path (the default storage autometa.db lands there) with no plugin env vars,
+    and a cache directory of its own (beside tmp_path: tests that list tmp_path see only
+    what they wrote)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOMETA_CACHE_DIR", str(tmp_path.parent / f"{tmp_path.name}-cache"))
     for var in ("AUTOMETA_STRICT_PLUGINS", "AUTOMETA_DISABLE_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("COLUMNS", "200")

@@ -22,6 +22,12 @@ def data_root_flag(parser: argparse.ArgumentParser) -> None:
                                             "the working directory)")
 
 
+def cache_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", help="where decoded-image stores are cached (default: "
+                                            "$AUTOMETA_CACHE_DIR, else ~/.cache/autometa); "
+                                            "`autometa cache` lists and clears it")
+
+
 def plugin_option_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin-option", action="append", default=[],
                         metavar="PLUGIN.KEY=VALUE",

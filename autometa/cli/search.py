@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autometa.cli.common import (
+    cache_dir_flag,
     data_root_flag,
     keep_states,
     plugin_option_flag,
@@ -36,6 +37,7 @@ RUN_FLAGS = {
     "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
     "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
     "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
+    "cache_dir": "cache_dir",
     "sampler": "sampler", "initial": "initial", "warm_start": "warm_start",
 }
 
@@ -62,6 +64,7 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--keep", type=keep_states, metavar="all|K",
                      help="trial states kept: all (default), or those of the best K on meta-val")
     data_root_flag(run)
+    cache_dir_flag(run)
     run.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     run.add_argument("--devices", help="comma-separated devices, one trial per device at a "
                                        "time, e.g. cuda:0,cuda:1; 'cuda' = every visible GPU")
@@ -108,6 +111,7 @@ def add_parsers(sub: Any) -> None:
     worker.add_argument("--artifacts", help="the artifact store as this machine reaches it "
                                             "(default: the study's)")
     data_root_flag(worker)
+    cache_dir_flag(worker)
     worker.add_argument("--devices", help="comma-separated devices of this machine (default: "
                                           "the study's), e.g. cuda:0,cuda:1 or cuda")
     worker.add_argument("--workers", type=int, help="trials at once on this machine "
@@ -216,7 +220,8 @@ def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     progress = LineProgress() if args.no_progress else RichProgress()
     board = join_search(args.study, args.storage, host=create_host(), progress=progress,
                         ready=ready, artifacts=args.artifacts, data_root=args.data_root,
-                        devices=args.devices, workers=args.workers, threads=args.threads,
+                        cache_dir=args.cache_dir, devices=args.devices,
+                        workers=args.workers, threads=args.threads,
                         timeout=args.timeout, out=args.out,
                         plugins=plugin_options(args.plugin_option) or None)
     show_leaderboard(board, args.out)

@@ -15,6 +15,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autometa import work
 from autometa.config import SearchConfig
 from autometa.engine.claim import counts, fail_dead_trials
 from autometa.engine.lock import storage_lock
@@ -76,7 +77,12 @@ def run_search(
 def _run(config: SearchConfig, host: PluginHost, progress: Progress | None,
          ready: Callable[[], None], expected_inputs: dict[str, Any] | None,
          out: Path | None) -> Leaderboard:
-    prepared = prepare(config, host, expected_inputs)
+    try:  # a dataset's store built while the task is (autometa.work): the display shows it
+        with work.reporting(progress.work if progress is not None else None):
+            prepared = prepare(config, host, expected_inputs)
+    finally:
+        if progress is not None:
+            progress.work_ended()
     config = prepared.config
     if len(worker_specs(config)) > 1 and local_file(config.storage) is None \
             and config.storage.startswith("sqlite"):

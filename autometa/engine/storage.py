@@ -118,7 +118,9 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
         "autometa_version": __version__,
         # The storage URL is each machine's own; stored without its password.
         # Plugins' own options are each machine's (a reporter's token): never stored.
-        "config": jsonable({**{k: v for k, v in config.to_dict().items() if k != "plugins"},
+        # So is the cache directory (a path on this machine).
+        "config": jsonable({**{k: v for k, v in config.to_dict().items()
+                               if k not in ("plugins", "cache_dir")},
                              "storage": redact(config.storage),
                              "warm_start": [redact(w) for w in config.warm_start]}),
         "fingerprint": jsonable(config.fingerprint()),

@@ -20,6 +20,10 @@ from autometa.space import parse_value
 from autometa.study.inputs import localize
 from autometa.task import Task
 
+#: Task constructor arguments the engine supplies (``cache_dir`` only to a task that
+#: takes it): never task parameters a user sets.
+ENGINE_SUPPLIED = frozenset({"seed", "device", "cache_dir"})
+
 
 def check_device(text: str) -> torch.device:
     """The torch device ``text`` names, checked by placing a tensor on it.
@@ -49,7 +53,7 @@ def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
     """``config.task_params`` parsed as the task's declared types and checked (ranges,
     choices, required parameters)."""
     task_cls = host.get("task", config.task).load()
-    types = declared_types(task_cls, skip=frozenset({"seed", "device"}))
+    types = declared_types(task_cls, skip=ENGINE_SUPPLIED)
     params: dict[str, Any] = {}
     for name, value in config.task_params.items():
         if name not in types:
@@ -79,7 +83,10 @@ def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str,
     local = localize(task_cls, task_params,
                      Path(config.data_root) if config.data_root is not None else None)
     try:
-        task: Task = task_cls(**local, seed=config.seed, device=device)
+        machine: dict[str, Any] = {}
+        if "cache_dir" in inspect.signature(task_cls).parameters:
+            machine["cache_dir"] = config.cache_dir
+        task: Task = task_cls(**local, seed=config.seed, device=device, **machine)
     except AutometaError:
         raise
     except Exception as exc:

@@ -38,8 +38,8 @@ def search_seed(study: Any) -> int:
 
 #: Settings of one machine rather than of the search: a process joining a stored study
 #: gives its own (the study's storage URL as this machine reaches it, its devices, ...).
-MACHINE_KEYS = ("storage", "artifacts", "data_root", "device", "devices", "workers",
-                "threads", "timeout", "plugins")
+MACHINE_KEYS = ("storage", "artifacts", "data_root", "cache_dir", "device", "devices",
+                "workers", "threads", "timeout", "plugins")
 
 
 def stored_search(study_name: str, storage: str, **machine: Any
@@ -73,7 +73,8 @@ def stored_search(study_name: str, storage: str, **machine: Any
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
         raise ConfigError(f"study {study_name!r} in {redact(storage)} was not made by autometa")
-    data = {**stored["config"], "study_name": study_name, "storage": storage, "data_root": None}
+    data = {**stored["config"], "study_name": study_name, "storage": storage, "data_root": None,
+            "cache_dir": None}
     data.update({k: v for k, v in machine.items() if v is not None})
     config = SearchConfig.from_dict(data, where=f"study {study_name!r}")
     return config, stored.get("inputs", {}), study

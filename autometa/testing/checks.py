@@ -159,7 +159,7 @@ def check_source_model(source_cls: type[SourceModel], task: Task, **hyperparamet
     net = source.build(task.spec).to(task.device)
     if not isinstance(net, Backbone):
         _fail(source_cls, f"returned {type(net).__name__}, not a Backbone", "build")
-    x = task.meta_val().support_x[0]
+    x = task.meta_val()[:1].support_x[0]
     out = net(x)
     if tuple(out.shape) != (x.shape[0], task.output_size):
         _fail(source_cls, f"the network outputs {list(out.shape)} for inputs {list(x.shape)}; "

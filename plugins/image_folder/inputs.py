@@ -34,8 +34,8 @@ def read_images(task: Decoding, path: Path, *, labelled: bool) -> InputBatch:
     """The images at ``path`` decoded for ``task`` (see the module docstring).
 
     Raises:
-        DataError: a support path that is a file, a folder without images, or an image
-            in colour for a model of grayscale images.
+        DataError: a support path that is a file, a folder without images, an image that
+            cannot be decoded.
     """
     flag = "--support" if labelled else "--input"
     labels: list[Any] | None = None
@@ -56,17 +56,10 @@ def read_images(task: Decoding, path: Path, *, labelled: bool) -> InputBatch:
     else:
         files = [path]
     shape = tuple(task.input_shape)
-    channels = task.identity.get("params", {}).get("channels", "auto")
-    if channels == "auto" and shape[0] == 3:
-        channels = 3  # a colour study turned its grayscale images to RGB too
-    pixels = decode(files, size=task.size, channels=channels)  # uint8 (n, C, size, size)
-    if tuple(pixels.shape[1:]) != shape:
-        first = next((f for f in files if decode([f], size=task.size, channels=channels)
-                      .shape[1:] != shape), files[0])
-        raise DataError(f"{flag}: image {str(first)!r} decodes to shape "
-                        f"{tuple(decode([first], size=task.size, channels=channels).shape[1:])}"
-                        f" (colour), but the model takes {shape}: the study's images were all "
-                        "grayscale; convert it to grayscale")
+    # Converted to what the model takes: a colour photo for a model of grayscale images
+    # becomes grayscale, a gray one for a colour model RGB.
+    resize = task.identity.get("params", {}).get("resize", "stretch")
+    pixels = decode(files, size=task.size, channels=shape[0], resize=resize)
     x = torch.from_numpy(pixels).float().div_(255)  # (n, C, size, size) in [0, 1]
     ids = [f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files]
     return InputBatch(x, labels, ids, "file")

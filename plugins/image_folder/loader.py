@@ -20,7 +20,8 @@ such entries are debris that the data do not need; the class checks below still 
 folder left without images). So a scan never hangs on a FIFO or recurses through a loop.
 
 Every problem is one :class:`~autometa.DataError` naming the folder or file, what was
-expected and the fix. Scanning reads directory listings only; :func:`decode` opens files.
+expected and the fix. Scanning reads directory listings only; the task's store
+(:mod:`autometa.image_store`) and :func:`decode` open files.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from autometa import ConfigError, DataError
+from autometa.images import decode_file
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ NAME = "image-folder"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
                             ".webp", ".ppm", ".pgm", ".pbm"})
 LAYOUTS = ("auto", "classes", "omniglot")
-#: Pillow modes without colour: with ``channels="auto"`` they need no colour check.
-GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 CLASSES_HINT = "root/<class>/<image>"
 OMNIGLOT_HINT = "root/<alphabet>/<character>/<image>"
 
@@ -237,13 +237,14 @@ def _class(root: Path, folder: Path, listing: _Listing, group: str | None, ignor
     return ClassFolder(name, group or name, tuple(listing.images))
 
 
-def decode(files: Sequence[Path], *, size: int, channels: int | str) -> np.ndarray:
-    """Decode, convert and resize ``files``: uint8 pixels, (n, C, size, size).
+def decode(files: Sequence[Path], *, size: int, channels: int | str,
+           resize: str = "stretch") -> np.ndarray:
+    """Decode, convert and resize a few ``files`` (new inputs for ``autometa predict``; a
+    task's own images go through its store): uint8 pixels, (n, C, size, size).
 
-    ``channels`` 1 converts to grayscale (Pillow's "L"), 3 to RGB; "auto" gives 1 if every
-    image is grayscale (a gray mode, or R = G = B in every pixel) and 3 otherwise. Alpha is
-    dropped; non-square images are stretched to ``size`` x ``size`` (bilinear, antialiased
-    when shrinking); 16-bit grayscale keeps its 8 most significant bits.
+    ``channels`` 1 converts to grayscale, 3 to RGB; "auto" gives 1 if every image is
+    grayscale (a gray mode, or R = G = B in every pixel) and 3 otherwise
+    (:mod:`autometa.images`).
 
     Raises:
         DataError: a file Pillow cannot decode (naming it, with Pillow's error in brief).
@@ -251,7 +252,10 @@ def decode(files: Sequence[Path], *, size: int, channels: int | str) -> np.ndarr
     pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (n, H, W, RGB)
     gray = np.ones(len(files), dtype=bool)
     for i, file in enumerate(files):
-        image = _read(file, size, channels)
+        try:
+            image, _ = decode_file(file, size=size, channels=channels, resize=resize)
+        except DataError as exc:
+            raise DataError(f"{NAME}: {exc}") from exc.__cause__
         if image.ndim == 2:  # (H, W)
             pixels[i] = image[..., None]
         else:
@@ -259,24 +263,3 @@ def decode(files: Sequence[Path], *, size: int, channels: int | str) -> np.ndarr
             gray[i] = bool((image[..., 1:] == image[..., :1]).all())
     keep = 1 if channels == 1 or (channels == "auto" and gray.all()) else 3
     return np.ascontiguousarray(pixels[..., :keep].transpose(0, 3, 1, 2))
-
-
-def _read(file: Path, size: int, channels: int | str) -> np.ndarray:
-    """One image, resized: (size, size) grayscale or (size, size, 3) RGB uint8."""
-    from PIL import Image
-
-    try:
-        with Image.open(file) as opened:
-            mode = "L" if channels == 1 or (channels == "auto" and opened.mode in GRAY_MODES) \
-                else "RGB"
-            opened.draft(mode, (size, size))  # JPEG: decode at a reduced scale, much faster
-            image: Image.Image = opened
-            if opened.mode.startswith("I;16"):  # convert("L") would saturate 16-bit values
-                image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
-            return np.asarray(image.convert(mode).resize((size, size),
-                                                         Image.Resampling.BILINEAR))
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
-        brief = str(exc).splitlines()[0] if str(exc) else "no details"
-        brief = brief.replace(f" {str(file)!r}", "").replace(str(file), "<file>")[:120]
-        raise DataError(f"{NAME}: cannot read image {str(file)!r} ({type(exc).__name__}: "
-                        f"{brief}); replace or delete the file") from exc

@@ -3,8 +3,11 @@
 ``path`` is one folder per class (``root/<class>/<image>``) or the Omniglot layout
 (``root/<alphabet>/<character>/<image>``, a class is a character); see
 :mod:`autometa_plugins.image_folder.loader` for the detection rule. Images are decoded
-once, when the task is built, into one tensor (n, C, size, size) with pixels in [0, 1] on
-the task's device.
+once per machine into a shared uint8 store in the cache directory
+(:mod:`autometa.image_store`: every worker maps the same file, later runs reuse it);
+episodes are indices into it, and a trial gathers just its episodes' images, as float in
+[0, 1] on its device. ``resize`` says what happens to images that are not square
+(``stretch``, ``center-crop``, ``pad``: :mod:`autometa.images`).
 
 * ``episodes="few-shot"`` (default): N-way K-shot episodes over a seeded, disjoint split
   of the classes into meta-train / meta-val / meta-test (``val_fraction`` and
@@ -41,6 +44,8 @@ from autometa.datasets import (
     split_classes,
 )
 from autometa.episodes import ClassPool
+from autometa.image_store import FileImages, StoredImages, open_store
+from autometa.images import RESIZE_POLICIES
 from autometa.space import SearchSpace
 from autometa.task import InputBatch
 from autometa_plugins.image_folder.inputs import read_images
@@ -50,7 +55,6 @@ from autometa_plugins.image_folder.loader import (
     OMNIGLOT_HINT,
     ClassFolder,
     Folder,
-    decode,
     scan,
 )
 
@@ -73,6 +77,7 @@ class ImageFolder(InnerTask):
         "split_by": Categorical(("class", "alphabet")),
         "size": Int(4, 512),
         "channels": Categorical(("auto", 1, 3)),
+        "resize": Categorical(RESIZE_POLICIES),
     }
 
     def __init__(
@@ -84,6 +89,7 @@ class ImageFolder(InnerTask):
         split_by: str = "class",  # few-shot: split classes, or "alphabet"s (Omniglot)
         size: int = 28,  # images are resized to size x size
         channels: int | str = "auto",  # 1 (grayscale), 3 (RGB), or "auto": 1 if all gray
+        resize: str = "stretch",  # non-square images: "stretch", "center-crop" or "pad"
         ways: int = 5,  # few-shot: classes per episode
         shots: int = 1,  # support images per class (few-shot and split meta-train episodes)
         queries: int = 5,  # query images per class
@@ -93,10 +99,11 @@ class ImageFolder(InnerTask):
         test_episodes: int = 400,  # few-shot: fixed meta-test episodes
         seed: int = 0,
         device: torch.device | str = "cpu",
+        cache_dir: str | os.PathLike[str] | None = None,  # this machine's (--cache-dir)
     ) -> None:
         super().__init__(seed=seed, device=device)
         for key, value in {"layout": layout, "episodes": episodes, "split_by": split_by,
-                           "channels": channels}.items():
+                           "channels": channels, "resize": resize}.items():
             choices = self.params[key].choices  # type: ignore[union-attr]
             if value not in choices or isinstance(value, bool):
                 raise ConfigError(f"{NAME}: {key}={value!r} is not one of {list(choices)}")
@@ -114,11 +121,13 @@ class ImageFolder(InnerTask):
                    f"{str(folder.root)!r} has one folder per class, not {OMNIGLOT_HINT}")
             raise ConfigError(f"{NAME}: split_by='alphabet' needs few-shot episodes on the "
                               f"Omniglot layout, but {why}; use split_by='class'")
-        self.folder, self.size = folder, size
+        self.folder, self.size, self.resize = folder, size, resize
+        self.cache_dir = cache_dir
         self.episodes, self.split_by = episodes, split_by
         self.class_names = [c.name for c in folder.classes]
         labels = torch.repeat_interleave(torch.arange(len(folder)),
                                          torch.tensor([len(c.files) for c in folder.classes]))
+        self.labels = labels  # (n,): each image's class, in class order and file order
         inner: FewShotTask | TargetTask
         if episodes == "few-shot":
             inner = self._few_shot(labels, ways=ways, shots=shots, queries=queries,
@@ -149,9 +158,9 @@ class ImageFolder(InnerTask):
                 "'ways', change the fractions, or add classes")
         task = FewShotTask(ways=ways, shots=shots, queries=queries, val_episodes=val_episodes,
                            test_episodes=test_episodes, seed=self.seed, device=self.device)
-        x, y = self._decode(labels, channels)
+        x = self._decode(channels)
         task.input_shape = self.input_shape
-        task.set_pools(*(ClassPool(x, y, classes, name=f"{NAME} {split}")
+        task.set_pools(*(ClassPool(x, labels, classes, name=f"{NAME} {split}")
                          for split, classes in zip(SPLITS, self.class_split, strict=True)))
         return task
 
@@ -177,19 +186,20 @@ class ImageFolder(InnerTask):
                 f"{NAME}: class {name!r} has {n} image(s) in the train split, fewer than shots "
                 f"+ queries = {need} for meta-train episodes; lower 'shots' or 'queries' (or "
                 "the val/test fractions), or add images")
-        x, y = self._decode(labels, channels)
-        task.set_data(x, y, split, name=NAME, class_names=self.class_names)
+        x = self._decode(channels)
+        task.set_data(x, labels, split, name=NAME, class_names=self.class_names)
         return task
 
-    def _decode(self, labels: Tensor, channels: int | str) -> tuple[Tensor, Tensor]:
+    def _decode(self, channels: int | str) -> StoredImages:
+        """Every image, in class order and file order, from this folder's store (built
+        now if this machine has none for these files and settings)."""
         files = [f for c in self.folder.classes for f in c.files]
-        pixels = decode(files, size=self.size, channels=channels)  # uint8 (n, C, size, size)
-        # Move the uint8 pixels (4x smaller), then scale on the device.
-        x = torch.from_numpy(pixels).to(self.device).float().div_(255)
-        self.input_shape = tuple(x.shape[1:])
-        # Every image (n, C, size, size) and its class (n,), in class order, file order.
-        self.images, self.labels = x, labels.to(self.device)
-        return self.images, self.labels
+        source = FileImages(files, slot=str(self.folder.root.resolve()))
+        store = open_store(source, name=NAME, size=self.size, channels=channels,
+                           resize=self.resize, cache_dir=self.cache_dir)
+        self.input_shape = tuple(store.shape[1:])
+        self.images = StoredImages(store, self.device)  # (n, C, size, size), gathered
+        return self.images
 
     def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
         """Image files, or a folder of them, decoded as this task's images
@@ -208,6 +218,9 @@ class ImageFolder(InnerTask):
         if self.episodes == "few-shot":
             facts["split_by"] = self.split_by
             facts["class_split"] = dict(zip(SPLITS, map(len, self.class_split), strict=True))
+            facts["classes_by_split"] = {
+                split: [self.class_names[i] for i in classes]
+                for split, classes in zip(SPLITS, self.class_split, strict=True)}
         return facts
 
 

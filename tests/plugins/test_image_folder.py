@@ -89,7 +89,7 @@ def test_split_by_alphabet_keeps_alphabets_disjoint(tmp_path: Path) -> None:
     groups = [{task.folder.classes[c].group for c in split} for split in task.class_split]
     assert [len(g) for g in groups] == [1, 1, 1]
     assert set.union(*groups) == {"alphabet-0", "alphabet-1", "alphabet-2"}
-    flat = task.images.flatten(1)  # (n, C*H*W)
+    flat = every_image(task).flatten(1)  # (n, C*H*W)
     for split, episodes in zip(task.class_split, (task.sample(4, torch.Generator().manual_seed(0)),
                                                   task.meta_val(), task.meta_test()), strict=True):
         shown = torch.cat([episodes.support_x, episodes.query_x], 1).flatten(2).flatten(0, 1)
@@ -100,6 +100,12 @@ def test_split_by_alphabet_keeps_alphabets_disjoint(tmp_path: Path) -> None:
 
 
 # -- decoding ---------------------------------------------------------------------------------
+def every_image(task: ImageFolder) -> torch.Tensor:
+    """All of a task's images, gathered from its store: (n, C, size, size) float."""
+    return task.images.gather(torch.arange(len(task.images)))
+
+
+
 QUADRANTS = np.block([[np.full((6, 6), 0), np.full((6, 6), 255)],
                       [np.full((6, 6), 64), np.full((6, 6), 192)]]).astype(np.uint8)
 
@@ -112,12 +118,13 @@ def test_images_are_resized_and_scaled(tmp_path: Path) -> None:
             Image.fromarray(QUADRANTS if name == "a" else 255 - QUADRANTS).save(
                 tmp_path / "data" / name / f"{index}.png")
     task = ImageFolder(path=tmp_path / "data", episodes="split", size=12, shots=1, queries=1)
-    assert task.images.dtype == torch.float32
-    assert torch.equal(task.images[0, 0], torch.tensor(QUADRANTS, dtype=torch.float32) / 255)
-    assert torch.equal(task.images[4, 0], torch.tensor(255 - QUADRANTS, dtype=torch.float32) / 255)
+    images = every_image(task)
+    assert images.dtype == torch.float32
+    assert torch.equal(images[0, 0], torch.tensor(QUADRANTS, dtype=torch.float32) / 255)
+    assert torch.equal(images[4, 0], torch.tensor(255 - QUADRANTS, dtype=torch.float32) / 255)
     for size in (6, 24):
-        x = ImageFolder(path=tmp_path / "data", episodes="split", size=size, shots=1,
-                        queries=1).images
+        x = every_image(ImageFolder(path=tmp_path / "data", episodes="split", size=size, shots=1,
+                                    queries=1))
         assert x.shape == (8, 1, size, size) and 0 <= float(x.min()) <= float(x.max()) <= 1
         corners = x[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]] * 255
         assert torch.allclose(corners, torch.tensor([0.0, 255, 64, 192]), atol=1e-4)
