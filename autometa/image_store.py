@@ -86,7 +86,7 @@ class ImageSource(Protocol):
 
 
 class FileImages:
-    """Image files; keyed by every file's resolved path, size and modification time."""
+    """Image files; keyed by every file's absolute path, size and modification time."""
 
     def __init__(self, files: Sequence[Path], *, slot: str) -> None:
         self.files = list(files)
@@ -103,7 +103,8 @@ class FileImages:
             except OSError as exc:
                 raise DataError(f"cannot read image {str(file)!r} ({exc.strerror}); the "
                                 "folder changed while it was read: run again") from None
-            hasher.update(f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            hasher.update(f"{os.path.abspath(file)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                          .encode())
         return {"files": len(self.files), "stat": hasher.hexdigest()}
 
     def slot(self) -> str:
