@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -229,7 +230,8 @@ def open_store(source: ImageSource, *, name: str, size: int, channels: int | str
             manifest = _build(source, folder, stem, content, name, size, channels, resize)
             _drop_older(folder, stem)
     store = ImageStore(folder / f"{stem}.u8", manifest)
-    if store.non_square and resize == "stretch":
+    # Once per search: a pool's worker processes (children) open the same store silently.
+    if store.non_square and resize == "stretch" and multiprocessing.parent_process() is None:
         log.warning("%s: %d of %d images are not square and were stretched to %dx%d; set "
                     "resize='center-crop' or 'pad' to keep their aspect ratio", name,
                     store.non_square, len(store), size, size)
