@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from autometa.cli import plugins, results, search
+from autometa.cli import cache, plugins, results, search
 from autometa.cli.common import Parser
 from autometa.errors import AutometaError, one_line, redact
 from autometa.version import __version__
@@ -20,7 +20,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], None]], int]] = {
     "run": search.cmd_run, "worker": search.cmd_worker, "plugins": plugins.cmd_plugins,
     "leaderboard": results.cmd_leaderboard, "report": results.cmd_report,
     "predict": results.cmd_predict, "export": results.cmd_export,
-    "new-plugin": plugins.cmd_new_plugin,
+    "new-plugin": plugins.cmd_new_plugin, "cache": cache.cmd_cache,
 }
 
 
@@ -41,6 +41,7 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     search.add_parsers(sub)
     plugins.add_parsers(sub)
     results.add_parsers(sub)
+    cache.add_parsers(sub)
     _plugin_commands(sub, list(sys.argv[1:] if argv is None else argv))
     return parser
 

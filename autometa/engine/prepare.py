@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from autometa.cache import cache_dir
 from autometa.config import SearchConfig
 from autometa.engine.sampling import WILCOXON_STARTUP, strategy
 from autometa.engine.warm_start import read_warm_start
@@ -71,7 +72,8 @@ def prepare(config: SearchConfig, host: PluginHost,
     # Plugins get relative paths as written, or resolved against data_root when it is given.
     data_root = Path(config.data_root) if config.data_root is not None else None
     paths = path_settings(host.get("task", config.task).load(), task_params, "task_params")
-    inputs = fingerprints(paths, root)
+    memo = cache_dir(config.cache_dir)  # hashes of unchanged files are not read again
+    inputs = fingerprints(paths, root, memo)
     if expected_inputs is not None:
         check_same(expected_inputs, inputs, paths, root, config.study)
     task = build_task(config, host, task_params, device)
@@ -110,7 +112,7 @@ def prepare(config: SearchConfig, host: PluginHost,
                      if not isinstance(v, Float | Int | Categorical)}
             plugin_paths |= path_settings(host.get(kind, name).load(), fixed,
                                           f"{kind}_params.{name}")
-    inputs |= fingerprints(plugin_paths, root)
+    inputs |= fingerprints(plugin_paths, root, cache_dir(config.cache_dir))
     if expected_inputs is not None:
         check_same(expected_inputs, inputs, plugin_paths, root, config.study)
     typed = replace(

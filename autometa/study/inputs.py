@@ -8,12 +8,19 @@ SHA-256 as the search created it. A process that joins the study (``autometa wor
 another machine, or a resumed ``autometa run``) hashes its own copy and refuses to run if
 it differs or is missing, naming the file, before anything runs: every trial of one study
 sees the same data.
+
+Every process of a search hashes its inputs, so that a folder of 60,000 images is not read
+again by each: with a ``memo`` directory (the cache directory), a file whose size and
+modification time (ns) are those it had when hashed is not read again (the rule of make
+and rsync); the memo is one JSON file per input under ``<memo>/digests``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,18 +68,67 @@ def _names_file(declared: Any, value: Any) -> bool:
         and isinstance(value, str | os.PathLike) and os.fspath(value) != ""
 
 
-def digest(path: Path) -> str | None:
+def digest(path: Path, memo: Path | None = None) -> str | None:
     """SHA-256 of a file, or of a directory's regular files (their relative paths and
-    contents, in sorted order); None if ``path`` does not exist."""
-    if path.is_file():
-        return _file_digest(path)
-    if not path.is_dir():
+    contents, in sorted order); None if ``path`` does not exist.
+
+    Args:
+        memo: a directory remembering each file's hash with its size and modification
+            time (see the module docstring); None: read every file.
+    """
+    if not (path.is_file() or path.is_dir()):
         return None
-    total = hashlib.sha256()
-    for file in sorted(_regular_files(path)):
-        total.update(file.relative_to(path).as_posix().encode() + b"\0")
-        total.update(bytes.fromhex(_file_digest(file)))
-    return total.hexdigest()
+    known = _Memo(memo, path)
+    if path.is_file():
+        sha = known.file(path, ".")
+    else:
+        total = hashlib.sha256()
+        for file in sorted(_regular_files(path)):
+            name = file.relative_to(path).as_posix()
+            total.update(name.encode() + b"\0")
+            total.update(bytes.fromhex(known.file(file, name)))
+        sha = total.hexdigest()
+    known.save()
+    return sha
+
+
+class _Memo:
+    """The remembered hashes of one input's files: {name: [size, mtime_ns, sha256]}."""
+
+    def __init__(self, memo: Path | None, path: Path) -> None:
+        self.file_path: Path | None = None
+        self.entries: dict[str, list[Any]] = {}
+        self.seen: dict[str, list[Any]] = {}
+        if memo is not None:
+            key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24]
+            self.file_path = memo / "digests" / f"{key}.json"
+            try:
+                self.entries = json.loads(self.file_path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def file(self, file: Path, name: str) -> str:
+        st = file.stat()
+        known = self.entries.get(name) if isinstance(self.entries, dict) else None
+        if isinstance(known, list) and known[:2] == [st.st_size, st.st_mtime_ns]:
+            sha = str(known[2])
+        else:
+            sha = _file_digest(file)
+        self.seen[name] = [st.st_size, st.st_mtime_ns, sha]
+        return sha
+
+    def save(self) -> None:
+        """Write the memo if it changed; a memo that cannot be written is skipped."""
+        if self.file_path is None or self.seen == self.entries:
+            return
+        try:
+            self.file_path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.file_path.parent, delete=False,
+                                             suffix=".partial") as out:
+                json.dump(self.seen, out)
+            os.replace(out.name, self.file_path)
+        except OSError:
+            pass
 
 
 def _file_digest(path: Path) -> str:
@@ -99,12 +155,14 @@ def _regular_files(directory: Path) -> list[Path]:
     return out
 
 
-def fingerprints(paths: Mapping[str, str], root: Path) -> dict[str, dict[str, str]]:
+def fingerprints(paths: Mapping[str, str], root: Path, memo: Path | None = None
+                 ) -> dict[str, dict[str, str]]:
     """``{setting: {"path": as given, "sha256": ...}}`` for the inputs that exist (a
-    missing one is left to the plugin, whose error names what it expected)."""
+    missing one is left to the plugin, whose error names what it expected); ``memo``: see
+    :func:`digest`."""
     out = {}
     for key, given in paths.items():
-        sha = digest(resolve(given, root))
+        sha = digest(resolve(given, root), memo)
         if sha is not None:
             out[key] = {"path": given, "sha256": sha}
     return out

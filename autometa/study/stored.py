@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autometa.cache import cache_dir
 from autometa.config import SearchConfig
 from autometa.plugins import PluginHost, create_host
 from autometa.study.build import build_task, check_device, parse_task_params
@@ -47,7 +48,8 @@ class StoredStudy:
         params = parse_task_params(config, host)
         root = root_of(config.data_root)
         paths = path_settings(host.get("task", config.task).load(), params, "task_params")
-        check_same(self.inputs, fingerprints(paths, root), paths, root, config.study)
+        check_same(self.inputs, fingerprints(paths, root, cache_dir(config.cache_dir)), paths,
+                   root, config.study)
         return build_task(config, host, params, check_device(config.device))
 
 
