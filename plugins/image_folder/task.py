@@ -18,6 +18,12 @@ episodes are indices into it, and a trial gathers just its episodes' images, as 
   folders): a seeded train/val/test split of every class's images (``val_fraction`` and
   ``test_fraction`` of each class); one label per class folder, in sorted order.
 
+Fractions: ``val_fraction`` and ``test_fraction`` each in [0.05, 0.5], their sum below 0.9;
+every part gets at least one class (few-shot: rounded, at least ``ways``) or one image of
+each class (split). Your own split replaces them (:mod:`autometa_plugins.image_folder.
+splits`): ``split_file`` (a CSV ``name,split`` of classes, or of images with
+``episodes="split"``), or ``test_path`` (a folder of test images, ``episodes="split"``).
+
 One class serves both modes (the engine reads one ``params`` and one signature): it
 delegates to an inner :class:`~autometa.datasets.FewShotTask` or
 :class:`~autometa.datasets.TargetTask`. Every check that needs only file counts runs
@@ -57,6 +63,7 @@ from autometa_plugins.image_folder.loader import (
     Folder,
     scan,
 )
+from autometa_plugins.image_folder.splits import read_split_file, train_val
 
 SPLITS = ("meta-train", "meta-val", "meta-test")
 
@@ -99,6 +106,8 @@ class ImageFolder(InnerTask):
         test_episodes: int = 400,  # few-shot: fixed meta-test episodes
         seed: int = 0,
         device: torch.device | str = "cpu",
+        split_file: str | os.PathLike[str] | None = None,  # CSV name,split: your own split
+        test_path: str | os.PathLike[str] | None = None,  # split: a folder of test images
         cache_dir: str | os.PathLike[str] | None = None,  # this machine's (--cache-dir)
     ) -> None:
         super().__init__(seed=seed, device=device)
@@ -114,7 +123,16 @@ class ImageFolder(InnerTask):
             raise ConfigError(f"{NAME}: val_fraction + test_fraction = "
                               f"{val_fraction + test_fraction:g} leaves too little to train "
                               "on; keep the sum below 0.9")
-        root = Path(os.fspath(path)) if isinstance(path, os.PathLike) else Path(str(path))
+        if (split_file is not None and test_path is not None) or (
+                test_path is not None and episodes != "split"):
+            raise ConfigError(f"{NAME}: test_path needs episodes='split' and replaces "
+                              "split_file; give one of them")
+        if split_file is not None and split_by == "alphabet":
+            raise ConfigError(f"{NAME}: split_file lists the classes of each split itself; "
+                              "leave split_by at 'class'")
+        root = _path(path)
+        self.split_file = None if split_file is None else _path(split_file)
+        self.test_path = None if test_path is None else _path(test_path)
         folder = scan(root, layout)
         if split_by == "alphabet" and (episodes != "few-shot" or folder.layout != "omniglot"):
             why = ("episodes='split' splits images, not classes" if episodes != "few-shot" else
@@ -146,8 +164,11 @@ class ImageFolder(InnerTask):
                   test_episodes: int, channels: int | str) -> FewShotTask:
         _check_counts(self.folder.classes, shots + queries, "shots + queries",
                       "lower 'shots' or 'queries'")
-        self.class_split = _class_split(self.folder, self.split_by, val_fraction,
-                                        test_fraction, self.seed)
+        if self.split_file is not None:
+            self.class_split = read_split_file(self.split_file, self.class_names, "class")
+        else:
+            self.class_split = _class_split(self.folder, self.split_by, val_fraction,
+                                            test_fraction, self.seed)
         got = [len(s) for s in self.class_split]
         if min(got) < ways:
             per = ", ".join(f"{n} {g}" for n, g in zip(SPLITS, got, strict=True))
@@ -158,7 +179,7 @@ class ImageFolder(InnerTask):
                 "'ways', change the fractions, or add classes")
         task = FewShotTask(ways=ways, shots=shots, queries=queries, val_episodes=val_episodes,
                            test_episodes=test_episodes, seed=self.seed, device=self.device)
-        x = self._decode(channels)
+        x = self._decode(self._files(), channels)
         task.input_shape = self.input_shape
         task.set_pools(*(ClassPool(x, labels, classes, name=f"{NAME} {split}")
                          for split, classes in zip(SPLITS, self.class_split, strict=True)))
@@ -175,7 +196,20 @@ class ImageFolder(InnerTask):
                       "add images")
         task = _TargetSplit(shots=shots, queries=queries, val_fraction=val_fraction,
                             test_fraction=test_fraction, seed=self.seed, device=self.device)
-        split = task.split(labels, name=NAME)
+        files = self._files()
+        split: tuple[Tensor, Tensor, Tensor]
+        if self.split_file is not None:
+            names = [f.relative_to(self.folder.root).as_posix() for f in files]
+            split = tuple(torch.tensor(p) for p in  # type: ignore[assignment]
+                          read_split_file(self.split_file, names, "image"))
+        elif self.test_path is not None:
+            test_files, test_labels = self._test_images()
+            train, val = train_val(labels, val_fraction, self.seed)
+            split = (train, val, torch.arange(len(files), len(files) + len(test_files)))
+            files, labels = files + test_files, torch.cat([labels, test_labels])
+            self.labels = labels
+        else:
+            split = task.split(labels, name=NAME)
         in_train = torch.bincount(labels[split[0]], minlength=len(self.folder)).tolist()
         need = shots + queries
         short = [(n, c.name) for n, c in zip(in_train, self.folder.classes, strict=True)
@@ -186,15 +220,40 @@ class ImageFolder(InnerTask):
                 f"{NAME}: class {name!r} has {n} image(s) in the train split, fewer than shots "
                 f"+ queries = {need} for meta-train episodes; lower 'shots' or 'queries' (or "
                 "the val/test fractions), or add images")
-        x = self._decode(channels)
+        x = self._decode(files, channels)
         task.set_data(x, labels, split, name=NAME, class_names=self.class_names)
         return task
 
-    def _decode(self, channels: int | str) -> StoredImages:
-        """Every image, in class order and file order, from this folder's store (built
-        now if this machine has none for these files and settings)."""
-        files = [f for c in self.folder.classes for f in c.files]
-        source = FileImages(files, slot=str(self.folder.root.resolve()))
+    def _files(self) -> list[Path]:
+        """Every image of the folder, in class order and file order."""
+        return [f for c in self.folder.classes for f in c.files]
+
+    def _test_images(self) -> tuple[list[Path], Tensor]:
+        """The images of ``test_path`` and their classes (those of ``path``).
+
+        Raises:
+            DataError: a class folder that ``path`` does not have.
+        """
+        assert self.test_path is not None
+        test = scan(self.test_path, "classes")
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [c.name for c in test.classes if c.name not in index]
+        if unknown:
+            more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+            raise DataError(f"{NAME}: test_path {str(self.test_path)!r} has class folder "
+                            f"{unknown[0]!r}{more} that path {str(self.folder.root)!r} does "
+                            f"not have; its class folders must be among "
+                            f"{self.class_names[:10]}")
+        files = [f for c in test.classes for f in c.files]
+        labels = torch.tensor([index[c.name] for c in test.classes for _ in c.files])
+        return files, labels
+
+    def _decode(self, files: list[Path], channels: int | str) -> StoredImages:
+        """``files`` from their store (built now if this machine has none for these files
+        and settings)."""
+        slot = [str(self.folder.root.resolve())] + (
+            [] if self.test_path is None else [str(self.test_path.resolve())])
+        source = FileImages(files, slot="|".join(slot))
         store = open_store(source, name=NAME, size=self.size, channels=channels,
                            resize=self.resize, cache_dir=self.cache_dir)
         self.input_shape = tuple(store.shape[1:])
@@ -214,6 +273,8 @@ class ImageFolder(InnerTask):
             "episodes": self.episodes,
             "classes": len(self.folder),
             "images": sum(len(c.files) for c in self.folder.classes),
+            "split": ("split file" if self.split_file is not None else "test folder"
+                      if self.test_path is not None else "fractions"),
         }
         if self.episodes == "few-shot":
             facts["split_by"] = self.split_by
@@ -222,6 +283,10 @@ class ImageFolder(InnerTask):
                 split: [self.class_names[i] for i in classes]
                 for split, classes in zip(SPLITS, self.class_split, strict=True)}
         return facts
+
+
+def _path(value: str | os.PathLike[str]) -> Path:
+    return Path(os.fspath(value)) if isinstance(value, os.PathLike) else Path(str(value))
 
 
 def _check_counts(classes: list[ClassFolder], need: int, what: str, fix: str) -> None:

@@ -359,3 +359,61 @@ def test_a_fifo_named_like_an_image_is_never_opened(tmp_path: Path) -> None:
     task = finishes(lambda: ImageFolder(path=root, size=8, val_fraction=0.34,
                                         test_fraction=0.34, **EPISODES))
     assert [len(c.files) for c in task.folder.classes] == [3] * 6
+
+
+# -- your own split ---------------------------------------------------------------------------
+def test_a_split_file_replaces_the_class_fractions(tmp_path: Path) -> None:
+    root = make_classes(tmp_path / "data")
+    names = sorted(p.name for p in root.iterdir())
+    (tmp_path / "split.csv").write_text("name,split\n" + "".join(
+        f"{n},{'train' if i < 4 else 'val' if i < 6 else 'test'}\n" for i, n in enumerate(names)))
+    task = ImageFolder(path=root, split_file=tmp_path / "split.csv", size=12, ways=2, shots=1,
+                       queries=1, val_episodes=3, test_episodes=3)
+    assert task.describe()["classes_by_split"] == {
+        "meta-train": names[:4], "meta-val": names[4:6], "meta-test": names[6:]}
+    assert task.describe()["split"] == "split file"
+
+
+def test_a_split_file_of_images_and_a_test_folder_replace_the_image_fractions(
+        tmp_path: Path) -> None:
+    root = make_classes(tmp_path / "data")
+    files = sorted(f.relative_to(root).as_posix() for f in root.rglob("*.png"))
+    by_class = {}
+    for f in files:
+        by_class.setdefault(f.split("/")[0], []).append(f)
+    rows = [(f, "train") for fs in by_class.values() for f in fs[:-2]]
+    rows += [(fs[-2], "val") for fs in by_class.values()] + [(fs[-1], "test")
+                                                             for fs in by_class.values()]
+    (tmp_path / "images.csv").write_text("name,split\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    task = ImageFolder(path=root, episodes="split", split_file=tmp_path / "images.csv", size=12,
+                       shots=1, queries=1)
+    assert task.describe()["examples"] == {"train": len(files) - 16, "val": 8, "test": 8}
+    # A test folder: two classes' test images, the rest of path split into train and val.
+    test = tmp_path / "test"
+    for name in list(by_class)[:2]:
+        (test / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(test / name / f"t{i}.png")
+    task = ImageFolder(path=root, episodes="split", test_path=test, size=12, shots=1, queries=1)
+    assert task.describe()["examples"]["test"] == 6 and task.describe()["split"] == "test folder"
+    assert task.meta_test()[:].query_y.tolist() == [[0, 0, 0, 1, 1, 1]]
+
+
+def test_bad_user_splits_are_one_line(tmp_path: Path) -> None:
+    root = make_classes(tmp_path / "data")
+    name = sorted(p.name for p in root.iterdir())[0]
+    (tmp_path / "s.csv").write_text(f"name,split\n{name},train\nno-such-class,val\n")
+    with pytest.raises(DataError, match="names class 'no-such-class' that the folder"):
+        ImageFolder(path=root, split_file=tmp_path / "s.csv", size=12)
+    (tmp_path / "s.csv").write_text(f"name,split\n{name}/x.png,train\n")
+    with pytest.raises(DataError, match="names image .* that the folder does not hold"):
+        ImageFolder(path=root, episodes="split", split_file=tmp_path / "s.csv", size=12)
+    (tmp_path / "s.csv").write_text("class,part\n")
+    with pytest.raises(DataError, match="needs the columns name,split"):
+        ImageFolder(path=root, split_file=tmp_path / "s.csv", size=12)
+    (tmp_path / "test" / "unknown").mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "test" / "unknown" / "a.png")
+    with pytest.raises(DataError, match="has class folder 'unknown' that path"):
+        ImageFolder(path=root, episodes="split", test_path=tmp_path / "test", size=12)
+    with pytest.raises(ConfigError, match="test_path needs episodes='split'"):
+        ImageFolder(path=root, test_path=tmp_path / "test", size=12)
