@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from limits import QUICK_SUBPROCESS
 from PIL import Image
 
 from autometa import ConfigError, DataError
 from autometa.cache import cache_dir, clear, stores
 from autometa.image_store import ArrayImages, FileImages, open_store
 from autometa.images import decode_file
-from limits import QUICK_SUBPROCESS
 
 
 def write_images(root: Path, n: int = 12, size: tuple[int, int] = (20, 20)) -> list[Path]:
