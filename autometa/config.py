@@ -46,7 +46,9 @@ class SearchConfig:
     """Everything that defines a search. Unknown keys and bad values raise ConfigError."""
 
     task: str  # task plugin name, e.g. "sinusoid"
-    task_params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task
+    # keyword arguments of the task; and its per-trial settings (its trial_params, e.g.
+    # augmentation) as algorithm_params: value | [choices] | {low, high} (default: fixed)
+    task_params: dict[str, Any] = field(default_factory=dict)
     algorithms: list[str] = field(default_factory=list)  # [] = every compatible algorithm
     sources: list[str] = field(default_factory=list)  # [] = every compatible source model
     # {plugin: {hyperparameter: value | [choices] | {low, high}}}: fix, restrict or narrow

@@ -164,6 +164,8 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "source": "source model plugin name",
     "algorithm_params": "the algorithm's hyperparameters, without the plugin prefix",
     "source_params": "the source model's settings, without the plugin prefix",
+    "task_params": "the task's per-trial settings (its trial_params), every one, defaults "
+                   "included; {} for a task without them",
     "origin": "why the trial was queued first: 'portfolio' or 'warm start from <study> "
               "trial <n>' (absent for trials the sampler proposed)",
     "worker": "the process that ran it: {'host', 'pid', ...}",

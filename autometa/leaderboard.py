@@ -21,6 +21,7 @@ from autometa.errors import ConfigError
 from autometa.metrics import tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
+from autometa.study.build import trial_defaults
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
 from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
@@ -55,9 +56,11 @@ class Leaderboard:
             best), ``p_vs_best`` (that adjusted p-value against the best), ``fit_time_s``
             (meta-training seconds), ``adapt_ms`` (milliseconds to adapt to and predict
             one meta-val episode), ``peak_mem_mb`` (peak CUDA memory, MiB; empty on a
-            CPU), ``params`` (text), then one column per hyperparameter
-            (``<plugin>.<name>``, empty where a trial's plugins lack it). Test columns are
-            empty beyond the ``top_k`` best.
+            CPU), ``params`` (text; with the task's per-trial settings that differ from
+            their defaults), then one column per searched hyperparameter
+            (``<plugin>.<name>``, empty where a trial's plugins lack it; ``task.<name>``
+            for a searched per-trial task setting). Test columns are empty beyond the
+            ``top_k`` best.
         counts: trials per final state (complete, pruned, failed, running).
     """
 
@@ -217,6 +220,7 @@ def compute_leaderboard(
     groups, pvalues = tie_groups([list(tests[n].scores) for n in scored])
     tie = dict(zip(scored, zip(groups, pvalues, strict=True), strict=True))
     rows, hyper = [], sorted({k for t in ranked for k in t.params} - {"algorithm", "source"})
+    task_defaults = trial_defaults(task)  # "params" names the task settings changed
     for rank, t in enumerate(ranked, start=1):
         plan = TrialPlan.of(t)
         test = tests.get(t.number)
@@ -234,7 +238,7 @@ def compute_leaderboard(
             "tie_group": group,
             "p_vs_best": p,
             **{k: _number(t.user_attrs.get(k)) for k in COST_COLUMNS},
-            "params": plan.params_text(),
+            "params": plan.params_text(task_defaults),
             **{k: t.params.get(k) for k in hyper},
         })
     columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from autometa.errors import ConfigError, unknown
 from autometa.metrics import ACCURACY, MSE, Metric, TaskKind, loss_for
 from autometa.numeric_inputs import InputBatch, read_numbers
 from autometa.space import SearchSpace
@@ -122,6 +123,12 @@ class Task(ABC):
 
     #: Declared ranges of the keyword parameters (``task_params``), checked before building.
     params: ClassVar[SearchSpace] = {}
+    #: Per-trial settings of how meta-train episodes are drawn (e.g. augmentation), with
+    #: their declared ranges. Not constructor arguments: the engine gives each trial its
+    #: values through :meth:`configure_trial`; a user fixes or searches each one in
+    #: ``task_params`` as an algorithm's hyperparameter. Each name's default is the class
+    #: attribute of that name.
+    trial_params: ClassVar[SearchSpace] = {}
 
     kind: TaskKind
     input_shape: tuple[int, ...]
@@ -132,6 +139,24 @@ class Task(ABC):
         self.device = torch.device(device)
         # What built this task; the engine sets the registered name and parameters.
         self.identity: dict[str, Any] = {"task": type(self).__name__, "params": {}, "seed": seed}
+
+    def configure_trial(self, **values: Any) -> None:
+        """Set one trial's values of :attr:`trial_params` (every name, defaults included).
+
+        Called by the engine before a trial meta-trains, and when a stored trial is
+        rebuilt, on the task that the trials of a process share. These settings change
+        meta-train episodes only (:meth:`sample`, :meth:`sample_labelled`): meta-val and
+        meta-test scoring are never affected. The default sets each value as an attribute;
+        override it (calling it) to prepare what depends on them.
+
+        Raises:
+            ConfigError: a name not in :attr:`trial_params`.
+        """
+        for name, value in values.items():
+            if name not in self.trial_params:
+                raise ConfigError(unknown(f"trial parameter of task {type(self).__name__}",
+                                          name, self.trial_params))
+            setattr(self, name, value)
 
     @property
     def spec(self) -> TaskSpec:

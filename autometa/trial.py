@@ -23,6 +23,7 @@ from autometa.errors import PluginError
 from autometa.metrics import mean_ci95
 from autometa.plugins import PluginHost
 from autometa.study.artifacts import download_state, load_state, open_store
+from autometa.study.build import trial_defaults
 from autometa.study.inputs import localize
 from autometa.study.settings import search_seed
 from autometa.study.trials import MetaTestScore, TrialPlan, trial_seed
@@ -39,11 +40,16 @@ class Diverged(Exception):
 
 def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
           root: Path | None = None) -> MetaAlgorithm:
-    """Instantiate the source model's network on the task's device and wrap it in the algorithm.
+    """Configure the task for the plan, instantiate the source model's network on the
+    task's device and wrap it in the algorithm.
 
-    Relative input paths among the settings (a checkpoint's ``path``) resolve against
-    ``root`` (None: the working directory).
+    The task gets the plan's per-trial settings (:meth:`~autometa.task.Task.configure_trial`;
+    a setting the plan lacks, as in a trial stored before the task declared it, at its
+    default). Relative input paths among the settings (a checkpoint's ``path``) resolve
+    against ``root`` (None: the working directory).
     """
+    defaults = trial_defaults(task)
+    task.configure_trial(**{**defaults, **plan.task_params})
     source_cls = host.get("source", plan.source).load()
     algorithm_cls = host.get("algorithm", plan.algorithm).load()
     torch.manual_seed(seed)  # network initialisation
@@ -54,7 +60,7 @@ def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
         return algorithm_cls(model, task, **localize(algorithm_cls, plan.algorithm_params,
                                                      root))
     except TypeError as exc:
-        raise PluginError(f"cannot build {plan.describe()}: {exc}") from exc
+        raise PluginError(f"cannot build {plan.describe(defaults)}: {exc}") from exc
 
 
 def scored_per_example(episodes: EpisodeSet, task: Task) -> bool:

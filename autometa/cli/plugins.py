@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 #: The type shown for a declared name that the constructor does not take (a plugin bug the
 #: conformance kit reports).
 NOT_A_SETTING = "not a constructor setting"
+#: A task's trial_params: not constructor settings, yet given in task_params.
+PER_TRIAL = "per trial, fixed or searched as an algorithm's"
 #: Longest default shown in the --verbose table (a repr can be pages long).
 MAX_DEFAULT = 60
 
@@ -96,7 +98,8 @@ def _sorted_plugins(host: PluginHost) -> list[tuple[str, PluginInfo]]:
 
 
 def _inspect(reg: Registration) -> tuple[Mapping[str, Any], list[_Setting]]:
-    """The entry's declared space (a task's ``params``) and its constructor settings.
+    """The entry's declared space (a task's ``params``) and its constructor settings (a
+    task's ``trial_params`` too).
 
     Raises:
         AutometaError: loading, the space or the signature failed (a one-line message).
@@ -119,6 +122,9 @@ def _inspect(reg: Registration) -> tuple[Mapping[str, Any], list[_Setting]]:
                                     None if required else default, required, space.get(name)))
         settings += [_Setting(str(name), NOT_A_SETTING, None, False, p)
                      for name, p in space.items() if name not in types]
+        if reg.kind == "task":
+            settings += [_Setting(str(name), PER_TRIAL, getattr(factory, name, None), False, p)
+                         for name, p in getattr(factory, "trial_params", {}).items()]
     return space, settings
 
 

@@ -90,7 +90,10 @@ def add_parsers(sub: Any) -> None:
                           "configurations that fit this search run first (before the "
                           "portfolio)")
     run.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
-                     help="task parameter, e.g. shots=5 (repeatable)")
+                     help="task parameter, e.g. shots=5; a per-trial setting (the task's "
+                          "trial_params) is fixed, restricted or searched like --param, "
+                          "e.g. flip=[true,false] or 'crop_scale={low=0.08,high=1}' "
+                          "(repeatable)")
     run.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                      help="fix or restrict a hyperparameter, e.g. maml.inner_steps=1 or "
                           "maml.first_order=[true,false] (repeatable)")

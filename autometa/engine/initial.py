@@ -1,6 +1,7 @@
 """The trials a new study runs before its sampler takes over: a portfolio of every
 (algorithm, source) pair at its plugins' defaults, and the best configurations of
-earlier studies (warm start).
+earlier studies (warm start). Both run the task's per-trial settings at their defaults
+(or the values the search fixes).
 
 Both become Optuna's queued trials (``study.enqueue_trial``), so whichever worker claims
 next runs them first, on any machine, and they count against the budget like any other.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from autometa.errors import ConfigError
 from autometa.space import Categorical, Float, Int, check_value
+from autometa.study.build import trial_defaults
 
 if TYPE_CHECKING:
     import optuna
@@ -89,7 +91,7 @@ def portfolio(prepared: Prepared) -> list[Queued]:
             defaults = host.get(kind, name).load().defaults()
             params |= {f"{name}.{hp}": value for hp, value in defaults.items()
                        if hp in space and _fits(space[hp], value)}
-        out.append(Queued(params, "portfolio"))
+        out.append(Queued(params | _task_defaults(prepared), "portfolio"))
     return out
 
 
@@ -99,7 +101,7 @@ def warm_start(prepared: Prepared) -> list[Queued]:
     this search, as its Optuna parameters. One whose algorithm or source is not in this
     search, or whose value of a hyperparameter searched here is outside this search's
     space, is skipped with a log line and the next best taken; settings fixed here apply
-    to all.
+    to all, and the task's per-trial settings are this search's defaults.
     """
     out = []
     for _, plans in prepared.warm:
@@ -140,7 +142,16 @@ def _matched(prepared: Prepared, plan: TrialPlan) -> dict[str, Any]:
             if not _fits(param, values[hp]):
                 raise _Mismatch(f"{name}.{hp}={values[hp]!r} is outside this search's space")
             params[f"{name}.{hp}"] = values[hp]
-    return params
+    return params | _task_defaults(prepared)
+
+
+def _task_defaults(prepared: Prepared) -> dict[str, Any]:
+    """``{"task.<name>": default}`` of the task's per-trial settings this search samples,
+    for a queued trial: an earlier study's values are not carried over (its task may
+    differ), and a default outside this search's space is left to the sampler."""
+    defaults = trial_defaults(prepared.task)
+    return {f"task.{name}": defaults[name] for name, param in prepared.task_space.items()
+            if _fits(param, defaults[name])}
 
 
 def _fits(param: Any, value: Any) -> bool:

@@ -20,7 +20,7 @@ from autometa.params import declared_types
 from autometa.plugins import Kind, PluginHost
 from autometa.space import Categorical, Float, Int, restrict
 from autometa.study.artifacts import check_location
-from autometa.study.build import build_task, check_device, parse_task_params
+from autometa.study.build import build_task, check_device, parse_task_params, task_trial_space
 from autometa.study.inputs import check_same, fingerprints, localize, path_settings, root_of
 from autometa.study.storage import study_exists
 from autometa.task import Task
@@ -37,6 +37,8 @@ class Prepared:
     task: Task
     algorithms: dict[str, dict[str, Any]]  # name -> restricted search space
     sources: dict[str, dict[str, Any]]
+    # the task's per-trial settings (Task.trial_params): {name: Param (searched) or value}
+    task_space: dict[str, Any] = field(default_factory=dict)
     #: input files by setting: {"task_params.path": {"path": as given, "sha256": ...}}
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     root: Path | None = None  # relative input paths resolve here (None: working directory)
@@ -68,6 +70,7 @@ def prepare(config: SearchConfig, host: PluginHost,
     device = torch.device(devices[0])
     check_location(config.artifacts)
     task_params = parse_task_params(config, host)
+    task_space = task_trial_space(config, host)
     root = root_of(config.data_root)  # where input files are hashed
     # Plugins get relative paths as written, or resolved against data_root when it is given.
     data_root = Path(config.data_root) if config.data_root is not None else None
@@ -119,7 +122,9 @@ def prepare(config: SearchConfig, host: PluginHost,
         config,
         device=devices[0],
         devices=devices,
-        task_params=task_params,
+        task_params={**task_params,
+                     **_overrides(task_space, {n: v for n, v in config.task_params.items()
+                                               if n in task_space})},
         algorithm_params={n: _overrides(s, config.algorithm_params.get(n, {}))
                           for n, s in algorithms.items() if n in config.algorithm_params},
         source_params={n: _overrides(s, config.source_params.get(n, {}))
@@ -129,7 +134,8 @@ def prepare(config: SearchConfig, host: PluginHost,
     if config.warm_start and expected_inputs is None:  # a joining worker never creates
         if not study_exists(config.storage, config.study):  # queued only at creation
             warm = read_warm_start(config)
-    return Prepared(typed, host, task, algorithms, sources, inputs, data_root, warm)
+    return Prepared(typed, host, task, algorithms, sources, task_space, inputs, data_root,
+                    warm)
 
 
 def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from autometa.engine.prepare import Prepared
 from autometa.errors import ConfigError, PluginError, redact
 from autometa.plugins import Kind
 from autometa.space import from_json, to_json
+from autometa.study.build import declared_trial_params
 from autometa.study.settings import CONFIG_ATTR, jsonable
 from autometa.study.storage import open_storage, schema_ready
 from autometa.study.urls import local_file, open_error
@@ -132,7 +133,8 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
         # The plugins and spaces this search resolved: a resume uses exactly these, so a
         # plugin installed or upgraded since cannot change the space Optuna samples from.
         "spaces": {"algorithm": {n: to_json(s) for n, s in prepared.algorithms.items()},
-                   "source": {n: to_json(s) for n, s in prepared.sources.items()}},
+                   "source": {n: to_json(s) for n, s in prepared.sources.items()},
+                   "task": to_json(prepared.task_space)},
     })
     if queued:
         enqueue(study, queued)
@@ -172,6 +174,16 @@ def _use_stored_spaces(prepared: Prepared, spaces: Mapping[str, Any], study: str
                                   f"usable now ({exc}); reinstall it to resume, or start a new "
                                   "study") from None
         setattr(prepared, attr, {n: from_json(s) for n, s in spaces[kind].items()})
+    # A study made before tasks had per-trial settings stored none: it runs the defaults.
+    if "task" in spaces:
+        declared = declared_trial_params(prepared.host.get("task", prepared.config.task).load())
+        gone = sorted(set(spaces["task"]) - set(declared))
+        if gone:
+            raise ConfigError(f"study {study!r} drew the task's {', '.join(map(repr, gone))} "
+                              f"per trial, which task {prepared.config.task!r} no longer "
+                              "declares in trial_params; install the version it was made "
+                              "with to resume, or start a new study")
+        prepared.task_space = from_json(spaces["task"])
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

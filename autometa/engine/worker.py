@@ -39,6 +39,7 @@ from autometa.events import TrialFailed, TrialFinished, TrialPruned, TrialStarte
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
 from autometa.study.artifacts import keep_best, open_store, upload_state
+from autometa.study.build import trial_defaults
 from autometa.study.trials import (
     COST_ATTRS,
     CURVE_ATTR,
@@ -177,7 +178,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     )
     plan = TrialPlan(plan.algorithm, plan.source,
                      suggest(trial, plan.algorithm, prepared.algorithms[plan.algorithm]),
-                     suggest(trial, plan.source, prepared.sources[plan.source]))
+                     suggest(trial, plan.source, prepared.sources[plan.source]),
+                     # "task.<name>"; fixed ones (a name not given: its default) recorded too
+                     suggest(trial, "task", prepared.task_space))
     for key, value in vars(plan).items():
         trial.set_user_attr(key, value)
     inherited = trial.user_attrs  # a retry copies its failed trial's attributes
@@ -185,7 +188,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                 CURVE_ATTR):
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
-    send(("trial_started", (trial.number, plan.describe(), config.meta_steps, device)))
+    send(("trial_started", (trial.number, plan.describe(trial_defaults(task)),
+                            config.meta_steps, device)))
     host.notify("trial_started", TrialStarted(
         study.study_name, number=trial.number, algorithm=plan.algorithm, source=plan.source,
         params=dict(trial.params), device=device, out=out), config.plugins)

@@ -1,6 +1,10 @@
 """A search's task built from its settings: the task's parameters parsed as its declared
 types, the device checked, the task built once on it. The engine builds the task of a new
 search this way, and a stored study's is rebuilt the same way on any machine.
+
+``task_params`` also holds the task's per-trial settings (``Task.trial_params``): they are
+split off here, never passed to the constructor, and become the space each trial's values
+are drawn from (:func:`task_trial_space`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from autometa.config import SearchConfig
 from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
 from autometa.params import declared_types, parse
 from autometa.plugins import PluginHost
-from autometa.space import parse_value
+from autometa.space import SearchSpace, parse_value, restrict
 from autometa.study.inputs import localize
 from autometa.task import Task
 
@@ -50,14 +54,19 @@ def check_device(text: str) -> torch.device:
 
 
 def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
-    """``config.task_params`` parsed as the task's declared types and checked (ranges,
-    choices, required parameters)."""
+    """The task's constructor parameters among ``config.task_params``, parsed as its
+    declared types and checked (ranges, choices, required parameters); its per-trial
+    settings are left to :func:`task_trial_space`."""
     task_cls = host.get("task", config.task).load()
     types = declared_types(task_cls, skip=ENGINE_SUPPLIED)
+    per_trial = declared_trial_params(task_cls)
     params: dict[str, Any] = {}
     for name, value in config.task_params.items():
+        if name in per_trial:
+            continue
         if name not in types:
-            raise ConfigError(unknown(f"parameter of task {config.task!r}", name, types))
+            raise ConfigError(unknown(f"parameter of task {config.task!r}", name,
+                                      {*types, *per_trial}))
         key = f"task_params.{name}"
         params[name] = (parse_value(key, task_cls.params[name], value)
                         if name in task_cls.params else parse(key, types[name], value))
@@ -69,6 +78,53 @@ def parse_task_params(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
                           f"{' '.join(f'--task-param {n}=...' for n in missing)} (or "
                           "task_params in a config file)")
     return params
+
+
+def task_trial_space(config: SearchConfig, host: PluginHost) -> dict[str, Any]:
+    """The task's per-trial settings as this search draws them: ``{name: Param}`` for a
+    searched one, ``{name: value}`` for a fixed one.
+
+    A ``task_params`` entry named in the task's ``trial_params`` takes the syntax of an
+    algorithm's hyperparameter (a value, a list of choices, ``{low, high}``); a setting
+    not given is fixed at its default, so a search that names none samples as before.
+
+    Raises:
+        ConfigError: a value outside the setting's declared type or range.
+        PluginError: a setting without a default, or also a constructor parameter.
+    """
+    task_cls = host.get("task", config.task).load()
+    declared = declared_trial_params(task_cls)
+    defaults = trial_defaults(task_cls)
+    both = set(declared) & set(declared_types(task_cls, skip=ENGINE_SUPPLIED))
+    if both:
+        raise PluginError(f"task {config.task!r} declares {', '.join(map(repr, sorted(both)))} "
+                          "both in trial_params and as a constructor parameter; a per-trial "
+                          "setting is not a constructor argument: remove one")
+    given = {n: v for n, v in config.task_params.items() if n in declared}
+    restricted = restrict("task_params", declared, given)
+    return {name: restricted[name] if name in given else defaults[name] for name in declared}
+
+
+def trial_defaults(task: Task | type[Task]) -> dict[str, Any]:
+    """``{name: default}`` of a task's ``trial_params``: the class attributes of those names.
+
+    Raises:
+        PluginError: a setting without a class attribute of its name.
+    """
+    cls = task if isinstance(task, type) else type(task)
+    declared = declared_trial_params(cls)
+    missing = [n for n in declared if not hasattr(cls, n)]
+    if missing:
+        raise PluginError(f"task {cls.__module__}.{cls.__qualname__} declares "
+                          f"{', '.join(map(repr, missing))} in trial_params without a default; "
+                          f"set a class attribute of that name, e.g. {missing[0]} = ...")
+    return {n: getattr(cls, n) for n in declared}
+
+
+def declared_trial_params(task_cls: Any) -> SearchSpace:
+    """A registered task's ``trial_params`` (none for a factory that is no ``Task``)."""
+    space: SearchSpace = getattr(task_cls, "trial_params", {})
+    return space
 
 
 def build_task(config: SearchConfig, host: PluginHost, task_params: Mapping[str, Any],

@@ -6,7 +6,7 @@ The study user attribute :data:`CONFIG_ATTR` holds::
     {"autometa_version": ..., "config": {settings, the storage URL without its password},
      "fingerprint": {what a resume must match}, "inputs": {setting: {"path", "sha256"}},
      "task": {kind, shapes, metric}, "plugins": {kind: {name: "distribution version"}},
-     "spaces": {"algorithm": {...}, "source": {...}}}
+     "spaces": {"algorithm": {...}, "source": {...}, "task": {per-trial settings}}}
 """
 
 from __future__ import annotations

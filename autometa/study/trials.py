@@ -7,6 +7,7 @@ Predictor); one definition serves both.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,30 +56,49 @@ def learning_curve(trial: Any) -> dict[int, float]:
 
 @dataclass(frozen=True)
 class TrialPlan:
-    """The configuration a trial runs: plugin names and their hyperparameters."""
+    """The configuration a trial runs: plugin names and their hyperparameters, and the
+    task's per-trial settings (``Task.trial_params``, every one, defaults included: a
+    stored trial is rebuilt with its own values even if a plugin's defaults change)."""
 
     algorithm: str
     source: str
     algorithm_params: dict[str, Any] = field(default_factory=dict)
     source_params: dict[str, Any] = field(default_factory=dict)
+    task_params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, trial: Any) -> TrialPlan:
-        """The plan a worker recorded in ``trial``'s user attributes (an Optuna trial)."""
-        return cls(**{k: trial.user_attrs[k] for k in
-                      ("algorithm", "source", "algorithm_params", "source_params")})
+        """The plan a worker recorded in ``trial``'s user attributes (an Optuna trial;
+        one recorded before per-trial task settings existed has none)."""
+        attrs = trial.user_attrs
+        return cls(**{k: attrs[k] for k in
+                      ("algorithm", "source", "algorithm_params", "source_params")},
+                   task_params=dict(attrs.get("task_params") or {}))
 
-    def describe(self) -> str:
-        """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs."""
+    def describe(self, task_defaults: Mapping[str, Any] | None = None) -> str:
+        """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs; ``... on task(flip=True)``
+        where task settings differ from ``task_defaults`` (all of them if None)."""
+        task = self._task_changes(task_defaults)
         return f"{self.algorithm}({_kv(self.algorithm_params, ', ')}) + " \
-               f"{self.source}({_kv(self.source_params, ', ')})"
+               f"{self.source}({_kv(self.source_params, ', ')})" \
+               + (f" on task({_kv(task, ', ')})" if task else "")
 
-    def params_text(self) -> str:
-        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins."""
-        return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}"
+    def params_text(self, task_defaults: Mapping[str, Any] | None = None) -> str:
+        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins;
+        ``... | task: flip=True`` where task settings differ from ``task_defaults`` (all of
+        them if None)."""
+        task = self._task_changes(task_defaults)
+        return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}" \
+               + (f" | task: {_kv(task, ' ')}" if task else "")
+
+    def _task_changes(self, defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+        if defaults is None:
+            return dict(self.task_params)
+        return {k: v for k, v in self.task_params.items()
+                if k not in defaults or defaults[k] != v}
 
 
-def _kv(params: dict[str, Any], sep: str) -> str:
+def _kv(params: Mapping[str, Any], sep: str) -> str:
     return sep.join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
 
 

@@ -24,7 +24,7 @@ from autometa.algorithm import MetaAlgorithm
 from autometa.errors import ConfigError
 from autometa.params import ENGINE_ARGUMENTS, declared_types, parse
 from autometa.source_model import Backbone, SourceModel
-from autometa.space import Categorical, Float, Int, SearchSpace
+from autometa.space import Categorical, Float, Int, SearchSpace, check_value
 from autometa.task import Episodes, Task
 from autometa.testing.locate import located
 
@@ -137,6 +137,7 @@ def check_task(task_cls: type[Task], **params: Any) -> Task:
             _fail(task_cls, f"{split}() differs between two tasks with the same seed", split)
         if _same(episodes, getattr(other, split)()):
             _fail(task_cls, f"{split}() does not depend on the seed", split)
+    _check_trial_params(task_cls, task)
     batch = task.sample(3, torch.Generator(device=task.device).manual_seed(0))
     _check_episodes(task_cls, task, batch, "sample(3)", "sample")
     if len(batch) != 3:
@@ -144,6 +145,39 @@ def check_task(task_cls: type[Task], **params: Any) -> Task:
     if _same(batch, task.sample(3, torch.Generator(device=task.device).manual_seed(1))):
         _fail(task_cls, "sample() does not depend on its generator", "sample")
     return task
+
+
+def _check_trial_params(task_cls: type[Task], task: Task) -> None:
+    """Each per-trial setting has a default in its range and is no constructor parameter;
+    setting other values leaves meta-val and meta-test as they were (the task ends at its
+    defaults)."""
+    __tracebackhide__ = True
+    declared = task_cls.trial_params
+    constructor = declared_types(task_cls, skip=ENGINE_ARGUMENTS)
+    others = {}
+    for name, param in declared.items():
+        if name in constructor:
+            _fail(task_cls, f"trial_params declares {name!r}, also a constructor parameter; "
+                  "a per-trial setting is set by configure_trial, not passed to __init__")
+        if not hasattr(task_cls, name):
+            _fail(task_cls, f"trial_params declares {name!r} without a default: set a class "
+                  f"attribute of that name, e.g. {name} = ...")
+        default = getattr(task_cls, name)
+        try:
+            check_value(f"{task_cls.__name__}.{name}", param, default)
+        except ConfigError as exc:
+            _fail(task_cls, f"the default of {exc}")
+        others[name] = (param.choices[-1] if isinstance(param, Categorical)
+                        else param.high if default != param.high else param.low)
+    if not declared:
+        return
+    before = task.meta_val(), task.meta_test()
+    task.configure_trial(**others)
+    for split, episodes in zip(("meta_val", "meta_test"), before, strict=True):
+        if not _same(episodes, getattr(task, split)()):
+            _fail(task_cls, f"{split}() changes with the trial_params {others}: they may "
+                  "change meta-train episodes only", split)
+    task.configure_trial(**{name: getattr(task_cls, name) for name in declared})
 
 
 def check_source_model(source_cls: type[SourceModel], task: Task, **hyperparameters: Any
