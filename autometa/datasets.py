@@ -28,17 +28,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from autometa.augment import Augmentation
 from autometa.episodes import ClassPool, Examples, TensorExamples
 from autometa.errors import ConfigError, DataError
-from autometa.space import Float, Int, SearchSpace
+from autometa.space import Categorical, Float, Int, SearchSpace
 from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, Task
 
 __all__ = [
+    "AUGMENT_PARAMS",
+    "AugmentedImages",
     "FEW_SHOT_PARAMS",
     "FewShotTask",
     "InnerTask",
@@ -65,6 +68,52 @@ TARGET_PARAMS: SearchSpace = {
     "val_fraction": Float(0.05, 0.5),
     "test_fraction": Float(0.05, 0.5),
 }
+
+
+#: Meta-train augmentation of image tasks, per trial (:class:`AugmentedImages`): the
+#: settings of :class:`autometa.augment.Augmentation`, with its ranges.
+AUGMENT_PARAMS: SearchSpace = {
+    "crop_scale": Float(0.08, 1.0),
+    "flip": Categorical((False, True)),
+    "jitter": Float(0.0, 1.0),
+}
+
+
+class AugmentedImages:
+    """Mixin for image tasks (list it first among the bases): meta-train episodes
+    augmented as the few-shot literature does (random resized crop, horizontal flip,
+    colour jitter; :class:`autometa.augment.Augmentation`), in batch on the task's device.
+
+    The settings are per-trial task settings (:attr:`Task.trial_params`): off unless a
+    search fixes them (``--task-param flip=true``) or searches them
+    (``--task-param 'crop_scale={low=0.08,high=1}'``). Only meta-train episodes are
+    augmented, support and query images alike, each image independently, with random
+    numbers from the trial's generator; meta-val, meta-test and labelled pre-training
+    batches never are, and with every setting off nothing is drawn (the episodes of a seed
+    are those of an unaugmented task).
+    """
+
+    trial_params: ClassVar[SearchSpace] = AUGMENT_PARAMS
+    crop_scale: float = 1.0  # RandomResizedCrop's smallest area fraction (1: no crop)
+    flip: bool = False  # horizontal flip with probability 0.5
+    jitter: float = 0.0  # brightness, contrast and saturation strength (0: none)
+    augmentation: Augmentation | None = None
+
+    def configure_trial(self, **values: Any) -> None:
+        super().configure_trial(**values)  # type: ignore[misc]
+        augmentation = Augmentation(self.crop_scale, self.flip, self.jitter)
+        self.augmentation = augmentation if augmentation.active else None
+
+    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
+        episodes: Episodes = super().sample(n_tasks, generator)  # type: ignore[misc]
+        if self.augmentation is None:
+            return episodes
+
+        def augment(x: Tensor) -> Tensor:  # (tasks, n, C, H, W)
+            return self.augmentation(x.flatten(0, 1), generator).view_as(x)  # type: ignore
+
+        return Episodes(augment(episodes.support_x), episodes.support_y,
+                        augment(episodes.query_x), episodes.query_y)
 
 
 def check_finite(x: Tensor, what: str) -> None:

@@ -44,6 +44,7 @@ from autometa import Categorical, ConfigError, DataError, Int
 from autometa.datasets import (
     FEW_SHOT_PARAMS,
     TARGET_PARAMS,
+    AugmentedImages,
     FewShotTask,
     InnerTask,
     TargetTask,
@@ -72,7 +73,7 @@ class _TargetSplit(TargetTask):
     kind = "classification"
 
 
-class ImageFolder(InnerTask):
+class ImageFolder(AugmentedImages, InnerTask):
     """Classification on a local image directory (see the module docstring)."""
 
     kind = "classification"

@@ -417,3 +417,34 @@ def test_bad_user_splits_are_one_line(tmp_path: Path) -> None:
         ImageFolder(path=root, episodes="split", test_path=tmp_path / "test", size=12)
     with pytest.raises(ConfigError, match="test_path needs episodes='split'"):
         ImageFolder(path=root, test_path=tmp_path / "test", size=12)
+
+
+# -- meta-train augmentation (per trial) ------------------------------------------------------
+def test_augmentation_changes_meta_train_images_only_and_is_off_by_default(
+        tmp_path: Path) -> None:
+    root = make_classes(tmp_path / "data")
+    task = ImageFolder(path=root, size=12, **EPISODES)
+    plain = task.sample(3, torch.Generator().manual_seed(5))
+    val = task.meta_val()[:]
+    task.configure_trial(crop_scale=0.5, flip=True, jitter=0.4)
+    augmented = task.sample(3, torch.Generator().manual_seed(5))
+    # The same episodes (labels, shapes), other pixels; evaluation episodes unchanged.
+    assert torch.equal(augmented.support_y, plain.support_y)
+    assert augmented.support_x.shape == plain.support_x.shape
+    assert not torch.equal(augmented.support_x, plain.support_x)
+    assert 0 <= float(augmented.query_x.min()) and float(augmented.query_x.max()) <= 1
+    assert torch.equal(task.meta_val()[:].support_x, val.support_x)
+    task.configure_trial(crop_scale=1.0, flip=False, jitter=0.0)  # off again: as before
+    again = task.sample(3, torch.Generator().manual_seed(5))
+    assert torch.equal(again.support_x, plain.support_x)
+
+
+def test_augmentation_is_searched_per_trial(tmp_path: Path) -> None:
+    make_classes(tmp_path / "data")
+    board = autometa.search(
+        "image-folder", task_params={"path": "data", "size": 12, **EPISODES,
+                                     "flip": [False, True], "jitter": {"low": 0.0, "high": 0.5}},
+        algorithms=["protonet"], sources=["conv4"], n_trials=3, meta_steps=2, eval_every=2)
+    frame = board.frame
+    assert {"task.flip", "task.jitter"} <= set(frame.columns)
+    assert frame["task.jitter"].between(0.0, 0.5).all()
