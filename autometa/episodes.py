@@ -76,7 +76,14 @@ class ClassPool:
         y = y.to(examples.device)
         self.name = name
         self.classes = [int(c) for c in classes]
-        members = [torch.nonzero(y == c).flatten() for c in self.classes]
+        # Each class's example indices in ascending order, by one stable sort of the labels
+        # (not a pass over all labels per class: tiered-ImageNet has 608 x 779,165).
+        order = torch.argsort(y, stable=True)
+        wanted = torch.tensor(self.classes, dtype=y.dtype, device=y.device)
+        sorted_y = y[order]
+        starts = torch.searchsorted(sorted_y, wanted).tolist()
+        ends = torch.searchsorted(sorted_y, wanted, right=True).tolist()
+        members = [order[a:b] for a, b in zip(starts, ends, strict=True)]
         empty = [c for c, m in zip(self.classes, members, strict=True) if len(m) == 0]
         if empty:
             raise DataError(f"{name}: class(es) {empty} have no examples")
@@ -87,7 +94,8 @@ class ClassPool:
         self.index = torch.stack([
             torch.cat([m, m[:1].expand(width - len(m))]) for m in members
         ]).to(examples.device)
-        self.x = examples
+        self.x = x  # as given (a tensor, or Examples)
+        self.examples = examples
 
     @property
     def n_classes(self) -> int:
@@ -122,7 +130,7 @@ class ClassPool:
                 pool labels (a target dataset's own classes).
         """
         self.check(ways, shots + queries)
-        device = self.x.device
+        device = self.examples.device
         k = shots + queries
         if shuffle_classes:  # random classes per task: the first `ways` of a permutation
             classes = torch.rand(n_tasks, self.n_classes, generator=generator,
@@ -164,7 +172,7 @@ class ClassPool:
             support_y=labels[:, :, :shots].reshape(n_tasks, ways * shots),
             query=query.reshape(n_tasks, ways * queries),
             query_y=labels[:, :, shots:].reshape(n_tasks, ways * queries),
-            gather=self.x.gather,
+            gather=self.examples.gather,
         )
 
     def digest(self) -> str:
@@ -175,19 +183,19 @@ class ClassPool:
         the CPU. Equal pools give equal digests; any changed value, example or class
         order gives another. One pass over the data (about 2 s per GB on one CPU core).
         """
-        hasher = hashlib.sha256(repr(("ClassPool", tuple(self.x.shape[1:]))).encode())
+        hasher = hashlib.sha256(repr(("ClassPool", tuple(self.examples.shape[1:]))).encode())
         index = self.index.cpu()
         for label, count in enumerate(self.counts.tolist()):
-            members = index[label, :count].to(self.x.device)
-            rows = self.x.gather(members).to("cpu", torch.float32).contiguous()  # (count, ...)
+            members = index[label, :count].to(self.examples.device)
+            rows = self.examples.gather(members).to("cpu", torch.float32).contiguous()  # (count, ...)
             hasher.update(struct.pack("<qq", label, count))
             hasher.update(rows.numpy().data)  # the buffer itself: no extra copy
         return hasher.hexdigest()
 
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` random examples with their pool labels: (n, *input_shape), (n,)."""
-        device = self.x.device
+        device = self.examples.device
         label = torch.randint(self.n_classes, (n,), generator=generator, device=device)
         slot = (torch.rand(n, generator=generator, device=device)
                 * self.counts[label]).long()
-        return self.x.gather(self.index[label, slot]), label
+        return self.examples.gather(self.index[label, slot]), label
