@@ -1,0 +1,17 @@
+"""Task plugin: the field's few-shot benchmarks, read from local files in their published
+layouts and split as published (never downloaded); one task per benchmark, one reader
+module per format, the shared part in ``benchmark``."""
+
+from autometa import hookimpl
+
+#: (registered name, module:class, description): one task per benchmark.
+TASKS = (
+    ("mini-imagenet", "mini_imagenet:MiniImageNet",
+     "miniImageNet from local files: Ravi & Larochelle's CSVs over images/, 64/16/20 classes"),
+)
+
+
+@hookimpl
+def register_tasks(register):
+    for name, target, description in TASKS:
+        register(name, f"autometa_plugins.fewshot_datasets.{target}", description=description)

@@ -1,0 +1,220 @@
+"""fewshot-datasets: the field's benchmarks read from local files in their published layouts.
+
+Each test writes a tiny dataset in exactly its published format (CSVs, class folders, CUB's
+txt lists, CIFAR-100's and tieredImageNet's pickles as Python 2 wrote them) with a few
+classes of 12x12 images, and builds the task through the real plugin. Every class's images
+have one grey level (or red level, for CIFAR) of their own, so a decoded image tells which
+class it came from: the tests check which class names land in each split and that
+episodes only show their own split's images. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from limits import CLI_SEARCH, QUICK_SUBPROCESS
+from PIL import Image
+
+from autometa import ConfigError, DataError
+from autometa.testing import check_task
+from autometa_plugins.fewshot_datasets.mini_imagenet import MiniImageNet
+
+EPISODES = {"ways": 2, "shots": 1, "queries": 2, "val_episodes": 4, "test_episodes": 4}
+SMALL = {**EPISODES, "size": 12}
+SPLITS = ("meta-train", "meta-val", "meta-test")
+
+
+# -- drawing: one grey level per class -------------------------------------------------------
+def shade(k: int) -> int:
+    return 20 + 9 * k
+
+
+def image(k: int, mode: str = "L", index: int = 0) -> Image.Image:
+    """Class ``k``'s grey level, with a corner of the image's own (so that two images of
+    one class differ)."""
+    grey = Image.new(mode, (12, 12), shade(k) if mode == "L" else (shade(k),) * 3)
+    grey.paste(255 - 40 * index if mode == "L" else (255 - 40 * index,) * 3, (0, 0, 3, 3))
+    return grey
+
+
+def class_of(pixels: torch.Tensor, names: list[str]) -> str:
+    """The class whose grey level an image (C, H, W in [0, 1]) shows (its median: the
+    corner is the image's own)."""
+    return names[round((float(pixels[0].median()) * 255 - 20) / 9)]
+
+
+def shown(task, episodes, names: list[str]) -> set[str]:
+    """The classes of every image of ``episodes``, and a check that each episode label
+    stands for one class."""
+    seen = set()
+    for x, y in ((episodes.support_x, episodes.support_y), (episodes.query_x, episodes.query_y)):
+        for task_x, task_y in zip(x, y, strict=True):
+            by_label: dict[int, set[str]] = {}
+            for pixels, label in zip(task_x, task_y.tolist(), strict=True):
+                by_label.setdefault(label, set()).add(class_of(pixels, names))
+            assert all(len(c) == 1 for c in by_label.values()), by_label
+            seen |= {c for cs in by_label.values() for c in cs}
+    return seen
+
+
+def check_splits(task, expected: dict[str, list[str]], names: list[str]) -> None:
+    """The published split is the task's, and each split's episodes show only its classes."""
+    facts = task.describe()
+    assert facts["classes_by_split"] == expected
+    assert facts["class_split"] == {s: len(c) for s, c in expected.items()}
+    generator = torch.Generator().manual_seed(0)
+    for split, episodes in zip(SPLITS, (task.sample(6, generator), task.meta_val(),
+                                        task.meta_test()), strict=True):
+        assert shown(task, episodes, names) <= set(expected[split]), split
+
+
+# -- the published layouts, written small ------------------------------------------------------
+MINI = {"train.csv": ["n03000001", "n01000002", "n02000003"], "val.csv": ["n09000000", "n01500000"],
+        "test.csv": ["n05000000", "n00000001"]}
+
+
+def write_mini(root: Path, per_class: int = 3) -> list[str]:
+    """Ravi & Larochelle's layout; returns the class names in shade order."""
+    (root / "images").mkdir(parents=True)
+    names = [w for wnids in MINI.values() for w in wnids]
+    for csv_name, wnids in MINI.items():
+        rows = ["filename,label"]
+        for wnid in wnids:
+            for i in range(per_class):
+                filename = f"{wnid}{i + 1:08d}.jpg"
+                image(names.index(wnid), "RGB", i).save(root / "images" / filename)
+                rows.append(f"{filename},{wnid}")
+        (root / csv_name).write_text("\n".join(rows) + "\n")
+    return names
+
+
+# -- each format: the contract, its published split, its images ---------------------------------
+def test_mini_imagenet(tmp_path: Path) -> None:
+    names = write_mini(tmp_path / "mini")
+    task = check_task(MiniImageNet, path=str(tmp_path / "mini"), **SMALL)
+    assert task.input_shape == (3, 12, 12) and task.images.shape == (21, 3, 12, 12)
+    expected = dict(zip(SPLITS, (sorted(c) for c in MINI.values()), strict=True))
+    check_splits(task, expected, names)
+    assert task.describe()["split_from"] == {"meta-train": "train.csv", "meta-val": "val.csv",
+                                             "meta-test": "test.csv"}
+    big = MiniImageNet(path=tmp_path / "mini", **EPISODES)  # the default size, 84
+    assert big.input_shape == (3, 84, 84) and big.meta_test().query_x.shape == (4, 4, 3, 84, 84)
+
+
+def test_new_images_are_decoded_as_the_task_decodes_its_own(tmp_path: Path) -> None:
+    """`autometa predict`'s inputs: files or a folder; a support set of class folders."""
+    names = write_mini(tmp_path / "mini")
+    task = MiniImageNet(path=tmp_path / "mini", **SMALL)
+    batch = task.read_inputs(tmp_path / "mini" / "images", labelled=False)
+    assert batch.x.shape == (21, 3, 12, 12) and batch.labels is None and batch.id_name == "file"
+    assert batch.ids[0] == "n0000000100000001.jpg" and batch.ids == sorted(batch.ids)
+    stored = {file.name: i for i, file in enumerate(task.layout.source.files)}
+    assert torch.equal(batch.x, task.images.gather(torch.tensor([stored[i] for i in batch.ids])))
+    for wnid in ("n05000000", "n00000001"):  # a support set: one folder per class
+        (tmp_path / "support" / wnid).mkdir(parents=True)
+        image(names.index(wnid), "RGB", 5).save(tmp_path / "support" / wnid / "a.png")
+    support = task.read_inputs(tmp_path / "support", labelled=True)
+    assert support.labels == ["n00000001", "n05000000"] and support.x.shape == (2, 3, 12, 12)
+    assert [class_of(x, names) for x in support.x] == support.labels
+    one = task.read_inputs(tmp_path / "support" / "n05000000" / "a.png", labelled=False)
+    assert one.x.shape == (1, 3, 12, 12) and one.ids == ["a.png"]
+    with pytest.raises(DataError, match=r"^mini-imagenet: --support '.*a.png' is a file"):
+        task.read_inputs(tmp_path / "support" / "n05000000" / "a.png", labelled=True)
+
+
+# -- bad input: one line each, nothing decoded ---------------------------------------------------
+def _unlink(path: Path) -> None:
+    path.unlink()
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+CASES: dict[str, tuple[type, Callable[[Path], object], dict, type[Exception], list[str]]] = {
+    "mini: no path": (MiniImageNet, lambda r: None, {"path": None}, ConfigError,
+                      ["give the dataset's folder", "path/train.csv", "path/images/<filename>"]),
+    "mini: no such folder": (MiniImageNet, lambda r: None, {"path": "nowhere"}, DataError,
+                             ["'nowhere' does not exist", "path/train.csv"]),
+    "mini: missing csv": (MiniImageNet, lambda r: (write_mini(r), _unlink(r / "val.csv")), {},
+                          DataError, ["val.csv' is missing", "the layout is path/train.csv"]),
+    "mini: missing images": (
+        MiniImageNet, lambda r: (write_mini(r), _unlink(r / "images" / "n0900000000000001.jpg"),
+                                 _unlink(r / "images" / "n0150000000000003.jpg")), {}, DataError,
+        ["val.csv names 2 image(s) missing from", "'n0900000000000001.jpg' (val.csv line 2) "
+         "(and 1 more missing)"]),
+    "mini: bad header": (
+        MiniImageNet, lambda r: (write_mini(r), (r / "test.csv").write_text("file,class\na,n1\n")),
+        {}, DataError, ["starts with 'file,class'", "'filename,label'"]),
+    "mini: class in two splits": (
+        MiniImageNet, lambda r: (write_mini(r), _append(r / "test.csv", "n0300000100000001.jpg,"
+                                                       "n03000001\n")), {}, DataError,
+        ["class 'n03000001' is in both train.csv and test.csv"]),
+    "mini: too few images": (MiniImageNet, write_mini, {"shots": 2}, DataError,
+                             ["has 3 image(s), fewer than shots + queries = 4",
+                              "(and 6 other class(es))", "lower 'shots' or 'queries'"]),
+    "mini: more ways than classes": (MiniImageNet, write_mini, {"ways": 3}, DataError,
+                                     ["3-way episodes need 3 classes", "meta-val (val.csv) has 2",
+                                      "lower 'ways'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_error(tmp_path: Path, case: str) -> None:
+    task_cls, setup, params, error, expected = CASES[case]
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(error) as raised:
+        task_cls(**{"path": str(root), **SMALL, **params})
+    message = str(raised.value)
+    assert message.startswith(f"{task_cls.name}: ") and "\n" not in message, message
+    for part in expected:
+        assert part in message, message
+    stores = tmp_path.parent / f"{tmp_path.name}-cache" / "stores"
+    assert not stores.exists() or not list(stores.glob("*.u8")), "decoded before the check"
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+def autometa_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "autometa", *args], cwd=cwd,
+                          env={**os.environ, "COLUMNS": "250"}, capture_output=True, text=True,
+                          timeout=CLI_SEARCH)
+
+
+def test_cli_searches_mini_imagenet_and_refuses_a_broken_one(tmp_path: Path) -> None:
+    write_mini(tmp_path / "mini")
+    params = [a for k, v in {**SMALL, "path": "mini"}.items() for a in ("--task-param", f"{k}={v}")]
+    run = ["run", "--task", "mini-imagenet", *params, "--algorithms", "protonet", "--sources",
+           "mlp", "--trials", "2", "--meta-steps", "2", "--eval-every", "2", "--no-progress"]
+    result = autometa_cli(*run, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (board,) = (tmp_path / "autometa-reports").glob("mini-imagenet*.csv")
+    frame = pd.read_csv(board)
+    assert len(frame) == 2 and set(frame["algorithm"]) == {"protonet"}
+    assert frame["val_accuracy"].between(0, 1).all() and (frame["test_n"].dropna() > 0).any()
+
+    (tmp_path / "mini" / "val.csv").unlink()
+    before = (tmp_path / "autometa.db").read_bytes()
+    refused = autometa_cli(*run, "--study", "other", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autometa: error: mini-imagenet: "), lines
+    assert "val.csv' is missing" in lines[0]
+    assert (tmp_path / "autometa.db").read_bytes() == before  # nothing stored
+
+
+def test_plugins_lists_every_benchmark(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "autometa", "plugins"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
+                            timeout=QUICK_SUBPROCESS)
+    assert result.returncode == 0, result.stderr
+    for name in ("mini-imagenet",):
+        assert f"task {name}" in result.stdout, name
