@@ -8,6 +8,9 @@ from autometa import hookimpl
 TASKS = (
     ("mini-imagenet", "mini_imagenet:MiniImageNet",
      "miniImageNet from local files: Ravi & Larochelle's CSVs over images/, 64/16/20 classes"),
+    ("tiered-imagenet", "tiered_imagenet:TieredImageNet",
+     "tieredImageNet from local files: {train,val,test}/<wnid>/ folders or Ren et al.'s "
+     "PNG pickles, 351/97/160 classes"),
 )
 
 

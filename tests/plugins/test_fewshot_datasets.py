@@ -10,12 +10,15 @@ episodes only show their own split's images. Nothing is downloaded.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,6 +28,7 @@ from PIL import Image
 from autometa import ConfigError, DataError
 from autometa.testing import check_task
 from autometa_plugins.fewshot_datasets.mini_imagenet import MiniImageNet
+from autometa_plugins.fewshot_datasets.tiered_imagenet import TieredImageNet
 
 EPISODES = {"ways": 2, "shots": 1, "queries": 2, "val_episodes": 4, "test_episodes": 4}
 SMALL = {**EPISODES, "size": 12}
@@ -95,6 +99,49 @@ def write_mini(root: Path, per_class: int = 3) -> list[str]:
     return names
 
 
+TIERED = {"train": ["n04000001", "n02000002", "n03000003"], "val": ["n01000004", "n06000005"],
+          "test": ["n05000006", "n00000007"]}
+
+
+def write_tiered_folders(root: Path) -> list[str]:
+    names = [w for wnids in TIERED.values() for w in wnids]
+    for split, wnids in TIERED.items():
+        for wnid in wnids:
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(3):
+                image(names.index(wnid), "RGB", i).save(root / split / wnid / f"{wnid}_{i}.JPEG")
+    return names
+
+
+def png_bytes(k: int, index: int = 0) -> np.ndarray:
+    """One image as cv2.imencode gives it: PNG file bytes, uint8 (bytes, 1)."""
+    buffer = io.BytesIO()
+    image(k, "RGB", index).save(buffer, format="PNG")
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8).reshape(-1, 1)
+
+
+def py2_pickle(data: object) -> bytes:
+    """``data`` pickled as Python 2 with numpy 1 wrote the published files: protocol 2,
+    numpy's arrays rebuilt by ``numpy.core.multiarray._reconstruct``."""
+    return pickle.dumps(data, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+
+
+def write_tiered_pickles(root: Path) -> list[str]:
+    """Ren et al.'s pickles as Python 2 wrote them (bytes keys and names, protocol 2)."""
+    root.mkdir(parents=True)
+    names = [w for wnids in TIERED.values() for w in wnids]
+    for split, wnids in TIERED.items():
+        order = [w for w in wnids for _ in range(3)][::-1]  # images need not be grouped
+        labels = {b"label_specific": np.array([wnids.index(w) for w in order], dtype=np.int32),
+                  b"label_general": np.zeros(len(order), dtype=np.int32),
+                  b"label_specific_str": [w.encode() for w in wnids],
+                  b"label_general_str": [b"category"]}
+        (root / f"{split}_labels.pkl").write_bytes(py2_pickle(labels))
+        (root / f"{split}_images_png.pkl").write_bytes(
+            py2_pickle([png_bytes(names.index(w), i) for i, w in enumerate(order)]))
+    return names
+
+
 # -- each format: the contract, its published split, its images ---------------------------------
 def test_mini_imagenet(tmp_path: Path) -> None:
     names = write_mini(tmp_path / "mini")
@@ -106,6 +153,20 @@ def test_mini_imagenet(tmp_path: Path) -> None:
                                              "meta-test": "test.csv"}
     big = MiniImageNet(path=tmp_path / "mini", **EPISODES)  # the default size, 84
     assert big.input_shape == (3, 84, 84) and big.meta_test().query_x.shape == (4, 4, 3, 84, 84)
+
+
+@pytest.mark.parametrize("form", ["folders", "pickles"])
+def test_tiered_imagenet(tmp_path: Path, form: str) -> None:
+    write = write_tiered_folders if form == "folders" else write_tiered_pickles
+    names = write(tmp_path / "tiered")
+    task = check_task(TieredImageNet, path=str(tmp_path / "tiered"), **SMALL)
+    assert task.input_shape == (3, 12, 12) and len(task.images) == 21
+    expected = dict(zip(SPLITS, TIERED.values(), strict=True))
+    if form == "folders":  # a split's classes are its sorted folders
+        expected = {s: sorted(c) for s, c in expected.items()}
+    check_splits(task, expected, names)
+    assert task.describe()["format"] == ("class folders" if form == "folders" else
+                                         "Ren et al.'s PNG pickles")
 
 
 def test_new_images_are_decoded_as_the_task_decodes_its_own(tmp_path: Path) -> None:
@@ -164,6 +225,20 @@ CASES: dict[str, tuple[type, Callable[[Path], object], dict, type[Exception], li
     "mini: more ways than classes": (MiniImageNet, write_mini, {"ways": 3}, DataError,
                                      ["3-way episodes need 3 classes", "meta-val (val.csv) has 2",
                                       "lower 'ways'"]),
+    "tiered: missing split folder": (
+        TieredImageNet, lambda r: (write_tiered_folders(r), os.rename(r / "val", r / "valid")), {},
+        DataError, ["val' is missing", "path/{train,val,test}/<wnid>/<image>"]),
+    "tiered: missing labels pickle": (
+        TieredImageNet, lambda r: (write_tiered_pickles(r), _unlink(r / "test_labels.pkl")), {},
+        DataError, ["test_labels.pkl' is missing", "Ren et al.'s pickles"]),
+    "tiered: labels pickle without names": (
+        TieredImageNet, lambda r: (write_tiered_pickles(r), (r / "val_labels.pkl").write_bytes(
+            pickle.dumps({b"label_specific": np.zeros(6, np.int32)}, protocol=2))), {}, DataError,
+        ["val_labels.pkl' has no key 'label_specific_str'", "this file has label_specific"]),
+    "tiered: images and labels of two releases": (
+        TieredImageNet, lambda r: (write_tiered_pickles(r), (r / "test_images_png.pkl")
+                                   .write_bytes(pickle.dumps([png_bytes(0)], protocol=2))), {},
+        DataError, ["test_images_png.pkl' holds 1 image(s), but its labels pickle labels 6"]),
 }
 
 
@@ -216,5 +291,5 @@ def test_plugins_lists_every_benchmark(tmp_path: Path) -> None:
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
                             timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0, result.stderr
-    for name in ("mini-imagenet",):
+    for name in ("mini-imagenet", "tiered-imagenet"):
         assert f"task {name}" in result.stdout, name
