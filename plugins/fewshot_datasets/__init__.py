@@ -11,6 +11,10 @@ TASKS = (
     ("tiered-imagenet", "tiered_imagenet:TieredImageNet",
      "tieredImageNet from local files: {train,val,test}/<wnid>/ folders or Ren et al.'s "
      "PNG pickles, 351/97/160 classes"),
+    ("cifar-fs", "cifar:CifarFS",
+     "CIFAR-FS from CIFAR-100's python pickles: Bertinetto et al.'s 64/16/20 class split"),
+    ("fc100", "cifar:FC100",
+     "FC100 from CIFAR-100's python pickles: Oreshkin et al.'s 12/4/4 superclass split"),
 )
 
 

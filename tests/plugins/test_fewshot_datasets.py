@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image
 
 from autometa import ConfigError, DataError
 from autometa.testing import check_task
+from autometa_plugins.fewshot_datasets.cifar import FC100, CifarFS
 from autometa_plugins.fewshot_datasets.mini_imagenet import MiniImageNet
 from autometa_plugins.fewshot_datasets.tiered_imagenet import TieredImageNet
 
@@ -142,6 +144,59 @@ def write_tiered_pickles(root: Path) -> list[str]:
     return names
 
 
+#: CIFAR-100's superclasses and their classes (CIFAR's own page), alphabetical as in meta.
+CIFAR100 = {
+    "aquatic_mammals": "beaver dolphin otter seal whale",
+    "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip",
+    "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe",
+    "insects": "bee beetle butterfly caterpillar cockroach",
+    "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk",
+    "non-insect_invertebrates": "crab lobster snail spider worm",
+    "people": "baby boy girl man woman",
+    "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel",
+    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train",
+    "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+}
+FINE = sorted(c for classes in CIFAR100.values() for c in classes.split())
+COARSE = sorted(CIFAR100)
+SUPERCLASS = {c: s for s, classes in CIFAR100.items() for c in classes.split()}
+
+
+def write_cifar(root: Path, per_class: tuple[int, int] = (2, 1), drop: str = "") -> Path:
+    """CIFAR-100's python pickles: 2 train and 1 test image per class, red level = class."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for part, count in zip(("train", "test"), per_class, strict=True):
+        fine = [k for k in range(100) for _ in range(count)]
+        planes = np.zeros((len(fine), 3, 32, 32), dtype=np.uint8)
+        planes[:, 0] = np.array(fine, dtype=np.uint8)[:, None, None] * 2 + 20  # R: the class
+        planes[:, 1, :16] = 200  # G: top half, so planes must not be mixed up
+        planes[:, 2, 0, 0] = np.arange(len(fine)) % 256  # B: one pixel of the image's own
+        entry = {b"batch_label": part.encode(), b"filenames": [b"x.png"] * len(fine),
+                 b"data": planes.reshape(len(fine), 3072), b"fine_labels": fine,
+                 b"coarse_labels": [COARSE.index(SUPERCLASS[FINE[k]]) for k in fine]}
+        entry.pop(drop.encode(), None)
+        (folder / part).write_bytes(py2_pickle(entry))
+    meta = {b"fine_label_names": [n.encode() for n in FINE],
+            b"coarse_label_names": [n.encode() for n in COARSE]}
+    (folder / "meta").write_bytes(py2_pickle(meta))
+    return root
+
+
+def cifar_class(pixels: torch.Tensor) -> str:
+    return FINE[round((float(pixels[0].median()) * 255 - 20) / 2)]
+
+
 # -- each format: the contract, its published split, its images ---------------------------------
 def test_mini_imagenet(tmp_path: Path) -> None:
     names = write_mini(tmp_path / "mini")
@@ -169,6 +224,52 @@ def test_tiered_imagenet(tmp_path: Path, form: str) -> None:
                                          "Ren et al.'s PNG pickles")
 
 
+def test_cifar_fs_uses_bertinetto_split(tmp_path: Path) -> None:
+    task = check_task(CifarFS, path=str(write_cifar(tmp_path / "cifar")), **EPISODES)
+    assert task.input_shape == (3, 32, 32) and len(task.images) == 300
+    split = task.describe()["classes_by_split"]
+    assert [len(split[s]) for s in SPLITS] == [64, 16, 20]
+    assert {"dolphin", "apple", "wolf"} <= set(split["meta-train"])
+    assert {"beaver", "otter", "television"} <= set(split["meta-val"])
+    assert {"whale", "poppy", "woman"} <= set(split["meta-test"])
+    x = task.images.gather(torch.arange(3))  # (3, C, 32, 32): the R, G, B planes unmixed
+    assert torch.allclose(x[:, 1, :16], torch.tensor(200 / 255)) and float(x[:, 1, 16:].max()) == 0
+    for name, episodes in zip(SPLITS, (task.sample(4, torch.Generator().manual_seed(0)),
+                                       task.meta_val(), task.meta_test()), strict=True):
+        images = torch.cat([episodes.support_x, episodes.query_x], 1).flatten(0, 1)
+        assert {cifar_class(p) for p in images} <= set(split[name])
+
+
+def test_cifar_fs_reads_split_lists_when_given(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path / "cifar")
+    lists = {"train": ["worm", "apple", "tank"], "val": ["whale", "bus"],
+             "test": ["dolphin", "rose"]}
+    (root / "splits" / "bertinetto").mkdir(parents=True)
+    for split, classes in lists.items():
+        (root / "splits" / "bertinetto" / f"{split}.txt").write_text("\n".join(classes) + "\n")
+    task = CifarFS(path=root, **SMALL)
+    assert task.describe()["classes_by_split"] == dict(zip(SPLITS, lists.values(), strict=True))
+    assert task.input_shape == (3, 12, 12)
+
+
+def test_fc100_splits_by_superclass(tmp_path: Path) -> None:
+    task = check_task(FC100, path=str(write_cifar(tmp_path / "cifar")), **EPISODES)
+    CifarFS(path=tmp_path / "cifar", **EPISODES)
+    stores = list((tmp_path.parent / f"{tmp_path.name}-cache" / "stores").glob("*.u8"))
+    assert len(stores) == 1  # both read CIFAR-100's images: one store
+    split = task.describe()["classes_by_split"]
+    assert [len(split[s]) for s in SPLITS] == [60, 20, 20]
+    assert {SUPERCLASS[c] for c in split["meta-val"]} == {
+        "large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates",
+        "small_mammals"}
+    assert {SUPERCLASS[c] for c in split["meta-test"]} == {
+        "aquatic_mammals", "insects", "medium_mammals", "people"}
+    assert len({SUPERCLASS[c] for c in split["meta-train"]}) == 12
+    episodes = task.meta_test()
+    images = torch.cat([episodes.support_x, episodes.query_x], 1).flatten(0, 1)
+    assert {cifar_class(p) for p in images} <= set(split["meta-test"])
+
+
 def test_new_images_are_decoded_as_the_task_decodes_its_own(tmp_path: Path) -> None:
     """`autometa predict`'s inputs: files or a folder; a support set of class folders."""
     names = write_mini(tmp_path / "mini")
@@ -193,6 +294,18 @@ def test_new_images_are_decoded_as_the_task_decodes_its_own(tmp_path: Path) -> N
 # -- bad input: one line each, nothing decoded ---------------------------------------------------
 def _unlink(path: Path) -> None:
     path.unlink()
+
+
+def _cifar_lists(root: Path, val: str) -> None:
+    write_cifar(root)
+    (root / "splits" / "bertinetto").mkdir(parents=True)
+    for split, text in (("train", "apple\nbus\n"), ("val", val), ("test", "rose\nworm\n")):
+        (root / "splits" / "bertinetto" / f"{split}.txt").write_text(text)
+
+
+def _foreign_pickle(root: Path) -> None:
+    write_cifar(root)
+    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps({b"when": date(2009, 4, 8)}))
 
 
 def _append(path: Path, text: str) -> None:
@@ -239,6 +352,25 @@ CASES: dict[str, tuple[type, Callable[[Path], object], dict, type[Exception], li
         TieredImageNet, lambda r: (write_tiered_pickles(r), (r / "test_images_png.pkl")
                                    .write_bytes(pickle.dumps([png_bytes(0)], protocol=2))), {},
         DataError, ["test_images_png.pkl' holds 1 image(s), but its labels pickle labels 6"]),
+    "cifar: missing meta": (CifarFS, lambda r: (write_cifar(r), _unlink(
+        r / "cifar-100-python" / "meta")), {}, DataError,
+        ["cifar-100-python/meta' is missing", "path/cifar-100-python/{train,test,meta}"]),
+    "cifar: pickle without coarse labels": (
+        FC100, lambda r: write_cifar(r, drop="coarse_labels"), {}, DataError,
+        ["cifar-100-python/train' has no key 'coarse_labels'", "this file has batch_label, data"]),
+    "cifar: a Python object in a pickle": (
+        CifarFS, _foreign_pickle, {}, DataError,
+        ["meta' holds a Python object datetime.date", "only data are read from pickles"]),
+    "cifar: unknown class in a split list": (
+        CifarFS, lambda r: _cifar_lists(r, "whale\nbeever\notterr\n"), {}, DataError,
+        ["val.txt' names 2 class(es) that CIFAR-100's meta (fine_label_names) does not have",
+         "'beever' (line 2) (and 1 more unknown)"]),
+    "cifar: missing split list": (
+        CifarFS, lambda r: (_cifar_lists(r, "whale\nbus\n"),
+                            _unlink(r / "splits" / "bertinetto" / "test.txt")), {}, DataError,
+        ["splits/bertinetto/test.txt' is missing"]),
+    "cifar: too few images": (CifarFS, lambda r: write_cifar(r, per_class=(1, 1)), {}, DataError,
+                              ["has 2 image(s), fewer than shots + queries = 3"]),
 }
 
 
@@ -291,5 +423,5 @@ def test_plugins_lists_every_benchmark(tmp_path: Path) -> None:
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
                             timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0, result.stderr
-    for name in ("mini-imagenet", "tiered-imagenet"):
+    for name in ("mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100"):
         assert f"task {name}" in result.stdout, name
