@@ -15,6 +15,8 @@ TASKS = (
      "CIFAR-FS from CIFAR-100's python pickles: Bertinetto et al.'s 64/16/20 class split"),
     ("fc100", "cifar:FC100",
      "FC100 from CIFAR-100's python pickles: Oreshkin et al.'s 12/4/4 superclass split"),
+    ("cub", "cub:CUB",
+     "CUB-200-2011 from local files: Chen et al.'s 100/50/50 class split"),
 )
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from autometa import ConfigError, DataError
 from autometa.testing import check_task
 from autometa_plugins.fewshot_datasets.cifar import FC100, CifarFS
+from autometa_plugins.fewshot_datasets.cub import CUB
 from autometa_plugins.fewshot_datasets.mini_imagenet import MiniImageNet
 from autometa_plugins.fewshot_datasets.tiered_imagenet import TieredImageNet
 
@@ -197,6 +198,28 @@ def cifar_class(pixels: torch.Tensor) -> str:
     return FINE[round((float(pixels[0].median()) * 255 - 20) / 2)]
 
 
+CUB_CLASSES = [f"{i:03d}.Bird_{name}" for i, name in
+               enumerate(["Albatross", "Auklet", "Blackbird", "Bobolink", "Bunting", "Catbird",
+                          "Cowbird", "Crow"], 1)]
+
+
+def write_cub(root: Path, per_class: int = 3) -> list[str]:
+    """CUB-200-2011's lists and images/<class folder>/<file>.jpg; classes.txt unsorted."""
+    order = CUB_CLASSES[::-1]  # ids need not follow the names' order
+    images, labels = [], []
+    for class_id, folder in enumerate(order, 1):
+        (root / "images" / folder).mkdir(parents=True)
+        for i in range(per_class):
+            relative = f"{folder}/{folder.split('.')[1]}_{i:04d}.jpg"
+            image(CUB_CLASSES.index(folder), "RGB", i).save(root / "images" / relative)
+            images.append(f"{len(images) + 1} {relative}")
+            labels.append(f"{len(labels) + 1} {class_id}")
+    (root / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(order, 1)))
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    return CUB_CLASSES
+
+
 # -- each format: the contract, its published split, its images ---------------------------------
 def test_mini_imagenet(tmp_path: Path) -> None:
     names = write_mini(tmp_path / "mini")
@@ -268,6 +291,21 @@ def test_fc100_splits_by_superclass(tmp_path: Path) -> None:
     episodes = task.meta_test()
     images = torch.cat([episodes.support_x, episodes.query_x], 1).flatten(0, 1)
     assert {cifar_class(p) for p in images} <= set(split["meta-test"])
+
+
+def test_cub_uses_chen_et_al_split(tmp_path: Path) -> None:
+    names = write_cub(tmp_path / "CUB_200_2011")
+    task = check_task(CUB, path=str(tmp_path / "CUB_200_2011"), **SMALL)
+    # sorted folders 0..7: even -> train, 1 and 5 -> val, 3 and 7 -> test
+    check_splits(task, {"meta-train": [names[0], names[2], names[4], names[6]],
+                        "meta-val": [names[1], names[5]], "meta-test": [names[3], names[7]]},
+                 names)
+    (tmp_path / "CUB_200_2011" / "splits").mkdir()
+    for split, classes in (("train", names[5:]), ("val", names[:2]), ("test", names[2:4])):
+        (tmp_path / "CUB_200_2011" / "splits" / f"{split}.txt").write_text("\n".join(classes))
+    listed = CUB(path=tmp_path / "CUB_200_2011", **SMALL)
+    check_splits(listed, {"meta-train": names[5:], "meta-val": names[:2],
+                          "meta-test": names[2:4]}, names)
 
 
 def test_new_images_are_decoded_as_the_task_decodes_its_own(tmp_path: Path) -> None:
@@ -371,6 +409,17 @@ CASES: dict[str, tuple[type, Callable[[Path], object], dict, type[Exception], li
         ["splits/bertinetto/test.txt' is missing"]),
     "cifar: too few images": (CifarFS, lambda r: write_cifar(r, per_class=(1, 1)), {}, DataError,
                               ["has 2 image(s), fewer than shots + queries = 3"]),
+    "cub: missing labels file": (CUB, lambda r: (write_cub(r), _unlink(
+        r / "image_class_labels.txt")), {}, DataError, ["image_class_labels.txt' is missing",
+                                                       "CUB-200-2011's path/classes.txt"]),
+    "cub: missing images": (CUB, lambda r: (write_cub(r), _unlink(
+        r / "images" / CUB_CLASSES[7] / "Bird_Crow_0001.jpg")), {}, DataError,
+        ["images.txt names 1 image(s) missing from",
+         "'008.Bird_Crow/Bird_Crow_0001.jpg' (line 2)"]),
+    "cub: unknown class id": (
+        CUB, lambda r: (write_cub(r), _append(r / "images.txt", "25 x/y.jpg\n"),
+                        _append(r / "image_class_labels.txt", "25 201\n")), {}, DataError,
+        ["names 1 class id(s) not in classes.txt", "class 201 (image_class_labels.txt line 25)"]),
 }
 
 
@@ -423,5 +472,5 @@ def test_plugins_lists_every_benchmark(tmp_path: Path) -> None:
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
                             timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0, result.stderr
-    for name in ("mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100"):
+    for name in ("mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100", "cub"):
         assert f"task {name}" in result.stdout, name
