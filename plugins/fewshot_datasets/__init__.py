@@ -17,6 +17,9 @@ TASKS = (
      "FC100 from CIFAR-100's python pickles: Oreshkin et al.'s 12/4/4 superclass split"),
     ("cub", "cub:CUB",
      "CUB-200-2011 from local files: Chen et al.'s 100/50/50 class split"),
+    ("omniglot", "omniglot:Omniglot",
+     "Omniglot from local files: Lake et al.'s background/evaluation alphabets, seeded "
+     "meta-val alphabets"),
 )
 
 

@@ -31,6 +31,7 @@ from autometa.testing import check_task
 from autometa_plugins.fewshot_datasets.cifar import FC100, CifarFS
 from autometa_plugins.fewshot_datasets.cub import CUB
 from autometa_plugins.fewshot_datasets.mini_imagenet import MiniImageNet
+from autometa_plugins.fewshot_datasets.omniglot import Omniglot
 from autometa_plugins.fewshot_datasets.tiered_imagenet import TieredImageNet
 
 EPISODES = {"ways": 2, "shots": 1, "queries": 2, "val_episodes": 4, "test_episodes": 4}
@@ -220,6 +221,20 @@ def write_cub(root: Path, per_class: int = 3) -> list[str]:
     return CUB_CLASSES
 
 
+def write_omniglot(root: Path) -> list[str]:
+    names = []
+    for folder, alphabets in (("images_background", ["Bengali", "Greek", "Latin", "Tifinagh"]),
+                              ("images_evaluation", ["Atlantean", "Oriya"])):
+        for alphabet in alphabets:
+            for c in (1, 2):
+                names.append(f"{alphabet}/character{c:02d}")
+                (root / folder / alphabet / f"character{c:02d}").mkdir(parents=True)
+                for i in range(3):
+                    image(len(names) - 1, "L", i).save(
+                        root / folder / alphabet / f"character{c:02d}" / f"{i:04d}_{i}.png")
+    return names
+
+
 # -- each format: the contract, its published split, its images ---------------------------------
 def test_mini_imagenet(tmp_path: Path) -> None:
     names = write_mini(tmp_path / "mini")
@@ -306,6 +321,23 @@ def test_cub_uses_chen_et_al_split(tmp_path: Path) -> None:
     listed = CUB(path=tmp_path / "CUB_200_2011", **SMALL)
     check_splits(listed, {"meta-train": names[5:], "meta-val": names[:2],
                           "meta-test": names[2:4]}, names)
+
+
+def test_omniglot_holds_out_whole_background_alphabets(tmp_path: Path) -> None:
+    names = write_omniglot(tmp_path / "omniglot")
+    task = check_task(Omniglot, path=str(tmp_path / "omniglot"), val_alphabets=1, **SMALL)
+    facts = task.describe()
+    (val,) = facts["val_alphabets"]
+    assert val in {"Bengali", "Greek", "Latin", "Tifinagh"}
+    check_splits(task, {
+        "meta-train": [n for n in names[:8] if not n.startswith(f"{val}/")],
+        "meta-val": [f"{val}/character01", f"{val}/character02"],
+        "meta-test": names[8:]}, names)
+    drawn = {Omniglot(path=tmp_path / "omniglot", val_alphabets=1, seed=s, **SMALL)
+             .describe()["val_alphabets"][0] for s in range(8)}
+    assert len(drawn) > 1  # the held-out alphabet follows the seed
+    default = Omniglot(path=tmp_path / "omniglot", val_alphabets=2, **EPISODES)
+    assert default.input_shape == (1, 28, 28)  # Omniglot's defaults: 28 px, grayscale
 
 
 def test_new_images_are_decoded_as_the_task_decodes_its_own(tmp_path: Path) -> None:
@@ -420,6 +452,12 @@ CASES: dict[str, tuple[type, Callable[[Path], object], dict, type[Exception], li
         CUB, lambda r: (write_cub(r), _append(r / "images.txt", "25 x/y.jpg\n"),
                         _append(r / "image_class_labels.txt", "25 201\n")), {}, DataError,
         ["names 1 class id(s) not in classes.txt", "class 201 (image_class_labels.txt line 25)"]),
+    "omniglot: missing evaluation": (Omniglot, lambda r: (write_omniglot(r), os.rename(
+        r / "images_evaluation", r / "images_eval")), {}, DataError,
+        ["images_evaluation' is missing", "(meta-test)"]),
+    "omniglot: too many val alphabets": (Omniglot, write_omniglot, {"val_alphabets": 4},
+                                         DataError, ["val_alphabets=4 leaves no background",
+                                                     "has 4"]),
 }
 
 
@@ -472,5 +510,5 @@ def test_plugins_lists_every_benchmark(tmp_path: Path) -> None:
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
                             timeout=QUICK_SUBPROCESS)
     assert result.returncode == 0, result.stderr
-    for name in ("mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100", "cub"):
+    for name in ("mini-imagenet", "tiered-imagenet", "cifar-fs", "fc100", "cub", "omniglot"):
         assert f"task {name}" in result.stdout, name
