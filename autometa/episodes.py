@@ -187,7 +187,8 @@ class ClassPool:
         index = self.index.cpu()
         for label, count in enumerate(self.counts.tolist()):
             members = index[label, :count].to(self.examples.device)
-            rows = self.examples.gather(members).to("cpu", torch.float32).contiguous()  # (count, ...)
+            # (count, *input_shape)
+            rows = self.examples.gather(members).to("cpu", torch.float32).contiguous()
             hasher.update(struct.pack("<qq", label, count))
             hasher.update(rows.numpy().data)  # the buffer itself: no extra copy
         return hasher.hexdigest()

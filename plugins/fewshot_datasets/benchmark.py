@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from autometa import Categorical, ConfigError, DataError, Int
-from autometa.datasets import FEW_SHOT_PARAMS, FewShotTask
+from autometa.datasets import FEW_SHOT_PARAMS, AugmentedImages, FewShotTask
 from autometa.episodes import ClassPool
 from autometa.image_store import ImageSource, StoredImages, open_store
 from autometa.images import RESIZE_POLICIES
@@ -55,7 +55,7 @@ class Layout:
     facts: dict[str, Any] = field(default_factory=dict)  # more for describe(): the format
 
 
-class BenchmarkTask(FewShotTask):
+class BenchmarkTask(AugmentedImages, FewShotTask):
     """N-way K-shot episodes over a benchmark's published class split.
 
     Subclasses set :attr:`name` and :attr:`hint` and implement :meth:`read`; those whose
