@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from torch import Tensor
 
 from autometa import ConfigError, DataError
 from autometa.errors import unknown
@@ -177,3 +179,33 @@ def warn_wide_categoricals(frame: pd.DataFrame, name: str) -> None:
                 log.warning("%s: text column %r has %d distinct values in %d rows, one-hot "
                             "encoded as as many features; leave it out of features if it is "
                             "an identifier", name, column, distinct, len(frame))
+
+
+def split_rows(frame: pd.DataFrame, column: str, episodes: str, name: str
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Row positions of the train, val and test parts that ``column`` names.
+
+    Raises:
+        ConfigError: few-shot episodes (their split is of classes, not rows).
+        DataError: an unknown column, a value other than train/val/test (naming the row),
+            or a part without rows.
+    """
+    if episodes != "split":
+        raise ConfigError(f"{name}: split_column splits rows, which needs episodes='split'")
+    columns = [str(c) for c in frame.columns]
+    if column not in columns:
+        raise DataError(f"{name}: {unknown('split column', column, columns)}")
+    values = frame[column].astype(str).str.strip().str.lower()
+    bad = ~values.isin(("train", "val", "test"))
+    if bool(bad.any()):
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{name}: split column {column!r} row {row + 1} holds "
+                        f"{str(frame[column].iloc[row])!r}; each row must be train, val or "
+                        "test")
+    parts = tuple(torch.as_tensor(np.flatnonzero((values == part).to_numpy()))
+                  for part in ("train", "val", "test"))
+    for part, rows in zip(("train", "val", "test"), parts, strict=True):
+        if len(rows) == 0:
+            raise DataError(f"{name}: split column {column!r} names no {part} row; each of "
+                            "train, val and test needs at least one")
+    return parts  # type: ignore[return-value]

@@ -16,6 +16,11 @@ The file is read with pandas (a header row of column names, then one row per exa
   per class. Meta-val gets ``val_classes`` classes, or if that is 0
   ``max(ways, round(val_fraction * classes))``; meta-test likewise; meta-train the rest.
 
+Your own split instead of the fractions (``episodes="split"``): ``split_column`` names a
+column whose value in each row is ``train``, ``val`` or ``test``; it is never a feature.
+The fractions' limits otherwise: each in [0.05, 0.5], their sum below 0.9, at least one
+row of every class in each part.
+
 Rules, checked once when the task is built, each failure one :class:`~autometa.DataError`
 naming the file, the column and the value:
 
@@ -80,6 +85,7 @@ from autometa_plugins.csvfile.columns import (
     is_number,
     numbers_or_text,
     read_csv,
+    split_rows,
     warn_wide_categoricals,
 )
 from autometa_plugins.csvfile.inputs import read_rows
@@ -131,6 +137,7 @@ class CSVTask(InnerTask):
         test_episodes: int = 600,  # few-shot: fixed meta-test episodes
         val_classes: int = 0,  # few-shot: meta-val classes (0: from val_fraction)
         test_classes: int = 0,  # few-shot: meta-test classes (0: from test_fraction)
+        split_column: str | None = None,  # split: a column of train/val/test per row
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -145,7 +152,14 @@ class CSVTask(InnerTask):
         self.path, self.target, self.episodes = Path(path), str(target), episodes
         self.name = name = f"csv file {str(path)!r}"
         frame = read_csv(self.path, name)
+        self.split_rows = None if split_column is None else \
+            split_rows(frame, split_column, episodes, name)
+        if split_column is not None and features is None:
+            frame = frame.drop(columns=[split_column])  # never a feature
         self.features = feature_columns(frame, self.target, features, name)
+        if split_column in self.features:
+            raise ConfigError(f"{name}: column {split_column!r} is the split_column; remove "
+                              "it from features")
         columns = {c: numbers_or_text(frame[c], c, name) for c in [self.target, *self.features]}
         y_raw = columns.pop(self.target)
         check_target_present(y_raw, self.target, name)
@@ -224,7 +238,8 @@ class CSVTask(InnerTask):
         elif len(y) < 3:
             raise DataError(f"{self.name}: {len(y)} row(s) are too few for a train/val/test "
                             "split, which needs at least 3; add rows")
-        split = inner.split(y, name=self.name)
+        split = inner.split(y, name=self.name) if self.split_rows is None else \
+            self.split_rows
         train = split[0].numpy()
         self.rows = dict(zip(("train", "val", "test"), (s.numpy() for s in split),
                              strict=True))

@@ -318,3 +318,22 @@ def test_cli_bad_file_exits_2_and_leaves_the_stored_study_unchanged(tmp_path: Pa
     assert "column 'width' mixes numbers and text" in lines[0] and "'1.5x'" in lines[0]
     assert db.read_bytes() == before
 
+
+
+def test_a_split_column_replaces_the_fractions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 60
+    frame = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n),
+                          "label": np.tile(["x", "y", "z"], n // 3),
+                          "part": ["train"] * 36 + ["val"] * 12 + ["test"] * 12})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    task = CSVTask(path=tmp_path / "d.csv", target="label", split_column="part", shots=2,
+                   queries=2)
+    assert task.describe()["examples"] == {"train": 36, "val": 12, "test": 12}
+    assert "part" not in task.features and task.rows["test"].tolist() == list(range(48, 60))
+    frame.loc[40, "part"] = "holdout"
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match="row 41 holds 'holdout'; each row must be train"):
+        CSVTask(path=tmp_path / "d.csv", target="label", split_column="part")
+    with pytest.raises(DataError, match="split column 'prt'"):
+        CSVTask(path=tmp_path / "d.csv", target="label", split_column="prt")
