@@ -52,7 +52,8 @@ from autometa.episodes import ClassPool
 from autometa.image_store import FileImages, StoredImages, open_store
 from autometa.images import RESIZE_POLICIES
 from autometa.space import SearchSpace
-from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, Task
+from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, InputBatch, Task
+from autometa_plugins.meta_album.inputs import read_images
 from autometa_plugins.meta_album.reader import NAME, Domain, read
 
 SPLITS = ("meta-train", "meta-val", "meta-test")
@@ -104,7 +105,7 @@ class MetaAlbum(Task):
                               f"{val_fraction + test_fraction:g} leaves too little to train "
                               "on; keep the sum below 0.9")
         root = Path(os.fspath(path))
-        self.root = root
+        self.root, self.resize = root, resize
         self.domains = read(root, domains)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.output_size = ways
@@ -228,6 +229,11 @@ class MetaAlbum(Task):
             self._digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()
                                           ).hexdigest()
         return self._digest
+
+    def read_inputs(self, path: Path, *, labelled: bool) -> InputBatch:
+        """An image file or a folder of them; a support set is one Meta-Album dataset
+        (:mod:`autometa_plugins.meta_album.inputs`). Decoded as this task's images."""
+        return read_images(self, path, labelled=labelled)
 
     def describe(self) -> dict[str, Any]:
         return {

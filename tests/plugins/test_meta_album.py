@@ -322,6 +322,21 @@ def test_the_report_shows_each_domain_in_a_browser(
     assert "#1 trial" in check.text and "BCT" in check.text
 
 
+def test_the_best_model_adapts_to_a_new_dataset_and_predicts_its_images(
+        searched: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    """`read_inputs`: a support set in Meta-Album's format, inputs as a folder of images."""
+    base, _ = searched
+    model = autometa.load_model("album", 1, storage=f"sqlite:///{base / 'autometa.db'}",
+                                artifacts=str(base / "autometa-artifacts"),
+                                data_root=str(base))
+    new = write_domain(tmp_path, "NEW", 130, classes=2, per_class=3)
+    predicted = model.adapt(new).predict(new / "images")
+    assert len(predicted.labels) == 6 and set(predicted.labels) <= {"class 0", "class 1"}
+    assert predicted.classes == ["class 0", "class 1"]
+    with pytest.raises(DataError, match="is not a Meta-Album dataset"):
+        model.adapt(new / "images")
+
+
 def test_a_single_domain_task_changes_nothing(tmp_path: Path) -> None:
     """No per-domain table, file, Markdown section or report section for a task of one
     domain (here sinusoid; meta-album with one domain is checked above)."""
