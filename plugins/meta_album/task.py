@@ -17,7 +17,8 @@ all), always taken in sorted order.
   domain's classes (of the split) and ``shots`` + ``queries`` images of each (as
   Meta-Album's cross-domain loader does). Meta-train episodes are drawn from the trial's
   generator, vectorised: every domain's pool draws the whole batch and each episode takes
-  its domain's draw (no loop over episodes, no host synchronisation). The fixed meta-val
+  its domain's draw (a loop over the domains, none over episodes, classes or images; the
+  domains' draws cost little beside gathering the images). The fixed meta-val
   and meta-test episodes are shared evenly between the domains (counts differ by at most
   one, as Meta-Album's test loader gives each test dataset the same number), in a seeded
   shuffled order, held as indices into the image store; :meth:`MetaAlbum.episode_domains`
