@@ -13,16 +13,14 @@ all), always taken in sorted order.
   within-domain experiments draw one (70 / 15 / 15 % of the classes), so the defaults are
   0.15 and 0.15. The split is seeded by the task's seed and the domain's name only, so a
   domain splits the same whichever other domains are chosen.
-* **Episodes.** Every episode first draws a domain uniformly, then ``ways`` of that
-  domain's classes (of the split) and ``shots`` + ``queries`` images of each (as
-  Meta-Album's cross-domain loader does). Meta-train episodes are drawn from the trial's
-  generator, vectorised: every domain's pool draws the whole batch and each episode takes
-  its domain's draw (a loop over the domains, none over episodes, classes or images; the
-  domains' draws cost little beside gathering the images). The fixed meta-val
-  and meta-test episodes are shared evenly between the domains (counts differ by at most
-  one, as Meta-Album's test loader gives each test dataset the same number), in a seeded
-  shuffled order, held as indices into the image store; :meth:`MetaAlbum.episode_domains`
-  gives each one's domain, and the leaderboard scores meta-test per domain from it.
+* **Episodes** (:mod:`autometa_plugins.meta_album.episodes`). Every episode first draws
+  a domain uniformly, then ``ways`` of that domain's classes (of the split) and ``shots`` +
+  ``queries`` images of each, as Meta-Album's cross-domain loader does; meta-train batches
+  are drawn vectorised from the trial's generator. The fixed meta-val and meta-test
+  episodes are shared evenly by the domains (as Meta-Album's test loader shares them),
+  held as indices into the image store; :meth:`~MetaAlbum.episode_domains` gives each
+  one's domain, and the leaderboard scores meta-test per domain from it. Meta-train
+  episodes can be augmented per trial (:class:`~autometa.datasets.AugmentedImages`).
 * **Fixed ways and shots.** autometa's episode contract (:class:`autometa.task.Episodes`)
   holds a batch of equal-sized episodes, so ``ways``, ``shots`` and ``queries`` are fixed
   for a search. Meta-Album's "any-way any-shot" protocol (2-20 ways, 1-20 shots per
@@ -48,22 +46,24 @@ import torch
 from torch import Tensor
 
 from autometa import Categorical, ConfigError, DataError, Float, Int
-from autometa.datasets import FEW_SHOT_PARAMS, split_classes
+from autometa.datasets import FEW_SHOT_PARAMS, AugmentedImages, split_classes
 from autometa.episodes import ClassPool
 from autometa.image_store import FileImages, StoredImages, open_store
 from autometa.images import RESIZE_POLICIES
 from autometa.space import SearchSpace
-from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, InputBatch, Task
+from autometa.task import InputBatch
+from autometa_plugins.meta_album.episodes import SPLITS, DomainEpisodes
 from autometa_plugins.meta_album.inputs import read_images
 from autometa_plugins.meta_album.reader import NAME, Domain, read
 
-SPLITS = ("meta-train", "meta-val", "meta-test")
 
+class MetaAlbum(AugmentedImages, DomainEpisodes):
+    """Few-shot classification over several Meta-Album datasets (see the module docstring).
 
-class MetaAlbum(Task):
-    """Few-shot classification over several Meta-Album datasets (see the module docstring)."""
+    Meta-train episodes can be augmented per trial (``crop_scale``, ``flip``, ``jitter``:
+    :class:`~autometa.datasets.AugmentedImages`), off unless a search sets them.
+    """
 
-    kind = "classification"
     params: ClassVar[SearchSpace] = {
         **FEW_SHOT_PARAMS,
         "val_fraction": Float(0.05, 0.5),
@@ -108,8 +108,6 @@ class MetaAlbum(Task):
         root = Path(os.fspath(path))
         self.root, self.resize = root, resize
         self.domains = read(root, domains)
-        self.ways, self.shots, self.queries = ways, shots, queries
-        self.output_size = ways
         n_domains = len(self.domains)
         for key, n in (("val_episodes", val_episodes), ("test_episodes", test_episodes)):
             if n < n_domains:
@@ -133,16 +131,17 @@ class MetaAlbum(Task):
         self.labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         self.images = self._decode(size, channels, resize, cache_dir)
         self.input_shape = tuple(self.images.shape[1:])
-        self.pools = {split: [ClassPool(self.images, self.labels, self.class_split[d][s],
-                                        name=f"{NAME} {domain.name} {split}")
-                              for d, domain in enumerate(self.domains)]
-                      for s, split in enumerate(SPLITS)}
+        pools = {split: [ClassPool(self.images, self.labels, self.class_split[d][s],
+                                   name=f"{NAME} {domain.name} {split}")
+                         for d, domain in enumerate(self.domains)]
+                 for s, split in enumerate(SPLITS)}
+        self.set_domains([d.name for d in self.domains], pools, self.images.gather,
+                         ways=ways, shots=shots, queries=queries, val_episodes=val_episodes,
+                         test_episodes=test_episodes)
         train = [c for per_domain in self.class_split for c in per_domain[0]]
         self.labelled = ClassPool(self.images, self.labels, train, name=f"{NAME} meta-train")
         self.train_classes = len(train)
         self._digest: str | None = None
-        self._fixed = {split: self._fixed_episodes(split, n, stream) for split, n, stream in
-                       (("meta-val", val_episodes, 1), ("meta-test", test_episodes, 2))}
 
     # -- building -------------------------------------------------------------------------
     def _decode(self, size: int, channels: int | str, resize: str,
@@ -158,64 +157,7 @@ class MetaAlbum(Task):
                            channels=channels, resize=resize, cache_dir=cache_dir)
         return StoredImages(store, self.device)  # (n, C, size, size), gathered
 
-    def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + stream)
-
-    def _fixed_episodes(self, split: str, n: int, stream: int) -> tuple[IndexedEpisodes,
-                                                                         list[str]]:
-        """``n`` fixed episodes of ``split``, the domains shared evenly in a seeded order,
-        and each episode's domain."""
-        g = self._generator(stream)
-        n_domains = len(self.domains)
-        shuffle = torch.randperm(n, generator=g, device=self.device)
-        domain = (torch.arange(n, device=self.device) % n_domains)[shuffle]  # (n,)
-        index = torch.empty(n, self.ways, self.shots + self.queries, dtype=torch.long,
-                            device=self.device)
-        for d, pool in enumerate(self.pools[split]):  # a loop over domains only
-            mine = torch.nonzero(domain == d).flatten()
-            index[mine] = pool.sample_indices(len(mine), self.ways, self.shots,
-                                              self.queries, g)[0]
-        names = [self.domains[d].name for d in domain.tolist()]
-        return self._indexed(index), names
-
-    def _indexed(self, index: Tensor) -> IndexedEpisodes:
-        """Episodes from example indices (tasks, ways, shots + queries), the first
-        ``shots`` of each class the support; labels 0..ways-1 in class order."""
-        n, ways, k = index.shape
-        shots, queries = self.shots, k - self.shots
-        labels = torch.arange(ways, device=index.device).view(1, ways, 1).expand(n, ways, k)
-        return IndexedEpisodes(
-            support=index[:, :, :shots].reshape(n, ways * shots),
-            support_y=labels[:, :, :shots].reshape(n, ways * shots),
-            query=index[:, :, shots:].reshape(n, ways * queries),
-            query_y=labels[:, :, shots:].reshape(n, ways * queries),
-            gather=self.images.gather)
-
-    # -- the contract ---------------------------------------------------------------------
-    def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
-        """``n_tasks`` meta-train episodes, each from a domain drawn uniformly."""
-        domain = torch.randint(len(self.domains), (n_tasks,), generator=generator,
-                               device=self.device)  # (tasks,)
-        # Every domain draws the whole batch; each episode keeps its own domain's draw.
-        drawn = torch.stack([pool.sample_indices(n_tasks, self.ways, self.shots, self.queries,
-                                                 generator)[0]
-                             for pool in self.pools["meta-train"]])  # (domains, tasks, ways, k)
-        index = drawn[domain, torch.arange(n_tasks, device=self.device)]  # (tasks, ways, k)
-        return self._indexed(index)[:]
-
-    def meta_val(self) -> EpisodeSet:
-        return self._fixed["meta-val"][0]
-
-    def meta_test(self) -> EpisodeSet:
-        return self._fixed["meta-test"][0]
-
-    def episode_domains(self, split: str) -> list[str] | None:
-        """The domain (dataset folder name) of each fixed episode of ``split``, in order;
-        None when only one domain is chosen (nothing to score apart)."""
-        if split not in self._fixed:
-            raise ValueError(f"split {split!r}: expected 'meta-val' or 'meta-test'")
-        return list(self._fixed[split][1]) if len(self.domains) > 1 else None
-
+    # -- beyond the episodes ---------------------------------------------------------------
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` meta-train images of any domain with labels in ``[0, train_classes)``."""
         return self.labelled.sample_labelled(n, generator)

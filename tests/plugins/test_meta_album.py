@@ -142,6 +142,18 @@ def test_a_domain_splits_the_same_whichever_others_are_chosen(tmp_path: Path) ->
     assert one.episode_domains("meta-test") is None  # a single domain: nothing to split
 
 
+def test_meta_train_augmentation_is_per_trial_and_leaves_evaluation_alone(
+        tmp_path: Path) -> None:
+    task = MetaAlbum(path=make_album(tmp_path / "album"), **SMALL)
+    plain = task.sample(4, torch.Generator().manual_seed(5))
+    test = task.meta_test()[:]
+    task.configure_trial(jitter=0.4)
+    augmented = task.sample(4, torch.Generator().manual_seed(5))
+    assert torch.equal(augmented.query_y, plain.query_y)
+    assert not torch.equal(augmented.support_x, plain.support_x)
+    assert torch.equal(task.meta_test()[:].query_x, test.query_x)
+
+
 def test_info_json_names_the_columns_tab_separated_images_beside_the_csv(
         tmp_path: Path) -> None:
     root = tmp_path / "album"
