@@ -2,7 +2,9 @@
 
 Ranking uses validation scores only; the meta-test episodes are touched once per listed
 trial, after the search, and the result (mean and 95% confidence interval over episodes)
-is cached in the study so that re-reading a leaderboard does not re-evaluate.
+is cached in the study so that re-reading a leaderboard does not re-evaluate. A task whose
+episodes come from several domains (:meth:`autometa.task.Task.episode_domains`) is also
+scored per domain, from the same per-episode scores (:attr:`Leaderboard.by_domain`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import torch
 
 from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError
-from autometa.metrics import tie_groups
+from autometa.metrics import mean_ci95, tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
+from autometa.report.domains import domain_matrix
 from autometa.study.build import trial_defaults
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
@@ -62,6 +66,12 @@ class Leaderboard:
             for a searched per-trial task setting). Test columns are empty beyond the
             ``top_k`` best.
         counts: trials per final state (complete, pruned, failed, running).
+        by_domain: for a task whose episodes come from several domains, meta-test per
+            domain: one row per (scored trial, domain), trials best first and domains
+            sorted. Columns: ``rank``, ``trial``, ``algorithm``, ``source``, ``domain``,
+            ``test_<metric>`` (mean over the domain's meta-test episodes), ``test_ci95``
+            (half-width, Student's t), ``test_n`` (its episodes). None for a
+            single-domain task.
     """
 
     study_name: str
@@ -83,6 +93,7 @@ class Leaderboard:
     #: the paired samples behind ``tie_group``.
     test_scores: dict[int, list[float]] = field(default_factory=dict, repr=False)
     context: _Context | None = field(default=None, repr=False)
+    by_domain: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def best(self) -> pd.Series:
@@ -109,6 +120,14 @@ class Leaderboard:
         lines.append("|" + "|".join("---" for _ in header) + "|")
         for row in rows:
             lines.append("| " + " | ".join(_md_escape(v) for v in row.values()) + " |")
+        if self.by_domain is not None:
+            lines += ["", "## Per domain", "",
+                      f"Meta-test {self.metric} on each domain's episodes (mean ± 95% CI); "
+                      "columns: the scored trials in rank order.", ""]
+            header, cells = self.domain_rows()
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "|".join("---" for _ in header) + "|")
+            lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in cells]
         return "\n".join(lines) + "\n"
 
     @property
@@ -135,15 +154,30 @@ class Leaderboard:
             out.append(dict(zip(self.display_columns(), values, strict=True)))
         return out
 
+    def domain_rows(self) -> tuple[list[str], list[list[str]]]:
+        """:attr:`by_domain` for people (terminal and Markdown): a header and one row per
+        domain, the scored trials as columns (:func:`autometa.report.domains.domain_matrix`);
+        no rows for a single-domain task."""
+        if self.by_domain is None:
+            return [], []
+        header, rows, _ = domain_matrix(self.by_domain, self.metric, self.direction)
+        return header, rows
+
     def write(self, directory: str | Path) -> list[Path]:
-        """Write ``<study>.csv`` and ``<study>.md`` into ``directory``; returns the paths."""
+        """Write ``<study>.csv`` and ``<study>.md`` into ``directory``, and
+        ``<study>-domains.csv`` (:attr:`by_domain`) for a multi-domain task; returns the
+        paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         csv_path = directory / f"{self.study_name}.csv"
         md_path = directory / f"{self.study_name}.md"
         self.frame.to_csv(csv_path, index=False)
         md_path.write_text(self.to_markdown(), encoding="utf-8")
-        return [csv_path, md_path]
+        paths = [csv_path, md_path]
+        if self.by_domain is not None:
+            paths.append(directory / f"{self.study_name}-domains.csv")
+            self.by_domain.to_csv(paths[-1], index=False)
+        return paths
 
     def report(self, path: str | Path) -> Path:
         """Write the HTML report (``<study>.html``) into the directory ``path``; returns
@@ -255,6 +289,8 @@ def compute_leaderboard(
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "running": sum(t.state == TrialState.RUNNING for t in trials),
     }
+    by_domain = _by_domain(frame, {n: list(tests[n].scores) for n in scored},
+                           task.episode_domains("meta-test"), metric.name)
     return Leaderboard(
         study_name=study.study_name,
         task=stored.get("config", {}).get("task", "?"),
@@ -266,7 +302,37 @@ def compute_leaderboard(
         stored=stored,
         test_scores={n: list(tests[n].scores) for n in scored},
         context=context,
+        by_domain=by_domain,
     )
+
+
+#: Columns of :attr:`Leaderboard.by_domain` before the metric's.
+DOMAIN_KEYS = ("rank", "trial", "algorithm", "source", "domain")
+
+
+def _by_domain(frame: pd.DataFrame, scores: dict[int, list[float]],
+               domains: list[str] | None, metric: str) -> pd.DataFrame | None:
+    """Meta-test per (scored trial, domain) from the per-episode ``scores`` (by trial
+    number) and each episode's domain (None: a single-domain task, no table)."""
+    if domains is None:
+        return None
+    rows = []
+    for d in frame.to_dict("records"):  # best first
+        mine = scores.get(int(d["trial"]))
+        if mine is None:
+            continue
+        if len(mine) != len(domains):  # scored on other episodes (an older version?)
+            log.warning("trial %s has %d meta-test scores for %d episodes with a domain; "
+                        "it is left out of the per-domain table", d["trial"], len(mine),
+                        len(domains))
+            continue
+        by = torch.tensor(mine, dtype=torch.float64)
+        for domain in sorted(set(domains)):
+            picked = by[torch.tensor([e == domain for e in domains])]  # (its episodes,)
+            mean, half = mean_ci95(picked)
+            rows.append({**{k: d[k] for k in DOMAIN_KEYS[:4]}, "domain": domain,
+                         f"test_{metric}": mean, "test_ci95": half, "test_n": len(picked)})
+    return pd.DataFrame(rows, columns=[*DOMAIN_KEYS, f"test_{metric}", "test_ci95", "test_n"])
 
 
 #: Cost columns of the leaderboard: the trial user attributes a worker records

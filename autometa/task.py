@@ -184,6 +184,16 @@ class Task(ABC):
     def meta_test(self) -> EpisodeSet:
         """The fixed test episodes (the same object for every call and every trial)."""
 
+    def episode_domains(self, split: str) -> list[str] | None:
+        """The domain of each fixed episode of ``split`` ("meta-val" or "meta-test"), in
+        the episodes' order, for a task whose episodes come from several domains (datasets);
+        None (the default) for a single-domain task.
+
+        The leaderboard scores each domain of meta-test apart (mean ± 95% CI over its
+        episodes) from the per-episode scores, so the list must have one name per episode.
+        """
+        return None
+
     #: Meta-train classes with global labels, for supervised pre-training (0: none).
     train_classes: int = 0
 

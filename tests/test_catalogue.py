@@ -18,7 +18,7 @@ import autometa
 from autometa.study.storage import open_storage
 
 TASKS = ["breast-cancer", "csv", "digits", "digits-vs-rest", "glyphs", "image-folder", "iris",
-         "sinusoid", "wine"]
+         "meta-album", "sinusoid", "wine"]
 SOURCES = ["checkpoint", "conv4", "mlp", "pretrained", "resnet12", "torchvision"]
 ALGORITHMS = ["anil", "finetune", "linear-probe", "maml", "metasgd", "protonet", "reptile"]
 
@@ -55,6 +55,22 @@ def _folder(root: Path) -> dict:
             "test_fraction": 0.34, "val_episodes": 3, "test_episodes": 3, "size": 8}
 
 
+def _album(root: Path) -> dict:
+    """Two Meta-Album datasets (labels.csv + images/) of 6 classes of 3 images."""
+    rng = np.random.default_rng(0)
+    for d, name in enumerate(("BCT", "FLW")):
+        (root / name / "images").mkdir(parents=True)
+        rows = ["FILE_NAME,CATEGORY,SUPER_CATEGORY"]
+        for c in range(6):
+            for i in range(3):
+                pixels = (rng.random((8, 8, 3)) * 80 + 20 * c + 100 * d).astype(np.uint8)
+                Image.fromarray(pixels).save(root / name / "images" / f"{c}-{i}.png")
+                rows.append(f"{c}-{i}.png,class {c},NAN")
+        (root / name / "labels.csv").write_text("\n".join(rows) + "\n")
+    return {"path": str(root), "ways": 2, "shots": 1, "queries": 2, "val_fraction": 0.34,
+            "test_fraction": 0.34, "val_episodes": 4, "test_episodes": 4, "size": 8}
+
+
 FEW = {"val_episodes": 3, "test_episodes": 3}
 #: Small settings per task, and a compatible source model and algorithm.
 SMALL = {
@@ -75,6 +91,8 @@ def test_every_task_runs_in_a_small_search(task: str, tmp_path: Path) -> None:
         params, source, algorithm = _csv(tmp_path / "data.csv"), "mlp", "maml"
     elif task == "image-folder":
         params, source, algorithm = _folder(tmp_path / "images"), "conv4", "finetune"
+    elif task == "meta-album":
+        params, source, algorithm = _album(tmp_path / "album"), "conv4", "protonet"
     else:
         params, source, algorithm = SMALL[task]
     source_params = {"conv4": {"channels": 32}, "mlp": {"hidden": 40, "layers": 1}}[source]

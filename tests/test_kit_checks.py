@@ -170,6 +170,20 @@ def test_a_task_failure_points_at_the_task_method(sinusoid: Task) -> None:
                     r"meta_test\(\) changes between calls", str(failed.value))
 
 
+def test_episode_domains_must_name_each_fixed_episode() -> None:
+    from autometa.testing import check_task
+
+    class Misnamed(Sinusoid):
+        def episode_domains(self, split: str) -> list[str] | None:  # Misnamed.episode_domains
+            return ["a", "b"]
+
+    with pytest.raises(AssertionError) as failed:
+        check_task(Misnamed, **SINUSOID)
+    assert re.match(rf"Misnamed\.episode_domains \({at('Misnamed.episode_domains')}\): "
+                    r"episode_domains\('meta-val'\) must name the domain of each of the \d+ "
+                    r"meta_val\(\) episodes, in order; got list of 2", str(failed.value))
+
+
 class WrongWidth(Direct):
     """Predicts one output too many."""
 

@@ -225,6 +225,15 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
         out.print("hyperparameters (algorithm | source):", markup=False, highlight=False)
         for row in rows:
             out.print(plain(f"{row['rank']:>4}. trial {row['trial']}: {row['params']}"))
+    header, domains = board.domain_rows()
+    if header:  # a multi-domain task: meta-test on each domain, the scored trials as columns
+        per_domain = Table(title=f"{board.study_name}: meta-test {board.metric} per domain",
+                           caption="mean ± 95% CI over the domain's episodes")
+        for column in header:
+            per_domain.add_column(column, overflow="ellipsis", no_wrap=True)
+        for cells in domains:
+            per_domain.add_row(*(plain(c) for c in cells))
+        out.print(per_domain)
     if board.counts.get("running"):
         out.print(f"{board.counts['running']} trial(s) still running in other processes: "
                   "this is a snapshot, and the last process to finish writes the reports",

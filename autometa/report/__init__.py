@@ -38,7 +38,9 @@ def write_report(boards: Sequence[Board], out: str | Path, *,
 
     Each study's part holds: a header (task, metric and direction, trials per state); the
     leaderboard (meta-val score, meta-test mean ± 95% CI (n), tie groups, costs and
-    hyperparameters as columns, where the leaderboard has them); figures (meta-val learning
+    hyperparameters as columns, where the leaderboard has them); for a multi-domain task,
+    meta-test per domain (one row per domain, the scored trials as columns,
+    :mod:`autometa.report.domains`); figures (meta-val learning
     curves of every trial, optimisation history, hyperparameter importances, a forest plot
     of the best trial per algorithm and per source); trial accounting with each failed
     trial's reason; provenance (autometa and plugin versions, seed, task parameters,

@@ -23,6 +23,8 @@ class Board(Protocol):
     counts: dict[str, int]  # trials per final state
     study: optuna.Study | None  # the study (trials, curves, attributes), None if detached
     stored: dict[str, Any]  # the study's stored settings (autometa.study.settings)
+    #: Meta-test per (scored trial, domain) of a multi-domain task; None for a single domain.
+    by_domain: pd.DataFrame | None
 
     @property
     def ci_over(self) -> str:

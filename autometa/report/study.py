@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from autometa.report import plots
+from autometa.report.domains import domain_section
 from autometa.report.html import Markup, figure, join, note, table, tag
 from autometa.report.provenance import provenance_section, stored_settings
 from autometa.report.table import leaderboard_table
@@ -45,6 +46,8 @@ def study_body(board: Board, *, command: str | None, level: int, anchor: str) ->
                           "a snapshot of the study"))
     parts += [tag(h, "leaderboard", id=f"{anchor}-leaderboard"),
               leaderboard_table(board, study)]
+    if board.by_domain is not None:  # a multi-domain task: meta-test on each domain
+        parts += [tag(h, "per domain", id=f"{anchor}-domains"), domain_section(board)]
 
     parts.append(tag(h, "figures", id=f"{anchor}-figures"))
     best = int(board.frame.iloc[0]["trial"]) if not board.frame.empty else None

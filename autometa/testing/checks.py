@@ -139,6 +139,12 @@ def check_task(task_cls: type[Task], **params: Any) -> Task:
             _fail(task_cls, f"{split}() differs between two tasks with the same seed", split)
         if _same(episodes, getattr(other, split)()):
             _fail(task_cls, f"{split}() does not depend on the seed", split)
+        domains = task.episode_domains(split.replace("_", "-"))
+        if domains is not None and (len(domains) != len(episodes)
+                                    or not all(isinstance(d, str) for d in domains)):
+            _fail(task_cls, f"episode_domains({split.replace('_', '-')!r}) must name the "
+                  f"domain of each of the {len(episodes)} {split}() episodes, in order; got "
+                  f"{type(domains).__name__} of {len(domains)}", "episode_domains")
     _check_trial_params(task_cls, task)
     batch = task.sample(3, torch.Generator(device=task.device).manual_seed(0))
     _check_episodes(task_cls, task, batch, "sample(3)", "sample")
