@@ -87,6 +87,7 @@ def export(model: Predictor, directory: Path, *, force: bool = False) -> list[Pa
     """
     check_out_dir(directory, force)
     task = model.task
+    facts = task.describe()
     plan = {
         "study": model.study,
         "trial": model.trial,
@@ -101,6 +102,9 @@ def export(model: Predictor, directory: Path, *, force: bool = False) -> list[Pa
                      "output_size": task.output_size, "metric": task.metric.name,
                      "direction": task.metric.direction},
             "shape": "target" if model.is_target else "few-shot",
+            # which classes went to meta-train, meta-val and meta-test (tasks that say)
+            **({"classes_by_split": facts["classes_by_split"]}
+               if "classes_by_split" in facts else {}),
         },
         "class_names": model.class_names,
         "scores": {f"val_{task.metric.name}": model.val_score,

@@ -448,3 +448,19 @@ def test_augmentation_is_searched_per_trial(tmp_path: Path) -> None:
     frame = board.frame
     assert {"task.flip", "task.jitter"} <= set(frame.columns)
     assert frame["task.jitter"].between(0.0, 0.5).all()
+
+
+def test_plan_json_lists_the_classes_of_each_split(tmp_path: Path) -> None:
+    import json
+
+    from autometa.cli import main
+
+    root = make_classes(tmp_path / "data")
+    autometa.search("image-folder", task_params={"path": "data", "size": 12, **EPISODES},
+                    algorithms=["protonet"], sources=["conv4"], n_trials=1, meta_steps=2,
+                    eval_every=2)
+    assert main(["export", "image-folder-seed0", "--out", "model"]) == 0
+    plan = json.loads((tmp_path / "model" / "plan.json").read_text())
+    split = plan["task"]["classes_by_split"]
+    assert sorted(sum(split.values(), [])) == sorted(p.name for p in root.iterdir())
+    assert set(split) == {"meta-train", "meta-val", "meta-test"}
