@@ -26,6 +26,8 @@ __all__ = ["ENV", "CachedStore", "cache_dir", "clear", "stores", "writable"]
 ENV = "AUTOMETA_CACHE_DIR"
 #: Stores sit in this sub-folder, one ``<name>.json`` manifest beside each ``<name>.u8``.
 STORES = "stores"
+#: Remembered hashes of input files (:mod:`autometa.study.inputs`).
+DIGESTS = "digests"
 
 
 def cache_dir(setting: str | os.PathLike[str] | None = None) -> Path:
@@ -66,6 +68,7 @@ class CachedStore:
     name: str  # file stem: <dataset>-<slot>-<content>
     dataset: str  # the task that built it, e.g. "image-folder"
     shape: tuple[int, ...]  # (images, channels, height, width)
+    resize: str  # the resize policy its images were decoded with
     bytes: int  # on disk, manifest included
     complete: bool  # False: a partial or corrupt store (a build was interrupted)
     files: tuple[Path, ...]
@@ -98,20 +101,25 @@ def stores(root: Path) -> list[CachedStore]:
             expected *= s
         complete = bool(shape) and data.is_file() and data.stat().st_size == expected
         size = sum(f.stat().st_size for f in files if f.is_file())
-        out.append(CachedStore(stem, str(manifest.get("dataset", "?")), shape, size,
-                               complete, tuple(sorted(files))))
+        out.append(CachedStore(stem, str(manifest.get("dataset", "?")), shape,
+                               str(manifest.get("resize", "?")), size, complete,
+                               tuple(sorted(files))))
     return out
 
 
 def clear(root: Path) -> tuple[int, int]:
-    """Delete every store under ``root``; returns (stores, bytes) removed.
+    """Delete every store and remembered hash under ``root``; returns (stores, bytes)
+    removed.
 
     A process that has a store open keeps reading it (the files are unlinked, not
     overwritten); the next run rebuilds what it needs.
     """
     listed = stores(root)
     freed = sum(s.bytes for s in listed)
-    folder = root / STORES
-    if folder.is_dir():
-        shutil.rmtree(folder)
+    for sub in (STORES, DIGESTS):
+        folder = root / sub
+        if folder.is_dir():
+            freed += 0 if sub == STORES else sum(
+                f.stat().st_size for f in folder.iterdir() if f.is_file())
+            shutil.rmtree(folder)
     return len(listed), freed

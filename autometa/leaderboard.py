@@ -398,6 +398,7 @@ def load_leaderboard(
     artifacts: str | None = None,
     data_root: str | None = None,
     device: str | None = None,
+    cache_dir: str | None = None,
 ) -> Leaderboard:
     """The leaderboard of a stored study (evaluating on meta-test what is not cached yet).
 
@@ -409,6 +410,8 @@ def load_leaderboard(
         artifacts: the artifact store as this machine reaches it (default: the study's).
         data_root: where relative input paths resolve (default: the working directory).
         device: the torch device to score on (default: the study's first device).
+        cache_dir: where an image task's decoded store is (default:
+            :func:`autometa.cache.cache_dir`).
 
     Raises:
         ConfigError: no such study, an input file that differs from the study's, or a
@@ -419,7 +422,8 @@ def load_leaderboard(
     if top_k is not None:
         check_top_k(top_k)
     stored = open_stored(study_name, storage or DEFAULT_STORAGE, host=host,
-                         artifacts=artifacts, data_root=data_root, device=device)
+                         artifacts=artifacts, data_root=data_root, device=device,
+                         cache_dir=cache_dir)
     task = stored.build_task()
     study = stored.study
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -32,6 +32,8 @@ from autometa.errors import ConfigError
 #: Constructor arguments the engine supplies itself (a task's seed and device, an
 #: algorithm's model and task), never users' settings: listings and the kit skip them.
 ENGINE_ARGUMENTS = frozenset({"self", "model", "task", "seed", "device"})
+#: A task's: also ``cache_dir`` (the machine's ``--cache-dir``, to a task that takes it).
+TASK_ENGINE_ARGUMENTS = ENGINE_ARGUMENTS | {"cache_dir"}
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
 

@@ -398,7 +398,8 @@ def pick(study: optuna.Study, rank: object) -> FrozenTrial:
 
 def load_model(study: str, rank: int = 1, *, storage: str | None = None,
                artifacts: str | None = None, data_root: str | None = None,
-               device: str | None = None, host: PluginHost | None = None) -> Predictor:
+               device: str | None = None, host: PluginHost | None = None,
+               cache_dir: str | None = None) -> Predictor:
     """The model of the trial ranked ``rank`` on meta-val in stored study ``study``.
 
     The task is rebuilt from the study's stored settings (its input files must be the ones
@@ -412,6 +413,8 @@ def load_model(study: str, rank: int = 1, *, storage: str | None = None,
         data_root: where relative input paths resolve (default: the working directory).
         device: the torch device to run on (default: the study's first device).
         host: the plugin host (default: the installed plugins).
+        cache_dir: where an image task's decoded store is (default:
+            :func:`autometa.cache.cache_dir`).
 
     Raises:
         ConfigError: no such study, ``rank`` out of range, an input file that differs from
@@ -419,7 +422,7 @@ def load_model(study: str, rank: int = 1, *, storage: str | None = None,
         DataError: the stored state is damaged.
     """
     stored = open_stored(study, storage or DEFAULT_STORAGE, host=host, artifacts=artifacts,
-                         data_root=data_root, device=device)
+                         data_root=data_root, device=device, cache_dir=cache_dir)
     trial = pick(stored.study, rank)  # before the task is built: a wrong rank fails at once
     task = stored.build_task()
     return Predictor.from_trial(stored.study, trial, task, stored.host,

@@ -48,9 +48,16 @@ def test_the_store_is_built_once_with_progress_then_reused(tmp_path: Path) -> No
     second = autometa_cli(*args, "--trials", "2", cwd=tmp_path)  # resumes: one trial more
     assert second.returncode == 0, second.stderr
     assert "decoding" not in second.stdout  # the store is reused
+    # The results commands rebuild the task from the same store (--cache-dir), so the
+    # default cache directory ($AUTOMETA_CACHE_DIR here) stays empty.
+    board = autometa_cli("leaderboard", "image-folder-seed0", "--cache-dir", str(cache),
+                         cwd=tmp_path)
+    assert board.returncode == 0, board.stderr
+    default = Path(os.environ["AUTOMETA_CACHE_DIR"])
+    assert not (default / "stores").exists() or not list((default / "stores").iterdir())
     listed = autometa_cli("cache", "--cache-dir", str(cache), cwd=tmp_path,
                           timeout=QUICK_SUBPROCESS)
-    assert listed.returncode == 0 and "image-folder  40x3x12x12" in listed.stdout
+    assert listed.returncode == 0 and "image-folder  40x3x12x12  stretch" in listed.stdout
     cleared = autometa_cli("cache", "clear", "--cache-dir", str(cache), cwd=tmp_path,
                            timeout=QUICK_SUBPROCESS)
     assert cleared.returncode == 0 and cleared.stdout.startswith("removed 1 store(s)")

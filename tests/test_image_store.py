@@ -231,7 +231,8 @@ def test_cache_dir_setting_list_and_clear(tmp_path: Path, monkeypatch: pytest.Mo
     assert cache_dir() == tmp_path / "xdg" / "autometa"
     store = build(write_images(tmp_path / "images", n=3), tmp_path / "c")
     listed = stores(tmp_path / "c")
-    assert [(s.dataset, s.shape, s.complete) for s in listed] == [("test", (3, 3, 8, 8), True)]
+    assert [(s.dataset, s.shape, s.resize, s.complete) for s in listed] == [
+        ("test", (3, 3, 8, 8), "stretch", True)]
     manifest = json.loads(store.path.with_suffix(".json").read_text())
     assert manifest["shape"] == [3, 3, 8, 8]
     assert clear(tmp_path / "c") == (1, listed[0].bytes) and stores(tmp_path / "c") == []

@@ -9,6 +9,7 @@ from typing import Any
 
 from autometa.cache import cache_dir, clear, stores
 from autometa.cli.common import cache_dir_flag
+from autometa.errors import ConfigError
 
 
 def add_parsers(sub: Any) -> None:
@@ -34,6 +35,9 @@ def _size(n: float) -> str:
 
 def cmd_cache(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     root = cache_dir(args.cache_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"cache directory {str(root)!r} is a file, not a directory; give a "
+                          "directory with --cache-dir DIR")
     ready()
     if args.action == "clear":
         count, freed = clear(root)
@@ -44,7 +48,8 @@ def cmd_cache(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     for store in listed:
         shape = "x".join(map(str, store.shape)) or "?"
         state = "" if store.complete else "  (partial: rebuilt when next needed)"
-        print(f"  {store.name}  {store.dataset}  {shape}  {_size(store.bytes)}{state}")
+        print(f"  {store.name}  {store.dataset}  {shape}  {store.resize}  "
+              f"{_size(store.bytes)}{state}")
     total = sum(s.bytes for s in listed)
     print(f"{len(listed)} store(s), {_size(total)}; `autometa cache clear` deletes them")
     return 0

@@ -24,8 +24,9 @@ def data_root_flag(parser: argparse.ArgumentParser) -> None:
 
 def cache_dir_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="where decoded-image stores are cached (default: "
-                                            "$AUTOMETA_CACHE_DIR, else ~/.cache/autometa); "
-                                            "`autometa cache` lists and clears it")
+                                            "$AUTOMETA_CACHE_DIR, else $XDG_CACHE_HOME/"
+                                            "autometa, else ~/.cache/autometa); `autometa "
+                                            "cache` lists and clears it")
 
 
 def plugin_option_flag(parser: argparse.ArgumentParser) -> None:

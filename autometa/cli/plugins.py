@@ -106,12 +106,13 @@ def _inspect(reg: Registration) -> tuple[Mapping[str, Any], list[_Setting]]:
     """
     import inspect
 
-    from autometa.params import ENGINE_ARGUMENTS, declared_types, describe
+    from autometa.params import ENGINE_ARGUMENTS, TASK_ENGINE_ARGUMENTS, declared_types, describe
 
     space = reg.declared()
     factory = reg.load()
     with reg.guard("could not be inspected"):
-        types = declared_types(factory, skip=ENGINE_ARGUMENTS)  # {} if it has no signature
+        engine = TASK_ENGINE_ARGUMENTS if reg.kind == "task" else ENGINE_ARGUMENTS
+        types = declared_types(factory, skip=engine)  # {} if it has no signature
         parameters: Mapping[str, inspect.Parameter] = (
             inspect.signature(factory).parameters if types else {})
         settings = []

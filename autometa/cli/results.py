@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autometa.cli.common import (
+    cache_dir_flag,
     console,
     data_root_flag,
     plain,
@@ -41,6 +42,7 @@ def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", help="the artifact store as this machine reaches it "
                                             "(default: the study's)")
     data_root_flag(parser)
+    cache_dir_flag(parser)
     parser.add_argument("--device", help="torch device to score and predict on (default: "
                                          "the study's)")
 
@@ -103,7 +105,7 @@ def cmd_leaderboard(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     quiet_optuna()
     board = load_leaderboard(args.study, args.storage, top_k=args.top_k,
                              artifacts=args.artifacts, data_root=args.data_root,
-                             device=args.device)
+                             device=args.device, cache_dir=args.cache_dir)
     ready()
     show_leaderboard(board, args.out)
     return 0
@@ -116,7 +118,8 @@ def cmd_predict(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     check_out_file(args.out)
     quiet_optuna()
     model = load_model(args.study, args.rank, storage=args.storage, artifacts=args.artifacts,
-                       data_root=args.data_root, device=args.device)
+                       data_root=args.data_root, device=args.device,
+                       cache_dir=args.cache_dir)
     n = predict_file(model, args.input, args.out, support=args.support)
     ready()
     print(f"wrote {args.out} ({n} prediction{'s' * (n != 1)})")
@@ -130,7 +133,8 @@ def cmd_export(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     check_out_dir(args.out, args.force)
     quiet_optuna()
     model = load_model(args.study, args.rank, storage=args.storage, artifacts=args.artifacts,
-                       data_root=args.data_root, device=args.device)
+                       data_root=args.data_root, device=args.device,
+                       cache_dir=args.cache_dir)
     paths = export(model, args.out, force=args.force)
     ready()
     print(f"wrote {', '.join(map(str, paths))} (study {args.study!r}, rank {args.rank}: "
@@ -151,7 +155,8 @@ def cmd_report(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     write = _report_format(args.format, plugin_options(args.plugin_option))
     quiet_optuna()
     boards = [load_leaderboard(name, args.storage, top_k=args.top_k, artifacts=args.artifacts,
-                               data_root=args.data_root, device=args.device)
+                               data_root=args.data_root, device=args.device,
+                               cache_dir=args.cache_dir)
               for name in args.studies]
     ready()
     flags = [f for key in ("out", "storage", "artifacts", "data_root", "device", "top_k")

@@ -18,7 +18,7 @@ import torch
 
 from autometa.config import SearchConfig
 from autometa.errors import AutometaError, ConfigError, PluginError, one_line, unknown
-from autometa.params import declared_types, parse
+from autometa.params import TASK_ENGINE_ARGUMENTS, declared_types, parse
 from autometa.plugins import PluginHost
 from autometa.space import SearchSpace, parse_value, restrict
 from autometa.study.inputs import localize
@@ -26,7 +26,7 @@ from autometa.task import Task
 
 #: Task constructor arguments the engine supplies (``cache_dir`` only to a task that
 #: takes it): never task parameters a user sets.
-ENGINE_SUPPLIED = frozenset({"seed", "device", "cache_dir"})
+ENGINE_SUPPLIED = TASK_ENGINE_ARGUMENTS
 
 
 def check_device(text: str) -> torch.device:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import ConfigError
-from autometa.params import ENGINE_ARGUMENTS, declared_types, parse
+from autometa.params import ENGINE_ARGUMENTS, TASK_ENGINE_ARGUMENTS, declared_types, parse
 from autometa.source_model import Backbone, SourceModel
 from autometa.space import Categorical, Float, Int, SearchSpace, check_value
 from autometa.task import Episodes, EpisodeSet, Task
@@ -161,7 +161,7 @@ def _check_trial_params(task_cls: type[Task], task: Task) -> None:
     defaults)."""
     __tracebackhide__ = True
     declared = task_cls.trial_params
-    constructor = declared_types(task_cls, skip=ENGINE_ARGUMENTS)
+    constructor = declared_types(task_cls, skip=TASK_ENGINE_ARGUMENTS)
     others = {}
     for name, param in declared.items():
         if name in constructor:

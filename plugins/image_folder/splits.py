@@ -12,6 +12,7 @@ split, and ``val_fraction`` of each class of ``path`` is the val split.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from torch import Tensor
 
 from autometa import DataError
 from autometa_plugins.image_folder.loader import NAME
+
+log = logging.getLogger(__name__)
 
 PARTS = {"train": 0, "meta-train": 0, "val": 1, "meta-val": 1, "test": 2, "meta-test": 2}
 
@@ -66,6 +69,10 @@ def read_split_file(path: Path, names: list[str], what: str) -> list[list[int]]:
         raise DataError(f"{NAME}: split file {str(path)!r} names {what} {unknown[0]!r}{more} "
                         "that the folder does not hold; fix the names (relative to the "
                         "folder) or add the files")
+    left_out = len(names) - len(seen)
+    if left_out:
+        log.warning("%s: split file %r lists %d of the %d %ss; the %d others are not used",
+                    NAME, str(path), len(seen), len(names), what, left_out)
     for part, members in zip(("train", "val", "test"), parts, strict=True):
         if not members:
             raise DataError(f"{NAME}: split file {str(path)!r} lists no {what} for {part}; "

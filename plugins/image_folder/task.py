@@ -124,10 +124,12 @@ class ImageFolder(AugmentedImages, InnerTask):
             raise ConfigError(f"{NAME}: val_fraction + test_fraction = "
                               f"{val_fraction + test_fraction:g} leaves too little to train "
                               "on; keep the sum below 0.9")
-        if (split_file is not None and test_path is not None) or (
-                test_path is not None and episodes != "split"):
-            raise ConfigError(f"{NAME}: test_path needs episodes='split' and replaces "
-                              "split_file; give one of them")
+        if test_path is not None and episodes != "split":
+            raise ConfigError(f"{NAME}: test_path holds test images for episodes='split'; "
+                              "with few-shot episodes give a split_file of classes instead")
+        if split_file is not None and test_path is not None:
+            raise ConfigError(f"{NAME}: split_file and test_path both set the test split; "
+                              "give one of them")
         if split_file is not None and split_by == "alphabet":
             raise ConfigError(f"{NAME}: split_file lists the classes of each split itself; "
                               "leave split_by at 'class'")
@@ -243,8 +245,8 @@ class ImageFolder(AugmentedImages, InnerTask):
             more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
             raise DataError(f"{NAME}: test_path {str(self.test_path)!r} has class folder "
                             f"{unknown[0]!r}{more} that path {str(self.folder.root)!r} does "
-                            f"not have; its class folders must be among "
-                            f"{self.class_names[:10]}")
+                            f"not have; its class folders must be among the "
+                            f"{len(self.class_names)} of path ({_some(self.class_names)})")
         files = [f for c in test.classes for f in c.files]
         labels = torch.tensor([index[c.name] for c in test.classes for _ in c.files])
         return files, labels
@@ -284,6 +286,12 @@ class ImageFolder(AugmentedImages, InnerTask):
                 split: [self.class_names[i] for i in classes]
                 for split, classes in zip(SPLITS, self.class_split, strict=True)}
         return facts
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """``'a', 'b', ... and N more``."""
+    listed = ", ".join(map(repr, names[:shown]))
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _path(value: str | os.PathLike[str]) -> Path:

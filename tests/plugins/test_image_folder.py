@@ -415,7 +415,7 @@ def test_bad_user_splits_are_one_line(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "test" / "unknown" / "a.png")
     with pytest.raises(DataError, match="has class folder 'unknown' that path"):
         ImageFolder(path=root, episodes="split", test_path=tmp_path / "test", size=12)
-    with pytest.raises(ConfigError, match="test_path needs episodes='split'"):
+    with pytest.raises(ConfigError, match="test_path holds test images for episodes='split'"):
         ImageFolder(path=root, test_path=tmp_path / "test", size=12)
 
 
