@@ -29,8 +29,20 @@ from autometa.study.settings import search_seed
 from autometa.study.trials import MetaTestScore, TrialPlan, trial_seed
 from autometa.task import EpisodeSet, Task
 
-#: Episodes evaluated at once; bounds memory on large meta-val/meta-test sets.
+#: Episodes evaluated at once, at most; bounds memory on large meta-val/meta-test sets.
 EVAL_CHUNK = 200
+#: Bytes of inputs evaluated at once, at most (one episode at least): 200 episodes of 80
+#: images at 84 px would be 1.3 GB of float32, and an image task's episodes are gathered
+#: from its store a chunk at a time.
+EVAL_BYTES = 64 << 20
+
+
+def eval_chunk(episodes: EpisodeSet, task: Task) -> int:
+    """Episodes of ``episodes`` scored at once: :data:`EVAL_CHUNK`, fewer if their inputs
+    would pass :data:`EVAL_BYTES` as float32."""
+    per_example = 4 * math.prod(task.input_shape)
+    examples = episodes.support_y.shape[1] + episodes.query_y.shape[1]
+    return max(1, min(EVAL_CHUNK, EVAL_BYTES // max(1, per_example * examples)))
 
 
 class Diverged(Exception):
@@ -90,8 +102,9 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
     algorithm.model.eval()
     scores = []
     try:
-        for start in range(0, len(episodes), EVAL_CHUNK):
-            chunk = episodes[start : start + EVAL_CHUNK]
+        size = eval_chunk(episodes, task)
+        for start in range(0, len(episodes), size):
+            chunk = episodes[start : start + size]
             try:
                 pred = algorithm.adapt_and_predict(chunk)  # (chunk, n_query, out)
             except FloatingPointError as exc:
