@@ -116,7 +116,14 @@ def provenance_section(board: Board, stored: dict[str, Any], command: str | None
     description = stored.get("task")
     if isinstance(description, dict) and description:
         parts.append(tag(h, "task description"))
-        parts.append(key_values((k, _text(v)) for k, v in description.items()))
+        split = description.get("classes_by_split")
+        parts.append(key_values((k, _text(v)) for k, v in description.items()
+                                if not (k == "classes_by_split" and isinstance(split, dict))))
+        if isinstance(split, dict):  # every class, never cut: which went where
+            parts.append(tag(h, "classes of each split"))
+            parts.append(key_values(
+                (f"{name} ({len(classes)})", ", ".join(map(str, classes)))
+                for name, classes in split.items() if isinstance(classes, list)))
 
     if config:
         name = board.study_name

@@ -464,3 +464,8 @@ def test_plan_json_lists_the_classes_of_each_split(tmp_path: Path) -> None:
     split = plan["task"]["classes_by_split"]
     assert sorted(sum(split.values(), [])) == sorted(p.name for p in root.iterdir())
     assert set(split) == {"meta-train", "meta-val", "meta-test"}
+    assert main(["report", "image-folder-seed0", "--out", "reports"]) == 0
+    page = next((tmp_path / "reports").glob("*.html")).read_text()
+    assert "classes of each split" in page
+    assert f"meta-test ({len(split['meta-test'])})" in page
+    assert ", ".join(split["meta-train"]) in page
