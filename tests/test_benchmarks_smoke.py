@@ -160,3 +160,30 @@ def test_search_efficiency(bench, tmp_path: Path, capsys: pytest.CaptureFixture[
     search_efficiency.main(["--from-json", str(results / "search_efficiency_sinusoid.json"),
                             "--results", str(again)])
     assert (again / "search_efficiency_sinusoid.md").read_text() == md
+
+
+@pytest.mark.slow  # fresh processes for each build, a 2-worker search
+def test_data_scale(bench, tmp_path: Path) -> None:
+    data_scale = bench("data_scale")
+    work = tmp_path / "work"
+    data_scale.main(["--quick", "--work", str(work), "--out", str(tmp_path / "out.json"),
+                     "--quiet"])
+    result, md = written(tmp_path, "out")
+    assert {"environment", "targets", "floor_mb", "datasets"} <= set(result)
+    assert result["environment"]["versions"]["torch"] and result["floor_mb"]["RssAnon"] > 0
+    mini, tiered = result["datasets"]
+    assert mini["images"]["images"] == 2000 and tiered["images"]["hard_links"]
+    assert [b["threads"] == 1 for b in mini["builds"]] == [False, True]
+    assert mini["thread_ratio"] > 0 and all(b["images_per_s"] > 0 for b in mini["builds"])
+    for dataset in (mini, tiered):
+        assert dataset["startup"][0]["images"] == dataset["images"]["images"]
+        assert dataset["input_hash"]["input_sha256_s"] > 0
+        assert dataset["stages"] and "cache_cleared_by" in dataset
+    workers = [p for p in mini["search"]["processes"] if p["role"] == "worker"]
+    assert len(workers) == 2 and all(w["peak"]["RssAnon"] > 0 for w in workers)
+    assert mini["search"]["trial_states"] == ["COMPLETE"] * 2
+    assert 0 < mini["episodes"]["ratio_median"] and mini["episodes"]["sample_ms_median"] > 0
+    assert not (work / "mini-imagenet" / "images").exists()  # the big files deleted
+    for title in ("## Store build", "## Start-up from the built store", "## Memory of each "
+                  "process", "## Where a worker's private memory goes", "## Episodes"):
+        assert title in md
