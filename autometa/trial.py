@@ -27,7 +27,7 @@ from autometa.study.build import trial_defaults
 from autometa.study.inputs import localize
 from autometa.study.settings import search_seed
 from autometa.study.trials import MetaTestScore, TrialPlan, trial_seed
-from autometa.task import EpisodeSet, Task
+from autometa.task import Episodes, EpisodeSet, Task
 
 #: Episodes evaluated at once, at most; bounds memory on large meta-val/meta-test sets.
 EVAL_CHUNK = 200
@@ -40,7 +40,9 @@ EVAL_BYTES = 64 << 20
 def eval_chunk(episodes: EpisodeSet, task: Task) -> int:
     """Episodes of ``episodes`` scored at once: :data:`EVAL_CHUNK`, fewer if their inputs
     would pass :data:`EVAL_BYTES` as float32."""
-    per_example = 4 * math.prod(task.input_shape)
+    shape = (episodes.support_x.shape[2:] if isinstance(episodes, Episodes)
+             else tuple(getattr(task, "input_shape", ())))
+    per_example = 4 * math.prod(shape)
     examples = episodes.support_y.shape[1] + episodes.query_y.shape[1]
     return max(1, min(EVAL_CHUNK, EVAL_BYTES // max(1, per_example * examples)))
 

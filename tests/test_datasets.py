@@ -230,3 +230,20 @@ def test_target_digest_follows_the_train_split():
         changed[test, 0] += 1.0  # a test example: pre-training never sees it
         assert _Table(changed, y, kind).labelled_digest() == digest
         assert _Table(x, y, kind, seed=1).labelled_digest() != digest  # another split
+
+
+def test_evaluation_chunks_are_bounded_in_bytes() -> None:
+    """200 episodes of 80 images at 84 px would be 1.3 GB of float32: fewer at a time."""
+    from autometa.task import IndexedEpisodes
+    from autometa.trial import EVAL_BYTES, EVAL_CHUNK, eval_chunk
+
+    class Images:
+        input_shape = (3, 84, 84)
+
+    index = torch.zeros(600, 5, dtype=torch.long), torch.zeros(600, 75, dtype=torch.long)
+    big = IndexedEpisodes(index[0], index[0], index[1], index[1], gather=lambda i: i)
+    size = eval_chunk(big, Images())  # type: ignore[arg-type]
+    assert 1 <= size < EVAL_CHUNK and size * 80 * 4 * 3 * 84 * 84 <= EVAL_BYTES
+    small = Episodes(torch.zeros(600, 5, 1), torch.zeros(600, 5), torch.zeros(600, 10, 1),
+                     torch.zeros(600, 10))
+    assert eval_chunk(small, Images()) == EVAL_CHUNK  # type: ignore[arg-type]
