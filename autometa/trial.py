@@ -125,6 +125,8 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
             _check_finite(score, start, f"{task.metric.name} scores", unit, split, episodes,
                           task)
             scores.append(score)
+            # Freed before the next chunk is gathered, not after: one chunk in memory at once.
+            del chunk, pred
     finally:
         algorithm.model.train()
     return torch.cat(scores)
