@@ -18,19 +18,26 @@ shrinking (Pillow's ``resize``); JPEGs are decoded at a reduced scale first (``d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from autometa.errors import DataError
+from autometa.numeric_inputs import InputBatch
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["GRAY_MODES", "RESIZE_POLICIES", "decode_file", "decode_image"]
+__all__ = ["GRAY_MODES", "IMAGE_SUFFIXES", "RESIZE_POLICIES", "decode_file", "decode_files",
+           "decode_image", "image_files", "read_new_images"]
 
 RESIZE_POLICIES = ("stretch", "center-crop", "pad")
+#: File suffixes read as images from a folder (case-insensitive); other files are skipped.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
+                            ".webp", ".ppm", ".pgm", ".pbm"})
 #: Pillow modes without colour.
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -90,3 +97,97 @@ def decode_file(file: Path, *, size: int, channels: int | str,
         brief = brief.replace(f" {str(file)!r}", "").replace(str(file), "<file>")[:120]
         raise DataError(f"cannot read image {str(file)!r} ({type(exc).__name__}: {brief}); "
                         "replace or delete the file") from exc
+
+
+def decode_files(files: Sequence[Path], *, size: int, channels: int | str,
+                 resize: str = "stretch", name: str = "") -> np.ndarray:
+    """A few ``files`` decoded by :func:`decode_file`: uint8 pixels, (n, C, size, size).
+
+    ``channels`` 1 or 3 converts every image; ``"auto"`` gives 1 if every image is
+    grayscale (a gray mode, or R = G = B in every pixel) and 3 otherwise. For new inputs
+    (``autometa predict``); a task's own images go through its store
+    (:mod:`autometa.image_store`).
+
+    Raises:
+        DataError: a file Pillow cannot decode (naming it; prefixed ``name:`` if given).
+    """
+    pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (n, H, W, RGB)
+    gray = np.ones(len(files), dtype=bool)
+    for i, file in enumerate(files):
+        try:
+            image, _ = decode_file(file, size=size, channels=channels, resize=resize)
+        except DataError as exc:
+            raise DataError(f"{name}: {exc}" if name else str(exc)) from exc.__cause__
+        if image.ndim == 2:  # (H, W)
+            pixels[i] = image[..., None]
+        else:
+            pixels[i] = image
+            gray[i] = bool((image[..., 1:] == image[..., :1]).all())
+    keep = 1 if channels == 1 or (channels == "auto" and gray.all()) else 3
+    return np.ascontiguousarray(pixels[..., :keep].transpose(0, 3, 1, 2))
+
+
+def image_files(path: Path, *, what: str = "--input") -> list[Path]:
+    """``path`` itself if it is a file, else the images in the folder ``path`` (searched
+    recursively, by :data:`IMAGE_SUFFIXES`; hidden files and folders skipped), sorted.
+
+    Raises:
+        DataError: a folder without images (``what`` names where the path came from).
+    """
+    if not path.is_dir():
+        return [path]
+    files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                   and f.is_file() and not any(p.startswith(".") for p in
+                                               f.relative_to(path).parts))
+    if not files:
+        raise DataError(f"{what} {str(path)!r} holds no images "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}); give image files")
+    return files
+
+
+#: A support set's reader: its folder → the image files and each one's label.
+SupportReader = Callable[[Path], tuple[list[Path], list[Any]]]
+
+
+def read_new_images(path: Path, *, labelled: bool, support: SupportReader, support_hint: str,
+                    input_shape: Sequence[int], resize: str, name: str) -> InputBatch:
+    """New images for a built image task (its ``read_inputs``: ``autometa predict``,
+    ``Predictor.adapt``/``predict`` given a path), decoded as the task decoded its own.
+
+    Inputs (``labelled`` False, ``--input``) are an image file or a folder of them
+    (:func:`image_files`). A support set (``--support``) is a folder read by ``support``,
+    the task's own layout. Colour is converted to what the model takes: a colour photo for
+    a grayscale model becomes gray, a gray one for a colour model RGB.
+
+    Args:
+        support_hint: what a support set is, in messages ("a folder with one sub-folder
+            of images per class").
+        input_shape: the task's (channels, size, size).
+        resize: the task's resize policy (:data:`RESIZE_POLICIES`).
+        name: the task's registered name, the first word of messages.
+
+    Returns:
+        An :class:`~autometa.numeric_inputs.InputBatch`: x (n, C, size, size) float32 in
+        [0, 1]; labels (support sets) or None; ids, each file's path relative to ``path``
+        (its name when ``path`` is a file).
+
+    Raises:
+        DataError: a support path that is a file, a folder without images, a support set
+            ``support`` refuses, an image that cannot be decoded.
+    """
+    flag = "--support" if labelled else "--input"
+    labels: list[Any] | None = None
+    if labelled:
+        if not path.is_dir():
+            raise DataError(f"{name}: {flag} {str(path)!r} is a file; give {support_hint}")
+        files, labels = support(path)
+    else:
+        try:
+            files = image_files(path, what=flag)
+        except DataError as exc:
+            raise DataError(f"{name}: {exc}") from None
+    pixels = decode_files(files, size=input_shape[-1], channels=input_shape[0],
+                          resize=resize, name=f"{name}: {flag}")
+    x = torch.from_numpy(pixels).float().div_(255)  # (n, C, size, size) in [0, 1]
+    ids = [f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files]
+    return InputBatch(x, labels, ids, "file")

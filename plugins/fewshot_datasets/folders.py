@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 
 from autometa import DataError
-
-#: File suffixes read as images in the folder layouts (case-insensitive).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm"})
+from autometa.images import IMAGE_SUFFIXES
 
 
 def visible(folder: Path) -> tuple[list[Path], list[Path]]:

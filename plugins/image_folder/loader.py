@@ -21,7 +21,7 @@ folder left without images). So a scan never hangs on a FIFO or recurses through
 
 Every problem is one :class:`~autometa.DataError` naming the folder or file, what was
 expected and the fix. Scanning reads directory listings only; the task's store
-(:mod:`autometa.image_store`) and :func:`decode` open files.
+(:mod:`autometa.image_store`) and :func:`autometa.images.decode_files` open files.
 """
 
 from __future__ import annotations
@@ -30,21 +30,15 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from autometa import ConfigError, DataError
-from autometa.images import decode_file
+from autometa.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 NAME = "image-folder"
-#: File suffixes read as images (case-insensitive); other files are skipped.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
-                            ".webp", ".ppm", ".pgm", ".pbm"})
 LAYOUTS = ("auto", "classes", "omniglot")
 CLASSES_HINT = "root/<class>/<image>"
 OMNIGLOT_HINT = "root/<alphabet>/<character>/<image>"
@@ -235,31 +229,3 @@ def _class(root: Path, folder: Path, listing: _Listing, group: str | None, ignor
         raise DataError(f"{NAME}: class folder {name!r} in {str(root)!r} holds no images "
                         f"({suffixes}); add images to it or remove it")
     return ClassFolder(name, group or name, tuple(listing.images))
-
-
-def decode(files: Sequence[Path], *, size: int, channels: int | str,
-           resize: str = "stretch") -> np.ndarray:
-    """Decode, convert and resize a few ``files`` (new inputs for ``autometa predict``; a
-    task's own images go through its store): uint8 pixels, (n, C, size, size).
-
-    ``channels`` 1 converts to grayscale, 3 to RGB; "auto" gives 1 if every image is
-    grayscale (a gray mode, or R = G = B in every pixel) and 3 otherwise
-    (:mod:`autometa.images`).
-
-    Raises:
-        DataError: a file Pillow cannot decode (naming it, with Pillow's error in brief).
-    """
-    pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)  # (n, H, W, RGB)
-    gray = np.ones(len(files), dtype=bool)
-    for i, file in enumerate(files):
-        try:
-            image, _ = decode_file(file, size=size, channels=channels, resize=resize)
-        except DataError as exc:
-            raise DataError(f"{NAME}: {exc}") from exc.__cause__
-        if image.ndim == 2:  # (H, W)
-            pixels[i] = image[..., None]
-        else:
-            pixels[i] = image
-            gray[i] = bool((image[..., 1:] == image[..., :1]).all())
-    keep = 1 if channels == 1 or (channels == "auto" and gray.all()) else 3
-    return np.ascontiguousarray(pixels[..., :keep].transpose(0, 3, 1, 2))

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 import autometa
 from autometa import ConfigError, DataError
+from autometa.images import decode_files
 from autometa.testing import check_task
-from autometa_plugins.image_folder.loader import decode
 from autometa_plugins.image_folder.task import ImageFolder
 
 EPISODES = {"ways": 2, "shots": 1, "queries": 2, "val_episodes": 4, "test_episodes": 4}
@@ -141,15 +141,15 @@ def test_channels_rgb_and_grayscale(tmp_path: Path) -> None:
     deep = tmp_path / "deep.png"  # 16-bit grayscale: the top 8 bits are kept
     Image.fromarray((QUADRANTS.astype(np.uint16) << 8) | 0x7F).save(deep)
 
-    assert decode(colour, size=12, channels="auto").shape == (2, 3, 12, 12)
-    assert decode([gray_rgb, gray], size=12, channels="auto").shape == (2, 1, 12, 12)
-    mixed = decode([gray, colour[0]], size=12, channels="auto")  # one colour image: RGB
+    assert decode_files(colour, size=12, channels="auto").shape == (2, 3, 12, 12)
+    assert decode_files([gray_rgb, gray], size=12, channels="auto").shape == (2, 1, 12, 12)
+    mixed = decode_files([gray, colour[0]], size=12, channels="auto")  # one colour image: RGB
     assert mixed.shape == (2, 3, 12, 12) and (mixed[0] == QUADRANTS).all()
-    assert (decode([deep], size=12, channels="auto")[0, 0] == QUADRANTS).all()
-    as_gray = decode(colour, size=12, channels=1)
+    assert (decode_files([deep], size=12, channels="auto")[0, 0] == QUADRANTS).all()
+    as_gray = decode_files(colour, size=12, channels=1)
     expected = np.asarray(Image.open(colour[0]).convert("L"))  # Pillow's luminance
     assert as_gray.shape == (2, 1, 12, 12) and (as_gray[0, 0] == expected).all()
-    assert decode([gray], size=12, channels=3).shape == (1, 3, 12, 12)
+    assert decode_files([gray], size=12, channels=3).shape == (1, 3, 12, 12)
 
     task = ImageFolder(path=make_classes(tmp_path / "colour", colour=True, suffix=".jpg"),
                        size=12, **EPISODES)
