@@ -132,13 +132,14 @@ def build(params: dict[str, Any], cache: str, threads: int | None,
 
 def episodes(params: dict[str, Any], cache: str, *, tasks: int, repeats: int,
              maml: dict[str, Any], conv4: dict[str, Any], chunk: int,
-             chunks: int, engine_chunk: int) -> dict[str, Any]:
+             chunks: int, engine_chunk: int | None) -> dict[str, Any]:
     import torch
 
     import autometa.image_store as image_store
     from autometa import create_host
     from autometa.study.trials import TrialPlan
     from autometa.trial import build as build_trial
+    from autometa.trial import eval_chunk
 
     task = load_task_class()(**params, cache_dir=cache)
     gathered: dict[str, float] = {}
@@ -173,7 +174,7 @@ def episodes(params: dict[str, Any], cache: str, *, tasks: int, repeats: int,
         test[i:i + chunk]
         chunk_s.append(time.perf_counter() - t)
     t = time.perf_counter()
-    big = test[0:engine_chunk]
+    big = test[0:engine_chunk or eval_chunk(test, task)]  # default: the engine's chunk
     engine_chunk_s = time.perf_counter() - t
     big_bytes = big.support_x.nbytes + big.query_x.nbytes
     from data_scale_memory import status_mb
@@ -224,9 +225,8 @@ def stages(params: dict[str, Any], cache: str, *, algorithm: str,
     import autometa.engine.worker  # noqa: F401
     from autometa import create_host
     from autometa.study.trials import TrialPlan
-    from autometa.task import IndexedEpisodes
-    from autometa.trial import EVAL_CHUNK, evaluate
     from autometa.trial import build as build_trial
+    from autometa.trial import eval_chunk, evaluate
 
     mark("import autometa's engine, optuna")
     task = load_task_class()(**params, cache_dir=cache)
@@ -241,11 +241,9 @@ def stages(params: dict[str, Any], cache: str, *, algorithm: str,
     mark(f"{steps} meta-steps")
     evaluate(model, task.meta_val(), task)
     mark(f"meta-val scored ({len(task.meta_val())} episodes)")
-    test = task.meta_test()  # its first chunk, gathered inside evaluate as the engine does
-    first = IndexedEpisodes(test.support[:EVAL_CHUNK], test.support_y[:EVAL_CHUNK],
-                            test.query[:EVAL_CHUNK], test.query_y[:EVAL_CHUNK], test.gather)
-    evaluate(model, first, task, split="meta-test")
-    mark(f"meta-test's first chunk scored ({len(first)} episodes)")
+    test = task.meta_test()  # all of it, a chunk at a time (trial.eval_chunk), as the engine
+    evaluate(model, test, task, split="meta-test")
+    mark(f"meta-test scored ({len(test)} episodes, {eval_chunk(test, task)} at a time)")
     watcher.stop()
     return {"algorithm": algorithm, "algorithm_params": algorithm_params, "conv4": conv4,
             "steps": steps, "tasks": tasks, "stages": marks}
@@ -269,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="stages: meta-steps")
     parser.add_argument("--chunk", type=int, default=10)
     parser.add_argument("--chunks", type=int, default=20)
-    parser.add_argument("--engine-chunk", type=int, default=200)
+    parser.add_argument("--engine-chunk", type=int, default=None,
+                        help="episodes gathered at once (default: the engine's eval_chunk)")
     args = parser.parse_args(argv)
     params = json.loads(args.task)
     if args.what == "build":
