@@ -25,7 +25,7 @@ from test_meta_album import DOMAINS, SMALL, make_album, where, write_domain
 
 import autometa
 import autometa.trial as trial
-from autometa import ConfigError, DataError, Episodes
+from autometa import ConfigError, DataError, Episodes, create_host
 from autometa.cli import main
 from autometa.inner_loop import meta_backward
 from autometa.metrics import episode_loss, mask_absent
@@ -202,9 +202,12 @@ def test_the_loss_and_accuracy_leave_absent_classes_out() -> None:
                                F.cross_entropy(logits[0], every[0]))
 
 
-def test_mamls_head_rows_of_absent_classes_get_no_gradient(album: Path) -> None:
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_mamls_head_rows_of_absent_classes_get_no_gradient(album: Path, strategy: str
+                                                           ) -> None:
     task = any_task(album)
     algorithm = _maml(task)
+    algorithm.strategy = strategy
     batch = task.sample(3, torch.Generator().manual_seed(4))
     ways = int(batch.support_y.max()) + 1
     assert ways < task.output_size
@@ -213,6 +216,19 @@ def test_mamls_head_rows_of_absent_classes_get_no_gradient(album: Path) -> None:
     head = algorithm.model.head
     assert (head.weight.grad[ways:] == 0).all() and (head.bias.grad[ways:] == 0).all()
     assert (head.weight.grad[:ways] != 0).any()
+
+
+@pytest.mark.parametrize("name", ["anil", "metasgd", "reptile", "finetune", "linear-probe"])
+def test_every_other_algorithm_serves_mixed_episodes(album: Path, name: str) -> None:
+    """Each meta-steps on an any-way batch and adapts to meta-val episodes of one size
+    (the conformance kit), and evaluate scores the whole mixed set."""
+    task = any_task(album)
+    cls = create_host().get("algorithm", name).load()
+    check_meta_algorithm(cls, task, MLP, {"hidden": 16})
+    torch.manual_seed(0)
+    algorithm = cls(MLP(hidden=16).build(task.spec), task)
+    scores = trial.evaluate(algorithm, task.meta_val(), task)
+    assert scores.shape == (len(task.meta_val()),) and bool(torch.isfinite(scores).all())
 
 
 @pytest.mark.parametrize(("params", "error", "expected"), [
