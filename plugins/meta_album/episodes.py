@@ -131,13 +131,15 @@ class DomainEpisodes(Task):
         ways = torch.minimum(2 + (u[0] * (caps[:, 0] - 1)).long(), caps[:, 0])  # 2..cap
         shots = torch.minimum(1 + (u[1] * caps[:, 1]).long(), caps[:, 1])  # 1..cap
         drawn = torch.stack([domain, ways, shots], 1)  # (n, 3)
-        groups, group, position = [], torch.empty(n, dtype=torch.long), torch.empty(
-            n, dtype=torch.long)
+        groups: list[IndexedEpisodes] = []  # one per distinct (domain, N, K)
+        group = torch.empty(n, dtype=torch.long)  # (n,): each episode's group
+        position = torch.empty(n, dtype=torch.long)  # (n,): its index in the group
         for d, w, k in drawn.unique(dim=0).tolist():  # a loop over the distinct draws
             mine = torch.nonzero((drawn == torch.tensor([d, w, k], device=self.device))
                                  .all(1)).flatten()
             index = self.pools[split][d].sample_indices(len(mine), w, k, self.queries, g)[0]
-            group[mine.cpu()], position[mine.cpu()] = len(groups), torch.arange(len(mine))
+            group[mine.cpu()] = len(groups)
+            position[mine.cpu()] = torch.arange(len(mine))
             groups.append(self._indexed(index, k))
         return MixedEpisodes(groups, group, position), names
 
