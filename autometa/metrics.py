@@ -7,18 +7,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "ACCURACY",
     "Direction",
+    "EPISODE_ACCURACY",
     "MSE",
     "Metric",
     "TaskKind",
     "accuracy_per_episode",
     "accuracy_per_example",
+    "episode_loss",
     "loss_for",
+    "mask_absent",
     "mse_per_episode",
     "mse_per_example",
 ]
@@ -83,6 +87,39 @@ def loss_for(kind: TaskKind, pred: Tensor, target: Tensor) -> Tensor:
     if kind == "regression":
         return F.mse_loss(pred, target)
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1))
+
+
+def mask_absent(logits: Tensor, target: Tensor) -> Tensor:
+    """``logits`` with every class absent from ``target`` set to the dtype's lowest value:
+    never the argmax, no probability, no gradient (``masked_fill`` passes none to them).
+
+    For episodes of differing ways under one ``output_size`` (an N-way episode's labels are
+    0..N-1, the logits N.. belong to no class of it: Meta-Album's any-way episodes, Ullah
+    et al., NeurIPS 2022), where every class of an episode appears in its ``target`` (its
+    support set's labels, or its query set's). Built by ``scatter`` with no data-dependent
+    branch, so it runs under ``torch.func.grad`` and ``vmap``.
+
+    Shapes: ``logits`` (..., n, classes), ``target`` (..., n) int64; the mask is per leading
+    index (per episode), over its ``n`` examples. Returns the shape of ``logits``.
+    """
+    present = torch.zeros(*target.shape[:-1], logits.shape[-1], dtype=logits.dtype,
+                          device=logits.device).scatter(-1, target, 1.0)  # (..., classes)
+    return logits.masked_fill(present.unsqueeze(-2) == 0, torch.finfo(logits.dtype).min)
+
+
+def episode_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over each episode's own classes (:func:`mask_absent`), averaged over
+    every leading dimension: (..., n, classes), (..., n) -> ()."""
+    return loss_for("classification", mask_absent(logits, target), target)
+
+
+#: Accuracy over each episode's own classes (:func:`mask_absent` by the query labels): the
+#: argmax never picks a class outside the episode. Equal to :data:`ACCURACY` wherever an
+#: episode's queries hold every class of the output.
+EPISODE_ACCURACY = Metric(
+    "accuracy", "maximize",
+    lambda logits, target: accuracy_per_episode(mask_absent(logits, target), target),
+    lambda logits, target: accuracy_per_example(mask_absent(logits, target), target))
 
 
 def mean_ci95(scores: Tensor) -> tuple[float, float]:

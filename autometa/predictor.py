@@ -272,7 +272,11 @@ class Predictor:
                                 f"at least one example of each of the {ways} classes")
         else:
             classes = _sorted(set(values))
-            if len(classes) != ways:
+            if self.task.any_ways and not 2 <= len(classes) <= ways:
+                raise DataError(f"support_y: {len(classes)} distinct classes, but the model "
+                                f"was meta-trained on 2- to {ways}-way episodes; give "
+                                f"examples of 2 to {ways} classes")
+            if not self.task.any_ways and len(classes) != ways:
                 raise DataError(f"support_y: {len(classes)} distinct classes, but the model "
                                 f"was meta-trained on {ways}-way episodes (its head outputs "
                                 f"{ways} classes); give examples of exactly {ways} classes")
@@ -335,6 +339,8 @@ class Adapted:
                             "inputs; check that the inputs are on the task's scale")
         if p.task_kind == "classification":
             assert self.classes is not None
+            # An N-way support set of an any-way task: its classes are labels 0..N-1.
+            pred = pred[:, :len(self.classes)]
             probabilities = torch.softmax(pred.float(), dim=-1)  # (m, classes)
             labels = [self.classes[int(i)] for i in pred.argmax(-1)]
             return Predictions("classification", classes=list(self.classes), labels=labels,

@@ -15,10 +15,10 @@ whose query is its validation (meta-val) or test (meta-test) split.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ from autometa.metrics import ACCURACY, MSE, Metric, TaskKind, loss_for
 from autometa.numeric_inputs import InputBatch, read_numbers
 from autometa.space import SearchSpace
 
-__all__ = ["EpisodeSet", "Episodes", "IndexedEpisodes", "InputBatch", "Task", "TaskSpec"]
+__all__ = ["EpisodeSet", "Episodes", "IndexedEpisodes", "InputBatch", "MixedEpisodes", "Task",
+           "TaskSpec"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Episodes:
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
-    def __getitem__(self, index: slice | Tensor) -> Episodes:
+    def __getitem__(self, index: int | slice | Tensor) -> Episodes:
         return Episodes(*(getattr(self, f.name)[index] for f in fields(self)))
 
     def to(self, device: torch.device | str) -> Episodes:
@@ -107,9 +108,146 @@ class IndexedEpisodes:
         return self[:].to(device)
 
 
-#: What ``meta_val()`` and ``meta_test()`` return: episodes held as tensors, or as indices.
-#: Both give :class:`Episodes` when indexed or sliced (``episodes[start:stop]``).
-EpisodeSet = Episodes | IndexedEpisodes
+class MixedEpisodes:
+    """Fixed episodes of differing sizes, held as indices, in order.
+
+    :class:`Episodes` is a batch of equal-sized episodes. Evaluation episodes that differ
+    in size (Meta-Album's any-way any-shot protocol, where each episode draws its own N
+    and K: Ullah et al., NeurIPS 2022 Datasets and Benchmarks) are held as *groups* of
+    equal-sized :class:`IndexedEpisodes`: episode ``i`` is episode ``position[i]`` of group
+    ``group[i]``. Nothing is gathered (no image copied) until the set is indexed.
+
+    Indexing by an int, a slice or an int64 tensor of episode numbers keeps the order
+    asked for. A selection whose episodes all have one size is gathered now and gives
+    :class:`Episodes` (``episodes[:1]`` works as for any set); a selection of several sizes
+    gives another :class:`MixedEpisodes` (indices only). :func:`autometa.trial.evaluate`
+    scores a mixed set one size at a time (:meth:`by_size`), a chunk at a time, and returns
+    the scores in episode order.
+
+    Args:
+        groups: sets of equal-sized episodes each (:class:`IndexedEpisodes`: support
+            (tasks_g, n_support_g), query (tasks_g, n_query_g)).
+        group: (n,) int64, each episode's group.
+        position: (n,) int64, its index in that group.
+
+    Raises:
+        ValueError: ``group`` and ``position`` differ in shape, or point outside the groups.
+    """
+
+    def __init__(self, groups: Sequence[IndexedEpisodes], group: Tensor, position: Tensor
+                 ) -> None:
+        self.groups = list(groups)
+        self.group = torch.as_tensor(group, dtype=torch.long).cpu()
+        self.position = torch.as_tensor(position, dtype=torch.long).cpu()
+        if self.group.dim() != 1 or self.group.shape != self.position.shape:
+            raise ValueError(f"MixedEpisodes: group {tuple(self.group.shape)} and position "
+                             f"{tuple(self.position.shape)} must be two (n,) tensors")
+        counts = torch.tensor([len(g) for g in self.groups], dtype=torch.long)
+        if len(self.group) and (int(self.group.min()) < 0
+                                or int(self.group.max()) >= len(self.groups)
+                                or bool((self.position < 0).any())
+                                or bool((self.position >= counts[self.group]).any())):
+            raise ValueError(f"MixedEpisodes: an episode points outside the {len(self.groups)} "
+                             f"group(s) of {counts.tolist()} episodes")
+        sizes = [(g.support.shape[1], g.query.shape[1]) for g in self.groups]
+        distinct = list(dict.fromkeys(sizes))
+        # (groups,): the size of each group, numbered in order of first appearance
+        self._size = torch.tensor([distinct.index(s) for s in sizes], dtype=torch.long)
+        self._sizes = distinct
+
+    @classmethod
+    def concat(cls, parts: Sequence[IndexedEpisodes]) -> MixedEpisodes:
+        """The episodes of ``parts``, one part after another, in order."""
+        group = torch.cat([torch.full((len(p),), i, dtype=torch.long)
+                           for i, p in enumerate(parts)])
+        position = torch.cat([torch.arange(len(p)) for p in parts])
+        return cls(parts, group, position)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """Each episode's (n_support, n_query), in order."""
+        return [self._sizes[int(s)] for s in self._size[self.group]]
+
+    def by_size(self) -> list[Tensor]:
+        """The numbers of the episodes of each size (ascending; the sizes in order of
+        first appearance): int64 tensors that together hold every episode once."""
+        size = self._size[self.group]  # (n,)
+        every = (torch.nonzero(size == s).flatten() for s in range(len(self._sizes)))
+        return [ids for ids in every if len(ids)]
+
+    def __getitem__(self, index: int | slice | Tensor) -> Episodes | MixedEpisodes:
+        """The episodes at ``index``: :class:`Episodes` if they share one size (an int
+        drops the task dimension, as :class:`Episodes` does), else a :class:`MixedEpisodes`.
+
+        Raises:
+            IndexError: an episode number out of range.
+        """
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"episode {index} of {len(self)}")
+            return self[index : (index + 1) or None][0]
+        ids = torch.arange(len(self))[index.cpu() if isinstance(index, Tensor) else index]
+        group, position = self.group[ids], self.position[ids]
+        used = group.unique()  # sorted
+        if len(torch.unique(self._size[used])) > 1:  # several sizes: indices only
+            mine = [group == g for g in used.tolist()]
+            parts = [_select(self.groups[g], position[m]) for g, m in zip(used.tolist(), mine,
+                                                                         strict=True)]
+            rank = torch.empty_like(position)
+            for m in mine:
+                rank[m] = torch.arange(int(m.sum()))
+            return MixedEpisodes(parts, torch.searchsorted(used, group), rank)
+        if len(used) <= 1:  # one group (or nothing): gathered by it
+            g = self.groups[int(used[0]) if len(used) else 0]
+            return g[position.to(g.support.device)]
+        # One size over several groups: each group's part gathered, back in the order asked.
+        order = torch.cat([torch.nonzero(group == g).flatten() for g in used.tolist()])
+        parts = [self.groups[g][position[group == g].to(self.groups[g].support.device)]
+                 for g in used.tolist()]
+        back = torch.argsort(order).to(parts[0].support_x.device)
+        return Episodes(*(torch.cat([getattr(p, f.name) for p in parts])[back]
+                          for f in fields(Episodes)))
+
+    def _whole(self, name: str) -> NoReturn:
+        raise TypeError(f"MixedEpisodes has no {name}: its episodes differ in size; index "
+                        "episodes of one size (episodes[ids], ids from by_size()) or score "
+                        "them with autometa.trial.evaluate")
+
+    @property
+    def support_x(self) -> Tensor:
+        """Refused (TypeError): the episodes differ in size."""
+        self._whole("support_x")
+
+    @property
+    def support_y(self) -> Tensor:
+        """Refused (TypeError), as :attr:`support_x`."""
+        self._whole("support_y")
+
+    @property
+    def query_x(self) -> Tensor:
+        """Refused (TypeError), as :attr:`support_x`."""
+        self._whole("query_x")
+
+    @property
+    def query_y(self) -> Tensor:
+        """Refused (TypeError), as :attr:`support_x`."""
+        self._whole("query_y")
+
+
+def _select(episodes: IndexedEpisodes, position: Tensor) -> IndexedEpisodes:
+    """The episodes of ``episodes`` at ``position``, still as indices."""
+    at = position.to(episodes.support.device)
+    return IndexedEpisodes(episodes.support[at], episodes.support_y[at], episodes.query[at],
+                           episodes.query_y[at], episodes.gather)
+
+
+#: What ``meta_val()`` and ``meta_test()`` return: episodes held as tensors, as indices,
+#: or as indices of differing sizes. Each gives :class:`Episodes` when indexed or sliced
+#: (``episodes[start:stop]``), a :class:`MixedEpisodes` only where the episodes selected
+#: differ in size.
+EpisodeSet = Episodes | IndexedEpisodes | MixedEpisodes
 
 
 class Task(ABC):
@@ -133,6 +271,10 @@ class Task(ABC):
     kind: TaskKind
     input_shape: tuple[int, ...]
     output_size: int
+    #: Classification episodes of 2 to ``output_size`` ways (labels 0..N-1 in an N-way
+    #: one), as Meta-Album's any-way episodes; :class:`~autometa.predictor.Predictor`
+    #: then adapts to a support set of that many classes. False: always ``output_size``.
+    any_ways: bool = False
 
     def __init__(self, *, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.seed = seed

@@ -27,7 +27,7 @@ from autometa.study.build import trial_defaults
 from autometa.study.inputs import localize
 from autometa.study.settings import search_seed
 from autometa.study.trials import MetaTestScore, TrialPlan, trial_seed
-from autometa.task import Episodes, EpisodeSet, Task
+from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, MixedEpisodes, Task
 
 #: Episodes evaluated at once, at most; bounds memory on large meta-val/meta-test sets.
 EVAL_CHUNK = 200
@@ -37,9 +37,9 @@ EVAL_CHUNK = 200
 EVAL_BYTES = 64 << 20
 
 
-def eval_chunk(episodes: EpisodeSet, task: Task) -> int:
-    """Episodes of ``episodes`` scored at once: :data:`EVAL_CHUNK`, fewer if their inputs
-    would pass :data:`EVAL_BYTES` as float32."""
+def eval_chunk(episodes: Episodes | IndexedEpisodes, task: Task) -> int:
+    """Episodes of ``episodes`` (of one size) scored at once: :data:`EVAL_CHUNK`, fewer if
+    their inputs would pass :data:`EVAL_BYTES` as float32."""
     shape = (episodes.support_x.shape[2:] if isinstance(episodes, Episodes)
              else tuple(getattr(task, "input_shape", ())))
     per_example = 4 * math.prod(shape)
@@ -90,7 +90,10 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
              split: str | None = None) -> Tensor:
     """Scores of the adapted model on ``episodes``: (tasks,), or (n_query,) for one episode.
 
-    The mean is the split's score either way (see :func:`scored_per_example`).
+    The mean is the split's score either way (see :func:`scored_per_example`). Episodes
+    are scored a chunk at a time (:func:`eval_chunk`), one chunk in memory at once; a
+    :class:`~autometa.task.MixedEpisodes` set (episodes of differing sizes), one size at a
+    time, its scores put back in episode order (per-domain scores stay aligned).
 
     Args:
         split: the name of ``episodes`` in messages ("meta-val", "meta-test"); by default
@@ -102,11 +105,12 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
             numbers it cannot use (e.g. non-finite features).
     """
     algorithm.model.eval()
-    scores = []
+    scores: list[Tensor] = []
+    numbers: list[Tensor] = []  # the episode numbers of each chunk's scores
     try:
-        size = eval_chunk(episodes, task)
-        for start in range(0, len(episodes), size):
-            chunk = episodes[start : start + size]
+        for ids in _chunks(episodes, task):
+            chunk = episodes[ids]
+            assert isinstance(chunk, Episodes)  # one size per chunk
             try:
                 pred = algorithm.adapt_and_predict(chunk)  # (chunk, n_query, out)
             except FloatingPointError as exc:
@@ -114,7 +118,8 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
             _check_shape(algorithm, pred, (len(chunk), chunk.query_x.shape[1],
                                            task.output_size))
             pred = pred.detach()
-            _check_finite(pred, start, "predictions", "episodes", split, episodes, task)
+            first = ids.start if isinstance(ids, slice) else ids
+            _check_finite(pred, first, "predictions", "episodes", split, episodes, task)
             if scored_per_example(episodes, task):
                 assert task.metric.per_example is not None
                 score = task.metric.per_example(pred, chunk.query_y)[0]  # (n_query,)
@@ -122,14 +127,34 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
             else:
                 score = task.metric(pred, chunk.query_y)  # (chunk,)
                 unit = "episodes"
-            _check_finite(score, start, f"{task.metric.name} scores", unit, split, episodes,
+            _check_finite(score, first, f"{task.metric.name} scores", unit, split, episodes,
                           task)
             scores.append(score)
+            if isinstance(ids, Tensor):
+                numbers.append(ids)
             # Freed before the next chunk is gathered, not after: one chunk in memory at once.
             del chunk, pred
     finally:
         algorithm.model.train()
-    return torch.cat(scores)
+    out = torch.cat(scores)
+    if numbers and not scored_per_example(episodes, task):  # back in episode order
+        out = out[torch.argsort(torch.cat(numbers)).to(out.device)]
+    return out
+
+
+def _chunks(episodes: EpisodeSet, task: Task) -> list[slice] | list[Tensor]:
+    """What :func:`evaluate` scores at once: slices of a set of equal-sized episodes, or
+    the episode numbers of one size of a mixed set, in chunks (:func:`eval_chunk` each)."""
+    if not isinstance(episodes, MixedEpisodes):
+        size = eval_chunk(episodes, task)
+        return [slice(start, start + size) for start in range(0, len(episodes), size)]
+    out = []
+    for ids in episodes.by_size():
+        first = episodes[ids[:1]]  # one episode, gathered: its sizes give the chunk's
+        assert isinstance(first, Episodes)
+        size = eval_chunk(first, task)
+        out += [ids[start : start + size] for start in range(0, len(ids), size)]
+    return out
 
 
 def _check_shape(algorithm: MetaAlgorithm, pred: Any, expected: tuple[int, int, int]) -> None:
@@ -144,12 +169,12 @@ def _check_shape(algorithm: MetaAlgorithm, pred: Any, expected: tuple[int, int, 
                       "autometa.testing.check_meta_algorithm checks it")
 
 
-def _check_finite(values: Tensor, first_index: int, what: str, unit: str, split: str | None,
-                  episodes: EpisodeSet, task: Task) -> None:
+def _check_finite(values: Tensor, first_index: int | Tensor, what: str, unit: str,
+                  split: str | None, episodes: EpisodeSet, task: Task) -> None:
     """Raise :class:`Diverged` naming the split, what and where, unless all are finite.
 
     ``values`` has one row per episode (or per example, ``unit``), the first numbered
-    ``first_index``.
+    ``first_index``, or each row's episode number in ``first_index`` (a tensor).
     """
     bad = ~torch.isfinite(values)
     if not bool(bad.any()):
@@ -159,7 +184,15 @@ def _check_finite(values: Tensor, first_index: int, what: str, unit: str, split:
                          if bool(m.any()))
     raise Diverged(f"{_split(split, episodes, task)} {what} are not finite ({kinds}) in "
                    f"{len(rows)} {unit}, the first being {unit.rstrip('s')} "
-                   f"{first_index + int(rows[0])}")
+                   f"{_number(first_index, int(rows[0]), unit)}")
+
+
+def _number(first: int | Tensor, row: int, unit: str) -> int:
+    """The number of row ``row`` of a chunk whose rows are numbered from ``first`` (or
+    numbered by the episode numbers ``first``; a one-episode chunk's examples from 0)."""
+    if isinstance(first, int):
+        return first + row
+    return int(first[row]) if unit == "episodes" else row
 
 
 def _split(split: str | None, episodes: EpisodeSet, task: Task) -> str:
@@ -294,16 +327,23 @@ def paired_val_score(algorithm: MetaAlgorithm, task: Task, *, generator: torch.G
     n = len(episodes)
     order = torch.randperm(n, generator=generator, device="cpu")
     # In episode order at the end, so that the mean is summed as the plain evaluation's is.
-    scores = torch.empty(n, device=episodes.support_y.device)
+    scores: Tensor | None = None
     for start in range(0, n, chunk):
-        ids = order[start : start + chunk].to(scores.device)
-        scores[ids] = evaluate(algorithm, episodes[ids], task, split="meta-val")
+        ids = order[start : start + chunk]
+        # Of a mixed set (episodes of differing sizes), a selection of several sizes is
+        # itself mixed: evaluate scores it size by size, in the order of ``ids``.
+        got = evaluate(algorithm, episodes[ids], task, split="meta-val")
+        if scores is None:
+            scores = torch.empty(n, device=got.device)
+        ids = ids.to(scores.device)
+        scores[ids] = got
         for index, score in zip(ids.tolist(), scores[ids].tolist(), strict=True):
             report(index, score)
         seen = start + len(ids)
         if seen < n and should_stop():
             done = order[:seen].to(scores.device)
             raise EvaluationPruned(float(scores[done].mean()), seen, n)
+    assert scores is not None
     return float(scores.mean())
 
 

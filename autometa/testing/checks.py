@@ -25,7 +25,7 @@ from autometa.errors import ConfigError
 from autometa.params import ENGINE_ARGUMENTS, TASK_ENGINE_ARGUMENTS, declared_types, parse
 from autometa.source_model import Backbone, SourceModel
 from autometa.space import Categorical, Float, Int, SearchSpace, check_value
-from autometa.task import Episodes, EpisodeSet, Task
+from autometa.task import Episodes, EpisodeSet, MixedEpisodes, Task
 from autometa.testing.locate import located
 
 __all__ = ["check_meta_algorithm", "check_source_model", "check_space", "check_task"]
@@ -40,11 +40,29 @@ def _fail(cls: type, message: str, method: str | None = None) -> NoReturn:
 
 
 def _same(a: EpisodeSet, b: EpisodeSet, first: int = 16) -> bool:
-    """Whether the ``first`` episodes of ``a`` and ``b`` hold the same tensors."""
-    a, b = a[:first], b[:first]
-    return all(torch.equal(x, y) for x, y in zip(
-        (a.support_x, a.support_y, a.query_x, a.query_y),
-        (b.support_x, b.support_y, b.query_x, b.query_y), strict=True))
+    """Whether the ``first`` episodes of ``a`` and ``b`` hold the same tensors (episode by
+    episode where either set's episodes differ in size)."""
+    if len(a) != len(b):
+        return False
+    if isinstance(a, MixedEpisodes) or isinstance(b, MixedEpisodes):
+        return all(_same(a[i : i + 1], b[i : i + 1]) for i in range(min(first, len(a))))
+    x, y = a[:first], b[:first]
+    if x.support_x.shape != y.support_x.shape or x.query_x.shape != y.query_x.shape:
+        return False
+    return all(torch.equal(p, q) for p, q in zip(
+        (x.support_x, x.support_y, x.query_x, x.query_y),
+        (y.support_x, y.support_y, y.query_x, y.query_y), strict=True))
+
+
+def _first(episodes: EpisodeSet, n: int) -> Episodes:
+    """The first episodes of ``episodes`` (at most ``n``) that share one size, gathered."""
+    for k in range(min(n, len(episodes)), 1, -1):
+        head = episodes[:k]
+        if isinstance(head, Episodes):
+            return head
+    head = episodes[:1]
+    assert isinstance(head, Episodes)
+    return head
 
 
 def _space_method(cls: type) -> str | None:
@@ -131,7 +149,13 @@ def check_task(task_cls: type[Task], **params: Any) -> Task:
     twin, other = task_cls(seed=0, **params), task_cls(seed=1, **params)
     for split in ("meta_val", "meta_test"):
         episodes = getattr(task, split)()
-        _check_episodes(task_cls, task, episodes, split, split)
+        if isinstance(episodes, MixedEpisodes):  # the first 3 episodes of each size
+            for ids in episodes.by_size():
+                some = episodes[ids[:3]]
+                assert isinstance(some, Episodes)
+                _check_episodes(task_cls, task, some, f"{split}()[{ids[:3].tolist()}]", split)
+        else:
+            _check_episodes(task_cls, task, episodes, split, split)
         if not _same(episodes, getattr(task, split)()):
             _fail(task_cls, f"{split}() changes between calls: it must return fixed episodes",
                   split)
@@ -292,7 +316,7 @@ def check_meta_algorithm(
         if all(torch.equal(a, b) for a, b in zip(before, algo.model.parameters(),
                                                  strict=True)):
             _fail(algorithm_cls, "changed no parameter of the model", "meta_step")
-    episodes = task.meta_val()[:3]
+    episodes = _first(task.meta_val(), 3)
     n_query = episodes.query_x.shape[1]
     with _evaluating(algo):
         state = _snapshot(algo)
