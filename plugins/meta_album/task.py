@@ -214,6 +214,10 @@ class MetaAlbum(AugmentedImages, DomainEpisodes):
             **super().describe(),
             "path": str(self.root.resolve()),
             "domains": [d.name for d in self.domains],
+            "episodes": {"ways": self.ways, "shots": self.shots, "queries": self.queries,
+                         **({"max_ways": self.output_size} if self.any_ways else {}),
+                         **({"max_shots": max(c for caps in self.caps.values()
+                                              for _, c in caps)} if self.any_shots else {})},
             "classes": {d.name: len(d.classes) for d in self.domains},
             "images": {d.name: d.images for d in self.domains},
             "class_split": {d.name: dict(zip(SPLITS, map(len, split), strict=True))

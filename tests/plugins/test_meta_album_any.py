@@ -54,6 +54,8 @@ def any_task(album: Path, **params: object) -> MetaAlbum:
 def test_fixed_episodes_differ_in_size_and_are_indices(album: Path) -> None:
     task = check_task(MetaAlbum, path=str(album), **ANY)
     assert task.output_size == 6 and task.any_ways  # the largest N: 6 meta-train classes
+    assert task.describe()["episodes"] == {"ways": "any", "shots": "any", "queries": 2,
+                                           "max_ways": 6, "max_shots": 6}
     for split, episodes in (("meta-val", task.meta_val()), ("meta-test", task.meta_test())):
         assert isinstance(episodes, MixedEpisodes)
         assert all(isinstance(g, IndexedEpisodes) and g.support.dtype == torch.long
