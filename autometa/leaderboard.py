@@ -25,6 +25,7 @@ from autometa.metrics import mean_ci95, tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
 from autometa.report.domains import domain_matrix
+from autometa.study.baselines import baseline_first, is_baseline, searched
 from autometa.study.build import trial_defaults
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
@@ -52,7 +53,8 @@ class Leaderboard:
 
     Attributes:
         frame: one row per completed trial, best first. Columns: ``rank``, ``trial``,
-            ``algorithm``, ``source``, ``val_<metric>``, ``test_<metric>``,
+            ``algorithm``, ``source``, ``baseline`` (True for a baseline trial, README:
+            Baselines), ``val_<metric>``, ``test_<metric>``,
             ``test_ci95`` (half-width), ``test_n`` and ``test_ci_over`` (what the interval
             is over: ``episodes``, or ``examples`` of a target dataset's single test split),
             ``tie_group`` (scored trials that a Holm-corrected paired Wilcoxon test on the
@@ -64,7 +66,7 @@ class Leaderboard:
             their defaults), then one column per searched hyperparameter
             (``<plugin>.<name>``, empty where a trial's plugins lack it; ``task.<name>``
             for a searched per-trial task setting). Test columns are empty beyond the
-            ``top_k`` best.
+            ``top_k`` best searched trials, and never for a baseline.
         counts: trials per final state (complete, pruned, failed, running).
         by_domain: for a task whose episodes come from several domains, meta-test per
             domain: one row per (scored trial, domain), trials best first and domains
@@ -113,6 +115,7 @@ class Leaderboard:
             f"Ranked on meta-val; meta-test shown as mean ± 95% CI over {self.ci_over}. "
             f"{TIE_NOTE}",
             "",
+            *([_md_escape(self.baseline_note), ""] if self.baseline_note else []),
         ]
         rows = self.display_rows()
         header = list(rows[0]) if rows else list(self.display_columns())
@@ -129,6 +132,14 @@ class Leaderboard:
             lines.append("|" + "|".join("---" for _ in header) + "|")
             lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in cells]
         return "\n".join(lines) + "\n"
+
+    @property
+    def baseline_note(self) -> str:
+        """One sentence if a baseline ranks first (:mod:`autometa.study.baselines`), else
+        empty."""
+        if self.frame.empty or not _true(self.frame.iloc[0].get("baseline")):
+            return ""
+        return baseline_first(self.best["algorithm"], self.best["source"])
 
     @property
     def ci_over(self) -> str:
@@ -149,7 +160,8 @@ class Leaderboard:
             test_text = "" if _nan(test) else f"{test:.4g} ± {d['test_ci95']:.2g}"
             group = d.get("tie_group")
             tie = "" if group is None or pd.isna(group) else str(group)
-            values = [str(d["rank"]), str(d["trial"]), d["algorithm"], d["source"],
+            algorithm = d["algorithm"] + (" (baseline)" if _true(d.get("baseline")) else "")
+            values = [str(d["rank"]), str(d["trial"]), algorithm, d["source"],
                       f"{d[f'val_{self.metric}']:.4g}", test_text, tie, d["params"]]
             out.append(dict(zip(self.display_columns(), values, strict=True)))
         return out
@@ -209,6 +221,11 @@ def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _true(value: Any) -> bool:
+    """A stored flag (a leaderboard without the column gives None: False)."""
+    return bool(pd.notna(value) and value)
+
+
 def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -248,9 +265,11 @@ def compute_leaderboard(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = ranked_trials(study, complete)  # without those pruned during evaluation
     context = _Context(task, host, artifacts, root)
-    tests = _meta_test_scores(study, ranked[:top_k], context, cache, phase)
-    scored = [t.number for t in ranked[:top_k]
-              if t.number in tests and not tests[t.number].failure]
+    # The best top_k searched trials, and every baseline (taking no place among them).
+    best = {t.number for t in searched(ranked)[:top_k]}
+    listed = [t for t in ranked if t.number in best or is_baseline(t)]
+    tests = _meta_test_scores(study, listed, context, cache, phase)
+    scored = [t.number for t in listed if t.number in tests and not tests[t.number].failure]
     groups, pvalues = tie_groups([list(tests[n].scores) for n in scored])
     tie = dict(zip(scored, zip(groups, pvalues, strict=True), strict=True))
     rows, hyper = [], sorted({k for t in ranked for k in t.params} - {"algorithm", "source"})
@@ -264,6 +283,7 @@ def compute_leaderboard(
             "trial": t.number,
             "algorithm": plan.algorithm,
             "source": plan.source,
+            "baseline": is_baseline(t),
             f"val_{metric.name}": t.value,
             f"test_{metric.name}": test.mean if test else math.nan,
             "test_ci95": test.ci95 if test else math.nan,
@@ -275,7 +295,7 @@ def compute_leaderboard(
             "params": plan.params_text(task_defaults),
             **{k: t.params.get(k) for k in hyper},
         })
-    columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",
+    columns = ["rank", "trial", "algorithm", "source", "baseline", f"val_{metric.name}",
                f"test_{metric.name}", "test_ci95", "test_n", "test_ci_over", "tie_group",
                "p_vs_best", *COST_COLUMNS, "params", *hyper]
     frame = pd.DataFrame(rows, columns=columns)

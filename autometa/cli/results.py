@@ -226,6 +226,8 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
     for row in rows:
         table.add_row(*(plain(row[c]) for c in columns))
     out.print(table)
+    if board.baseline_note:
+        out.print(board.baseline_note, markup=False, highlight=False)
     if not beside and rows:
         out.print("hyperparameters (algorithm | source):", markup=False, highlight=False)
         for row in rows:

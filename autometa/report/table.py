@@ -1,7 +1,7 @@
 """The leaderboard as an HTML table: one row per complete trial, hyperparameters as columns.
 
 Works with the columns every leaderboard has and with those newer ones add when present
-(``tie_group``, ``p_vs_best``, ``fit_time_s``, ``adapt_ms``, ``peak_mem_mb`` and one
+(``baseline``, ``tie_group``, ``p_vs_best``, ``fit_time_s``, ``adapt_ms``, ``peak_mem_mb`` and one
 ``<plugin>.<name>`` column per hyperparameter). For an older leaderboard without the
 hyperparameter columns they are read from the study's trials.
 """
@@ -12,7 +12,10 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from autometa.report.html import Markup, join, note, tag
+from autometa.study.baselines import baseline_first
 
 if TYPE_CHECKING:
     import optuna
@@ -71,7 +74,8 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
         if ties:
             badge, css = _tie(d.get("tie_group"), int(d["rank"]))
             cells.append(badge)
-        cells += [d["trial"], d["algorithm"], d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
+        algorithm = d["algorithm"] + (" (baseline)" if _baseline(d) else "")
+        cells += [d["trial"], algorithm, d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
                   _test(d, metric)]
         cells += [_number(d.get(c), f) for c, _, f in extras]
         if params:
@@ -91,9 +95,20 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
             f"mean ± 95% confidence interval over {over}, for the best {_tested(board)} "
             f"trial(s).")
     intro = [tag("p", lead)]
+    first = frame.iloc[0].to_dict()
+    if _baseline(first):  # the search's verdict, before the table
+        intro.append(tag("p", tag("strong", baseline_first(first["algorithm"],
+                                                           first["source"]))))
     if ties:
         intro.append(tag("p", tie_sentence(over)))
     return join([*intro, tag("div", html_table, class_="scroll")])
+
+
+def _baseline(d: dict[Any, Any]) -> bool:
+    """True for a baseline trial's row (a leaderboard made before baselines has no
+    ``baseline`` column)."""
+    value = d.get("baseline")
+    return isinstance(value, bool | np.bool_) and bool(value)
 
 
 def _tested(board: Board) -> int:
