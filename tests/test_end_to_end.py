@@ -21,7 +21,7 @@ RUN = [
     "--trials", "4", "--meta-steps", "10", "--eval-every", "5", "--seed", "3", "--no-progress",
     *(a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")),
 ]
-COLUMNS = ["rank", "trial", "algorithm", "source", "val_mse", "test_mse", "test_ci95",
+COLUMNS = ["rank", "trial", "algorithm", "source", "baseline", "val_mse", "test_mse", "test_ci95",
            "test_n", "test_ci_over", "tie_group", "p_vs_best", "fit_time_s", "adapt_ms",
            "peak_mem_mb", "params"]
 
