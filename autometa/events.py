@@ -168,6 +168,9 @@ TRIAL_ATTRS: Mapping[str, str] = {
                    "included; {} for a task without them",
     "origin": "why the trial was queued first: 'portfolio' or 'warm start from <study> "
               "trial <n>' (absent for trials the sampler proposed)",
+    "baseline": "True for a baseline trial: its plan was fixed when the study was created "
+                "(nothing sampled), it uses no budget and is always scored on meta-test "
+                "(absent for other trials)",
     "worker": "the process that ran it: {'host', 'pid', ...}",
     "fit_time_s": "meta-training seconds",
     "meta_steps": "meta-steps run (fewer than the budget when pruned)",
