@@ -165,6 +165,10 @@ def test_a_baseline_is_served_like_any_trial(tmp_path: Path, capsys) -> None:
                             meta_steps=2, eval_every=2, top_k=1, study_name="flowers")
     frame = board.frame
     assert frame["baseline"].sum() == 3
+    html = board.report(tmp_path / "report").read_text()
+    assert "linear-svm (baseline)" in html
+    assert ("A baseline ranks first" in html) == bool(frame["baseline"].iloc[0])
+    assert ("A baseline ranks first" in board.to_markdown()) == bool(frame["baseline"].iloc[0])
     rank = int(frame.loc[frame["algorithm"] == "linear-svm", "rank"].iloc[0])
     model = board.model(rank)
     assert type(model.meta_algorithm).__name__ == "LinearSVM"
