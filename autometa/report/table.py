@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from autometa.caveats import interval_cell, interval_text
 from autometa.report.html import Markup, join, note, tag
 
 if TYPE_CHECKING:
@@ -88,8 +89,7 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
     lead = (f"Ranked on meta-val (the search never sees meta-test); trials with equal "
             f"meta-val scores are ordered by trial number (the earlier trial ranks first), "
             f"which decides rank 1 and which trials get meta-test scores. Meta-test is the "
-            f"mean ± 95% confidence interval over {over}, for the best {_tested(board)} "
-            f"trial(s).")
+            f"mean with its {interval_text(frame)}, for the best {_tested(board)} trial(s).")
     intro = [tag("p", lead)]
     if ties:
         intro.append(tag("p", tie_sentence(over)))
@@ -111,14 +111,13 @@ def _tie(group: Any, rank: int) -> tuple[Markup, str | None]:
 
 
 def _test(d: dict[Any, Any], metric: str) -> str:
-    """``mean ± half-width (n)``, or "" without a meta-test score."""
-    mean, half = _float(d.get(f"test_{metric}")), _float(d.get("test_ci95"))
+    """``mean ± half-width (n)``, ``mean [low, high] (n)`` for a Wilson interval, or ""
+    without a meta-test score."""
+    mean = _float(d.get(f"test_{metric}"))
     if mean is None:
         return ""
     n = _float(d.get("test_n")) or 0
-    if half is None:
-        return f"{mean:.4g} ({n:.0f})"
-    return f"{mean:.4g} ± {half:.2g} ({n:.0f})"
+    return f"{interval_cell(d, mean)} ({n:.0f})"
 
 
 def _hyperparameters(board: Board, study: optuna.Study | None
