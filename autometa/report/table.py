@@ -59,11 +59,11 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
               and frame[c].map(_finite).any()]
     params, values = _hyperparameters(board, study)
     header: list[str] = ["rank"] + (["tie"] if ties else []) + [
-        "trial", "algorithm", "source", f"val {metric}", f"test {metric} ± 95% CI (n)"]
+        "trial", "algorithm", "source", f"val {metric}", f"test {metric}, 95% interval (n)"]
     header += [h for _, h, _ in extras]
     header += params or ["params"]
     numeric = {0, header.index("trial"), header.index(f"val {metric}"),
-               header.index(f"test {metric} ± 95% CI (n)")}
+               header.index(f"test {metric}, 95% interval (n)")}
     numeric |= {header.index(h) for _, h, _ in extras}
     rows = []
     for d in frame.to_dict("records"):
