@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autometa.caveats import interval_cell, interval_text
 from autometa.report.html import Markup, join, note, tag
 from autometa.study.baselines import baseline_first
 
@@ -61,11 +62,11 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
               and frame[c].map(_finite).any()]
     params, values = _hyperparameters(board, study)
     header: list[str] = ["rank"] + (["tie"] if ties else []) + [
-        "trial", "algorithm", "source", f"val {metric}", f"test {metric} ± 95% CI (n)"]
+        "trial", "algorithm", "source", f"val {metric}", f"test {metric}, 95% interval (n)"]
     header += [h for _, h, _ in extras]
     header += params or ["params"]
     numeric = {0, header.index("trial"), header.index(f"val {metric}"),
-               header.index(f"test {metric} ± 95% CI (n)")}
+               header.index(f"test {metric}, 95% interval (n)")}
     numeric |= {header.index(h) for _, h, _ in extras}
     rows = []
     for d in frame.to_dict("records"):
@@ -92,8 +93,7 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
     lead = (f"Ranked on meta-val (the search never sees meta-test); trials with equal "
             f"meta-val scores are ordered by trial number (the earlier trial ranks first), "
             f"which decides rank 1 and which trials get meta-test scores. Meta-test is the "
-            f"mean ± 95% confidence interval over {over}, for the best {_tested(board)} "
-            f"trial(s).")
+            f"mean with its {interval_text(frame)}, for the best {_tested(board)} trial(s).")
     intro = [tag("p", lead)]
     first = frame.iloc[0].to_dict()
     if _baseline(first):  # the search's verdict, before the table
@@ -126,14 +126,13 @@ def _tie(group: Any, rank: int) -> tuple[Markup, str | None]:
 
 
 def _test(d: dict[Any, Any], metric: str) -> str:
-    """``mean ± half-width (n)``, or "" without a meta-test score."""
-    mean, half = _float(d.get(f"test_{metric}")), _float(d.get("test_ci95"))
+    """``mean ± half-width (n)``, ``mean [low, high] (n)`` for a Wilson interval, or ""
+    without a meta-test score."""
+    mean = _float(d.get(f"test_{metric}"))
     if mean is None:
         return ""
     n = _float(d.get("test_n")) or 0
-    if half is None:
-        return f"{mean:.4g} ({n:.0f})"
-    return f"{mean:.4g} ± {half:.2g} ({n:.0f})"
+    return f"{interval_cell(d, mean)} ({n:.0f})"
 
 
 def _hyperparameters(board: Board, study: optuna.Study | None
