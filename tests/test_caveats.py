@@ -87,7 +87,8 @@ def test_few_meta_train_classes_and_a_saturated_meta_val_are_warned(tmp_path: Pa
     out = " ".join(run.stdout.split())
     assert "95% CI over 20 episodes, Student t" in out
     assert "rest on 20 meta-test episodes, fewer than 30" in out
-    assert ("warning: Meta-val is saturated: the 3 trials scored on meta-test have meta-val "
+    # the 3 searched trials and the 3 baselines on raw inputs, all at 1 on meta-val
+    assert ("warning: Meta-val is saturated: the 6 trials scored on meta-test have meta-val "
             "accuracy within 0 of each other") in out
     assert "read the tie groups rather than the ranks" in out
     frame = pd.read_csv(tmp_path / "autometa-reports" / "glyphs-seed1.csv")
