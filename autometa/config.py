@@ -92,6 +92,11 @@ class SearchConfig:
     # earlier studies whose best configurations run first: "study" (this storage) or
     # "study@storage-url"; those whose plugins or spaces no longer match are skipped
     warm_start: list[str] = field(default_factory=list)
+    # baseline trials first (classification tasks): nearest centroid, linear probe and
+    # linear SVM, never meta-trained, on the raw inputs and on each searched source with
+    # pre-trained features, at their defaults; they use no budget (README: Baselines).
+    # Queued when the study is created: a resume does not change them
+    baselines: bool = True
     # plugins' own settings, {plugin entry-point name: {key: value}} ([plugins.NAME] in a
     # file, --plugin-option NAME.KEY=VALUE): given to that plugin's hooks and report
     # formats. This machine's, like storage: never stored in the study nor shown in reports
@@ -220,6 +225,8 @@ class SearchConfig:
         if self.initial not in INITIALS:
             raise ConfigError(f"initial: expected one of {', '.join(map(repr, INITIALS))}, got "
                               f"{self.initial!r}{closest(str(self.initial), list(INITIALS))}")
+        if not isinstance(self.baselines, bool):
+            raise ConfigError(f"baselines: expected true or false, got {self.baselines!r}")
         check_plugin_options(self.plugins)
         for entry in self.warm_start:
             name, url = split_study_ref(entry, self.storage)

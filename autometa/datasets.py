@@ -197,6 +197,11 @@ class FewShotTask(Task):
     def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
         return self.train.sample(n_tasks, self.ways, self.shots, self.queries, generator)
 
+    def meta_train_classes(self) -> tuple[int, int]:
+        """(meta-train classes, ways): C(classes, ways) distinct class sets can be drawn
+        (checked by :func:`autometa.caveats.few_class_sets` when a search is prepared)."""
+        return self.train.n_classes, self.ways
+
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.train.sample_labelled(n, generator)
 
@@ -410,6 +415,12 @@ class InnerTask(Task):
 
     def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
         return self._inner.sample(n_tasks, generator)
+
+    def meta_train_classes(self) -> tuple[int, int] | None:
+        """The inner few-shot task's (meta-train classes, ways); None for a target dataset."""
+        inner = self._inner
+        return inner.meta_train_classes() if isinstance(inner, FewShotTask | InnerTask) \
+            else None
 
     def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self._inner.sample_labelled(n, generator)

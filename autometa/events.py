@@ -168,6 +168,9 @@ TRIAL_ATTRS: Mapping[str, str] = {
                    "included; {} for a task without them",
     "origin": "why the trial was queued first: 'portfolio' or 'warm start from <study> "
               "trial <n>' (absent for trials the sampler proposed)",
+    "baseline": "True for a baseline trial: its plan was fixed when the study was created "
+                "(nothing sampled), it uses no budget and is always scored on meta-test "
+                "(absent for other trials)",
     "worker": "the process that ran it: {'host', 'pid', ...}",
     "fit_time_s": "meta-training seconds",
     "meta_steps": "meta-steps run (fewer than the budget when pruned)",
@@ -180,7 +183,11 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "failure": "why a FAIL trial failed, one line",
     "crash": "why a trial was failed by another process (its worker died or went silent)",
     "test_mean": "meta-test mean, for a trial among the best top_k when it finished",
-    "test_ci95": "95% confidence half-width of test_mean",
+    "test_ci95": "95% interval's larger half-width around test_mean",
+    "test_ci_low": "the 95% interval's lower bound",
+    "test_ci_high": "the 95% interval's upper bound",
+    "test_ci_method": "'student-t' (over episodes) or 'wilson' (an accuracy over test "
+                      "examples)",
     "test_n": "number of meta-test scores (episodes, or test examples of a target dataset)",
     "test_ci_over": "what test_n counts: 'episodes' or 'examples'",
     "test_scores": "the meta-test scores, one per episode or example",

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from autometa.caveats import interval_cell, interval_text, leaderboard_caveats, val_count
 from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError
 from autometa.metrics import mean_ci95, tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
 from autometa.report.domains import domain_matrix
+from autometa.study.baselines import baseline_first, is_baseline, searched
 from autometa.study.build import trial_defaults
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
@@ -52,9 +54,13 @@ class Leaderboard:
 
     Attributes:
         frame: one row per completed trial, best first. Columns: ``rank``, ``trial``,
-            ``algorithm``, ``source``, ``val_<metric>``, ``test_<metric>``,
-            ``test_ci95`` (half-width), ``test_n`` and ``test_ci_over`` (what the interval
-            is over: ``episodes``, or ``examples`` of a target dataset's single test split),
+            ``algorithm``, ``source``, ``baseline`` (True for a baseline trial, README:
+            Baselines), ``val_<metric>``, ``test_<metric>``,
+            ``test_ci95`` (the interval's larger half-width), ``test_ci_low`` and
+            ``test_ci_high`` (its bounds), ``test_n`` and ``test_ci_over`` (what the
+            interval is over: ``episodes``, or ``examples`` of a target dataset's single
+            test split), ``test_ci_method`` (``student-t`` over episodes, ``wilson`` for
+            an accuracy over test examples; :mod:`autometa.intervals`),
             ``tie_group`` (scored trials that a Holm-corrected paired Wilcoxon test on the
             same meta-test episodes cannot tell apart share a group; 1 = tied with the
             best), ``p_vs_best`` (that adjusted p-value against the best), ``fit_time_s``
@@ -64,7 +70,7 @@ class Leaderboard:
             their defaults), then one column per searched hyperparameter
             (``<plugin>.<name>``, empty where a trial's plugins lack it; ``task.<name>``
             for a searched per-trial task setting). Test columns are empty beyond the
-            ``top_k`` best.
+            ``top_k`` best searched trials, and never for a baseline.
         counts: trials per final state (complete, pruned, failed, running).
         by_domain: for a task whose episodes come from several domains, meta-test per
             domain: one row per (scored trial, domain), trials best first and domains
@@ -94,6 +100,9 @@ class Leaderboard:
     test_scores: dict[int, list[float]] = field(default_factory=dict, repr=False)
     context: _Context | None = field(default=None, repr=False)
     by_domain: pd.DataFrame | None = field(default=None, repr=False)
+    #: Sentences saying what the scores rest on too little to tell (:mod:`autometa.caveats`):
+    #: few meta-test episodes or examples, a saturated meta-val.
+    caveats: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> pd.Series:
@@ -110,9 +119,11 @@ class Leaderboard:
             f"# autometa leaderboard: {self.study_name}",
             "",
             f"Task `{self.task}`, metric {self.metric} ({arrow}); trials: {counts or 'none'}. "
-            f"Ranked on meta-val; meta-test shown as mean ± 95% CI over {self.ci_over}. "
+            f"Ranked on meta-val; meta-test shown as mean and {self.ci_text}. "
             f"{TIE_NOTE}",
             "",
+            *([_md_escape(self.baseline_note), ""] if self.baseline_note else []),
+            *(f"**Warning:** {c}\n" for c in self.caveats),
         ]
         rows = self.display_rows()
         header = list(rows[0]) if rows else list(self.display_columns())
@@ -131,10 +142,23 @@ class Leaderboard:
         return "\n".join(lines) + "\n"
 
     @property
+    def baseline_note(self) -> str:
+        """One sentence if a baseline ranks first (:mod:`autometa.study.baselines`), else
+        empty."""
+        if self.frame.empty or not _true(self.frame.iloc[0].get("baseline")):
+            return ""
+        return baseline_first(self.best["algorithm"], self.best["source"])
+
+    @property
     def ci_over(self) -> str:
         """What the test intervals are over: "episodes" or "examples" (a target dataset)."""
         over = {u for u in self.frame["test_ci_over"] if isinstance(u, str) and u}
         return " and ".join(sorted(over)) or "episodes"
+
+    @property
+    def ci_text(self) -> str:
+        """Which intervals the test column shows: "95% CI over 600 episodes, Student t"."""
+        return interval_text(self.frame)
 
     def display_columns(self) -> list[str]:
         """Column headers of :meth:`display_rows` (the metric is named in the title)."""
@@ -146,10 +170,11 @@ class Leaderboard:
         out = []
         for d in self.frame.to_dict("records"):
             test = d[f"test_{self.metric}"]
-            test_text = "" if _nan(test) else f"{test:.4g} ± {d['test_ci95']:.2g}"
+            test_text = "" if _nan(test) else interval_cell(d, test)
             group = d.get("tie_group")
             tie = "" if group is None or pd.isna(group) else str(group)
-            values = [str(d["rank"]), str(d["trial"]), d["algorithm"], d["source"],
+            algorithm = d["algorithm"] + (" (baseline)" if _true(d.get("baseline")) else "")
+            values = [str(d["rank"]), str(d["trial"]), algorithm, d["source"],
                       f"{d[f'val_{self.metric}']:.4g}", test_text, tie, d["params"]]
             out.append(dict(zip(self.display_columns(), values, strict=True)))
         return out
@@ -209,6 +234,11 @@ def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _true(value: Any) -> bool:
+    """A stored flag (a leaderboard without the column gives None: False)."""
+    return bool(pd.notna(value) and value)
+
+
 def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -248,9 +278,12 @@ def compute_leaderboard(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = ranked_trials(study, complete)  # without those pruned during evaluation
     context = _Context(task, host, artifacts, root)
-    tests = _meta_test_scores(study, ranked[:top_k], context, cache, phase)
-    scored = [t.number for t in ranked[:top_k]
-              if t.number in tests and not tests[t.number].failure]
+    # The best top_k searched trials, and every baseline (taking no place among them).
+    best = {t.number for t in searched(ranked)[:top_k]}
+    listed = [t for t in ranked if t.number in best or is_baseline(t)]
+    tests = {n: test.with_interval(binary=metric.binary) for n, test in
+             _meta_test_scores(study, listed, context, cache, phase).items()}
+    scored = [t.number for t in listed if t.number in tests and not tests[t.number].failure]
     groups, pvalues = tie_groups([list(tests[n].scores) for n in scored])
     tie = dict(zip(scored, zip(groups, pvalues, strict=True), strict=True))
     rows, hyper = [], sorted({k for t in ranked for k in t.params} - {"algorithm", "source"})
@@ -264,20 +297,25 @@ def compute_leaderboard(
             "trial": t.number,
             "algorithm": plan.algorithm,
             "source": plan.source,
+            "baseline": is_baseline(t),
             f"val_{metric.name}": t.value,
             f"test_{metric.name}": test.mean if test else math.nan,
             "test_ci95": test.ci95 if test else math.nan,
+            "test_ci_low": test.low if test else math.nan,
+            "test_ci_high": test.high if test else math.nan,
             "test_n": test.n if test else 0,
             "test_ci_over": test.over if test and not test.failure else "",
+            "test_ci_method": test.method if test and not test.failure else "",
             "tie_group": group,
             "p_vs_best": p,
             **{k: _number(t.user_attrs.get(k)) for k in COST_COLUMNS},
             "params": plan.params_text(task_defaults),
             **{k: t.params.get(k) for k in hyper},
         })
-    columns = ["rank", "trial", "algorithm", "source", f"val_{metric.name}",
-               f"test_{metric.name}", "test_ci95", "test_n", "test_ci_over", "tie_group",
-               "p_vs_best", *COST_COLUMNS, "params", *hyper]
+    columns = ["rank", "trial", "algorithm", "source", "baseline", f"val_{metric.name}",
+               f"test_{metric.name}", "test_ci95", "test_ci_low", "test_ci_high", "test_n",
+               "test_ci_over", "test_ci_method", "tie_group", "p_vs_best", *COST_COLUMNS,
+               "params", *hyper]
     frame = pd.DataFrame(rows, columns=columns)
     frame["tie_group"] = frame["tie_group"].astype("Int64")
     for k in hyper:  # as sampled: an integer stays one beside trials that lack it
@@ -303,6 +341,7 @@ def compute_leaderboard(
         test_scores={n: list(tests[n].scores) for n in scored},
         context=context,
         by_domain=by_domain,
+        caveats=leaderboard_caveats(frame, metric, val_count(task)),
     )
 
 

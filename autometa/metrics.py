@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from autometa.intervals import student_t
+
 __all__ = [
     "ACCURACY",
     "Direction",
@@ -57,7 +59,9 @@ class Metric:
 
     ``per_example``, if given, scores each query example so that an episode's score is the
     mean of its examples' scores; it gives a confidence interval over the examples of a
-    split that is a single episode (a target dataset's test split).
+    split that is a single episode (a target dataset's test split). ``binary``: those
+    per-example scores are 0/1 outcomes (accuracy), so that interval is a binomial one
+    (Wilson's, :func:`autometa.intervals.interval_of`) rather than Student's t.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Metric:
     per_episode: Callable[[Tensor, Tensor], Tensor] = field(compare=False, repr=False)
     per_example: Callable[[Tensor, Tensor], Tensor] | None = field(
         default=None, compare=False, repr=False)
+    binary: bool = field(default=False, compare=False)
 
     def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
         return self.per_episode(pred, target)
@@ -75,7 +80,8 @@ class Metric:
 
 
 MSE = Metric("mse", "minimize", mse_per_episode, mse_per_example)
-ACCURACY = Metric("accuracy", "maximize", accuracy_per_episode, accuracy_per_example)
+ACCURACY = Metric("accuracy", "maximize", accuracy_per_episode, accuracy_per_example,
+                  binary=True)
 
 
 def loss_for(kind: TaskKind, pred: Tensor, target: Tensor) -> Tensor:
@@ -119,20 +125,15 @@ def episode_loss(logits: Tensor, target: Tensor) -> Tensor:
 EPISODE_ACCURACY = Metric(
     "accuracy", "maximize",
     lambda logits, target: accuracy_per_episode(mask_absent(logits, target), target),
-    lambda logits, target: accuracy_per_example(mask_absent(logits, target), target))
+    lambda logits, target: accuracy_per_example(mask_absent(logits, target), target),
+    binary=True)
 
 
 def mean_ci95(scores: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the 95% confidence interval (Student's t) over episodes."""
-    from scipy.stats import t  # scipy comes with scikit-learn
-
-    x = scores.detach().double().cpu()
-    n = x.numel()
-    mean = float(x.mean())
-    if n < 2:
-        return mean, math.nan
-    half = float(t.ppf(0.975, n - 1)) * float(x.std(unbiased=True)) / math.sqrt(n)
-    return mean, half
+    """Mean and half-width of the 95% confidence interval (Student's t) over episodes
+    (:func:`autometa.intervals.student_t`)."""
+    interval = student_t(scores.detach().double().cpu().tolist())
+    return interval.mean, interval.half_width
 
 
 #: Significance level of the paired tests that group trials into ties.

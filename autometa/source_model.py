@@ -56,6 +56,13 @@ class SourceModel(ABC):
 
         return keyword_defaults(cls)
 
+    #: True if the features are worth using frozen, without meta-training: pre-trained or
+    #: loaded weights, or none to train (the ``raw`` inputs). A search then runs the
+    #: baseline algorithms (nearest centroid, linear probe, linear SVM) on this source at
+    #: its default settings (``baselines = true``, README: Baselines). An instance may set
+    #: it from its settings (``torchvision``: true only with a weights file).
+    pretrained_features: bool = False
+
     #: Input ranks accepted: 1 for flat feature vectors, 3 for (C, H, W) images.
     input_ranks: ClassVar[tuple[int, ...]] = (1, 3)
 

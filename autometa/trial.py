@@ -20,7 +20,6 @@ from torch import Tensor
 
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import PluginError
-from autometa.metrics import mean_ci95
 from autometa.plugins import PluginHost
 from autometa.study.artifacts import download_state, load_state, open_store
 from autometa.study.build import trial_defaults
@@ -356,8 +355,10 @@ def _sync(device: torch.device) -> None:
 def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
     """Score ``algorithm`` (meta-trained) on the task's meta-test episodes.
 
-    A model whose predictions are not finite gets a :class:`MetaTestScore` with ``failure``
-    set rather than an exception: it stays listed, never ranked on NaN.
+    The interval is Student's t over episodes, or Wilson's for an accuracy over a target
+    dataset's test examples (:meth:`MetaTestScore.of`). A model whose predictions are not
+    finite gets a :class:`MetaTestScore` with ``failure`` set rather than an exception: it
+    stays listed, never ranked on NaN.
     """
     episodes = task.meta_test()
     over = "examples" if scored_per_example(episodes, task) else "episodes"
@@ -365,8 +366,7 @@ def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
         scores = evaluate(algorithm, episodes, task, split="meta-test")
     except Diverged as exc:
         return MetaTestScore(math.nan, math.nan, 0, over, failure=f"diverged: {exc}")
-    mean, half = mean_ci95(scores)
-    return MetaTestScore(mean, half, len(scores), over, tuple(scores.double().cpu().tolist()))
+    return MetaTestScore.of(scores.double().cpu().tolist(), over, binary=task.metric.binary)
 
 
 def restore(study: Any, trial: Any, task: Task, host: PluginHost, *, artifacts: str,

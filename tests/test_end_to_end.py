@@ -21,8 +21,9 @@ RUN = [
     "--trials", "4", "--meta-steps", "10", "--eval-every", "5", "--seed", "3", "--no-progress",
     *(a for k, v in SMALL.items() for a in ("--task-param", f"{k}={v}")),
 ]
-COLUMNS = ["rank", "trial", "algorithm", "source", "val_mse", "test_mse", "test_ci95",
-           "test_n", "test_ci_over", "tie_group", "p_vs_best", "fit_time_s", "adapt_ms",
+COLUMNS = ["rank", "trial", "algorithm", "source", "baseline", "val_mse", "test_mse", "test_ci95",
+           "test_ci_low", "test_ci_high", "test_n", "test_ci_over", "test_ci_method",
+           "tie_group", "p_vs_best", "fit_time_s", "adapt_ms",
            "peak_mem_mb", "params"]
 
 
@@ -51,9 +52,17 @@ def test_cli_search_prints_and_writes_the_leaderboard(tmp_path: Path) -> None:
     tested = frame[frame["test_n"] > 0]
     assert len(tested) == min(3, len(frame)) and (tested["test_n"] == 20).all()
     assert (tested["test_ci_over"] == "episodes").all()
+    assert (tested["test_ci_method"] == "student-t").all()  # over episodes, as the field does
+    assert tested["test_ci_low"].add(tested["test_ci95"]).sub(tested["test_mse"]).abs().max() \
+        < 1e-12
     assert tested["tie_group"].iloc[0] == 1 and pd.isna(tested["p_vs_best"].iloc[0])
     assert frame.loc[frame["test_n"] == 0, "tie_group"].isna().all()
     assert "sinusoid-seed3: sinusoid, mse (lower is better)" in result.stdout
+    # 20 meta-test episodes: the interval is named, and the warning says what it rests on
+    printed = " ".join(result.stdout.split())
+    assert "95% CI over 20 episodes, Student t" in printed
+    assert "warning: The meta-test intervals and tie groups rest on 20 meta-test episodes" \
+        in printed
     # --no-progress: no bars, one plain line per finished trial
     for row in frame.itertuples():
         assert f"trial {row.trial}: mse {row.val_mse:.4g}" in result.stdout

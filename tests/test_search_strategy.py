@@ -188,6 +188,7 @@ def test_the_portfolio_runs_every_pair_at_its_defaults_first(tmp_path: Path,
         "artifacts": str(tmp_path / "art"),
         # A default outside a narrowed range is left to the sampler.
         "algorithm_params": {"maml": {"inner_lr": {"low": 0.1, "high": 0.5}}},
+        "baselines": False,  # trial numbers from 0 are the portfolio's (test_baselines.py)
     }
     autometa.search("digits", study_name="all", n_trials=7, **settings)
     trials = optuna.load_study(study_name="all", storage=settings["storage"]).trials

@@ -214,7 +214,7 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
     beside = out.width >= WIDE_TABLE
     table = Table(title=f"{board.study_name}: {board.task}, {board.metric} ({arrow})",
                   caption=f"trials: {counts or 'none'}; ranked on meta-val, "
-                          f"test = mean ± 95% CI over meta-test {board.ci_over}; "
+                          f"test = meta-test mean and {board.ci_text}; "
                           "same tie = cannot be told apart (paired Wilcoxon, Holm, α=0.05)")
     columns = [c for c in board.display_columns() if beside or c != "params"]
     for column in columns:
@@ -226,10 +226,14 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
     for row in rows:
         table.add_row(*(plain(row[c]) for c in columns))
     out.print(table)
+    if board.baseline_note:
+        out.print(board.baseline_note, markup=False, highlight=False)
     if not beside and rows:
         out.print("hyperparameters (algorithm | source):", markup=False, highlight=False)
         for row in rows:
             out.print(plain(f"{row['rank']:>4}. trial {row['trial']}: {row['params']}"))
+    for caveat in board.caveats:  # what the numbers rest on too little to tell
+        out.print(plain(f"warning: {caveat}"), style="yellow")
     header, domains = board.domain_rows()
     if header:  # a multi-domain task: meta-test on each domain, the scored trials as columns
         per_domain = Table(title=f"{board.study_name}: meta-test {board.metric} per domain",

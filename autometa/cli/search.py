@@ -39,6 +39,7 @@ RUN_FLAGS = {
     "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
     "cache_dir": "cache_dir",
     "sampler": "sampler", "initial": "initial", "warm_start": "warm_start",
+    "baselines": "baselines",
 }
 
 
@@ -89,6 +90,10 @@ def add_parsers(sub: Any) -> None:
                      help="earlier studies (in --storage, or at URL) whose best 3 "
                           "configurations that fit this search run first (before the "
                           "portfolio)")
+    run.add_argument("--no-baselines", dest="baselines", action="store_const", const=False,
+                     help="no baseline trials (by default nearest centroid, linear probe "
+                          "and linear SVM on the raw inputs and on pre-trained sources run "
+                          "first, outside the --trials budget)")
     run.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                      help="task parameter, e.g. shots=5; a per-trial setting (the task's "
                           "trial_params) is fixed, restricted or searched like --param, "

@@ -18,6 +18,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa.engine.lock import storage_lock
+from autometa.study.baselines import is_baseline
 from autometa.study.storage import GRACE, retry_callback
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,11 @@ def heartbeat_storage(study: optuna.Study) -> BaseHeartbeat | None:
 
 
 def counts(trial: FrozenTrial) -> bool:
-    """Trials that use up budget: finished ones, except crashed trials that are retried."""
+    """Trials that use up budget: finished ones, except crashed trials that are retried
+    and baseline trials (:mod:`autometa.study.baselines`: ``n_trials`` counts searched
+    trials)."""
+    if is_baseline(trial):
+        return False
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and "failure" in trial.user_attrs
@@ -42,8 +47,12 @@ def counts(trial: FrozenTrial) -> bool:
 def budget_used(study: optuna.Study) -> int:
     """Trials that count against ``n_trials``: finished ones (see :func:`counts`) and running
     ones (each will finish, or be found dead and retried)."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if counts(t) or t.state == TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False) if uses_budget(t))
+
+
+def uses_budget(trial: FrozenTrial) -> bool:
+    """:func:`counts`, or a searched trial running."""
+    return counts(trial) or (trial.state == TrialState.RUNNING and not is_baseline(trial))
 
 
 #: Trial user attribute naming the process running it: {"host", "pid", "device", "worker"}.
@@ -58,7 +67,9 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
     Under :func:`storage_lock`: dead local trials are failed and queued again first; then
     the trials that count (:func:`budget_used`) are compared with ``n_trials``, so any
     number of workers and processes end with exactly ``n_trials`` finished. A queued
-    retry (Optuna's WAITING trial) is taken before a new one is sampled.
+    trial (Optuna's WAITING trial: a baseline, an initial configuration, a retry) is taken
+    before a new one is sampled; a queued baseline is taken even once the budget is spent
+    (it uses none).
 
     Args:
         sampler_for: the sampler for the trial of a given number (seeded by it, so that
@@ -71,11 +82,13 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
     with storage_lock(url):
         fail_dead_trials(study)
         trials = study.get_trials(deepcopy=False)
-        used = sum(1 for t in trials if counts(t) or t.state == TrialState.RUNNING)
-        if n_trials is not None and used >= n_trials:
-            return None
+        used = sum(1 for t in trials if uses_budget(t))
         # ask() takes the first queued (WAITING) trial, else creates trial len(trials).
-        waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+        queued = [t for t in trials if t.state == TrialState.WAITING]
+        if n_trials is not None and used >= n_trials \
+                and not (queued and is_baseline(queued[0])):
+            return None
+        waiting = [t.number for t in queued]
         study.sampler = sampler_for(min(waiting) if waiting else len(trials))
         with warnings.catch_warnings():  # the worker runs Optuna's heartbeat thread itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from autometa.cache import cache_dir
+from autometa.caveats import few_class_sets
 from autometa.config import SearchConfig
 from autometa.engine.sampling import WILCOXON_STARTUP, strategy
 from autometa.engine.warm_start import read_warm_start
@@ -80,6 +81,9 @@ def prepare(config: SearchConfig, host: PluginHost,
     if expected_inputs is not None:
         check_same(expected_inputs, inputs, paths, root, config.study)
     task = build_task(config, host, task_params, device)
+    little = few_class_sets(task)
+    if little and check_options and expected_inputs is None:  # once: the search's process
+        log.warning("task %r: %s", config.task, little)
     check_pruner(config, task)
     # A plugin's sampler or pruner is built once here: an unknown name or a failing
     # factory is one line before anything is stored.

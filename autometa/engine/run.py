@@ -30,6 +30,7 @@ from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
 from autometa.study.artifacts import check_shared
+from autometa.study.baselines import is_baseline
 from autometa.study.settings import stored_search
 from autometa.study.urls import local_file
 
@@ -108,6 +109,9 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
     specs = worker_specs(config, out)
     done = sum(1 for t in study.trials if counts(t))
     remaining = None if config.n_trials is None else max(config.n_trials - done, 0)
+    # Baselines still queued run besides the budget: the display counts them too.
+    baselines = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                    if is_baseline(t))
     host.notify("search_started", SearchStarted(study.study_name, config=config,
                                                 remaining=remaining, out=out),
                 config.plugins, study_name=study.study_name, config=config)
@@ -118,9 +122,10 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
             getattr(progress, name)(*args)
 
     with progress:
-        progress.search_started(remaining, done, config.timeout, prepared.task.metric.name,
+        progress.search_started(None if remaining is None else remaining + baselines, done,
+                                config.timeout, prepared.task.metric.name,
                                 prepared.task.metric.direction, len(specs))
-        if remaining != 0:
+        if remaining != 0 or baselines:
             if len(specs) == 1:  # in this process: no start-up cost, same trials as ever
                 run_worker(specs[0], send, prepared=prepared)
             else:

@@ -1,8 +1,9 @@
 """The study in its storage, as a search creates or resumes it: a new study gets the
-search's typed settings, input hashes, resolved plugins and spaces and its queued initial
-trials; an existing one must have been made with the same settings, and resumes with the
-plugins and spaces it stored. What a stored study holds, and how it is read back, is
-:mod:`autometa.study`; the budget and dead trials are :mod:`autometa.engine.claim`."""
+search's typed settings, input hashes, resolved plugins and spaces and its queued
+baseline and initial trials; an existing one must have been made with the same settings,
+and resumes with the plugins and spaces it stored. What a stored study holds, and how it
+is read back, is :mod:`autometa.study`; the budget and dead trials are
+:mod:`autometa.engine.claim`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from autometa.engine.baselines import baseline_plans, enqueue_baselines
 from autometa.engine.initial import describe, enqueue, initial_trials
 from autometa.engine.lock import storage_lock
 from autometa.engine.outage import is_storage_error
@@ -23,6 +25,7 @@ from autometa.space import from_json, to_json
 from autometa.study.build import declared_trial_params
 from autometa.study.settings import CONFIG_ATTR, jsonable
 from autometa.study.storage import open_storage, schema_ready
+from autometa.study.trials import TrialPlan
 from autometa.study.urls import local_file, open_error
 from autometa.version import __version__
 
@@ -109,6 +112,7 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     """A new study with the search's typed settings and resolved spaces (under the lock)."""
     config = prepared.config
     name = config.study
+    baselines = baseline_plans(prepared)
     queued = initial_trials(prepared)
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, direction=prepared.task.metric.direction)
@@ -129,13 +133,16 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
         "inputs": prepared.inputs,
         "task": prepared.task.describe(),
         # Provenance for reports: who provided each plugin used, at which version.
-        "plugins": _plugin_versions(prepared),
+        "plugins": _plugin_versions(prepared, baselines),
         # The plugins and spaces this search resolved: a resume uses exactly these, so a
         # plugin installed or upgraded since cannot change the space Optuna samples from.
         "spaces": {"algorithm": {n: to_json(s) for n, s in prepared.algorithms.items()},
                    "source": {n: to_json(s) for n, s in prepared.sources.items()},
                    "task": to_json(prepared.task_space)},
     })
+    if baselines:  # first: they are cheap, and take no budget
+        enqueue_baselines(study, baselines)
+        log.info("queued %d baseline trial(s) to run first (no budget used)", len(baselines))
     if queued:
         enqueue(study, queued)
         log.info("queued %s to run first", ", ".join(f"{n} {k} trial(s)"
@@ -143,12 +150,16 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     return study
 
 
-def _plugin_versions(prepared: Prepared) -> dict[str, dict[str, str]]:
-    """``{kind: {name: "distribution version"}}`` of the task and the resolved algorithms
-    and sources (``"plugin (in-process)"`` for one registered by code)."""
+def _plugin_versions(prepared: Prepared, baselines: list[TrialPlan]
+                    ) -> dict[str, dict[str, str]]:
+    """``{kind: {name: "distribution version"}}`` of the task, the resolved algorithms
+    and sources and those of the ``baselines`` (``"plugin (in-process)"`` for one
+    registered by code)."""
     host, config = prepared.host, prepared.config
-    names = {"task": [config.task], "algorithm": list(prepared.algorithms),
-             "source": list(prepared.sources)}
+    names = {"task": [config.task],
+             "algorithm": list(dict.fromkeys([*prepared.algorithms,
+                                              *(p.algorithm for p in baselines)])),
+             "source": list(dict.fromkeys([*prepared.sources, *(p.source for p in baselines)]))}
     def origin(kind: str, name: str) -> str:
         reg = host.get(kind, name)  # type: ignore[arg-type]
         return f"{reg.distribution} {reg.version}" if reg.distribution else \

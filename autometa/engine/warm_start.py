@@ -11,6 +11,7 @@ import optuna
 
 from autometa.config import SearchConfig, split_study_ref
 from autometa.errors import ConfigError, closest, redact
+from autometa.study.baselines import searched
 from autometa.study.storage import open_storage, schema_ready
 from autometa.study.trials import TrialPlan, ranked_trials
 from autometa.study.urls import local_file
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def read_warm_start(config: SearchConfig) -> list[tuple[str, list[tuple[str, TrialPlan]]]]:
     """``(study, [(origin, plan), ...])`` per study in ``config.warm_start``: the plans of
-    its ranked trials, best first; only reads.
+    its ranked searched trials (baselines left out), best first; only reads.
 
     Raises:
         ConfigError: a study or its storage does not exist (the closest name suggested).
@@ -43,7 +44,8 @@ def read_warm_start(config: SearchConfig) -> list[tuple[str, list[tuple[str, Tri
             raise ConfigError(f"warm_start: no study {name!r} in {redact(url)}"
                               f"{closest(name, names)}; its studies: "
                               f"{', '.join(names) or 'none'}") from None
-        best = ranked_trials(study)
+        # Its baselines are not taken: this search runs its own.
+        best = searched(ranked_trials(study))
         if not best:
             log.warning("warm start: study %r has no complete trial; nothing taken from it",
                         name)

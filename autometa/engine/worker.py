@@ -39,6 +39,7 @@ from autometa.events import TrialFailed, TrialFinished, TrialPruned, TrialStarte
 from autometa.plugins import PluginHost, create_host
 from autometa.space import suggest
 from autometa.study.artifacts import keep_best, open_store, upload_state
+from autometa.study.baselines import is_baseline, searched
 from autometa.study.build import trial_defaults
 from autometa.study.trials import (
     COST_ATTRS,
@@ -172,23 +173,20 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     cannot be reached is not the trial's fault: that error is raised to the worker.
     """
     config, task, host = prepared.config, prepared.task, prepared.host
-    plan = TrialPlan(
-        algorithm=trial.suggest_categorical("algorithm", list(prepared.algorithms)),
-        source=trial.suggest_categorical("source", list(prepared.sources)),
-    )
-    plan = TrialPlan(plan.algorithm, plan.source,
-                     suggest(trial, plan.algorithm, prepared.algorithms[plan.algorithm]),
-                     suggest(trial, plan.source, prepared.sources[plan.source]),
-                     # "task.<name>"; fixed ones (a name not given: its default) recorded too
-                     suggest(trial, "task", prepared.task_space))
-    for key, value in vars(plan).items():
-        trial.set_user_attr(key, value)
+    baseline = is_baseline(trial)
+    if baseline:  # its plan was fixed when it was queued: nothing is sampled
+        plan = TrialPlan.of(trial)
+    else:
+        plan = sample_plan(trial, prepared)
+        for key, value in vars(plan).items():
+            trial.set_user_attr(key, value)
     inherited = trial.user_attrs  # a retry copies its failed trial's attributes
     for key in (*COST_ATTRS, *TEST_ATTRS, "test_failure", "failure", PRUNED_ATTR,
                 CURVE_ATTR):
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
-    send(("trial_started", (trial.number, plan.describe(trial_defaults(task)),
+    send(("trial_started", (trial.number, ("baseline " if baseline else "")
+                            + plan.describe(trial_defaults(task)),
                             config.meta_steps, device)))
     host.notify("trial_started", TrialStarted(
         study.study_name, number=trial.number, algorithm=plan.algorithm, source=plan.source,
@@ -236,10 +234,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                on_eval=on_eval, on_step=on_step, clock=clock,
                                final_score=final_score if paired else None)
             upload_state(algorithm, trial, store)
-            if ahead(study, trial.number, value, task.metric.direction) < config.top_k:
+            if baseline or ahead(study, trial.number, value,
+                                 task.metric.direction) < config.top_k:
                 # Among the best top_k so far, it may be listed with a test score: score it
                 # now, while the model is in memory (the leaderboard then has nothing to do;
-                # a trial outside the top_k can never enter it later).
+                # a trial outside the top_k can never enter it later). A baseline is
+                # always listed with one.
                 send(("trial_status", (trial.number, "scoring on meta-test")))
                 test = score_meta_test(algorithm, task)
         except optuna.TrialPruned as exc:
@@ -297,12 +297,24 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                 study_name=name, trial=frozen)
 
 
+def sample_plan(trial: optuna.Trial, prepared: Prepared) -> TrialPlan:
+    """A searched trial's plan, sampled from the search's spaces."""
+    algorithm = trial.suggest_categorical("algorithm", list(prepared.algorithms))
+    source = trial.suggest_categorical("source", list(prepared.sources))
+    return TrialPlan(algorithm, source,
+                     suggest(trial, algorithm, prepared.algorithms[algorithm]),
+                     suggest(trial, source, prepared.sources[source]),
+                     # "task.<name>"; fixed ones (a name not given: its default) recorded too
+                     suggest(trial, "task", prepared.task_space))
+
+
 def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int:
-    """How many completed trials rank before trial ``number`` scoring ``value`` (meta-val;
-    ties go to the lower trial number, as on the leaderboard)."""
+    """How many completed searched trials rank before trial ``number`` scoring ``value``
+    (meta-val; ties go to the lower trial number, as on the leaderboard). Baselines take
+    no place among the ``top_k``: they are scored anyway."""
     key = rank_key(direction, value, number)
     return sum(rank_key(direction, float(t.value), t.number) < key
-               for t in ranked_trials(study))
+               for t in searched(ranked_trials(study)))
 
 
 def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:

@@ -37,8 +37,10 @@ def write_report(boards: Sequence[Board], out: str | Path, *,
     one section per study. A study named twice is refused.
 
     Each study's part holds: a header (task, metric and direction, trials per state); the
-    leaderboard (meta-val score, meta-test mean ± 95% CI (n), tie groups, costs and
-    hyperparameters as columns, where the leaderboard has them); for a multi-domain task,
+    warnings about too little data (:mod:`autometa.caveats`); the leaderboard (meta-val
+    score, meta-test mean and 95% interval (n): Student's t over episodes, Wilson's over a
+    target's test examples, tie groups, costs and hyperparameters as columns, where the
+    leaderboard has them) and the evaluation protocol; for a multi-domain task,
     meta-test per domain (one row per domain, the scored trials as columns,
     :mod:`autometa.report.domains`); figures (meta-val learning
     curves of every trial, optimisation history, hyperparameter importances, a forest plot

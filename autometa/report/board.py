@@ -25,6 +25,8 @@ class Board(Protocol):
     stored: dict[str, Any]  # the study's stored settings (autometa.study.settings)
     #: Meta-test per (scored trial, domain) of a multi-domain task; None for a single domain.
     by_domain: pd.DataFrame | None
+    #: Sentences on what the scores rest on too little to tell (autometa.caveats).
+    caveats: list[str]
 
     @property
     def ci_over(self) -> str:

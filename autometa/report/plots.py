@@ -195,19 +195,22 @@ def importance_figure(study: optuna.Study) -> Drawn:
 def forest_figure(frame: pd.DataFrame, metric: str, direction: str) -> Drawn:
     """Meta-test mean ± 95% CI of the best-ranked trial of each algorithm and each source.
 
-    Intervals (Student-t) are drawn clipped to the metric's range (:func:`metric_range`),
-    and so is the axis. An algorithm or source without a meta-test score is named in a
-    note under the figure.
+    Intervals (Student-t, or Wilson's bounds where the frame has them) are drawn clipped
+    to the metric's range (:func:`metric_range`), and so is the axis. An algorithm or
+    source without a meta-test score is named in a note under the figure.
     """
     tested = frame.loc[frame[f"test_{metric}"].map(_finite).astype(bool)]
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float]] = []  # (label, mean, low, high)
     left_out: list[str] = []
     for by in ("algorithm", "source"):
         for name, group in tested.groupby(by, sort=False):  # frame is best first
             top = group.iloc[0]
+            mean = float(top[f"test_{metric}"])
             half = float(top["test_ci95"]) if _finite(top["test_ci95"]) else 0.0
-            rows.append((f"{by} {name} (trial {top['trial']})",
-                         float(top[f"test_{metric}"]), half))
+            bounds = (top.get("test_ci_low"), top.get("test_ci_high"))  # Wilson: asymmetric
+            lo, hi = map(float, bounds) if all(map(_finite, bounds)) else (mean - half,
+                                                                             mean + half)
+            rows.append((f"{by} {name} (trial {top['trial']})", mean, lo, hi))
         scored = set(tested[by])
         left_out += [f"{by} {name}: no trial scored on meta-test"
                      for name in dict.fromkeys(frame[by]) if name not in scored]
@@ -215,8 +218,8 @@ def forest_figure(frame: pd.DataFrame, metric: str, direction: str) -> Drawn:
         raise Skipped("forest plot: no trial has a meta-test score")
     low, high = metric_range(metric, direction) or (-math.inf, math.inf)
     rows = rows[::-1]  # first listed on top
-    below = [mean - max(low, mean - half) for _, mean, half in rows]
-    above = [min(high, mean + half) - mean for _, mean, half in rows]
+    below = [mean - max(low, lo) for _, mean, lo, _ in rows]
+    above = [min(high, hi) - mean for _, mean, _, hi in rows]
     with drawing(height=max(1.6, 0.32 * len(rows) + 0.9)) as (fig, svg):
         ax = fig.add_subplot()
         ys = list(range(len(rows)))

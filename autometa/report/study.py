@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import pandas as pd
+
 from autometa.report import plots
 from autometa.report.domains import domain_section
 from autometa.report.html import Markup, figure, join, note, table, tag
@@ -18,6 +20,14 @@ if TYPE_CHECKING:
     from autometa.report.board import Board
 
 STATES = ("complete", "pruned", "failed", "running")
+
+#: The evaluation protocol, stated under every leaderboard.
+PROTOCOL = ("Evaluation protocol: inductive. Each meta-val and meta-test episode's model is "
+            "adapted on its support set alone and then predicts its queries, which are never "
+            "used for adaptation; the model is in eval mode (BatchNorm uses its running "
+            "statistics, not the query batch's). Meta-val ranks the trials and drives the "
+            "search; meta-test is never seen by the search, and scores only the listed "
+            "trials after they are trained.")
 
 
 def study_of(board: Board) -> optuna.Study | None:
@@ -45,7 +55,8 @@ def study_body(board: Board, *, command: str | None, level: int, anchor: str) ->
         parts.append(note(f"{board.counts['running']} trial(s) were still running: this is "
                           "a snapshot of the study"))
     parts += [tag(h, "leaderboard", id=f"{anchor}-leaderboard"),
-              leaderboard_table(board, study)]
+              *(note(f"warning: {c}") for c in board.caveats),
+              leaderboard_table(board, study), tag("p", PROTOCOL)]
     if board.by_domain is not None:  # a multi-domain task: meta-test on each domain
         parts += [tag(h, "per domain", id=f"{anchor}-domains"), domain_section(board)]
 
@@ -96,12 +107,15 @@ def _show(result: plots.Drawn | str, alt: str, caption: str) -> Markup:
 
 def _intervals(board: Board) -> str:
     """How the forest plot's intervals are made and drawn."""
+    methods = set(board.frame.get("test_ci_method", pd.Series(dtype=object)).dropna()) - {""}
+    kind = " and ".join(("Wilson" if m == "wilson" else "Student-t") for m in sorted(methods)) \
+        or "Student-t"
     bounds = plots.metric_range(board.metric, board.direction)
     if bounds is None:
-        return "Student-t intervals"
+        return f"{kind} intervals"
     low, high = bounds
     shown = f"[{low:g}, ∞)" if math.isinf(high) else f"[{low:g}, {high:g}]"
-    return f"Student-t intervals, clipped to the metric's range {shown}"
+    return f"{kind} intervals, clipped to the metric's range {shown}"
 
 
 def _crash(t: FrozenTrial) -> str:

@@ -1,7 +1,7 @@
 """The leaderboard as an HTML table: one row per complete trial, hyperparameters as columns.
 
 Works with the columns every leaderboard has and with those newer ones add when present
-(``tie_group``, ``p_vs_best``, ``fit_time_s``, ``adapt_ms``, ``peak_mem_mb`` and one
+(``baseline``, ``tie_group``, ``p_vs_best``, ``fit_time_s``, ``adapt_ms``, ``peak_mem_mb`` and one
 ``<plugin>.<name>`` column per hyperparameter). For an older leaderboard without the
 hyperparameter columns they are read from the study's trials.
 """
@@ -12,7 +12,11 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from autometa.caveats import interval_cell, interval_text
 from autometa.report.html import Markup, join, note, tag
+from autometa.study.baselines import baseline_first
 
 if TYPE_CHECKING:
     import optuna
@@ -58,11 +62,11 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
               and frame[c].map(_finite).any()]
     params, values = _hyperparameters(board, study)
     header: list[str] = ["rank"] + (["tie"] if ties else []) + [
-        "trial", "algorithm", "source", f"val {metric}", f"test {metric} ± 95% CI (n)"]
+        "trial", "algorithm", "source", f"val {metric}", f"test {metric}, 95% interval (n)"]
     header += [h for _, h, _ in extras]
     header += params or ["params"]
     numeric = {0, header.index("trial"), header.index(f"val {metric}"),
-               header.index(f"test {metric} ± 95% CI (n)")}
+               header.index(f"test {metric}, 95% interval (n)")}
     numeric |= {header.index(h) for _, h, _ in extras}
     rows = []
     for d in frame.to_dict("records"):
@@ -71,7 +75,8 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
         if ties:
             badge, css = _tie(d.get("tie_group"), int(d["rank"]))
             cells.append(badge)
-        cells += [d["trial"], d["algorithm"], d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
+        algorithm = d["algorithm"] + (" (baseline)" if _baseline(d) else "")
+        cells += [d["trial"], algorithm, d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
                   _test(d, metric)]
         cells += [_number(d.get(c), f) for c, _, f in extras]
         if params:
@@ -88,12 +93,22 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
     lead = (f"Ranked on meta-val (the search never sees meta-test); trials with equal "
             f"meta-val scores are ordered by trial number (the earlier trial ranks first), "
             f"which decides rank 1 and which trials get meta-test scores. Meta-test is the "
-            f"mean ± 95% confidence interval over {over}, for the best {_tested(board)} "
-            f"trial(s).")
+            f"mean with its {interval_text(frame)}, for the best {_tested(board)} trial(s).")
     intro = [tag("p", lead)]
+    first = frame.iloc[0].to_dict()
+    if _baseline(first):  # the search's verdict, before the table
+        intro.append(tag("p", tag("strong", baseline_first(first["algorithm"],
+                                                           first["source"]))))
     if ties:
         intro.append(tag("p", tie_sentence(over)))
     return join([*intro, tag("div", html_table, class_="scroll")])
+
+
+def _baseline(d: dict[Any, Any]) -> bool:
+    """True for a baseline trial's row (a leaderboard made before baselines has no
+    ``baseline`` column)."""
+    value = d.get("baseline")
+    return isinstance(value, bool | np.bool_) and bool(value)
 
 
 def _tested(board: Board) -> int:
@@ -111,14 +126,13 @@ def _tie(group: Any, rank: int) -> tuple[Markup, str | None]:
 
 
 def _test(d: dict[Any, Any], metric: str) -> str:
-    """``mean ± half-width (n)``, or "" without a meta-test score."""
-    mean, half = _float(d.get(f"test_{metric}")), _float(d.get("test_ci95"))
+    """``mean ± half-width (n)``, ``mean [low, high] (n)`` for a Wilson interval, or ""
+    without a meta-test score."""
+    mean = _float(d.get(f"test_{metric}"))
     if mean is None:
         return ""
     n = _float(d.get("test_n")) or 0
-    if half is None:
-        return f"{mean:.4g} ({n:.0f})"
-    return f"{mean:.4g} ± {half:.2g} ({n:.0f})"
+    return f"{interval_cell(d, mean)} ({n:.0f})"
 
 
 def _hyperparameters(board: Board, study: optuna.Study | None

@@ -12,6 +12,8 @@ One concept per module:
 - :mod:`~autometa.study.trials`: what a stored trial holds: its plan (plugins and
   hyperparameters), its seed, its place in the ranking, its learning curve and its
   meta-test score;
+- :mod:`~autometa.study.baselines`: what marks a baseline trial, and what a ranking says
+  when one ranks first;
 - :mod:`~autometa.study.inputs`: input files identified by content (SHA-256);
 - :mod:`~autometa.study.artifacts`: trial states in Optuna's artifact store;
 - :mod:`~autometa.study.build`: the study's task built from its settings;

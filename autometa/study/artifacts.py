@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autometa.config import check_writable_dir
 from autometa.errors import ConfigError, DataError
+from autometa.study.baselines import searched
 from autometa.study.settings import stored_settings
 from autometa.study.trials import ranked, ranked_trials
 
@@ -164,6 +165,9 @@ def check_shared(study: optuna.Study, location: str, given: bool) -> None:
 def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> list[int]:
     """Remove the states of completed trials ranked below ``keep`` on meta-val; the numbers.
 
+    Baseline trials keep their states and take no place among the ``keep``
+    (:mod:`autometa.study.baselines`): they are few and small, and always listed.
+
     A trial ranked below ``keep`` never climbs back (later trials only push it down), so a
     state removed is never needed by a leaderboard of ``top_k <= keep``. Called under the
     storage lock after a trial completes; ``keep="all"`` removes nothing.
@@ -171,7 +175,7 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
     if keep == "all":
         return []
     assert isinstance(keep, int)
-    best = ranked_trials(study)
+    best = searched(ranked_trials(study))
     removed: list[int] = list(study.user_attrs.get(REMOVED_ATTR, []))
     newly = []
     # A trial never ranked (pruned during its evaluation) uploaded no state.

@@ -7,9 +7,11 @@ Predictor); one definition serves both.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from autometa.intervals import interval_of
 
 #: User attribute of a trial the Wilcoxon pruner stopped during its final evaluation: it is
 #: COMPLETE with its running mean (for the sampler), and never ranked.
@@ -113,12 +115,14 @@ def trial_seed(search_seed: int, trial_number: int) -> int:
 
 @dataclass(frozen=True)
 class MetaTestScore:
-    """A model's meta-test result: the mean and 95% CI half-width of ``scores``.
+    """A model's meta-test result: the mean of ``scores`` and its 95% interval.
 
     ``scores`` has one value per meta-test episode, or per test example of a target
     dataset's single test split (``over``); every trial is scored on the same episodes, so
-    two trials' ``scores`` are paired. ``failure`` is set (and the numbers NaN) when the
-    predictions were not finite.
+    two trials' ``scores`` are paired. The interval is ``[low, high]`` by ``method``
+    (:mod:`autometa.intervals`: "student-t" over episodes, "wilson" for an accuracy over
+    test examples); ``ci95`` is its larger half-width. ``failure`` is set (and the numbers
+    NaN) when the predictions were not finite.
     """
 
     mean: float
@@ -127,17 +131,48 @@ class MetaTestScore:
     over: str
     scores: tuple[float, ...] = ()
     failure: str = ""
+    low: float = math.nan
+    high: float = math.nan
+    #: "student-t" or "wilson"; "" in a result stored before intervals had bounds.
+    method: str = ""
+
+    @classmethod
+    def of(cls, scores: Sequence[float], over: str, *, binary: bool) -> MetaTestScore:
+        """The result of ``scores`` (over "episodes" or "examples"), with its interval:
+        Wilson's for 0/1 scores of one split's examples (``binary``: the task's metric
+        is an accuracy), else Student's t (:func:`autometa.intervals.interval_of`)."""
+        interval = interval_of(scores, binary=binary and over == "examples")
+        return cls(interval.mean, interval.half_width, len(scores), over, tuple(scores),
+                   low=interval.low, high=interval.high, method=interval.method)
+
+    def with_interval(self, *, binary: bool) -> MetaTestScore:
+        """This result with bounds: itself if it has them, else (stored before bounds
+        existed) its interval computed again from its ``scores``, or, without scores,
+        ``mean ± ci95`` as Student's t."""
+        if self.method or self.failure:
+            return self
+        if self.scores:
+            return MetaTestScore.of(self.scores, self.over, binary=binary)
+        return replace(self, low=self.mean - self.ci95, high=self.mean + self.ci95,
+                       method="student-t")
 
     def to_json(self) -> dict[str, Any]:
         return {"mean": self.mean, "ci95": self.ci95, "n": self.n, "over": self.over,
-                "scores": list(self.scores), **({"failure": self.failure} if self.failure
-                                                 else {})}
+                "scores": list(self.scores), "low": self.low, "high": self.high,
+                "method": self.method,
+                **({"failure": self.failure} if self.failure else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MetaTestScore:
         return cls(float(data["mean"]), float(data["ci95"]), int(data.get("n", 0)),
                    str(data.get("over", "")), tuple(map(float, data.get("scores", ()))),
-                   str(data.get("failure", "")))
+                   str(data.get("failure", "")), _float(data.get("low")),
+                   _float(data.get("high")), str(data.get("method", "")))
+
+
+def _float(value: Any) -> float:
+    """A stored number, NaN where none was stored."""
+    return math.nan if value is None else float(value)
 
 
 #: Trial user attributes written by a worker (optuna-dashboard lists them per trial).
@@ -149,9 +184,11 @@ COST_ATTRS = ("fit_time_s", "meta_steps", "adapt_ms", "peak_mem_mb")
 #: did not score: {trial number: {mean, ci95, n, over, scores}}.
 TEST_ATTR = "autometa.test"
 #: The meta-test result of a trial among the best ``top_k`` when it finished (trial user
-#: attributes): mean, 95% CI half-width, number of scores, what they are over, and the
-#: per-episode scores; ``test_failure`` instead when its predictions were not finite.
-TEST_ATTRS = ("test_mean", "test_ci95", "test_n", "test_ci_over", "test_scores")
+#: attributes): mean, 95% interval (larger half-width, bounds, method), number of scores,
+#: what they are over, and the per-episode scores; ``test_failure`` instead when its
+#: predictions were not finite.
+TEST_ATTRS = ("test_mean", "test_ci95", "test_ci_low", "test_ci_high", "test_ci_method",
+              "test_n", "test_ci_over", "test_scores")
 
 
 def record_test(trial: Any, test: MetaTestScore) -> None:
@@ -162,6 +199,9 @@ def record_test(trial: Any, test: MetaTestScore) -> None:
         return
     trial.set_user_attr("test_mean", test.mean)
     trial.set_user_attr("test_ci95", test.ci95 if test.ci95 == test.ci95 else None)
+    trial.set_user_attr("test_ci_low", test.low if test.low == test.low else None)
+    trial.set_user_attr("test_ci_high", test.high if test.high == test.high else None)
+    trial.set_user_attr("test_ci_method", test.method)
     trial.set_user_attr("test_n", test.n)
     trial.set_user_attr("test_ci_over", test.over)
     trial.set_user_attr("test_scores", list(test.scores))
@@ -178,7 +218,8 @@ def recorded_test(trial: Any, cached: dict[str, Any]) -> MetaTestScore | None:
             float(attrs["test_ci95"] if attrs.get("test_ci95") is not None else math.nan),
             int(attrs.get("test_n", 0)), str(attrs.get("test_ci_over", "")),
             tuple(map(float, attrs.get("test_scores", ()))),
-            str(attrs.get("test_failure", "")))
+            str(attrs.get("test_failure", "")), _float(attrs.get("test_ci_low")),
+            _float(attrs.get("test_ci_high")), str(attrs.get("test_ci_method") or ""))
     if str(trial.number) in cached:
         return MetaTestScore.from_json(cached[str(trial.number)])
     return None

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 class Checkpoint(SourceModel):
     input_ranks = (1, 2, 3)  # whatever the architecture accepts: checked per instance
+    pretrained_features = True  # its weights come from a file: baselines run on them
 
     def __init__(
         self,

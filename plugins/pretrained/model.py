@@ -53,6 +53,7 @@ FALLBACK_SAMPLE = 2048
 
 class Pretrained(SourceModel):
     input_ranks = (1, 2, 3)  # whatever the backbone accepts: checked in prepare()
+    pretrained_features = True  # pre-trained on the meta-train classes: baselines run on them
 
     def __init__(
         self,

@@ -106,6 +106,7 @@ class TorchvisionModel(SourceModel):
             raise ConfigError(f"torchvision.size: expected a positive integer, got {size!r}")
         self.arch = arch
         self.path = path
+        self.pretrained_features = path is not None  # random weights are not worth freezing
         self.size = size
         self.normalize = check_flag("torchvision.normalize", normalize)
         self.running_stats = check_flag("torchvision.running_stats", running_stats)

@@ -62,4 +62,9 @@ def test_a_target_task_search_ranks_on_val_and_reports_a_ci_over_test_examples(t
     frame = board.frame
     assert len(frame) == 2 and set(frame["test_ci_over"]) == {"examples"}
     assert set(frame["test_n"]) == {45}  # iris' test split
-    assert "over examples" in board.to_markdown()
+    # an accuracy over the test examples: Wilson's interval, named as such
+    assert set(frame["test_ci_method"]) == {"wilson"}
+    assert ((frame["test_ci_low"] <= frame["test_accuracy"])
+            & (frame["test_accuracy"] <= frame["test_ci_high"])
+            & (frame["test_ci_high"] <= 1)).all()
+    assert "95% Wilson interval over 45 test examples" in board.to_markdown()
