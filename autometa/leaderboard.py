@@ -26,6 +26,7 @@ from autometa.errors import ConfigError
 from autometa.metrics import mean_ci95, tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
+from autometa.report.compare import comparison_markdown
 from autometa.report.domains import domain_matrix
 from autometa.study.baselines import baseline_first, is_baseline, searched
 from autometa.study.build import trial_defaults
@@ -150,7 +151,7 @@ class Leaderboard:
             lines.append("|" + "|".join("---" for _ in header) + "|")
             lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in cells]
         for key, table in self.comparisons():
-            lines += comparison.to_markdown(table, key, self.metric)
+            lines += comparison_markdown(table, key, self.metric)
         return "\n".join(lines) + "\n"
 
     def comparisons(self) -> list[tuple[str, pd.DataFrame]]:
