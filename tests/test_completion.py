@@ -72,6 +72,9 @@ def test_the_claim_queues_completions_and_takes_them_outside_the_budget(tmp_path
 
     trial = take()
     assert trial is not None and is_completion(trial)
+    # Another worker's claim while it runs, before its parameters are set: nothing (its
+    # algorithm is being completed; the quickstart once completed fine-tuning twice).
+    assert take() is None
     assert trial.user_attrs[COMPLETES_ATTR] == 0  # the one that reached step 20
     assert trial.suggest_categorical("algorithm", ["a", "b"]) == "a"  # its configuration
     assert trial.suggest_float("a.lr", 0.0, 1.0) == 0.25

@@ -78,9 +78,11 @@ def queue_completions(study: optuna.Study, trials: list[FrozenTrial],
     direction = "minimize" if study.direction == StudyDirection.MINIMIZE else "maximize"
     picked = to_complete(trials, algorithms, direction)
     for t in picked:
-        study.enqueue_trial(dict(t.params), user_attrs={COMPLETION_ATTR: True,
-                                                        COMPLETES_ATTR: t.number},
-                            skip_if_exists=False)
+        # Its algorithm named now: a queued trial shows no parameters until it runs, and
+        # another worker's claim must see that this algorithm is being completed.
+        study.enqueue_trial(dict(t.params), user_attrs={
+            COMPLETION_ATTR: True, COMPLETES_ATTR: t.number,
+            "algorithm": plan_field(t, "algorithm")}, skip_if_exists=False)
         log.info("every %s trial was pruned: trial %d's configuration runs again in full",
                  plan_field(t, "algorithm"), t.number)
     return [t.number for t in picked]
