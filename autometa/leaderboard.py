@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from autometa import comparison
 from autometa.caveats import interval_cell, interval_text, leaderboard_caveats, val_count
 from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError
 from autometa.metrics import mean_ci95, tie_groups
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
+from autometa.report.compare import comparison_markdown
 from autometa.report.domains import domain_matrix
 from autometa.study.baselines import baseline_first, is_baseline, searched
 from autometa.study.build import trial_defaults
+from autometa.study.completion import group_bests
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
 from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
@@ -70,7 +73,8 @@ class Leaderboard:
             their defaults), then one column per searched hyperparameter
             (``<plugin>.<name>``, empty where a trial's plugins lack it; ``task.<name>``
             for a searched per-trial task setting). Test columns are empty beyond the
-            ``top_k`` best searched trials, and never for a baseline.
+            ``top_k`` best searched trials, the best of each algorithm and of each source,
+            and the baselines.
         counts: trials per final state (complete, pruned, failed, running).
         by_domain: for a task whose episodes come from several domains, meta-test per
             domain: one row per (scored trial, domain), trials best first and domains
@@ -78,6 +82,11 @@ class Leaderboard:
             ``test_<metric>`` (mean over the domain's meta-test episodes), ``test_ci95``
             (half-width, Student's t), ``test_n`` (its episodes). None for a
             single-domain task.
+        by_algorithm: the best fully trained trial of each algorithm beside the ranking
+            (:func:`autometa.comparison.compare`): its rank, meta-val, meta-test and tie
+            group; the baselines as rows of their own; an algorithm with no fully trained
+            trial as a row saying how its trials ended. None if detached.
+        by_source: the same per source model.
     """
 
     study_name: str
@@ -103,6 +112,8 @@ class Leaderboard:
     #: Sentences saying what the scores rest on too little to tell (:mod:`autometa.caveats`):
     #: few meta-test episodes or examples, a saturated meta-val.
     caveats: list[str] = field(default_factory=list)
+    by_algorithm: pd.DataFrame | None = field(default=None, repr=False)
+    by_source: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def best(self) -> pd.Series:
@@ -139,7 +150,14 @@ class Leaderboard:
             lines.append("| " + " | ".join(header) + " |")
             lines.append("|" + "|".join("---" for _ in header) + "|")
             lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in cells]
+        for key, table in self.comparisons():
+            lines += comparison_markdown(table, key, self.metric)
         return "\n".join(lines) + "\n"
+
+    def comparisons(self) -> list[tuple[str, pd.DataFrame]]:
+        """``[("algorithm", by_algorithm), ("source", by_source)]``, those present."""
+        return [(k, t) for k, t in (("algorithm", self.by_algorithm),
+                                    ("source", self.by_source)) if t is not None]
 
     @property
     def baseline_note(self) -> str:
@@ -190,8 +208,9 @@ class Leaderboard:
 
     def write(self, directory: str | Path) -> list[Path]:
         """Write ``<study>.csv`` and ``<study>.md`` into ``directory``, and
-        ``<study>-domains.csv`` (:attr:`by_domain`) for a multi-domain task; returns the
-        paths."""
+        ``<study>-domains.csv`` (:attr:`by_domain`) for a multi-domain task,
+        ``<study>-algorithms.csv`` and ``<study>-sources.csv`` (:attr:`by_algorithm`,
+        :attr:`by_source`); returns the paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         csv_path = directory / f"{self.study_name}.csv"
@@ -202,6 +221,9 @@ class Leaderboard:
         if self.by_domain is not None:
             paths.append(directory / f"{self.study_name}-domains.csv")
             self.by_domain.to_csv(paths[-1], index=False)
+        for key, table in self.comparisons():
+            paths.append(directory / f"{self.study_name}-{key}s.csv")
+            table.to_csv(paths[-1], index=False)
         return paths
 
     def report(self, path: str | Path) -> Path:
@@ -278,8 +300,9 @@ def compute_leaderboard(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = ranked_trials(study, complete)  # without those pruned during evaluation
     context = _Context(task, host, artifacts, root)
-    # The best top_k searched trials, and every baseline (taking no place among them).
-    best = {t.number for t in searched(ranked)[:top_k]}
+    # The best top_k searched trials, the best of each algorithm and source (the
+    # comparison tables), and every baseline (taking no place among them).
+    best = {t.number for t in searched(ranked)[:top_k]} | group_bests(searched(ranked))
     listed = [t for t in ranked if t.number in best or is_baseline(t)]
     tests = {n: test.with_interval(binary=metric.binary) for n, test in
              _meta_test_scores(study, listed, context, cache, phase).items()}
@@ -342,6 +365,8 @@ def compute_leaderboard(
         context=context,
         by_domain=by_domain,
         caveats=leaderboard_caveats(frame, metric, val_count(task)),
+        by_algorithm=comparison.compare(frame, trials, "algorithm", metric.name, stored),
+        by_source=comparison.compare(frame, trials, "source", metric.name, stored),
     )
 
 

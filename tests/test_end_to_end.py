@@ -71,7 +71,14 @@ def test_cli_search_prints_and_writes_the_leaderboard(tmp_path: Path) -> None:
     for row in frame.itertuples():
         assert f"│ {row.rank} " in result.stdout and row.params in result.stdout
     markdown = (tmp_path / "autometa-reports" / "sinusoid-seed3.md").read_text()
-    assert markdown.count("\n| ") == len(frame) + 1  # header + one line per row
+    ranking, *sections = markdown.split("\n## ")
+    assert ranking.count("\n| ") == len(frame) + 1  # header + one line per row
+    # Every searched algorithm has a fully trained trial (completion trials) and a row.
+    assert sections[0].startswith("Best of each algorithm")
+    assert sections[0].count("\n| ") == 1 + 2
+    assert set(frame["algorithm"]) == {"maml", "finetune"}
+    assert "quickstart: best of each algorithm" not in result.stdout
+    assert "sinusoid-seed3: best of each algorithm" in result.stdout
 
 
 def test_python_and_cli_give_the_same_leaderboard(tmp_path: Path) -> None:

@@ -206,6 +206,8 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
     another process writes them (see :attr:`Leaderboard.writes_reports`)."""
     from rich.table import Table
 
+    from autometa.report import compare
+
     arrow = "lower is better" if board.direction == "minimize" else "higher is better"
     counts = ", ".join(f"{v} {k}" for k, v in board.counts.items() if v)
     out = console()
@@ -234,6 +236,18 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
             out.print(plain(f"{row['rank']:>4}. trial {row['trial']}: {row['params']}"))
     for caveat in board.caveats:  # what the numbers rest on too little to tell
         out.print(plain(f"warning: {caveat}"), style="yellow")
+    for key, frame in board.comparisons():
+        if key == "source" and len(frame) < 2:
+            continue  # one source: its row is the leaderboard's first
+        best_of = Table(title=f"{board.study_name}: {compare.TITLES[key].lower()}",
+                        caption="its best fully trained trial (rank in the leaderboard; "
+                                "(completion): a pruned configuration re-run in full)")
+        for column in compare.display_columns(key):
+            best_of.add_column(column, overflow="fold" if column == "trials" else "ellipsis",
+                               no_wrap=column != "trials")
+        for row in compare.display_rows(frame, key, board.metric):
+            best_of.add_row(*(plain(v) for v in row.values()))
+        out.print(best_of)
     header, domains = board.domain_rows()
     if header:  # a multi-domain task: meta-test on each domain, the scored trials as columns
         per_domain = Table(title=f"{board.study_name}: meta-test {board.metric} per domain",

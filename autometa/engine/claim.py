@@ -10,15 +10,17 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
+from autometa.engine.completion import queue_completions
 from autometa.engine.lock import storage_lock
 from autometa.study.baselines import is_baseline
+from autometa.study.completion import is_completion
 from autometa.study.storage import GRACE, retry_callback
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,16 @@ def heartbeat_storage(study: optuna.Study) -> BaseHeartbeat | None:
     return None
 
 
+def outside_budget(trial: FrozenTrial) -> bool:
+    """Baseline and completion trials (:mod:`autometa.study.baselines`,
+    :mod:`autometa.study.completion`): ``n_trials`` counts the other searched trials."""
+    return is_baseline(trial) or is_completion(trial)
+
+
 def counts(trial: FrozenTrial) -> bool:
     """Trials that use up budget: finished ones, except crashed trials that are retried
-    and baseline trials (:mod:`autometa.study.baselines`: ``n_trials`` counts searched
-    trials)."""
-    if is_baseline(trial):
+    and trials :func:`outside_budget`."""
+    if outside_budget(trial):
         return False
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
@@ -52,7 +59,7 @@ def budget_used(study: optuna.Study) -> int:
 
 def uses_budget(trial: FrozenTrial) -> bool:
     """:func:`counts`, or a searched trial running."""
-    return counts(trial) or (trial.state == TrialState.RUNNING and not is_baseline(trial))
+    return counts(trial) or (trial.state == TrialState.RUNNING and not outside_budget(trial))
 
 
 #: Trial user attribute naming the process running it: {"host", "pid", "device", "worker"}.
@@ -61,19 +68,24 @@ WORKER_ATTR = "worker"
 
 def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float | None,
           worker: Mapping[str, Any],
-          sampler_for: Callable[[int], optuna.samplers.BaseSampler]) -> optuna.Trial | None:
+          sampler_for: Callable[[int], optuna.samplers.BaseSampler],
+          complete: Sequence[str] = ()) -> optuna.Trial | None:
     """A new trial for this process, or None when the budget or the time is spent.
 
     Under :func:`storage_lock`: dead local trials are failed and queued again first; then
     the trials that count (:func:`budget_used`) are compared with ``n_trials``, so any
     number of workers and processes end with exactly ``n_trials`` finished. A queued
     trial (Optuna's WAITING trial: a baseline, an initial configuration, a retry) is taken
-    before a new one is sampled; a queued baseline is taken even once the budget is spent
-    (it uses none).
+    before a new one is sampled; a queued baseline or completion trial is taken even once
+    the budget is spent (it uses none).
 
     Args:
         sampler_for: the sampler for the trial of a given number (seeded by it, so that
             no two trials share a random stream).
+        complete: the searched algorithms that must each end with a fully trained trial
+            (empty when nothing prunes): once the budget is claimed and no budgeted trial
+            runs, the best pruned configuration of each one lacking it is queued
+            (:mod:`autometa.engine.completion`).
     """
     if deadline is not None and time.time() >= deadline:
         return None
@@ -85,14 +97,20 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
         used = sum(1 for t in trials if uses_budget(t))
         # ask() takes the first queued (WAITING) trial, else creates trial len(trials).
         queued = [t for t in trials if t.state == TrialState.WAITING]
-        if n_trials is not None and used >= n_trials \
-                and not (queued and is_baseline(queued[0])):
-            return None
-        waiting = [t.number for t in queued]
-        study.sampler = sampler_for(min(waiting) if waiting else len(trials))
+        spent = n_trials is not None and used >= n_trials
+        if spent and complete and not any(t.state == TrialState.RUNNING and uses_budget(t)
+                                          for t in trials) \
+                and queue_completions(study, trials, complete):
+            trials = study.get_trials(deepcopy=False)
+            queued = [t for t in trials if t.state == TrialState.WAITING]
+        if spent:  # only a trial outside the budget may still run
+            queued = [t for t in queued if outside_budget(t)]
+            if not queued:
+                return None
+        study.sampler = sampler_for(queued[0].number if queued else len(trials))
         with warnings.catch_warnings():  # the worker runs Optuna's heartbeat thread itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-            trial = study.ask()
+            trial = _take(study, queued[0]) if spent else study.ask()
         # A first heartbeat at once: a process that dies before its heartbeat thread starts
         # must still be found stale (Optuna finds only trials with a beat older than GRACE).
         beat = heartbeat_storage(study)
@@ -105,6 +123,18 @@ def claim(study: optuna.Study, url: str, n_trials: int | None, deadline: float |
     if trial.user_attrs.get("crash"):  # a retry inherits its failed trial's attributes
         trial.set_user_attr("crash", None)
     return trial
+
+
+def _take(study: optuna.Study, queued: FrozenTrial) -> optuna.Trial:
+    """Queued trial ``queued`` itself, as ``study.ask()`` takes the first queued trial:
+    once the budget is spent, a trial it left queued (an initial configuration beyond
+    ``n_trials``) must not run ahead of a baseline or completion trial. Under the lock,
+    so no other process takes it meanwhile."""
+    storage = study._storage  # Optuna's ask() pops the oldest; it offers no other handle
+    if not storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+        raise RuntimeError(f"queued trial {queued.number} was taken by another process "
+                           "under the storage lock")
+    return optuna.Trial(study, queued._trial_id)
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:

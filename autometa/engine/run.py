@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 
 from autometa import work
 from autometa.config import SearchConfig
-from autometa.engine.claim import counts, fail_dead_trials
+from autometa.engine.claim import counts, fail_dead_trials, outside_budget
+from autometa.engine.completion import to_complete
 from autometa.engine.lock import storage_lock
 from autometa.engine.pool import Pool
 from autometa.engine.prepare import Prepared, prepare
@@ -30,7 +31,6 @@ from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
 from autometa.study.artifacts import check_shared
-from autometa.study.baselines import is_baseline
 from autometa.study.settings import stored_search
 from autometa.study.urls import local_file
 
@@ -109,9 +109,13 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
     specs = worker_specs(config, out)
     done = sum(1 for t in study.trials if counts(t))
     remaining = None if config.n_trials is None else max(config.n_trials - done, 0)
-    # Baselines still queued run besides the budget: the display counts them too.
-    baselines = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                    if is_baseline(t))
+    # Baselines and completion trials still queued run besides the budget: the display
+    # counts them too; so do the completions a spent budget still owes (a resume).
+    trials = study.get_trials(deepcopy=False)
+    baselines = sum(1 for t in trials if t.state == TrialState.WAITING and outside_budget(t))
+    if remaining == 0 and config.pruner != "none":
+        baselines += len(to_complete(trials, list(prepared.algorithms),
+                                     prepared.task.metric.direction))
     host.notify("search_started", SearchStarted(study.study_name, config=config,
                                                 remaining=remaining, out=out),
                 config.plugins, study_name=study.study_name, config=config)

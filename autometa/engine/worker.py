@@ -41,6 +41,7 @@ from autometa.space import suggest
 from autometa.study.artifacts import keep_best, open_store, upload_state
 from autometa.study.baselines import is_baseline, searched
 from autometa.study.build import trial_defaults
+from autometa.study.completion import is_completion
 from autometa.study.trials import (
     COST_ATTRS,
     CURVE_ATTR,
@@ -111,6 +112,9 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
     host = prepared.host
     study = open_study(prepared, *strategy(config, host, prepared.task.metric.direction))
     store = open_store(config.artifacts, study.study_name)
+    # Every searched algorithm ends with a fully trained trial (engine.completion), unless
+    # nothing prunes.
+    complete = list(prepared.algorithms) if config.pruner != "none" else []
     ran, waiting = 0, False
     while keep_going():
         try:
@@ -118,7 +122,8 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
                           {"device": spec.device, "worker": spec.index},
                           lambda number: trial_sampler(config.seed, number,
                                                        config.sampler, study.study_name,
-                                                       host))
+                                                       host),
+                          complete)
             elsewhere = [] if trial else study.get_trials(deepcopy=False,
                                                           states=(TrialState.RUNNING,))
         except Exception as exc:
@@ -174,6 +179,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     """
     config, task, host = prepared.config, prepared.task, prepared.host
     baseline = is_baseline(trial)
+    completion = is_completion(trial)  # a pruned configuration run again: never pruned
     if baseline:  # its plan was fixed when it was queued: nothing is sampled
         plan = TrialPlan.of(trial)
     else:
@@ -185,7 +191,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                 CURVE_ATTR):
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
-    send(("trial_started", (trial.number, ("baseline " if baseline else "")
+    kind = "baseline " if baseline else "completion " if completion else ""
+    send(("trial_started", (trial.number, kind
                             + plan.describe(trial_defaults(task)),
                             config.meta_steps, device)))
     host.notify("trial_started", TrialStarted(
@@ -211,7 +218,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         trial.report(score, step)
         # Never after the last evaluation: its meta-training is spent, and a pruner's rung
         # there (Hyperband's largest budget) would throw away a finished model.
-        if 0 < step < config.meta_steps and trial.should_prune():
+        if 0 < step < config.meta_steps and not completion and trial.should_prune():
             raise optuna.TrialPruned(f"{config.pruner}: meta-val {score:.4g} at step {step}")
 
     def final_score(algorithm: MetaAlgorithm) -> float:
@@ -219,7 +226,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         order = torch.Generator().manual_seed(seed)
         return paired_val_score(algorithm, task, generator=order,
                                 report=lambda episode, score: trial.report(score, episode),
-                                should_stop=trial.should_prune)
+                                should_stop=(lambda: False) if completion
+                                else trial.should_prune)
 
     state, value, note = TrialState.COMPLETE, None, ""
     clock, test = Clock(), None
@@ -234,12 +242,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                on_eval=on_eval, on_step=on_step, clock=clock,
                                final_score=final_score if paired else None)
             upload_state(algorithm, trial, store)
-            if baseline or ahead(study, trial.number, value,
+            if baseline or completion or ahead(study, trial.number, value,
                                  task.metric.direction) < config.top_k:
                 # Among the best top_k so far, it may be listed with a test score: score it
                 # now, while the model is in memory (the leaderboard then has nothing to do;
                 # a trial outside the top_k can never enter it later). A baseline is
-                # always listed with one.
+                # always listed with one, and so is a completion trial (its algorithm's
+                # only fully trained trial).
                 send(("trial_status", (trial.number, "scoring on meta-test")))
                 test = score_meta_test(algorithm, task)
         except optuna.TrialPruned as exc:

@@ -27,6 +27,10 @@ class Board(Protocol):
     by_domain: pd.DataFrame | None
     #: Sentences on what the scores rest on too little to tell (autometa.caveats).
     caveats: list[str]
+    #: The best trial of each algorithm and of each source (autometa.comparison.compare);
+    #: None for a detached leaderboard.
+    by_algorithm: pd.DataFrame | None
+    by_source: pd.DataFrame | None
 
     @property
     def ci_over(self) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from autometa.report import plots
+from autometa.report.compare import comparison_section
 from autometa.report.domains import domain_section
 from autometa.report.html import Markup, figure, join, note, table, tag
 from autometa.report.provenance import provenance_section, stored_settings
@@ -57,6 +58,8 @@ def study_body(board: Board, *, command: str | None, level: int, anchor: str) ->
     parts += [tag(h, "leaderboard", id=f"{anchor}-leaderboard"),
               *(note(f"warning: {c}") for c in board.caveats),
               leaderboard_table(board, study), tag("p", PROTOCOL)]
+    for key in ("algorithm", "source"):  # every algorithm and source beside the ranking
+        parts.append(comparison_section(board, key, level, anchor))
     if board.by_domain is not None:  # a multi-domain task: meta-test on each domain
         parts += [tag(h, "per domain", id=f"{anchor}-domains"), domain_section(board)]
 

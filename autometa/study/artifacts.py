@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autometa.config import check_writable_dir
 from autometa.errors import ConfigError, DataError
 from autometa.study.baselines import searched
+from autometa.study.completion import group_bests
 from autometa.study.settings import stored_settings
 from autometa.study.trials import ranked, ranked_trials
 
@@ -166,21 +167,25 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
     """Remove the states of completed trials ranked below ``keep`` on meta-val; the numbers.
 
     Baseline trials keep their states and take no place among the ``keep``
-    (:mod:`autometa.study.baselines`): they are few and small, and always listed.
+    (:mod:`autometa.study.baselines`): they are few and small, and always listed. So does
+    the best trial of each algorithm and of each source
+    (:func:`autometa.study.completion.group_bests`), scored for the per-algorithm table.
 
-    A trial ranked below ``keep`` never climbs back (later trials only push it down), so a
-    state removed is never needed by a leaderboard of ``top_k <= keep``. Called under the
+    A trial ranked below ``keep`` never climbs back (later trials only push it down), nor
+    does one that stopped being its algorithm's or source's best, so a state removed is
+    never needed by a leaderboard of ``top_k <= keep``. Called under the
     storage lock after a trial completes; ``keep="all"`` removes nothing.
     """
     if keep == "all":
         return []
     assert isinstance(keep, int)
     best = searched(ranked_trials(study))
+    protected = group_bests(best)
     removed: list[int] = list(study.user_attrs.get(REMOVED_ATTR, []))
     newly = []
     # A trial never ranked (pruned during its evaluation) uploaded no state.
     for trial in best[keep:]:
-        if trial.number in removed:
+        if trial.number in removed or trial.number in protected:
             continue
         artifact = state_artifact(trial, study._storage)
         if artifact is not None:
