@@ -167,6 +167,7 @@ def search(name: str, params: dict[str, Any], cache: Path, work: Path,
                "--algorithms", algorithms, "--sources", "conv4", "--trials", str(args.trials),
                "--meta-steps", str(args.meta_steps), "--eval-every", str(args.eval_every),
                "--workers", "2", "--threads", "1", "--pruner", "none", "--top-k", "1",
+               "--no-baselines",  # the searched trials only, as the runs before baselines
                "--cache-dir", str(cache), "--storage", f"sqlite:///{folder / 'study.db'}",
                "--artifacts", str(folder / "artifacts"), "--out", str(folder / "out"),
                "--study", name, "--no-progress"]

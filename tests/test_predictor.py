@@ -98,6 +98,7 @@ def csv_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     frame = _write_csv(root / "pets.csv")
     storage, artifacts = f"sqlite:///{root / 'a.db'}", str(root / "artifacts")
     board = autometa.search("csv", algorithms=["protonet"], sources=["mlp"], n_trials=2, seed=0,
+                            baselines=False,
                     study_name="pets", storage=storage, artifacts=artifacts,
                     task_params={"path": str(root / "pets.csv"), "target": "kind",
                                  "shots": 3, "queries": 3}, **TINY)

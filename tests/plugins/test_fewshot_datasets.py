@@ -309,9 +309,11 @@ def test_cli_searches_mini_imagenet_and_refuses_a_broken_one(tmp_path: Path) -> 
            "mlp", "--trials", "2", "--meta-steps", "2", "--eval-every", "2", "--no-progress"]
     result = autometa_cli(*run, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    (board,) = (tmp_path / "autometa-reports").glob("mini-imagenet*.csv")
+    (board,) = (tmp_path / "autometa-reports").glob("mini-imagenet-seed*[0-9].csv")
     frame = pd.read_csv(board)
-    assert len(frame) == 2 and set(frame["algorithm"]) == {"protonet"}
+    searched = frame[~frame["baseline"]]
+    assert len(searched) == 2 and set(searched["algorithm"]) == {"protonet"}
+    assert set(frame[frame["baseline"]]["source"]) == {"raw"}  # the baselines ran too
     assert frame["val_accuracy"].between(0, 1).all() and (frame["test_n"].dropna() > 0).any()
 
     (tmp_path / "mini" / "val.csv").unlink()

@@ -286,7 +286,9 @@ def test_cli_search_scores_every_domain(
     assert list(domains.columns) == ["rank", "trial", "algorithm", "source", "domain",
                                      "test_accuracy", "test_ci95", "test_n"]
     scored = frame[frame["test_n"] > 0]
-    assert len(scored) == 2 and len(domains) == 2 * 3
+    # the 2 searched trials and the 3 baselines on raw inputs, each scored per domain
+    assert len(scored) == 2 + 3 and len(domains) == len(scored) * 3
+    assert scored["baseline"].sum() == 3
     for row in scored.itertuples():
         mine = domains[domains["trial"] == row.trial]
         assert list(mine["domain"]) == sorted(DOMAINS) and (mine["test_n"] == 3).all()
