@@ -174,7 +174,7 @@ def task_result(task: str, rows: list[dict[str, Any]], selection_rows: list[dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS),
+    parser.add_argument("--tasks", "--task", nargs="+", choices=sorted(TASKS),
                         default=["sinusoid", "glyphs"])
     parser.add_argument("--seeds", nargs="+", default=["10"],
                         help="reported seeds: a count (from 0) or a list (default 10)")
