@@ -5,8 +5,9 @@ Every strategy is a real ``autometa.search`` (one worker, one torch thread), run
 chunks of trials until its best ranked searched trial reaches the target (or its cap of
 searched trials, random search's count):
 
-* ``random``: Optuna's RandomSampler, no pruning, 100 trials: it sets the target (its
-  best searched trial) and the reference compute (its whole run).
+* ``random``: Optuna's RandomSampler, no pruning, 100 trials (glyphs: 30, at a smaller
+  scale, :data:`TASKS`' ``scale``): it sets the target (its best searched trial) and the
+  reference compute (its whole run).
 * ``tpe``, ``tpe+median``, ``tpe+wilcoxon``, ``tpe+hyperband``: multivariate TPE with
   each pruner.
 * ``portfolio+<p>``: every (algorithm, source) pair first at its paper defaults, then
@@ -28,7 +29,7 @@ outside the budget) never count towards the target nor the compute; whether a ba
 alone reaches the target is reported. Modules: ``search_efficiency_runs`` (the
 searches), ``search_efficiency_stats``, ``search_efficiency_report``.
 
-    python benchmarks/search_efficiency.py     # both tasks, 10 seeds + 3 selection seeds
+    python benchmarks/search_efficiency.py     # both tasks, 10 + 3 selection seeds (~17 h)
     python benchmarks/search_efficiency.py --tasks sinusoid --seeds 0,1,2 --select-seeds 7
     python benchmarks/search_efficiency.py --random-trials 8 --meta-steps 40 \\
         --eval-every 10 --seeds 2 --select-seeds 1 --results /tmp/se   # a quick look
@@ -71,6 +72,9 @@ TASKS: dict[str, dict[str, Any]] = {
         "sources": ["mlp"],
         "algorithm_params": {"finetune": {"optimizer": ["sgd", "adam"]}},
         "source_params": {"mlp": {"hidden": 40, "layers": 2}},
+        # The issue's scale (the earlier 3-seed table's).
+        "scale": {"random_trials": 100, "related_trials": 30, "meta_steps": 450,
+                  "eval_every": 50},
     },
     "glyphs": {
         "task_params": {"ways": 5, "shots": 1, "val_episodes": 100, "test_episodes": 2},
@@ -80,6 +84,10 @@ TASKS: dict[str, dict[str, Any]] = {
         "algorithm_params": {"finetune": {"optimizer": ["sgd", "adam"]},
                              "maml": {"first_order": True}},
         "source_params": {"conv4": {"channels": 32}},
+        # A conv4 trial of 450 meta-steps takes 1-9 min here: 13 seeds at the sinusoid's
+        # scale would take over a week (benchmarks/README.md, Cost).
+        "scale": {"random_trials": 30, "related_trials": 10, "meta_steps": 100,
+                  "eval_every": 25},
     },
 }
 #: Where ``--select-seeds N`` starts, far from the reported seeds ``--seeds N``'s 0..N-1.
@@ -138,10 +146,13 @@ def environment(minutes: float, load: dict[str, Any]) -> dict[str, Any]:
 
 
 def spec(task: str, args: argparse.Namespace) -> dict[str, Any]:
-    """:data:`TASKS`' entry of ``task``, with ``--val-episodes`` if given."""
+    """:data:`TASKS`' entry of ``task``, its scale overridden by the options given."""
     out = dict(TASKS[task])
     if args.val_episodes:
         out["task_params"] = {**out["task_params"], "val_episodes": args.val_episodes}
+    for key, default in out.pop("scale").items():
+        given = getattr(args, key)
+        out[key] = default if given is None else given
     return out
 
 
@@ -163,7 +174,11 @@ def task_result(task: str, rows: list[dict[str, Any]], selection_rows: list[dict
     """One task's result: its rows, their statistics and the selection that was made."""
     mine = [r for r in rows if r["task"] == task]
     picked = [r for r in selection_rows if r["task"] == task]
+    sized = spec(task, argparse.Namespace(**args))
+    kept = {k: sized[k] for k in ("random_trials", "related_trials", "meta_steps",
+                                  "eval_every")}
     return {"task": task, "environment": env, "args": args,
+            "scale": {**kept, "val_episodes": sized["task_params"]["val_episodes"]},
             "seeds": sorted({r["seed"] for r in mine}),
             "select_seeds": sorted({r["seed"] for r in picked}), "pruner": pruner,
             "direction": mine[0]["direction"] if mine else "minimize",
@@ -181,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select-seeds", nargs="+", default=["3"],
                         help=f"seeds the pruner is chosen on: a count (from {SELECT_BASE}) or "
                              "a list, disjoint from --seeds (default 3)")
-    parser.add_argument("--random-trials", type=int, default=100)
-    parser.add_argument("--related-trials", type=int, default=30)
-    parser.add_argument("--meta-steps", type=int, default=450)
-    parser.add_argument("--eval-every", type=int, default=50)
+    scale = "(default: the task's, TASKS' scale: sinusoid %s, glyphs %s)"
+    for flag, key in (("--random-trials", "random_trials"), ("--related-trials",
+                                                             "related_trials"),
+                      ("--meta-steps", "meta_steps"), ("--eval-every", "eval_every")):
+        parser.add_argument(flag, type=int, help=scale % (
+            TASKS["sinusoid"]["scale"][key], TASKS["glyphs"]["scale"][key]))
     parser.add_argument("--val-episodes", type=int,
                         help="meta-val episodes per evaluation (default: the task's, 100)")
     parser.add_argument("--processes", type=int, default=2)

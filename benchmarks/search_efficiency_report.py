@@ -33,6 +33,7 @@ def _load(env: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The tables of one task's ``result`` (:func:`search_efficiency.task_result`)."""
     args, env, task = result["args"], result["environment"], result["task"]
+    scale = result["scale"]
     summary, pairs, rows = result["summary"], result["paired"], result["rows"]
     n = len(result["seeds"])
     lines = [
@@ -42,10 +43,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"autometa {env['commit']}; {env['date']}; {env['minutes']:.0f} min for the whole "
         f"run (every task); {_load(env)}.", "",
         f"**Setting.** Target = the best meta-val score ({result['direction']}) of the "
-        f"searched trials of {args['random_trials']} unpruned random trials (same task and "
-        f"seed); {args['meta_steps']} meta-steps per trial, meta-val every "
-        f"{args['eval_every']}; every other strategy searches until its best ranked "
-        f"searched trial reaches the target, or {args['random_trials']} searched trials.",
+        f"searched trials of {scale['random_trials']} unpruned random trials (same task and "
+        f"seed); {scale['meta_steps']} meta-steps per trial, meta-val every "
+        f"{scale['eval_every']} on {scale['val_episodes']} episodes; every other strategy "
+        f"searches until its best ranked searched trial reaches the target, or "
+        f"{scale['random_trials']} searched trials; "
+        f"the related study of the warm start: {scale['related_trials']} trials.",
         "",
         f"**Seeds.** Reported: {result['seeds']}. Selection (the portfolio's and warm "
         f"start's pruner is chosen on these, and they appear nowhere else): "

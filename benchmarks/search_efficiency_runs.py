@@ -94,9 +94,10 @@ def run_strategy(name: str, settings: dict[str, Any], *, target: float, cap: int
 
 def one_seed(args: Any, spec: dict[str, Any], task: str, seed: int, role: str,
              pruner: str | None) -> list[dict[str, Any]]:
-    """The rows of one task and seed. ``role`` "select": random search and the
-    :data:`PRUNED_STRATEGIES` (to choose a pruner); "report": those, then the portfolio
-    and warm start with ``pruner`` (chosen on the selection seeds) and top-k."""
+    """The rows of one task (``spec``: its space and scale) and seed. ``role`` "select":
+    random search and the :data:`PRUNED_STRATEGIES` (to choose a pruner); "report":
+    those, then the portfolio and warm start with ``pruner`` (chosen on the selection
+    seeds) and top-k."""
     import torch
 
     import autometa
@@ -109,15 +110,15 @@ def one_seed(args: Any, spec: dict[str, Any], task: str, seed: int, role: str,
     base = {"task": task, "task_params": spec["task_params"],
             "algorithms": spec["algorithms"], "sources": spec["sources"],
             "algorithm_params": spec["algorithm_params"],
-            "source_params": spec["source_params"], "meta_steps": args.meta_steps,
-            "eval_every": args.eval_every, "seed": seed, "storage": storage,
+            "source_params": spec["source_params"], "meta_steps": spec["meta_steps"],
+            "eval_every": spec["eval_every"], "seed": seed, "storage": storage,
             "artifacts": str(out / "artifacts"), "top_k": 1, "keep": 1, "threads": 1,
             "baselines": True}
 
     def settings(study: str, **more: Any) -> dict[str, Any]:
         return {**base, "study_name": study, **more}
 
-    cap = args.random_trials
+    cap = spec["random_trials"]
     autometa.search(**settings("random", sampler="random", pruner="none"), n_trials=cap)
     whole = load_reach(storage, "random", None)
     target = whole["best"]
@@ -136,7 +137,7 @@ def one_seed(args: Any, spec: dict[str, Any], task: str, seed: int, role: str,
         rows.append(run_strategy(f"warm+{pruner}",
                                  settings("warm", pruner=pruner, warm_start=[related]),
                                  target=target, cap=cap))
-        rows.append(top_k(settings, target=target, eval_every=args.eval_every, most=cap))
+        rows.append(top_k(settings, target=target, eval_every=spec["eval_every"], most=cap))
     for row in rows:
         row.update(task=task, seed=seed, role=role, target=target,
                    random_total_meta_steps=whole["meta_steps"],
@@ -155,7 +156,7 @@ def related_study(args: Any, spec: dict[str, Any], seed: int, base: dict[str, An
     url = base["storage"].replace("studies.db", "related.db")
     autometa.search(**{**base, "storage": url, "seed": seed + offset,
                        "task_params": {**spec["task_params"], **related}},
-                    study_name="related", pruner=pruner, n_trials=args.related_trials)
+                    study_name="related", pruner=pruner, n_trials=spec["related_trials"])
     return f"related@{url}"
 
 

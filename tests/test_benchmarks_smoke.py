@@ -232,6 +232,8 @@ def test_search_efficiency(bench, tmp_path: Path, capsys: pytest.CaptureFixture[
                             "--out", str(tmp_path / "runs"), "--results", str(results)])
     result, md = written(results, "search_efficiency_sinusoid")
     assert result["seeds"] == [0] and result["select_seeds"] == [7]
+    assert result["scale"] == {"random_trials": 3, "related_trials": 2, "meta_steps": 4,
+                               "eval_every": 2, "val_episodes": 100}
     assert {r["seed"] for r in result["rows"]} == {0}  # selection rows kept apart
     assert {r["seed"] for r in result["selection_rows"]} == {7}
     strategies = [row["strategy"] for row in result["rows"]]
