@@ -137,23 +137,119 @@ def test_postgres_workers(bench, tmp_path: Path, postgres) -> None:
     assert "| workers | trials/s (range) |" in md and "## What limits it" in md
 
 
-@pytest.mark.slow  # eight search strategies, each a search of its own
+def _trial(number: int, value: float | None, *, steps: int = 0, seconds: float = 1.0,
+           baseline: bool = False, state: str = "COMPLETE"):
+    """A finished Optuna trial as a study stores it (meta-steps, wall, baseline mark)."""
+    from datetime import datetime, timedelta
+
+    import optuna
+
+    trial = optuna.trial.create_trial(
+        state=optuna.trial.TrialState[state], value=value,
+        user_attrs={"meta_steps": steps, **({"baseline": True} if baseline else {})})
+    trial.number, trial.datetime_start = number, datetime(2026, 1, 1)
+    trial.datetime_complete = trial.datetime_start + timedelta(seconds=seconds)
+    return trial
+
+
+def test_search_efficiency_reach_keeps_baselines_apart(bench) -> None:
+    """A baseline never reaches the target for a strategy nor costs it compute; a
+    maximised metric (glyphs' accuracy) is handled; a search short of the target is
+    unreached with its whole compute."""
+    from types import SimpleNamespace
+
+    from optuna.study import StudyDirection
+
+    runs = bench("search_efficiency_runs")
+    trials = [_trial(0, 0.9, baseline=True, seconds=5), _trial(1, 0.5, steps=10),
+              _trial(2, None, steps=4, state="PRUNED"), _trial(3, 0.7, steps=10),
+              _trial(4, 0.8, steps=10)]
+    study = SimpleNamespace(direction=StudyDirection.MAXIMIZE, trials=trials)
+    got = runs.reach(study, 0.7)
+    assert got["reached"] and got["trials"] == 3 and got["meta_steps"] == 24
+    assert got["wall_s"] == 3 and got["best"] == 0.7  # the baseline's 5 s kept apart
+    assert got["baseline_trials"] == 1 and got["baseline_wall_s"] == 5
+    assert got["baseline_best"] == 0.9 and got["baseline_reaches"]
+    short = runs.reach(study, 0.85)  # only the baseline scores 0.85: unreached
+    assert not short["reached"] and short["trials"] == 4 and short["meta_steps"] == 34
+    assert short["best"] == 0.8 and short["baseline_reaches"]
+    minimised = SimpleNamespace(direction=StudyDirection.MINIMIZE, trials=trials[1:])
+    assert runs.reach(minimised, 0.5)["trials"] == 1
+    assert not runs.reach(minimised, 0.5)["baseline_trials"]
+
+
+def _row(strategy: str, seed: int, reached: bool, steps: int) -> dict:
+    return {"strategy": strategy, "seed": seed, "reached": reached, "meta_steps": steps,
+            "wall_s": steps / 10, "trials": steps // 10, "random_total_meta_steps": 1000,
+            "baseline_reaches": False}
+
+
+def test_search_efficiency_counts_unreached_seeds_as_such(bench) -> None:
+    """Success rate over all seeds; compute over the succeeding ones only; an unreached
+    seed loses every paired comparison with a seed that reached."""
+    stats = bench("search_efficiency_stats")
+    rows = [_row("random", s, True, 500) for s in range(10)]
+    rows += [_row("cheap", s, s != 0, 10) for s in range(10)]  # seed 0 failed
+    rows += [_row("never", s, False, 5) for s in range(10)]  # cheapest, never reaches
+    summary = {s["strategy"]: s for s in stats.summarise(rows)}
+    cheap, never = summary["cheap"], summary["never"]
+    assert (cheap["successes"], cheap["seeds"], cheap["success_rate"]) == (9, 10, 0.9)
+    assert cheap["success_low"] < 0.9 < cheap["success_high"] <= 1
+    assert cheap["meta_steps"] == (10, 10, 10) and cheap["steps_vs_all"][1] == 0.01
+    assert never["success_rate"] == 0 and all(math.isnan(q) for q in never["meta_steps"])
+    pairs = {(p["a"], p["b"]): p for p in stats.paired(rows)}
+    assert pairs["random", "cheap"]["b_cheaper"] == 9  # seed 0: cheap unreached, loses
+    assert pairs["random", "cheap"]["a_cheaper"] == 1
+    assert pairs["random", "never"]["a_cheaper"] == 10
+    assert pairs["random", "never"]["wilcoxon_p"] < 0.01
+    assert pairs["cheap", "never"]["ties"] == 1  # seed 0: both unreached
+    assert pairs["cheap", "never"]["a_cheaper"] == 9
+    assert stats.verdict(pairs["random", "never"], "holm_vs_random") == "random cheaper"
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # The pruner: the highest success rate first, not the cheapest on its successes.
+    picked = [_row("tpe+median", s, s != 0, 10) for s in range(3)]
+    picked += [_row("tpe+hyperband", s, True, 50) for s in range(3)]
+    assert stats.choose_pruner(picked)[0] == "hyperband"
+
+
+def test_search_efficiency_seed_sets(bench) -> None:
+    se = bench("search_efficiency")
+    assert se.parse_seeds(["10"], 0) == list(range(10))
+    assert se.parse_seeds(["3"], 1000) == [1000, 1001, 1002]
+    assert se.parse_seeds(["0,4,2"], 0) == se.parse_seeds(["0", "4", "2"], 0) == [0, 4, 2]
+    assert se.parse_seeds(["5,"], 0) == [5]
+    with pytest.raises(SystemExit, match="overlap"):
+        se.main(["--seeds", "0,1", "--select-seeds", "1,2"])
+
+
+@pytest.mark.slow  # a dozen real searches, one process
 def test_search_efficiency(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     search_efficiency = bench("search_efficiency")
     results = tmp_path / "results"
-    search_efficiency.main(["--random-trials", "4", "--related-trials", "2", "--meta-steps",
-                            "6", "--eval-every", "2", "--seeds", "0", "--processes", "1",
+    search_efficiency.main(["--tasks", "sinusoid", "--random-trials", "3",
+                            "--related-trials", "2", "--meta-steps", "4", "--eval-every", "2",
+                            "--seeds", "0,", "--select-seeds", "7,", "--processes", "1",
                             "--out", str(tmp_path / "runs"), "--results", str(results)])
     result, md = written(results, "search_efficiency_sinusoid")
+    assert result["seeds"] == [0] and result["select_seeds"] == [7]
+    assert result["scale"] == {"random_trials": 3, "related_trials": 2, "meta_steps": 4,
+                               "eval_every": 2, "val_episodes": 100}
+    assert {r["seed"] for r in result["rows"]} == {0}  # selection rows kept apart
+    assert {r["seed"] for r in result["selection_rows"]} == {7}
     strategies = [row["strategy"] for row in result["rows"]]
-    assert strategies[:5] == ["random", "tpe", "tpe+median", "tpe+wilcoxon", "tpe+hyperband"]
-    assert strategies[5].startswith("portfolio+") and strategies[6].startswith("warm+")
-    assert strategies[7] == "top-k"
+    pruner = result["pruner"]
+    assert strategies == ["random", "tpe", "tpe+median", "tpe+wilcoxon", "tpe+hyperband",
+                          f"portfolio+{pruner}", f"warm+{pruner}", "top-k"]
+    assert [r["strategy"] for r in result["selection_rows"]] == strategies[:5]
     random = result["rows"][0]
     assert random["reached"] and random["best"] == random["target"]
-    assert random["total_trials"] == 4 and random["total_meta_steps"] > 0
+    assert random["total_trials"] == 3 and random["total_meta_steps"] > 0
+    assert random["baseline_trials"] == 0  # a regression task has none
     assert all(row["meta_steps"] >= 0 and row["trials"] >= 1 for row in result["rows"])
-    assert "steps ÷ random's 100" in md and "| tpe+hyperband |" in md
+    assert [s["strategy"] for s in result["summary"]] == strategies
+    assert "Reported: [0]. Selection" in md and "[7]. Chosen pruner" in md
+    assert "| strategy | success | 95% CI | meta-steps |" in md and "| tpe+hyperband |" in md
+    assert "## Paired comparisons over seeds" in md and "load average at start" in md
     assert "| tpe+hyperband |" in capsys.readouterr().out
     # The tables are re-made from the JSON without running anything.
     again = tmp_path / "again"
