@@ -36,6 +36,8 @@ class PageCheck:
     requests: list[str] = field(default_factory=list)  # URLs other than the file itself
     images: list[dict[str, object]] = field(default_factory=list)  # alt, naturalWidth, complete
     text: str = ""  # the page's visible text (document.body.innerText)
+    #: the class of each table wider than the box it sits in (cut off, or scrolled)
+    too_wide: list[str] = field(default_factory=list)
     screenshot: Path | None = None
 
 
@@ -81,6 +83,9 @@ def open_page(html: Path, screenshot: Path, *, executable: str,
                 "Array.from(document.images).map(i => ({alt: i.alt, "
                 "naturalWidth: i.naturalWidth, complete: i.complete}))")
             check.text = page.inner_text("body")
+            check.too_wide = page.evaluate(
+                "Array.from(document.querySelectorAll('table')).filter(t => "
+                "t.offsetWidth > t.parentElement.clientWidth + 1).map(t => t.className)")
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()

@@ -92,6 +92,8 @@ th, td { border-bottom: 1px solid #e3e7eb; padding: .3em .7em; text-align: left;
          vertical-align: top; }
 thead th { background: #f4f6f8; position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.params { min-width: 10em; overflow-wrap: anywhere; }
+td.params span { display: inline-block; margin-right: .8em; }
 tr.best td { background: #fff8e1; }
 tr.tied td { background: #fffdf3; }
 table.kv th { width: 14em; background: none; color: #4a5561; font-weight: 600; }

@@ -64,7 +64,7 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
     header: list[str] = ["rank"] + (["tie"] if ties else []) + [
         "trial", "algorithm", "source", f"val {metric}", f"test {metric}, 95% interval (n)"]
     header += [h for _, h, _ in extras]
-    header += params or ["params"]
+    header.append("hyperparameters")
     numeric = {0, header.index("trial"), header.index(f"val {metric}"),
                header.index(f"test {metric}, 95% interval (n)")}
     numeric |= {header.index(h) for _, h, _ in extras}
@@ -79,12 +79,15 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
         cells += [d["trial"], algorithm, d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
                   _test(d, metric)]
         cells += [_number(d.get(c), f) for c, _, f in extras]
-        if params:
+        if params:  # one cell, its name=value pairs wrapping: the table fits the page
             mine = values.get(int(d["trial"]), {})
-            cells += [_value(mine.get(p)) for p in params]
+            pairs = [f"{p}={_value(mine.get(p))}" for p in params if _value(mine.get(p))]
+            cells.append(join((tag("span", pair) for pair in pairs), " "))
         else:
             cells.append(d.get("params", ""))
-        rows.append(tag("tr", join((tag("td", c, class_="num" if i in numeric else None)
+        last = len(cells) - 1
+        rows.append(tag("tr", join((tag("td", c, class_="num" if i in numeric else
+                                         "params" if i == last else None)
                                     for i, c in enumerate(cells)), ""), class_=css))
     head = join((tag("th", h) for h in header), "")
     html_table = tag("table", Markup(tag("thead", tag("tr", head)) + tag("tbody", join(rows))),
