@@ -171,6 +171,10 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "baseline": "True for a baseline trial: its plan was fixed when the study was created "
                 "(nothing sampled), it uses no budget and is always scored on meta-test "
                 "(absent for other trials)",
+    "completion": "True for a completion trial: the best pruned configuration of an algorithm "
+                  "left with no fully trained trial, re-run in full with pruning off, outside "
+                  "the budget",
+    "completes": "the number of the pruned trial a completion trial re-runs",
     "worker": "the process that ran it: {'host', 'pid', ...}",
     "fit_time_s": "meta-training seconds",
     "meta_steps": "meta-steps run (fewer than the budget when pruned)",

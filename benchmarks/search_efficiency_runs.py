@@ -97,13 +97,23 @@ def one_seed(args: Any, spec: dict[str, Any], task: str, seed: int, role: str,
     """The rows of one task (``spec``: its space and scale) and seed. ``role`` "select":
     random search and the :data:`PRUNED_STRATEGIES` (to choose a pruner); "report":
     those, then the portfolio and warm start with ``pruner`` (chosen on the selection
-    seeds) and top-k."""
+    seeds) and top-k. Warnings are silenced while it runs (and only then: with
+    ``--processes 1`` it runs in the caller's process)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return _one_seed(args, spec, task, seed, role, pruner)
+    finally:
+        logging.disable(before)
+
+
+def _one_seed(args: Any, spec: dict[str, Any], task: str, seed: int, role: str,
+              pruner: str | None) -> list[dict[str, Any]]:
     import torch
 
     import autometa
 
     torch.set_num_threads(1)
-    logging.disable(logging.WARNING)
     out = Path(args.out) / f"{task}-{role}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out / 'studies.db'}"

@@ -191,9 +191,11 @@ def test_plugin_pruner_sampler_and_typed_events_with_own_options(
 
     seen = hooks(recorder)
     assert seen.count("search_started") == 1 and seen.count("search_finished") == 1
-    assert seen.count("trial_started") == seen.count("trial_finished") == 3
-    # "always" prunes at the first evaluation (step 2 of 4): every trial is pruned.
+    # "always" prunes at the first evaluation (step 2 of 4): every trial is pruned, and then
+    # the algorithm, left with no fully trained trial, has its best one re-run in full.
+    assert seen.count("trial_started") == seen.count("trial_finished") == 3 + 1
     assert seen.count("trial_pruned") == 3 and board.counts["pruned"] == 3
+    assert board.counts["complete"] == 1 and len(board.frame) == 1
     events = dict(recorder.EVENTS)  # type: ignore[attr-defined]
     assert events["search_started"].options == {"tag": "x"}
     assert events["search_started"].out == tmp_path / "reports"
@@ -207,7 +209,7 @@ def test_plugin_pruner_sampler_and_typed_events_with_own_options(
     assert events["search_finished"].leaderboard is board
     assert recorder_engine.SAMPLED, "the plugin's sampler proposed nothing"
     # A plugin written before `event` keeps its arguments, and gets no one else's options.
-    assert [s for _, s in legacy_hooks.SEEN] == [0, 1, 2, "finished"]
+    assert [s for _, s in legacy_hooks.SEEN] == [0, 1, 2, 3, "finished"]  # 3: the completion
 
 
 def test_a_failing_trial_and_a_failed_search_are_told(recorder: object) -> None:
