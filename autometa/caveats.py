@@ -163,7 +163,8 @@ def few_class_sets(task: Task) -> str | None:
             f"distinct class set(s) (C({classes}, {ways})), and autometa warns below "
             f"{MIN_CLASS_SETS} or under 2 × ways classes; meta-training sees the same few "
             f"combinations again and again and is likely to overfit them. Compare against "
-            f"baselines (finetune, linear-probe), add meta-train classes, or split the "
+            f"the baselines (nearest-centroid, linear-probe, linear-svm: on by default) and "
+            f"fine-tuning, add meta-train classes, or split the "
             f"classes differently.")
 
 

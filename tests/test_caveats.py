@@ -83,7 +83,7 @@ def test_few_meta_train_classes_and_a_saturated_meta_val_are_warned(tmp_path: Pa
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("meta-train has 4 classes for 3-way episodes: only 4 distinct "
                             "class set(s) (C(4, 3))") == 1
-    assert "Compare against baselines" in run.stderr
+    assert "Compare against the baselines" in run.stderr
     out = " ".join(run.stdout.split())
     assert "95% CI over 20 episodes, Student t" in out
     assert "rest on 20 meta-test episodes, fewer than 30" in out

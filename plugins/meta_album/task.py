@@ -256,7 +256,7 @@ def _class_split(domain: Domain, ways: int, val_fraction: float, test_fraction: 
     if short:
         split, got = short[0]
         per = ", ".join(f"{s} {max(g, 0)}" for s, g in zip(SPLITS, sizes, strict=True))
-        needs, fix = (("the 2 of ways=any", "") if any_ways
+        needs, fix = (("2 (ways=any draws 2 to max_ways)", "") if any_ways
                       else (f"ways = {ways}", "lower 'ways', "))
         raise DataError(
             f"{NAME}: domain {domain.name!r} has {max(got, 0)} {split} class(es), fewer than "

@@ -238,7 +238,7 @@ def test_every_other_algorithm_serves_mixed_episodes(album: Path, name: str) -> 
     ({"ways": "some"}, ConfigError, "ways='some' is neither a whole number from 2 nor 'any'"),
     ({"shots": 0}, ConfigError, "shots=0 is neither"),
     ({"val_fraction": 0.05, "test_fraction": 0.25}, DataError,
-     "has 1 meta-val class(es), fewer than the 2 of ways=any"),
+     "has 1 meta-val class(es), fewer than 2 (ways=any draws 2 to max_ways)"),
     ({"queries": 8}, DataError, "fewer than 1 shot (shots=any) + queries = 9"),
 ])
 def test_bad_any_way_settings_are_one_clear_error(album: Path, params: dict[str, object],
@@ -259,7 +259,7 @@ def _argv(root: Path, *extra: str, **params: object) -> list[str]:
 
 
 @pytest.mark.parametrize(("params", "expected"), [
-    ({"val_fraction": 0.05, "test_fraction": 0.25}, "fewer than the 2 of ways=any"),
+    ({"val_fraction": 0.05, "test_fraction": 0.25}, "fewer than 2 (ways=any draws 2 to max_ways)"),
     ({"max_ways": 1}, "task_params.max_ways: 1 is outside [2, 1000]"),  # its declared range
     ({"ways": "few"}, "meta-album: ways='few' is neither a whole number from 2 nor 'any'"),
 ])
