@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from autometa.metrics import Metric
     from autometa.task import Task
 
-__all__ = ["MIN_CLASS_SETS", "SMALL_N", "few_class_sets", "interval_cell", "interval_text",
+__all__ = ["MIN_CLASS_SETS", "SMALL_N", "few_class_sets", "finite_number", "interval_cell",
+           "interval_text",
            "leaderboard_caveats", "saturated", "small_sample", "val_count"]
 
 #: Fewer meta-test episodes or test examples than this: a warning (the usual rule of thumb
@@ -45,10 +46,10 @@ MIN_CLASS_SETS = 20
 def interval_cell(row: Mapping[Any, Any], mean: float) -> str:
     """A leaderboard row's meta-test score for people: ``0.9312 ± 0.021`` (Student t) or
     ``0.9375 [0.717, 0.989]`` (Wilson: asymmetric, its bounds)."""
-    low, high = _finite(row.get("test_ci_low")), _finite(row.get("test_ci_high"))
+    low, high = finite_number(row.get("test_ci_low")), finite_number(row.get("test_ci_high"))
     if row.get("test_ci_method") == "wilson" and low is not None and high is not None:
         return f"{mean:.4g} [{low:.3g}, {high:.3g}]"
-    half = _finite(row.get("test_ci95"))
+    half = finite_number(row.get("test_ci95"))
     return f"{mean:.4g}" if half is None else f"{mean:.4g} ± {half:.2g}"
 
 
@@ -134,7 +135,7 @@ def _val_half_width(best: Mapping[Any, Any], value: float, metric: Metric, n_val
 
     if metric.binary and unit == "examples" and 0 <= value <= 1:
         return wilson(round(value * n_val), n_val).half_width
-    half, n_test = _finite(best.get("test_ci95")), int(best["test_n"])
+    half, n_test = finite_number(best.get("test_ci95")), int(best["test_n"])
     if half is None or n_test < 2 or n_val < 2:
         return None
     if best.get("test_ci_method") == "wilson":  # a proportion's spread, not a t interval's
@@ -171,15 +172,17 @@ def few_class_sets(task: Task) -> str | None:
 def _scored(frame: pd.DataFrame) -> list[dict[Any, Any]]:
     """The rows with a meta-test score and an n, best first."""
     return [d for d in frame.to_dict("records")
-            if _finite(d.get("test_n")) and int(d["test_n"]) > 0
+            if finite_number(d.get("test_n")) and int(d["test_n"]) > 0
             and not d.get("test_failure")]
 
 
-def _finite(value: Any) -> float | None:
+def finite_number(value: object) -> float | None:
+    """``value`` as a finite float, else None (missing, NaN, infinite, text, a bool): how
+    the leaderboard's cells are read (this module, the report's tables)."""
     if isinstance(value, bool) or value is None:
         return None
     try:
-        number = float(value)
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from autometa.caveats import finite_number
 from autometa.report import plots
 from autometa.report.html import Markup, figure, join, note, table, tag
 
@@ -72,12 +73,12 @@ def cross_task(boards: Sequence[Board]) -> CrossTask:
             if name in seen:
                 continue
             seen.add(name)
-            score = _float(d.get(f"test_{board.metric}"))
+            score = finite_number(d.get(f"test_{board.metric}"))
             if score is None:
                 missing.append((name, label))
             else:
                 test.setdefault(name, {})[label] = score
-            score = _float(d.get(f"val_{board.metric}"))
+            score = finite_number(d.get(f"val_{board.metric}"))
             if score is not None:
                 val.setdefault(name, {})[label] = score
     basis = "val" if missing else "test"
@@ -177,7 +178,8 @@ def crosstask_section(boards: Sequence[Board], level: int = 3) -> Markup:
         cells: list[object] = [name, f"{mean:.2f}",
                                int(result.ranks.loc[name].notna().sum())]
         for s in studies:
-            value, rank = _float(result.scores.loc[name, s]), _float(result.ranks.loc[name, s])
+            value = finite_number(result.scores.loc[name, s])
+            rank = finite_number(result.ranks.loc[name, s])
             cells.append("—" if value is None or rank is None else f"{value:.4g} ({rank:g})")
         rows.append(cells)
     intro: list[object] = []
@@ -210,16 +212,5 @@ def _on_val(missing: list[tuple[str, str]]) -> str:
             "them.")
 
 
-def _float(value: object) -> float | None:
-    """``value`` as a finite float, else None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _finite(value: object) -> bool:
-    return _float(value) is not None
+    return finite_number(value) is not None

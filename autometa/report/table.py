@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autometa.caveats import interval_cell, interval_text
+from autometa.caveats import finite_number, interval_cell, interval_text
 from autometa.report.html import Markup, join, note, tag
 from autometa.study.baselines import baseline_first
 
@@ -131,10 +131,10 @@ def _tie(group: Any, rank: int) -> tuple[Markup, str | None]:
 def _test(d: dict[Any, Any], metric: str) -> str:
     """``mean ± half-width (n)``, ``mean [low, high] (n)`` for a Wilson interval, or ""
     without a meta-test score."""
-    mean = _float(d.get(f"test_{metric}"))
+    mean = finite_number(d.get(f"test_{metric}"))
     if mean is None:
         return ""
-    n = _float(d.get("test_n")) or 0
+    n = finite_number(d.get("test_n")) or 0
     return f"{interval_cell(d, mean)} ({n:.0f})"
 
 
@@ -180,16 +180,5 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _float(value: Any) -> float | None:
-    """``value`` as a finite float, else None (missing, NaN, text, a bool)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _finite(value: Any) -> bool:
-    return _float(value) is not None
+    return finite_number(value) is not None
