@@ -49,8 +49,9 @@ class SearchConfig:
     # keyword arguments of the task; and its per-trial settings (its trial_params, e.g.
     # augmentation) as algorithm_params: value | [choices] | {low, high} (default: fixed)
     task_params: dict[str, Any] = field(default_factory=dict)
-    algorithms: list[str] = field(default_factory=list)  # [] = every compatible algorithm
-    sources: list[str] = field(default_factory=list)  # [] = every compatible source model
+    # [] = every compatible one but NOT_SEARCHED_BY_DEFAULT's (the baselines run them)
+    algorithms: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     # {plugin: {hyperparameter: value | [choices] | {low, high}}}: fix, restrict or narrow
     algorithm_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_params: dict[str, dict[str, Any]] = field(default_factory=dict)

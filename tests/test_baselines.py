@@ -198,3 +198,24 @@ def test_pretrained_sources_get_baselines_too_and_regression_none(tmp_path: Path
                             task_params={"val_episodes": 3, "test_episodes": 3,
                                          "eval_queries": 5})
     assert not board.frame["baseline"].any() and len(board.frame) == 1
+
+
+def test_a_search_naming_no_plugins_leaves_the_baseline_only_ones_to_the_baselines(
+        tmp_path: Path) -> None:
+    """Nearest centroid, the linear SVM and `raw` are searched only when named: their
+    trials at defaults are the baselines, and searching them spent the budget twice."""
+    from autometa import create_host
+    from autometa.config import SearchConfig
+    from autometa.engine.prepare import prepare
+
+    host = create_host()
+    unnamed = prepare(SearchConfig(task="digits", task_params=DIGITS,
+                                   cache_dir=str(tmp_path)), host)
+    assert not {"nearest-centroid", "linear-svm"} & set(unnamed.algorithms)
+    assert {"protonet", "maml", "linear-probe"} <= set(unnamed.algorithms)
+    assert "raw" not in unnamed.sources and "conv4" in unnamed.sources
+    named = prepare(SearchConfig(task="digits", task_params=DIGITS, cache_dir=str(tmp_path),
+                                 algorithms=["nearest-centroid", "linear-svm"],
+                                 sources=["raw"]), host)
+    assert set(named.algorithms) == {"nearest-centroid", "linear-svm"}
+    assert set(named.sources) == {"raw"}

@@ -21,6 +21,7 @@ from autometa.params import declared_types
 from autometa.plugins import Kind, PluginHost
 from autometa.space import Categorical, Float, Int, restrict
 from autometa.study.artifacts import check_location
+from autometa.study.baselines import NOT_SEARCHED_BY_DEFAULT
 from autometa.study.build import build_task, check_device, parse_task_params, task_trial_space
 from autometa.study.inputs import check_same, fingerprints, localize, path_settings, root_of
 from autometa.study.storage import study_exists
@@ -199,11 +200,13 @@ def _choose(
 ) -> dict[str, dict[str, Any]]:
     """The plugins of ``kind`` in the search, each with its restricted search space.
 
-    Plugins asked for by name must work (else an error); of the others, those that cannot
-    load, whose own code raises, or that ``problem`` rejects are left out with a log line.
+    Plugins asked for by name must work (else an error). Asked for none, every installed
+    one but :data:`~autometa.study.baselines.NOT_SEARCHED_BY_DEFAULT`; of those, any that
+    cannot load, whose own code raises, or that ``problem`` rejects are left out with a log line.
     """
     label = "algorithm" if kind == "algorithm" else "source model"
-    names = requested or host.names(kind)
+    names = requested or [n for n in host.names(kind)
+                          if n not in NOT_SEARCHED_BY_DEFAULT[kind]]
     chosen: dict[str, dict[str, Any]] = {}
     for name in names:
         try:

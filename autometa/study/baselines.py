@@ -23,6 +23,10 @@ BASELINE_ATTR = "baseline"
 BASELINE_ALGORITHMS = ("nearest-centroid", "linear-probe", "linear-svm")
 #: The source whose features are the inputs themselves: baselines always run on it.
 RAW_SOURCE = "raw"
+#: Plugins a search leaves out when it names no ``algorithms`` (no ``sources``): what
+#: they give is the baselines' (a search that names them searches them).
+NOT_SEARCHED_BY_DEFAULT = {"algorithm": frozenset({"nearest-centroid", "linear-svm"}),
+                           "source": frozenset({RAW_SOURCE})}
 
 
 def is_baseline(trial: Any) -> bool:
