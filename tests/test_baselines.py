@@ -18,6 +18,7 @@ from sklearn.svm import LinearSVC
 
 import autometa
 from autometa.cli import main
+from autometa.frozen import ABSENT_LOG_PROB
 from autometa.model_inputs import read_inputs
 from autometa.study.storage import open_storage
 from autometa.task import Episodes
@@ -25,7 +26,7 @@ from autometa.testing import check_meta_algorithm, check_source_model
 from autometa.trial import evaluate
 from autometa_plugins.conv4.model import Conv4
 from autometa_plugins.digits.task import Digits
-from autometa_plugins.linear_svm.algorithm import ABSENT, LinearSVM
+from autometa_plugins.linear_svm.algorithm import LinearSVM
 from autometa_plugins.nearest_centroid.algorithm import NearestCentroid
 from autometa_plugins.raw.model import Raw
 from autometa_plugins.sinusoid.task import Sinusoid
@@ -102,7 +103,7 @@ def test_a_class_absent_from_the_support_set_is_never_predicted(
                         full.query_x[:, keep_q], full.query_y[:, keep_q])
     out = _raw(algorithm, digits).adapt_and_predict(episodes)
     assert out.shape == (3, int(keep_q.sum()), digits.output_size)
-    assert (out[..., 1] == ABSENT).all() and (out.argmax(-1) != 1).all()
+    assert (out[..., 1] == ABSENT_LOG_PROB).all() and (out.argmax(-1) != 1).all()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[..., [0, 2]].exp().sum(-1), torch.ones(out.shape[:2]))
 

@@ -24,22 +24,15 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from autometa import Backbone, Categorical, Episodes, Float, MetaAlgorithm, Task
+from autometa import Backbone, Categorical, Episodes, Float, Task
+from autometa.frozen import ABSENT_LOG_PROB, FrozenFeatureAlgorithm
 
 log = logging.getLogger(__name__)
 
-#: Log-probability of a class absent from an episode's support set: never predicted,
-#: and finite, so metrics and losses stay numbers.
-ABSENT = -1e9
 
-
-class LinearProbe(MetaAlgorithm):
-    kinds = frozenset({"classification"})
-    meta_trains = False
-
+class LinearProbe(FrozenFeatureAlgorithm):
     def __init__(
         self,
         model: Backbone,
@@ -63,18 +56,14 @@ class LinearProbe(MetaAlgorithm):
             "normalize": Categorical((True, False)),
         }
 
-    def meta_step(self, batch: Episodes) -> float:
-        raise NotImplementedError(
-            "LinearProbe does not meta-train (meta_trains is False): the engine never calls "
-            "meta_step; its features come from the source model as they are"
-        )
-
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
-        """Log-probabilities (tasks, n_query, output_size); absent classes get ``ABSENT``."""
+        """Log-probabilities (tasks, n_query, output_size); absent classes get
+        ``ABSENT_LOG_PROB``."""
         from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-        support, query = self._features(episodes)
-        out = np.full((*query.shape[:2], self.task.output_size), ABSENT)
+        support, query = (f.cpu().numpy() for f in
+                          self.frozen_features(episodes, normalize=self.normalize))
+        out = np.full((*query.shape[:2], self.task.output_size), ABSENT_LOG_PROB)
         labels = episodes.support_y.cpu().numpy()
         unconverged = 0
         # One BLAS/OpenMP thread: the problems are tiny (tens of examples and features);
@@ -90,31 +79,6 @@ class LinearProbe(MetaAlgorithm):
                      "%d episodes (C=%g)", self.max_iter, unconverged, len(episodes), self.C)
         return torch.as_tensor(out, dtype=episodes.query_x.dtype, device=episodes.query_x.device)
 
-    def _features(self, episodes: Episodes) -> tuple[np.ndarray, np.ndarray]:
-        """Float64 features (tasks, n, d) of the support and query sets.
-
-        Each set is one batch of its own (BatchNorm without running statistics normalises
-        with the batch's); eval mode, so a BatchNorm with running statistics uses them and
-        leaves them unchanged.
-
-        Raises:
-            FloatingPointError: a feature is NaN or infinite (scikit-learn would refuse it
-                with a ValueError); the engine records the trial as diverged.
-        """
-        features = self.model.features
-        training = features.training
-        features.eval()
-        try:
-            with torch.no_grad():
-                support = torch.stack([features(x) for x in episodes.support_x])
-                query = torch.stack([features(x) for x in episodes.query_x])
-        finally:
-            features.train(training)
-        _refuse_non_finite(support, query)
-        if self.normalize:
-            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
-        return support.double().cpu().numpy(), query.double().cpu().numpy()
-
     def _fit_predict(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray
                      ) -> tuple[np.ndarray, bool]:
         """Log-probabilities (n_query, output_size) of one episode and whether lbfgs converged."""
@@ -122,7 +86,7 @@ class LinearProbe(MetaAlgorithm):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        out = np.full((len(query), self.task.output_size), ABSENT)
+        out = np.full((len(query), self.task.output_size), ABSENT_LOG_PROB)
         classes = np.unique(labels)
         if len(classes) == 1:  # nothing to discriminate: the one class seen, with certainty
             out[:, classes[0]] = 0.0
@@ -145,20 +109,3 @@ class LinearProbe(MetaAlgorithm):
         # predict_log_proba's values, but log_softmax never rounds a probability to 0.
         out[:, clf.classes_] = log_softmax(scores, axis=1)
         return out, converged
-
-
-def _refuse_non_finite(support: Tensor, query: Tensor) -> None:
-    """Raise ``FloatingPointError`` naming the episodes whose features are NaN or infinite.
-
-    Shapes: (tasks, n_support, d) and (tasks, n_query, d). FloatingPointError, a built-in,
-    is what ``autometa.trial.evaluate`` reports as a diverged trial.
-    """
-    bad = ~(support.isfinite().flatten(1).all(1) & query.isfinite().flatten(1).all(1))
-    if bool(bad.any()):
-        episodes = bad.nonzero().flatten()
-        raise FloatingPointError(
-            f"linear-probe: the source model's features are NaN or infinite in "
-            f"{len(episodes)} of {len(bad)} episodes (the first: episode {int(episodes[0])}); "
-            "its weights or the task's inputs are not finite, and a logistic regression "
-            "cannot be fitted on them"
-        )

@@ -13,7 +13,8 @@ On the ``raw`` source it is a linear SVM on the inputs themselves.
 Settings: ``C`` (scikit-learn's default 1, searched over 1e-3 to 1e3) and ``normalize``
 (features scaled to unit L2 norm first, as the linear probe does; so that ``C`` means the
 same whatever the scale of the inputs). Classes absent from an episode's support set get
-:data:`ABSENT` and are never predicted; a support set of one class predicts it.
+``autometa.frozen.ABSENT_LOG_PROB`` and are never predicted; a support set of one class
+predicts it.
 """
 
 from __future__ import annotations
@@ -23,22 +24,15 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from autometa import Backbone, Categorical, Episodes, Float, MetaAlgorithm, Task
+from autometa import Backbone, Categorical, Episodes, Float, Task
+from autometa.frozen import ABSENT_LOG_PROB, FrozenFeatureAlgorithm
 
 log = logging.getLogger(__name__)
 
-#: Log-probability of a class absent from an episode's support set: never predicted,
-#: and finite, so metrics and losses stay numbers.
-ABSENT = -1e9
 
-
-class LinearSVM(MetaAlgorithm):
-    kinds = frozenset({"classification"})
-    meta_trains = False
-
+class LinearSVM(FrozenFeatureAlgorithm):
     def __init__(
         self,
         model: Backbone,
@@ -57,15 +51,10 @@ class LinearSVM(MetaAlgorithm):
     def search_space(cls):
         return {"C": Float(1e-3, 1e3, log=True), "normalize": Categorical((True, False))}
 
-    def meta_step(self, batch: Episodes) -> float:
-        raise NotImplementedError(
-            "LinearSVM does not meta-train (meta_trains is False): the engine never calls "
-            "meta_step; its features come from the source model as they are"
-        )
-
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
         """Log-probabilities (tasks, n_query, output_size): ``log_softmax`` of the SVM's
-        decision values over the episode's classes; absent classes get :data:`ABSENT`.
+        decision values over the episode's classes; absent classes get
+        ``ABSENT_LOG_PROB``.
 
         Raises:
             FloatingPointError: a feature is NaN or infinite (the engine records the
@@ -73,9 +62,10 @@ class LinearSVM(MetaAlgorithm):
         """
         from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-        support, query = self._features(episodes)
+        support, query = (f.cpu().numpy() for f in
+                          self.frozen_features(episodes, normalize=self.normalize))
         labels = episodes.support_y.cpu().numpy()
-        out = np.full((*query.shape[:2], self.task.output_size), ABSENT)
+        out = np.full((*query.shape[:2], self.task.output_size), ABSENT_LOG_PROB)
         unconverged = 0
         with threadpool_limits(limits=1):  # tiny problems: more threads only synchronise
             for i, (s, y, q) in enumerate(zip(support, labels, query, strict=True)):
@@ -87,27 +77,6 @@ class LinearSVM(MetaAlgorithm):
                      self.C)
         return torch.as_tensor(out, dtype=episodes.query_x.dtype, device=episodes.query_x.device)
 
-    def _features(self, episodes: Episodes) -> tuple[np.ndarray, np.ndarray]:
-        """Float64 features (tasks, n, d) of the support and query sets, each set one
-        batch of its own, in eval mode."""
-        features = self.model.features
-        training = features.training
-        features.eval()
-        try:
-            with torch.no_grad():
-                support = torch.stack([features(x) for x in episodes.support_x]).flatten(2)
-                query = torch.stack([features(x) for x in episodes.query_x]).flatten(2)
-        finally:
-            features.train(training)
-        if not bool(support.isfinite().all() and query.isfinite().all()):
-            raise FloatingPointError(
-                "linear-svm: the source model's features are NaN or infinite; its weights "
-                "or the task's inputs are not finite, and an SVM cannot be fitted on them")
-        support, query = support.double(), query.double()
-        if self.normalize:
-            support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
-        return support.cpu().numpy(), query.cpu().numpy()
-
     def _fit_predict(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray
                      ) -> tuple[np.ndarray, bool]:
         """Log-probabilities (n_query, output_size) of one episode and whether liblinear
@@ -116,7 +85,7 @@ class LinearSVM(MetaAlgorithm):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.svm import LinearSVC
 
-        out = np.full((len(query), self.task.output_size), ABSENT)
+        out = np.full((len(query), self.task.output_size), ABSENT_LOG_PROB)
         classes = np.unique(labels)
         if len(classes) == 1:  # nothing to discriminate: the one class seen, with certainty
             out[:, classes[0]] = 0.0

@@ -18,7 +18,7 @@ features are whatever the source model gives (the inputs for ``raw``, pre-traine
 for ``pretrained`` or ``checkpoint``, random ones for a freshly initialised network).
 
 Classes absent from an episode's support set (an N-way episode with N < ``output_size``)
-get :data:`ABSENT` and are never predicted.
+get ``autometa.frozen.ABSENT_LOG_PROB`` and are never predicted.
 """
 
 from __future__ import annotations
@@ -29,19 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from autometa import Backbone, Categorical, Episodes, MetaAlgorithm, Task
+from autometa import Backbone, Categorical, Episodes, Task
+from autometa.frozen import ABSENT_LOG_PROB, FrozenFeatureAlgorithm
 
 Metric = Literal["euclidean", "cosine"]
 
-#: Log-probability of a class absent from an episode's support set: never predicted,
-#: and finite, so metrics and losses stay numbers.
-ABSENT = -1e9
 
-
-class NearestCentroid(MetaAlgorithm):
-    kinds = frozenset({"classification"})
-    meta_trains = False
-
+class NearestCentroid(FrozenFeatureAlgorithm):
     def __init__(
         self,
         model: Backbone,
@@ -64,21 +58,16 @@ class NearestCentroid(MetaAlgorithm):
         return {"metric": Categorical(("euclidean", "cosine")),
                 "center": Categorical((False, True))}
 
-    def meta_step(self, batch: Episodes) -> float:
-        raise NotImplementedError(
-            "NearestCentroid does not meta-train (meta_trains is False): the engine never "
-            "calls meta_step; its features come from the source model as they are"
-        )
-
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
         """Log-probabilities (tasks, n_query, output_size): ``log_softmax`` of the negative
-        squared distances over the episode's classes; absent classes get :data:`ABSENT`.
+        squared distances over the episode's classes; absent classes get
+        ``ABSENT_LOG_PROB``.
 
         Raises:
             FloatingPointError: a feature is NaN or infinite (the engine records the
                 trial as diverged).
         """
-        support, query = self._features(episodes)  # (tasks, n_s, d), (tasks, n_q, d)
+        support, query = self.frozen_features(episodes)  # (tasks, n_s, d), (tasks, n_q, d)
         if self.center:
             mean = support.mean(1, keepdim=True)  # (tasks, 1, d)
             support, query = support - mean, query - mean
@@ -92,22 +81,4 @@ class NearestCentroid(MetaAlgorithm):
         logits = -distance.pow(2)  # (tasks, n_q, output_size)
         present = (counts > 0).unsqueeze(1)  # (tasks, 1, output_size)
         logits = logits.masked_fill(~present, float("-inf")).log_softmax(-1)
-        return logits.masked_fill(~present, ABSENT).to(episodes.query_x.dtype)
-
-    def _features(self, episodes: Episodes) -> tuple[Tensor, Tensor]:
-        """Float64 features of the support and query sets, each set one batch of its own
-        (eval mode: a BatchNorm with running statistics uses them, unchanged)."""
-        features = self.model.features
-        training = features.training
-        features.eval()
-        try:
-            with torch.no_grad():
-                support = torch.stack([features(x) for x in episodes.support_x]).double()
-                query = torch.stack([features(x) for x in episodes.query_x]).double()
-        finally:
-            features.train(training)
-        if not bool(support.isfinite().all() and query.isfinite().all()):
-            raise FloatingPointError(
-                "nearest-centroid: the source model's features are NaN or infinite; its "
-                "weights or the task's inputs are not finite")
-        return support.flatten(2), query.flatten(2)
+        return logits.masked_fill(~present, ABSENT_LOG_PROB).to(episodes.query_x.dtype)

@@ -179,9 +179,9 @@ def test_non_finite_features_fail_the_trial_as_diverged(digits, value):
     algo = build(host, digits, TrialPlan("linear-probe", "mlp", {}, {"hidden": 8}), seed=0)
     with torch.no_grad():
         algo.model.features[1].weight[0, 0] = value  # one weight of the first layer
-    with pytest.raises(FloatingPointError, match=r"^linear-probe: the source model's features "
+    with pytest.raises(FloatingPointError, match=r"^LinearProbe: the source model's features "
                                                  r"are NaN or infinite in \d+ of 4 episodes"):
         algo.adapt_and_predict(digits.meta_val())
-    with pytest.raises(Diverged, match=r"^meta-val: linear-probe: the source model's features"):
+    with pytest.raises(Diverged, match=r"^meta-val: LinearProbe: the source model's features"):
         meta_train(algo, digits, meta_steps=5, eval_every=2,
                    generator=torch.Generator().manual_seed(0))
