@@ -149,9 +149,9 @@ def _chunks(episodes: EpisodeSet, task: Task) -> list[slice] | list[Tensor]:
         return [slice(start, start + size) for start in range(0, len(episodes), size)]
     out = []
     for ids in episodes.by_size():
-        first = episodes[ids[:1]]  # one episode, gathered: its sizes give the chunk's
-        assert isinstance(first, Episodes)
-        size = eval_chunk(first, task)
+        # The group of the size's first episode: its index shapes size the chunks (no
+        # image is gathered to learn them).
+        size = eval_chunk(episodes.groups[int(episodes.group[ids[0]])], task)
         out += [ids[start : start + size] for start in range(0, len(ids), size)]
     return out
 
