@@ -223,3 +223,50 @@ def test_workers_survive_a_server_restart(postgres, pg_url, tmp_path):
                    if r.state == TrialState.COMPLETE)
     assert len(failed) <= 2
     print(f"{len(failed)} trial(s) in flight failed and ran again; the rest reconnected")
+
+
+def test_two_machines_run_each_baseline_and_each_completion_once(pg_url, tmp_path):
+    """Baseline trials are queued once, at the study's creation, and completion trials at
+    most once per algorithm, whichever machine claims them: one study on PostgreSQL, a
+    search and a worker in directories of their own, under Hyperband; every algorithm
+    ends with a fully trained trial."""
+    import psycopg
+
+    shared = tmp_path / "shared-artifacts"
+    one, two = _machine(tmp_path, "one"), _machine(tmp_path, "two")
+    algorithms = ["protonet", "maml", "finetune"]
+    args = ["run", "--task", "iris", "--algorithms", ",".join(algorithms), "--sources", "mlp",
+            "--trials", "6", "--meta-steps", "40", "--eval-every", "10", "--pruner",
+            "hyperband", "--top-k", "1", "--study", STUDY, "--storage", pg_url,
+            "--artifacts", str(shared), "--threads", "1", "--no-progress"]
+    first = _cli(*args, cwd=one)
+    _wait(lambda: len(_trials(pg_url)) > 0, [first])
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"),
+                         autocommit=True) as hold:  # both machines get trials (see above)
+        hold.execute(f"SELECT pg_advisory_lock({PG_LOCK_KEY})")
+        second = _cli(*_worker(pg_url, shared), cwd=two)
+        _wait(lambda: hold.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                   "AND NOT granted").fetchone()[0] >= 2, [first, second])
+        hold.execute(f"SELECT pg_advisory_unlock({PG_LOCK_KEY})")
+    _finish(first)
+    _finish(second)
+
+    trials = _trials(pg_url)
+    assert {_pid(t) for t in trials} == {first.pid, second.pid}
+    baselines = [t for t in trials if t.user_attrs.get("baseline")]
+    assert sorted(t.user_attrs["algorithm"] for t in baselines) == sorted(
+        ["nearest-centroid", "linear-probe", "linear-svm"])
+    assert all(t.state == TrialState.COMPLETE for t in baselines)
+    completions = [t for t in trials if t.user_attrs.get("completion")]
+    completed = [t.user_attrs["algorithm"] for t in completions]
+    assert len(completed) == len(set(completed))  # at most one per algorithm
+    searched = [t for t in trials if t not in baselines and t not in completions]
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in searched) == 6
+    for algorithm in algorithms:  # each has a fully trained trial
+        assert any(t.state == TrialState.COMPLETE and t.user_attrs["algorithm"] == algorithm
+                   for t in searched + completions), algorithm
+    # The process that ends the search writes the leaderboard, in its directory.
+    written = [d / "autometa-reports" / f"{STUDY}.csv" for d in (one, two)]
+    frame = pd.read_csv(next(path for path in written if path.exists()))
+    assert frame["baseline"].sum() == 3
+    print(f"completion trials: {completed or 'none'}")
