@@ -186,7 +186,13 @@ class RichProgress(Progress):
         line = f"trial {number}: {result}{f' ({note})' if note else ''}  {description}"
         self.bars.console.print(Text(line), highlight=False)
         best = f"best {self.metric} {self.best:.4g}" if self.best is not None else "no result yet"
-        self.bars.update(self._search, advance=1, info=best)
+        search = next((t for t in self.bars.tasks if t.id == self._search), None)
+        total = None if search is None else search.total
+        if search is not None and total is not None and search.completed + 1 > total:
+            # A trial beyond the count (a completion trial, queued once the budget is
+            # spent): the count grows, rather than showing 13/12.
+            total = search.completed + 1
+        self.bars.update(self._search, total=total, advance=1, info=best)
 
     def phase(self, text: str) -> None:
         from rich.text import Text

@@ -159,3 +159,22 @@ def test_several_workers_end_with_a_trained_trial_of_every_algorithm(tmp_path: P
     assert set(board.frame["algorithm"]) == set(PRUNED_SEARCH["algorithms"])
     completed = [t.params["algorithm"] for t in trials if is_completion(t)]
     assert len(completed) == len(set(completed))  # at most one per algorithm
+
+
+def test_the_trial_count_on_the_terminal_grows_for_trials_beyond_the_budget() -> None:
+    """A completion trial ends after the budget's last: the bar shows 3/3, not 3/2."""
+    import io
+
+    from rich.console import Console
+
+    from autometa.progress import RichProgress
+
+    progress, shown = RichProgress(), io.StringIO()
+    progress.bars.live.console = Console(file=shown, force_terminal=True, width=200)
+    with progress:
+        progress.search_started(2, 0, None, "mse")
+        for number in range(3):
+            progress.trial_started(number, "maml on mlp", 10)
+            progress.trial_finished(number, "COMPLETE", 0.5 - number / 10, "")
+        progress.bars.refresh()
+    assert "3/3" in shown.getvalue() and "3/2" not in shown.getvalue()
