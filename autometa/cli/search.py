@@ -50,8 +50,10 @@ def add_parsers(sub: Any) -> None:
                                      "(flags win). Re-running with the same study name resumes.")
     run.add_argument("--config", type=Path, help="TOML or YAML file of SearchConfig keys")
     run.add_argument("--task", help="task plugin name (see `autometa plugins`)")
-    run.add_argument("--algorithms", help="comma-separated algorithm names (default: all)")
-    run.add_argument("--sources", help="comma-separated source model names (default: all)")
+    run.add_argument("--algorithms", help="comma-separated algorithm names (default: all "
+                     "but nearest-centroid and linear-svm, which the baselines run)")
+    run.add_argument("--sources", help="comma-separated source model names (default: all "
+                     "but raw, which the baselines run)")
     run.add_argument("--trials", type=int, help="trials to finish in the study (default 20)")
     run.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
     run.add_argument("--meta-steps", type=int, help="meta-training steps per trial (500)")
