@@ -240,13 +240,16 @@ def meta_train(
     on_step: Callable[[int], None] = lambda step: None,
     clock: Clock | None = None,
     final_score: Callable[[MetaAlgorithm], float] | None = None,
+    on_final_scores: Callable[[Tensor], None] = lambda scores: None,
 ) -> float:
     """Meta-train for ``meta_steps`` and return the final meta-val score.
 
     ``on_eval(step, score)`` runs after each evaluation (every ``eval_every`` steps and at
     the end); it may raise ``optuna.TrialPruned`` to stop the trial. ``clock``, if given,
     accumulates the time spent training and evaluating. ``final_score``, if given, scores
-    the last evaluation instead of the plain meta-val mean (:func:`paired_val_score`).
+    the last evaluation instead of the plain meta-val mean (:func:`paired_val_score`);
+    otherwise ``on_final_scores`` gets the last evaluation's scores, shape (episodes,) in
+    episode order, or (examples,) for a task scored per example (before ``on_eval``).
 
     Raises:
         Diverged: the training loss, a meta-val prediction or a score is not finite.
@@ -264,18 +267,21 @@ def meta_train(
         on_step(step)
         if step % eval_every == 0 or step == steps:
             clock.train_s += time.perf_counter() - started
-            score = _val_score(algorithm, task, clock, final_score if step == steps else None)
+            last = step == steps
+            score = _val_score(algorithm, task, clock, final_score if last else None,
+                               on_final_scores if last else None)
             started = time.perf_counter()
             on_eval(step, score)
     clock.train_s += time.perf_counter() - started
     if steps == 0:
-        score = _val_score(algorithm, task, clock, final_score)
+        score = _val_score(algorithm, task, clock, final_score, on_final_scores)
         on_eval(0, score)
     return score
 
 
 def _val_score(algorithm: MetaAlgorithm, task: Task, clock: Clock,
-               score_with: Callable[[MetaAlgorithm], float] | None = None) -> float:
+               score_with: Callable[[MetaAlgorithm], float] | None = None,
+               on_scores: Callable[[Tensor], None] | None = None) -> float:
     _sync(task.device)
     started = time.perf_counter()
     episodes = task.meta_val()
@@ -283,7 +289,10 @@ def _val_score(algorithm: MetaAlgorithm, task: Task, clock: Clock,
         if score_with is not None:
             score = score_with(algorithm)
         else:  # .mean() synchronises
-            score = float(evaluate(algorithm, episodes, task, split="meta-val").mean())
+            scores = evaluate(algorithm, episodes, task, split="meta-val")
+            score = float(scores.mean())
+            if on_scores is not None and math.isfinite(score):
+                on_scores(scores)
     finally:
         clock.eval_s += time.perf_counter() - started
         clock.eval_episodes += len(episodes)

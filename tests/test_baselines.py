@@ -220,3 +220,75 @@ def test_a_search_naming_no_plugins_leaves_the_baseline_only_ones_to_the_baselin
                                  sources=["raw"]), host)
     assert set(named.algorithms) == {"nearest-centroid", "linear-svm"}
     assert set(named.sources) == {"raw"}
+
+
+def _trial(number: int, value: float, scores: list[float], baseline: bool = False):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    return create_trial(value=value, params={"x": 0.5},
+                        distributions={"x": FloatDistribution(0, 1)},
+                        user_attrs={"baseline": baseline, "val_scores": scores,
+                                    "algorithm": "linear-svm" if baseline else "maml"})
+
+
+def test_a_searched_trial_ranks_above_the_best_baseline_only_if_it_beats_it_on_meta_val(
+        ) -> None:
+    """Issue 23's search: every trial within noise of the baselines on meta-val (0.92),
+    while the baselines were better on meta-test. A searched trial must show, on the
+    paired meta-val episodes, that meta-learning pays before it ranks above them."""
+    from scipy.stats import wilcoxon
+
+    from autometa.study.trials import ranked_trials
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.9, size=100)
+    noise = rng.normal(0, 0.05, size=100)
+    study = optuna.create_study(direction="maximize")
+    marginal = np.clip(base + 0.004 + noise, 0, 1)  # ahead on the mean, not significantly
+    clear = np.clip(base + 0.05 + noise / 5, 0, 1)
+    for number, scores, baseline in ((0, base, True), (1, base - 0.1, True),
+                                     (2, marginal, False), (3, clear, False)):
+        study.add_trial(_trial(number, float(scores.mean()), scores.tolist(), baseline))
+    assert marginal.mean() > base.mean()
+    assert wilcoxon(marginal - base, alternative="greater").pvalue > 0.05
+    order = [t.number for t in ranked_trials(study)]
+    assert order == [3, 0, 2, 1]  # clear, then the best baseline, then the marginal one
+
+    # Minimised metrics: the same rule, the other way round.
+    study = optuna.create_study(direction="minimize")
+    for number, scores, baseline in ((0, base, True), (2, base - 0.004 + noise, False)):
+        study.add_trial(_trial(number, float(scores.mean()), scores.tolist(), baseline))
+    assert [t.number for t in ranked_trials(study)] == [0, 1]
+
+    # Without paired scores (a study stored before they were): meta-val order, as ever.
+    study = optuna.create_study(direction="maximize")
+    for number, scores, baseline in ((0, base, True), (1, marginal, False)):
+        trial = _trial(number, float(scores.mean()), [], baseline)
+        study.add_trial(trial)
+    assert [t.number for t in ranked_trials(study)] == [1, 0]
+
+
+def test_every_trial_of_a_search_records_its_paired_meta_val_scores(tmp_path: Path) -> None:
+    """A real search: each trial stores its final meta-val score per episode, their mean
+    is its value, and the leaderboard's order follows the baseline rule."""
+    from scipy.stats import wilcoxon
+
+    board = autometa.search("digits", task_params=DIGITS, algorithms=["protonet"],
+                            sources=["mlp"], n_trials=3, meta_steps=4, eval_every=2,
+                            top_k=1, storage=f"sqlite:///{tmp_path / 's.db'}",
+                            artifacts=str(tmp_path / "art"), pruner="none")
+    study = optuna.load_study(study_name="digits-seed0", storage=f"sqlite:///{tmp_path / 's.db'}")
+    trials = {t.number: t for t in study.trials}
+    for t in trials.values():
+        scores = t.user_attrs["val_scores"]
+        assert len(scores) == DIGITS["val_episodes"]
+        assert np.mean(scores) == pytest.approx(t.value, abs=1e-6)
+    frame = board.frame
+    first_baseline = int(frame.index[frame["baseline"]][0])
+    reference = np.array(trials[int(frame["trial"][first_baseline])].user_attrs["val_scores"])
+    for row in frame.itertuples():
+        if row.baseline or row.Index > first_baseline:
+            continue
+        gains = np.array(trials[row.trial].user_attrs["val_scores"]) - reference
+        assert gains.any() and wilcoxon(gains, alternative="greater").pvalue < 0.05

@@ -45,8 +45,10 @@ from autometa.study.completion import is_completion
 from autometa.study.trials import (
     COST_ATTRS,
     CURVE_ATTR,
+    MAX_VAL_SCORES,
     PRUNED_ATTR,
     TEST_ATTRS,
+    VAL_SCORES_ATTR,
     TrialPlan,
     rank_key,
     ranked_trials,
@@ -188,7 +190,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             trial.set_user_attr(key, value)
     inherited = trial.user_attrs  # a retry copies its failed trial's attributes
     for key in (*COST_ATTRS, *TEST_ATTRS, "test_failure", "failure", PRUNED_ATTR,
-                CURVE_ATTR):
+                CURVE_ATTR, VAL_SCORES_ATTR):
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
     kind = "baseline " if baseline else "completion " if completion else ""
@@ -229,6 +231,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                 should_stop=(lambda: False) if completion
                                 else trial.should_prune)
 
+    final: list[float] = []  # the last meta-val scores, per episode (paired with baselines')
+
+    def on_final_scores(scores: torch.Tensor) -> None:
+        if len(scores) <= MAX_VAL_SCORES:
+            final[:] = [round(v, 7) for v in scores.tolist()]
+
     state, value, note = TrialState.COMPLETE, None, ""
     clock, test = Clock(), None
     if task.device.type == "cuda":
@@ -240,7 +248,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             value = meta_train(algorithm, task, meta_steps=config.meta_steps,
                                eval_every=config.eval_every, generator=generator,
                                on_eval=on_eval, on_step=on_step, clock=clock,
-                               final_score=final_score if paired else None)
+                               final_score=final_score if paired else None,
+                               on_final_scores=on_final_scores)
             upload_state(algorithm, trial, store)
             if baseline or completion or ahead(study, trial.number, value,
                                  task.metric.direction) < config.top_k:
@@ -271,6 +280,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         record_costs(trial, clock, task.device)
         if paired:
             trial.set_user_attr(CURVE_ATTR, curve)
+        elif state == TrialState.COMPLETE and final:
+            trial.set_user_attr(VAL_SCORES_ATTR, final)
         if state == TrialState.COMPLETE and note:
             trial.set_user_attr(PRUNED_ATTR, note)
         if test is not None:

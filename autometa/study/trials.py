@@ -19,6 +19,14 @@ PRUNED_ATTR = "pruned"
 #: User attribute holding ``[[meta_step, meta-val score], ...]`` when the intermediate
 #: values are per-episode scores (the Wilcoxon pruner) rather than the learning curve.
 CURVE_ATTR = "val_curve"
+#: User attribute holding a trial's final meta-val scores, one per episode in episode
+#: order (per example for a task scored per example), for the paired comparison with the
+#: best baseline (:func:`prefer_baselines`); at most :data:`MAX_VAL_SCORES` of them.
+VAL_SCORES_ATTR = "val_scores"
+MAX_VAL_SCORES = 5000
+#: A searched trial ranks above the best baseline only if a one-sided paired Wilcoxon
+#: signed-rank test on their final meta-val scores finds it better at this level.
+BASELINE_ALPHA = 0.05
 
 
 def ranked(trial: Any) -> bool:
@@ -38,15 +46,74 @@ def rank_key(direction: str, value: float, number: int) -> tuple[float, int]:
 
 def ranked_trials(study: Any, complete: list[Any] | None = None) -> list[Any]:
     """The :func:`ranked` trials of an Optuna study (from ``complete``, its COMPLETE
-    trials, if already read), best on meta-val first: the leaderboard's order."""
+    trials, if already read), best on meta-val first, except that a searched trial must
+    beat the best baseline significantly to rank above it (:func:`prefer_baselines`):
+    the leaderboard's order."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     if complete is None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     direction = "minimize" if study.direction == StudyDirection.MINIMIZE else "maximize"
-    return sorted((t for t in complete if ranked(t)),
-                  key=lambda t: rank_key(direction, float(t.value), t.number))
+    ordered = sorted((t for t in complete if ranked(t)),
+                     key=lambda t: rank_key(direction, float(t.value), t.number))
+    return prefer_baselines(ordered, direction)
+
+
+def prefer_baselines(ordered: list[Any], direction: str, alpha: float = BASELINE_ALPHA
+                     ) -> list[Any]:
+    """``ordered`` (best meta-val first), with every searched trial ahead of the best
+    baseline that does not beat it significantly on meta-val moved just behind it.
+
+    The simpler answer wins unless the search shows it does not: a searched trial stays
+    ahead only if a one-sided Wilcoxon signed-rank test (scipy) on the paired final
+    meta-val scores (:func:`val_scores`: the same fixed episodes for every trial) finds
+    it better at ``alpha``. A trial without paired scores (stored before they were, or
+    over :data:`MAX_VAL_SCORES`) keeps its place. The order is otherwise unchanged.
+    """
+    from autometa.study.baselines import is_baseline
+
+    first = next((i for i, t in enumerate(ordered) if is_baseline(t)), None)
+    if not first:  # no baseline, or one is first already
+        return ordered
+    reference = val_scores(ordered[first])
+    if reference is None:
+        return ordered
+    ahead: list[Any] = []
+    behind: list[Any] = []
+    for t in ordered[:first]:
+        better = _beats(val_scores(t), reference, direction, alpha)
+        (behind if better is False else ahead).append(t)
+    return [*ahead, ordered[first], *behind, *ordered[first + 1:]]
+
+
+def _beats(scores: list[float] | None, reference: list[float], direction: str,
+           alpha: float) -> bool | None:
+    """Whether ``scores`` beat ``reference`` (paired, one-sided Wilcoxon at ``alpha``);
+    None if they cannot be paired."""
+    if scores is None or len(scores) != len(reference):
+        return None
+    from scipy.stats import wilcoxon
+
+    sign = 1.0 if direction == "maximize" else -1.0
+    gains = [sign * (a - b) for a, b in zip(scores, reference, strict=True)]
+    if not any(gains):  # the same scores everywhere: no gain
+        return False
+    return bool(wilcoxon(gains, alternative="greater").pvalue < alpha)
+
+
+def val_scores(trial: Any) -> list[float] | None:
+    """A trial's final meta-val scores, one per episode (or example) in order: those it
+    recorded (:data:`VAL_SCORES_ATTR`), or, under the Wilcoxon pruner, its per-episode
+    reports; None if it has neither."""
+    recorded = trial.user_attrs.get(VAL_SCORES_ATTR)
+    if recorded:
+        return [float(v) for v in recorded]
+    if CURVE_ATTR in trial.user_attrs:  # intermediate values are per-episode scores
+        values = trial.intermediate_values
+        if values and sorted(values) == list(range(len(values))):
+            return [float(values[i]) for i in range(len(values))]
+    return None
 
 
 def learning_curve(trial: Any) -> dict[int, float]:
