@@ -182,6 +182,9 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "peak_mem_mb": "peak CUDA memory in MiB (CUDA devices only)",
     "val_curve": "[[meta-step, meta-val score], ...] (Wilcoxon pruner only; else Optuna's "
                  "intermediate values)",
+    "val_scores": "the final meta-val scores, one per episode (per example for a target "
+                  "dataset, up to 5,000), paired with the best baseline's to rank (not under "
+                  "the Wilcoxon pruner, whose per-episode reports are the intermediate values)",
     "pruned": "why a Wilcoxon-pruned trial stopped (it is COMPLETE with its running mean and "
               "never ranked)",
     "failure": "why a FAIL trial failed, one line",
