@@ -110,8 +110,12 @@ def saturated(frame: pd.DataFrame, metric: Metric, val: tuple[int, str]) -> str 
     if len(scored) < 2:
         return None
     name, (n_val, unit) = metric.name, val
-    best = float(scored[0][f"val_{name}"])
-    half = _val_half_width(scored[0], best, metric, n_val, unit)
+    # The best on meta-val, which need not rank first (a baseline it does not beat
+    # significantly ranks above it: autometa.study.trials.prefer_baselines).
+    top = (max if metric.direction == "maximize" else min)(
+        scored, key=lambda d: float(d[f"val_{name}"]))
+    best = float(top[f"val_{name}"])
+    half = _val_half_width(top, best, metric, n_val, unit)
     if half is None:
         return None
     spread = max(abs(float(d[f"val_{name}"]) - best) for d in scored)
