@@ -102,9 +102,10 @@ def saturated(frame: pd.DataFrame, metric: Metric, val: tuple[int, str]) -> str 
     """A sentence if meta-val cannot rank the trials scored on meta-test (at least two):
     all of them lie within the 95% interval of the best one's meta-val score, else None.
 
-    Meta-val keeps no per-episode scores, so that interval is estimated: Wilson's at the
-    best meta-val accuracy over the ``val`` examples of a target dataset, else Student's t
-    over ``val`` episodes with the spread of the best scored trial's meta-test scores.
+    The leaderboard's frame holds no per-episode meta-val scores (older trials have none
+    at all), so that interval is estimated: Wilson's at the best meta-val accuracy over
+    the ``val`` examples of a target dataset, else Student's t over ``val`` episodes with
+    the spread of the best scored trial's meta-test scores.
     """
     scored = _scored(frame)
     if len(scored) < 2:
