@@ -292,3 +292,20 @@ def test_every_trial_of_a_search_records_its_paired_meta_val_scores(tmp_path: Pa
             continue
         gains = np.array(trials[row.trial].user_attrs["val_scores"]) - reference
         assert gains.any() and wilcoxon(gains, alternative="greater").pvalue < 0.05
+
+
+def test_under_the_wilcoxon_pruner_the_per_episode_reports_are_the_paired_scores() -> None:
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from autometa.study.trials import val_scores
+
+    reports = {episode: 0.5 + episode / 100 for episode in range(20)}
+    trial = create_trial(value=0.6, params={"x": 0.5},
+                         distributions={"x": FloatDistribution(0, 1)},
+                         intermediate_values=reports, user_attrs={"val_curve": [[10, 0.6]]})
+    assert val_scores(trial) == [reports[e] for e in range(20)]
+    learning_curve = create_trial(value=0.6, params={"x": 0.5},
+                                  distributions={"x": FloatDistribution(0, 1)},
+                                  intermediate_values={10: 0.5, 20: 0.6})
+    assert val_scores(learning_curve) is None  # a learning curve pairs with nothing
