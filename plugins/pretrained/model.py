@@ -92,6 +92,15 @@ class Pretrained(SourceModel):
         self._features: dict[str, Tensor] | None = None
         self._input_shape: tuple[int, ...] | None = None
 
+    def incompatibility(self, spec: TaskSpec) -> str | None:  # type: ignore[override]
+        """Why the backbone cannot serve ``spec`` (checked before anything is stored, so a
+        search that names no sources leaves this one out, e.g. conv4 on a table's rows)."""
+        reason = super().incompatibility(spec)
+        if reason is None:
+            backbone = self.source.incompatibility(spec)
+            reason = f"has a backbone ({self.backbone!r}) that {backbone}" if backbone else None
+        return reason
+
     def cache_path(self, task: Task) -> Path:
         """The cache file for ``task``'s data and class split, and these settings."""
         return self._cache_path(data_digest(task))

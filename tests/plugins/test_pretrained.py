@@ -262,3 +262,21 @@ def test_a_task_without_a_digest_is_keyed_on_a_sample_of_its_labelled_pool(task,
     source = Pretrained(**TINY, cache_dir=str(tmp_path))
     assert source.cache_path(Plain(1.0)) == source.cache_path(Plain(1.0))
     assert source.cache_path(Plain(1.0)) != source.cache_path(Plain(2.0))
+
+
+def test_a_backbone_that_cannot_serve_the_task_is_refused_before_anything_is_stored(
+        tmp_path) -> None:
+    """conv4 on iris' rows: left out of a search that names no sources (it used to run,
+    and fail every trial on it, baselines included), one clear error when named."""
+    from autometa.config import SearchConfig
+    from autometa.engine.prepare import prepare
+
+    host = create_host()
+    unnamed = prepare(SearchConfig(task="iris", cache_dir=str(tmp_path)), host)
+    assert "pretrained" not in unnamed.sources and "mlp" in unnamed.sources
+    with pytest.raises(ConfigError, match=r"source model 'pretrained' cannot be used here: it "
+                                          r"has a backbone \('conv4'\) that accepts inputs of "
+                                          r"rank \[3\]"):
+        prepare(SearchConfig(task="iris", sources=["pretrained"], cache_dir=str(tmp_path)),
+                host)
+    assert not list(tmp_path.iterdir())  # nothing stored
