@@ -7,11 +7,17 @@ Classification: a Good Embedding Is All You Need?") and a linear SVM are the fie
 baselines on frozen features. :class:`FrozenFeatureAlgorithm` holds what they share:
 ``meta_trains = False`` (the engine skips meta-training), a ``meta_step`` that refuses to
 run, and :meth:`~FrozenFeatureAlgorithm.frozen_features`, each episode's features as the
-source model gives them.
+source model gives them. :class:`PerEpisodeClassifier` adds, for a scikit-learn linear
+classifier, the fit on each episode's support set and the prediction of its query set.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from typing import Any, ClassVar
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,7 +25,9 @@ from torch import Tensor
 from autometa.algorithm import MetaAlgorithm
 from autometa.task import Episodes
 
-__all__ = ["ABSENT_LOG_PROB", "FrozenFeatureAlgorithm"]
+__all__ = ["ABSENT_LOG_PROB", "FrozenFeatureAlgorithm", "PerEpisodeClassifier"]
+
+log = logging.getLogger(__name__)
 
 #: Log-probability of a class absent from an episode's support set: never predicted,
 #: and finite, so metrics and losses stay numbers.
@@ -78,3 +86,85 @@ class FrozenFeatureAlgorithm(MetaAlgorithm):
         if normalize:
             support, query = F.normalize(support, dim=-1), F.normalize(query, dim=-1)
         return support, query
+
+
+class PerEpisodeClassifier(FrozenFeatureAlgorithm):
+    """A scikit-learn linear classifier fitted on each episode's support features and
+    scoring its query set: ``log_softmax`` of its ``decision_function`` over the episode's
+    classes; classes absent from the support set get :data:`ABSENT_LOG_PROB`, and a
+    support set of one class predicts it with certainty.
+
+    A subclass returns an unfitted estimator from :meth:`classifier` and sets
+    ``normalize`` (features at unit L2 norm first), ``max_iter``, ``C`` and ``label`` /
+    ``solver`` (named in the log line counting the episodes where it did not converge).
+    """
+
+    label: ClassVar[str] = "classifier"
+    solver: ClassVar[str] = "the solver"
+    normalize: bool
+    max_iter: int
+    C: float
+
+    def classifier(self) -> Any:
+        """An unfitted scikit-learn classifier with ``fit`` and ``decision_function``."""
+        raise NotImplementedError
+
+    def adapt_and_predict(self, episodes: Episodes) -> Tensor:
+        """Log-probabilities (tasks, n_query, output_size).
+
+        Raises:
+            FloatingPointError: a feature is NaN or infinite (the engine records the
+                trial as diverged).
+        """
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        support, query = (f.cpu().numpy() for f in
+                          self.frozen_features(episodes, normalize=self.normalize))
+        out = np.full((*query.shape[:2], self.task.output_size), ABSENT_LOG_PROB)
+        labels = episodes.support_y.cpu().numpy()
+        unconverged = 0
+        # One BLAS/OpenMP thread: the problems are tiny (tens of examples and features);
+        # more threads only add synchronisation. Measured on a busy 2-core CPU, a 5-way
+        # 5-shot logistic regression on 40 features with 2 threads took 42 ms (C = 1) and
+        # 288 ms (C = 1e3), with one 3.6 ms and 10.6 ms.
+        with threadpool_limits(limits=1):
+            for i, (s, y, q) in enumerate(zip(support, labels, query, strict=True)):
+                out[i], converged = self._fit_predict(s, y, q)
+                unconverged += not converged
+        if unconverged:
+            log.info("%s: %s stopped at max_iter=%d before converging on %d of %d episodes "
+                     "(C=%g)", self.label, self.solver, self.max_iter, unconverged,
+                     len(episodes), self.C)
+        return torch.as_tensor(out, dtype=episodes.query_x.dtype, device=episodes.query_x.device)
+
+    def _fit_predict(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray
+                     ) -> tuple[np.ndarray, bool]:
+        """Log-probabilities (n_query, output_size) of one episode and whether the solver
+        converged."""
+        from scipy.special import log_softmax
+        from sklearn.exceptions import ConvergenceWarning
+
+        out = np.full((len(query), self.task.output_size), ABSENT_LOG_PROB)
+        classes = np.unique(labels)
+        if len(classes) == 1:  # nothing to discriminate: the one class seen, with certainty
+            out[:, classes[0]] = 0.0
+            return out, True
+        clf = self.classifier()
+        with warnings.catch_warnings(record=True) as caught:
+            # Counted and logged once per call by adapt_and_predict instead of one warning
+            # per episode; every other warning is re-emitted.
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf.fit(support, labels)
+        converged = True
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                converged = False
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        scores = clf.decision_function(query)  # (n_query, classes), or (n_query,) for two
+        if scores.ndim == 1:  # binary: the score of classes_[1] against classes_[0]
+            scores = np.stack([np.zeros_like(scores), scores], 1)
+        # predict_log_proba's values for a logistic regression, but log_softmax never
+        # rounds a probability to 0.
+        out[:, clf.classes_] = log_softmax(scores, axis=1)
+        return out, converged

@@ -19,20 +19,16 @@ the inverse regularisation strength ``C`` over 1e-3 to 1e3 around that default, 
 
 from __future__ import annotations
 
-import logging
-import warnings
+from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from autometa import Backbone, Categorical, Episodes, Float, Task
-from autometa.frozen import ABSENT_LOG_PROB, FrozenFeatureAlgorithm
-
-log = logging.getLogger(__name__)
+from autometa import Backbone, Categorical, Float, Task
+from autometa.frozen import PerEpisodeClassifier
 
 
-class LinearProbe(FrozenFeatureAlgorithm):
+class LinearProbe(PerEpisodeClassifier):
+    label = "linear probe"
+    solver = "lbfgs"
+
     def __init__(
         self,
         model: Backbone,
@@ -56,56 +52,7 @@ class LinearProbe(FrozenFeatureAlgorithm):
             "normalize": Categorical((True, False)),
         }
 
-    def adapt_and_predict(self, episodes: Episodes) -> Tensor:
-        """Log-probabilities (tasks, n_query, output_size); absent classes get
-        ``ABSENT_LOG_PROB``."""
-        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
-        support, query = (f.cpu().numpy() for f in
-                          self.frozen_features(episodes, normalize=self.normalize))
-        out = np.full((*query.shape[:2], self.task.output_size), ABSENT_LOG_PROB)
-        labels = episodes.support_y.cpu().numpy()
-        unconverged = 0
-        # One BLAS/OpenMP thread: the problems are tiny (tens of examples and features);
-        # more threads only add synchronisation. Measured on a busy 2-core CPU, a 5-way
-        # 5-shot fit on 40 features with 2 threads took 42 ms (C = 1) and 288 ms (C = 1e3),
-        # with one 3.6 ms and 10.6 ms.
-        with threadpool_limits(limits=1):
-            for i, (s, y, q) in enumerate(zip(support, labels, query, strict=True)):
-                out[i], converged = self._fit_predict(s, y, q)
-                unconverged += not converged
-        if unconverged:
-            log.info("linear probe: lbfgs stopped at max_iter=%d before converging on %d of "
-                     "%d episodes (C=%g)", self.max_iter, unconverged, len(episodes), self.C)
-        return torch.as_tensor(out, dtype=episodes.query_x.dtype, device=episodes.query_x.device)
-
-    def _fit_predict(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray
-                     ) -> tuple[np.ndarray, bool]:
-        """Log-probabilities (n_query, output_size) of one episode and whether lbfgs converged."""
-        from scipy.special import log_softmax
-        from sklearn.exceptions import ConvergenceWarning
+    def classifier(self) -> Any:
         from sklearn.linear_model import LogisticRegression
 
-        out = np.full((len(query), self.task.output_size), ABSENT_LOG_PROB)
-        classes = np.unique(labels)
-        if len(classes) == 1:  # nothing to discriminate: the one class seen, with certainty
-            out[:, classes[0]] = 0.0
-            return out, True
-        clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
-        with warnings.catch_warnings(record=True) as caught:
-            # Counted and logged once per call by adapt_and_predict instead of one warning
-            # per episode; every other warning is re-emitted.
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf.fit(support, labels)
-        converged = True
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                converged = False
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        scores = clf.decision_function(query)  # (n_query, classes), or (n_query,) for two
-        if scores.ndim == 1:  # binary: the score of classes_[1] against classes_[0]
-            scores = np.stack([np.zeros_like(scores), scores], 1)
-        # predict_log_proba's values, but log_softmax never rounds a probability to 0.
-        out[:, clf.classes_] = log_softmax(scores, axis=1)
-        return out, converged
+        return LogisticRegression(C=self.C, max_iter=self.max_iter)

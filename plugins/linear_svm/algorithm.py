@@ -19,20 +19,16 @@ predicts it.
 
 from __future__ import annotations
 
-import logging
-import warnings
+from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from autometa import Backbone, Categorical, Episodes, Float, Task
-from autometa.frozen import ABSENT_LOG_PROB, FrozenFeatureAlgorithm
-
-log = logging.getLogger(__name__)
+from autometa import Backbone, Categorical, Float, Task
+from autometa.frozen import PerEpisodeClassifier
 
 
-class LinearSVM(FrozenFeatureAlgorithm):
+class LinearSVM(PerEpisodeClassifier):
+    label = "linear SVM"
+    solver = "liblinear"
+
     def __init__(
         self,
         model: Backbone,
@@ -51,59 +47,9 @@ class LinearSVM(FrozenFeatureAlgorithm):
     def search_space(cls):
         return {"C": Float(1e-3, 1e3, log=True), "normalize": Categorical((True, False))}
 
-    def adapt_and_predict(self, episodes: Episodes) -> Tensor:
-        """Log-probabilities (tasks, n_query, output_size): ``log_softmax`` of the SVM's
-        decision values over the episode's classes; absent classes get
-        ``ABSENT_LOG_PROB``.
-
-        Raises:
-            FloatingPointError: a feature is NaN or infinite (the engine records the
-                trial as diverged).
-        """
-        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
-        support, query = (f.cpu().numpy() for f in
-                          self.frozen_features(episodes, normalize=self.normalize))
-        labels = episodes.support_y.cpu().numpy()
-        out = np.full((*query.shape[:2], self.task.output_size), ABSENT_LOG_PROB)
-        unconverged = 0
-        with threadpool_limits(limits=1):  # tiny problems: more threads only synchronise
-            for i, (s, y, q) in enumerate(zip(support, labels, query, strict=True)):
-                out[i], converged = self._fit_predict(s, y, q)
-                unconverged += not converged
-        if unconverged:
-            log.info("linear SVM: liblinear stopped at max_iter=%d before converging on %d "
-                     "of %d episodes (C=%g)", self.max_iter, unconverged, len(episodes),
-                     self.C)
-        return torch.as_tensor(out, dtype=episodes.query_x.dtype, device=episodes.query_x.device)
-
-    def _fit_predict(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray
-                     ) -> tuple[np.ndarray, bool]:
-        """Log-probabilities (n_query, output_size) of one episode and whether liblinear
-        converged."""
-        from scipy.special import log_softmax
-        from sklearn.exceptions import ConvergenceWarning
+    def classifier(self) -> Any:
         from sklearn.svm import LinearSVC
 
-        out = np.full((len(query), self.task.output_size), ABSENT_LOG_PROB)
-        classes = np.unique(labels)
-        if len(classes) == 1:  # nothing to discriminate: the one class seen, with certainty
-            out[:, classes[0]] = 0.0
-            return out, True
         # dual: fewer examples than features (few-shot) is liblinear's dual case; seeded,
         # liblinear shuffles its coordinates.
-        clf = LinearSVC(C=self.C, max_iter=self.max_iter, dual=True, random_state=0)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf.fit(support, labels)
-        converged = True
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                converged = False
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        scores = clf.decision_function(query)  # (n_query, classes), or (n_query,) for two
-        if scores.ndim == 1:  # binary: the score of classes_[1] against classes_[0]
-            scores = np.stack([np.zeros_like(scores), scores], 1)
-        out[:, clf.classes_] = log_softmax(scores, axis=1)
-        return out, converged
+        return LinearSVC(C=self.C, max_iter=self.max_iter, dual=True, random_state=0)
