@@ -51,7 +51,7 @@ from autometa.study.trials import (
     VAL_SCORES_ATTR,
     TrialPlan,
     rank_key,
-    ranked_trials,
+    ranked,
     record_test,
     trial_seed,
 )
@@ -331,10 +331,13 @@ def sample_plan(trial: optuna.Trial, prepared: Prepared) -> TrialPlan:
 def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int:
     """How many completed searched trials rank before trial ``number`` scoring ``value``
     (meta-val; ties go to the lower trial number, as on the leaderboard). Baselines take
-    no place among the ``top_k``: they are scored anyway."""
+    no place among the ``top_k``: they are scored anyway. A count, so the ranking's order
+    (and the paired tests behind it, :func:`~autometa.study.trials.prefer_baselines`) is
+    not computed here, after every trial."""
     key = rank_key(direction, value, number)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return sum(rank_key(direction, float(t.value), t.number) < key
-               for t in searched(ranked_trials(study)))
+               for t in searched([t for t in complete if ranked(t)]))
 
 
 def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:
