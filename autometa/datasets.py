@@ -351,7 +351,7 @@ class TargetTask(Task):
             return IndexedEpisodes(train[None], y[train][None], query[None], y[query][None],
                                    examples.gather)
 
-        self._val, self._test = one(val), one(test)
+        self._val, self._test, self._train_set = one(val), one(test), one(train)
 
     def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
         if self.kind == "classification":
@@ -394,6 +394,10 @@ class TargetTask(Task):
     def meta_test(self) -> EpisodeSet:
         return self._test
 
+    def train_episodes(self) -> EpisodeSet:
+        """The train split, adapted on and scored (the train score)."""
+        return self._train_set
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "examples": self.sizes}
 
@@ -435,6 +439,9 @@ class InnerTask(Task):
 
     def meta_test(self) -> EpisodeSet:
         return self._inner.meta_test()
+
+    def train_episodes(self) -> EpisodeSet | None:
+        return self._inner.train_episodes()
 
     def describe(self) -> dict[str, Any]:
         return self._inner.describe()

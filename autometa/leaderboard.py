@@ -58,7 +58,8 @@ class Leaderboard:
     Attributes:
         frame: one row per completed trial, best first. Columns: ``rank``, ``trial``,
             ``algorithm``, ``source``, ``baseline`` (True for a baseline trial, README:
-            Baselines), ``val_<metric>``, ``test_<metric>``,
+            Baselines), ``val_<metric>``, ``train_<metric>`` (a task with a train split
+            only: the model adapted on it, scored on it), ``test_<metric>``,
             ``test_ci95`` (the interval's larger half-width), ``test_ci_low`` and
             ``test_ci_high`` (its bounds), ``test_n`` and ``test_ci_over`` (what the
             interval is over: ``episodes``, or ``examples`` of a target dataset's single
@@ -322,6 +323,7 @@ def compute_leaderboard(
             "source": plan.source,
             "baseline": is_baseline(t),
             f"val_{metric.name}": t.value,
+            f"train_{metric.name}": test.train if test else math.nan,
             f"test_{metric.name}": test.mean if test else math.nan,
             "test_ci95": test.ci95 if test else math.nan,
             "test_ci_low": test.low if test else math.nan,
@@ -336,10 +338,12 @@ def compute_leaderboard(
             **{k: t.params.get(k) for k in hyper},
         })
     columns = ["rank", "trial", "algorithm", "source", "baseline", f"val_{metric.name}",
-               f"test_{metric.name}", "test_ci95", "test_ci_low", "test_ci_high", "test_n",
-               "test_ci_over", "test_ci_method", "tie_group", "p_vs_best", *COST_COLUMNS,
-               "params", *hyper]
+               f"train_{metric.name}", f"test_{metric.name}", "test_ci95", "test_ci_low",
+               "test_ci_high", "test_n", "test_ci_over", "test_ci_method", "tie_group",
+               "p_vs_best", *COST_COLUMNS, "params", *hyper]
     frame = pd.DataFrame(rows, columns=columns)
+    if frame[f"train_{metric.name}"].isna().all():  # no train split (few-shot episodes)
+        frame = frame.drop(columns=f"train_{metric.name}")
     frame["tie_group"] = frame["tie_group"].astype("Int64")
     for k in hyper:  # as sampled: an integer stays one beside trials that lack it
         frame[k] = pd.Series([row[k] for row in rows], dtype=object)

@@ -326,6 +326,16 @@ class Task(ABC):
     def meta_test(self) -> EpisodeSet:
         """The fixed test episodes (the same object for every call and every trial)."""
 
+    def train_episodes(self) -> EpisodeSet | None:
+        """The train split as one episode that adapts on it and is scored on it, for a
+        task with a fixed train split (a target dataset); None (the default) otherwise.
+
+        Its score is the adapted model's train score (the accuracy on the examples it was
+        adapted on), shown beside the test score so that over- and under-fitting can be
+        seen; the engine scores it with meta-test, for the same trials.
+        """
+        return None
+
     def episode_domains(self, split: str) -> list[str] | None:
         """The domain of each fixed episode of ``split`` ("meta-val" or "meta-test"), in
         the episodes' order, for a task whose episodes come from several domains (datasets);

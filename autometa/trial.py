@@ -11,7 +11,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +367,9 @@ def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
     The interval is Student's t over episodes, or Wilson's for an accuracy over a target
     dataset's test examples (:meth:`MetaTestScore.of`). A model whose predictions are not
     finite gets a :class:`MetaTestScore` with ``failure`` set rather than an exception: it
-    stays listed, never ranked on NaN.
+    stays listed, never ranked on NaN. A task with a train split
+    (:meth:`~autometa.task.Task.train_episodes`) gets its train score too (NaN if the
+    predictions on the train split are not finite).
     """
     episodes = task.meta_test()
     over = "examples" if scored_per_example(episodes, task) else "episodes"
@@ -375,7 +377,15 @@ def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
         scores = evaluate(algorithm, episodes, task, split="meta-test")
     except Diverged as exc:
         return MetaTestScore(math.nan, math.nan, 0, over, failure=f"diverged: {exc}")
-    return MetaTestScore.of(scores.double().cpu().tolist(), over, binary=task.metric.binary)
+    test = MetaTestScore.of(scores.double().cpu().tolist(), over, binary=task.metric.binary)
+    train = task.train_episodes()
+    if train is None:
+        return test
+    try:
+        return replace(test, train=float(evaluate(algorithm, train, task,
+                                                  split="train").double().mean()))
+    except Diverged:
+        return test
 
 
 def restore(study: Any, trial: Any, task: Task, host: PluginHost, *, artifacts: str,

@@ -58,6 +58,10 @@ def test_airplane_images_search_report_and_predict(tmp_path: Path, chromium: str
     board = pd.read_csv(tmp_path / "autometa-reports" / "airplanes.csv")
     assert len(board) >= 3 and (board["test_ci_over"].iloc[:3] == "examples").all()
     assert board["tie_group"].iloc[0] == 1
+    # The train score beside the test score: each scored model adapted on the train split
+    # and scored on it (what a transfer user reads for over- or under-fitting).
+    scored = board[board["test_accuracy"].notna()]
+    assert scored["train_accuracy"].between(0, 1).all() and len(scored) >= 3
 
     # 2. The report: offline HTML that a real browser renders with its figures.
     assert main(["report", "airplanes", "--out", "reports"]) == 0
@@ -69,6 +73,7 @@ def test_airplane_images_search_report_and_predict(tmp_path: Path, chromium: str
     colours, ink = screenshot_stats(tmp_path / "shot.png")
     assert colours > 50 and ink > 0.05
     assert "airplanes" in check.text and "finetune" in check.text
+    assert "train accuracy" in check.text and "test accuracy" in check.text
 
     # 3. The winning model on new photos: a CSV of labels and probabilities.
     new = _draw(tmp_path / "new", True, 5, 7) + _draw(tmp_path / "new", False, 5, 8)

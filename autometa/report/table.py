@@ -61,12 +61,16 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
     extras = [(c, h, f) for c, h, f in EXTRA if c in frame.columns
               and frame[c].map(_finite).any()]
     params, values = _hyperparameters(board, study)
+    train = f"train_{metric}" in frame.columns and bool(frame[f"train_{metric}"]
+                                                         .map(_finite).any())
     header: list[str] = ["rank"] + (["tie"] if ties else []) + [
-        "trial", "algorithm", "source", f"val {metric}", f"test {metric}, 95% interval (n)"]
+        "trial", "algorithm", "source", f"val {metric}"] + ([f"train {metric}"] if train else [])
+    header.append(f"test {metric}, 95% interval (n)")
     header += [h for _, h, _ in extras]
     header.append("hyperparameters")
     numeric = {0, header.index("trial"), header.index(f"val {metric}"),
                header.index(f"test {metric}, 95% interval (n)")}
+    numeric |= {header.index(f"train {metric}")} if train else set()
     numeric |= {header.index(h) for _, h, _ in extras}
     rows = []
     for d in frame.to_dict("records"):
@@ -76,8 +80,9 @@ def leaderboard_table(board: Board, study: optuna.Study | None) -> Markup:
             badge, css = _tie(d.get("tie_group"), int(d["rank"]))
             cells.append(badge)
         algorithm = d["algorithm"] + (" (baseline)" if _baseline(d) else "")
-        cells += [d["trial"], algorithm, d["source"], _number(d[f"val_{metric}"], "{:.4g}"),
-                  _test(d, metric)]
+        cells += [d["trial"], algorithm, d["source"], _number(d[f"val_{metric}"], "{:.4g}")]
+        cells += [_number(d.get(f"train_{metric}"), "{:.4g}")] if train else []
+        cells.append(_test(d, metric))
         cells += [_number(d.get(c), f) for c, _, f in extras]
         if params:  # one cell, its name=value pairs wrapping: the table fits the page
             mine = values.get(int(d["trial"]), {})

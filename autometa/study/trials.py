@@ -189,7 +189,9 @@ class MetaTestScore:
     two trials' ``scores`` are paired. The interval is ``[low, high]`` by ``method``
     (:mod:`autometa.intervals`: "student-t" over episodes, "wilson" for an accuracy over
     test examples); ``ci95`` is its larger half-width. ``failure`` is set (and the numbers
-    NaN) when the predictions were not finite.
+    NaN) when the predictions were not finite. ``train`` is the train score of a task with
+    a fixed train split (:meth:`~autometa.task.Task.train_episodes`: the model adapted on
+    the train split and scored on it), NaN for any other task.
     """
 
     mean: float
@@ -202,6 +204,7 @@ class MetaTestScore:
     high: float = math.nan
     #: "student-t" or "wilson"; "" in a result stored before intervals had bounds.
     method: str = ""
+    train: float = math.nan
 
     @classmethod
     def of(cls, scores: Sequence[float], over: str, *, binary: bool) -> MetaTestScore:
@@ -227,6 +230,7 @@ class MetaTestScore:
         return {"mean": self.mean, "ci95": self.ci95, "n": self.n, "over": self.over,
                 "scores": list(self.scores), "low": self.low, "high": self.high,
                 "method": self.method,
+                **({"train": self.train} if self.train == self.train else {}),
                 **({"failure": self.failure} if self.failure else {})}
 
     @classmethod
@@ -234,7 +238,8 @@ class MetaTestScore:
         return cls(float(data["mean"]), float(data["ci95"]), int(data.get("n", 0)),
                    str(data.get("over", "")), tuple(map(float, data.get("scores", ()))),
                    str(data.get("failure", "")), _float(data.get("low")),
-                   _float(data.get("high")), str(data.get("method", "")))
+                   _float(data.get("high")), str(data.get("method", "")),
+                   _float(data.get("train")))
 
 
 def _float(value: Any) -> float:
@@ -253,9 +258,9 @@ TEST_ATTR = "autometa.test"
 #: The meta-test result of a trial among the best ``top_k`` when it finished (trial user
 #: attributes): mean, 95% interval (larger half-width, bounds, method), number of scores,
 #: what they are over, and the per-episode scores; ``test_failure`` instead when its
-#: predictions were not finite.
+#: predictions were not finite. ``train_mean``: the train score of a task with a train split.
 TEST_ATTRS = ("test_mean", "test_ci95", "test_ci_low", "test_ci_high", "test_ci_method",
-              "test_n", "test_ci_over", "test_scores")
+              "test_n", "test_ci_over", "test_scores", "train_mean")
 
 
 def record_test(trial: Any, test: MetaTestScore) -> None:
@@ -272,6 +277,8 @@ def record_test(trial: Any, test: MetaTestScore) -> None:
     trial.set_user_attr("test_n", test.n)
     trial.set_user_attr("test_ci_over", test.over)
     trial.set_user_attr("test_scores", list(test.scores))
+    if test.train == test.train:
+        trial.set_user_attr("train_mean", test.train)
 
 
 def recorded_test(trial: Any, cached: dict[str, Any]) -> MetaTestScore | None:
@@ -286,7 +293,8 @@ def recorded_test(trial: Any, cached: dict[str, Any]) -> MetaTestScore | None:
             int(attrs.get("test_n", 0)), str(attrs.get("test_ci_over", "")),
             tuple(map(float, attrs.get("test_scores", ()))),
             str(attrs.get("test_failure", "")), _float(attrs.get("test_ci_low")),
-            _float(attrs.get("test_ci_high")), str(attrs.get("test_ci_method") or ""))
+            _float(attrs.get("test_ci_high")), str(attrs.get("test_ci_method") or ""),
+            _float(attrs.get("train_mean")))
     if str(trial.number) in cached:
         return MetaTestScore.from_json(cached[str(trial.number)])
     return None
