@@ -19,7 +19,8 @@ from autometa.study.storage import open_storage
 
 TASKS = ["breast-cancer", "csv", "digits", "digits-vs-rest", "glyphs", "image-folder", "iris",
          "meta-album", "sinusoid", "wine"]
-SOURCES = ["checkpoint", "conv4", "mlp", "pretrained", "raw", "resnet12", "torchvision"]
+SOURCES = ["checkpoint", "conv4", "mlp", "pretrained", "raw", "resnet12", "timm", "torchvision",
+           "transformers"]
 ALGORITHMS = ["anil", "finetune", "linear-probe", "linear-svm", "maml", "metasgd",
               "nearest-centroid", "protonet", "reptile"]
 
