@@ -52,12 +52,14 @@ batch's statistics: the support set during fine-tuning, then the support and the
 sets each as a batch of its own, as ProtoNet embeds them. Dropout is off.
 
 Cost: one fine-tuning step is a forward and backward pass of the support set. Measured on
-the busy 2-core CPU this was written on, conv4 (64 channels), glyphs 28x28, 5-way 1-shot
-15 queries: about 10 ms per step, 0.5 s per episode for 50 steps, so about 6 minutes for
-the engine's 100 meta-val and 600 meta-test episodes, plus the choice: ``select_episodes``
-times the non-zero candidates (5 x 3 = 15 fine-tunings, about 8 s) per meta-val
-evaluation. A ViT's episode costs far more: narrow ``finetune_lrs`` (e.g. ``[0]``) while
-searching, or lower ``select_episodes``.
+the busy 2-core CPU this was written on (one thread), conv4 (64 channels), glyphs 28x28,
+5-way 1-shot 15 queries: 0.75 to 1.5 s per episode for 50 steps (against 6 to 8 ms per
+episode at lr 0), so 10 to 20 minutes for the engine's default 100 meta-val and 600
+meta-test episodes once a positive lr is chosen, plus the choice itself:
+``select_episodes`` times the positive candidates (5 x 3 = 15 fine-tunings, 11 to 22 s)
+at every meta-val evaluation (the trial's ``adapt_ms`` includes it). A ViT's episode costs
+far more: narrow ``finetune_lrs`` (e.g. ``[0, 1e-4]``) or lower ``select_episodes``
+while searching.
 """
 
 from __future__ import annotations
