@@ -40,7 +40,9 @@ class MetaAlgorithm(ABC):
     #: Task kinds this algorithm supports.
     kinds: ClassVar[frozenset[TaskKind]] = frozenset({"classification", "regression"})
     #: False for algorithms that only adapt (a linear probe): the engine skips meta-training.
-    meta_trains: ClassVar[bool] = True
+    #: The engine reads it from the instance, so ``__init__`` may set it from a
+    #: hyperparameter (pmf's ``meta_train=False``: no meta-training for that trial).
+    meta_trains: bool = True
 
     def __init__(self, model: Backbone, task: Task) -> None:
         self.model = model

@@ -22,7 +22,7 @@ TASKS = ["breast-cancer", "csv", "digits", "digits-vs-rest", "glyphs", "image-fo
 SOURCES = ["checkpoint", "conv4", "mlp", "pretrained", "raw", "resnet12", "timm", "torchvision",
            "transformers"]
 ALGORITHMS = ["anil", "finetune", "linear-probe", "linear-svm", "maml", "metasgd",
-              "nearest-centroid", "protonet", "reptile"]
+              "nearest-centroid", "pmf", "protonet", "reptile"]
 
 
 def test_plugins_lists_every_task_source_model_and_algorithm(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_every_algorithm_is_searched_in_one_study(tmp_path: Path) -> None:
         "digits", task_params={"ways": 3, "shots": 1, "queries": 2, **FEW},
         sources=["mlp"], source_params={"mlp": {"hidden": 40, "layers": 1}},
         algorithm_params={"finetune": {"optimizer": "sgd", "finetune_steps": 10},
-                          "reptile": {"eval_steps": 5}},
+                          "reptile": {"eval_steps": 5}, "pmf": {"finetune_steps": 20}},
         n_trials=12, meta_steps=2, eval_every=2, pruner="none", storage=storage,
         artifacts=str(tmp_path / "art"))
     import optuna
