@@ -43,6 +43,10 @@ class MetaAlgorithm(ABC):
     #: The engine reads it from the instance, so ``__init__`` may set it from a
     #: hyperparameter (pmf's ``meta_train=False``: no meta-training for that trial).
     meta_trains: bool = True
+    #: False: a search runs this algorithm only when it is named (``--algorithms``), for an
+    #: algorithm whose cost makes it a poor default (pmf fine-tunes the whole backbone on
+    #: every evaluation episode). It is listed by ``autometa plugins`` either way.
+    searched_by_default: ClassVar[bool] = True
 
     def __init__(self, model: Backbone, task: Task) -> None:
         self.model = model

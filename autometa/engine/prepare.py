@@ -201,7 +201,8 @@ def _choose(
     """The plugins of ``kind`` in the search, each with its restricted search space.
 
     Plugins asked for by name must work (else an error). Asked for none, every installed
-    one but :data:`~autometa.study.baselines.NOT_SEARCHED_BY_DEFAULT`; of those, any that
+    one but :data:`~autometa.study.baselines.NOT_SEARCHED_BY_DEFAULT` and those whose class
+    sets ``searched_by_default = False``; of those, any that
     cannot load, whose own code raises, or that ``problem`` rejects are left out with a log line.
     """
     label = "algorithm" if kind == "algorithm" else "source model"
@@ -213,6 +214,10 @@ def _choose(
             reg = host.get(kind, name)
             declared = reg.declared(task)  # loads it; PluginError if it or its space fails
             cls = reg.load()
+            if not requested and not getattr(cls, "searched_by_default", True):
+                log.info("leaving %s %r out of the search: it runs only when named "
+                         "(searched_by_default is False)", label, name)
+                continue
             space = restrict(name, declared, overrides.get(name, {}),
                              settable=declared_types(cls, skip=ENGINE_ARGUMENTS))
             with reg.guard("raised when checked against the task"):

@@ -3,7 +3,8 @@
 Uses the transformers API (Wolf et al. 2020, https://huggingface.co/docs/transformers):
 ``AutoConfig.from_pretrained``, ``ImageProcessingMixin.get_image_processor_dict`` and
 ``AutoModel.from_pretrained``, always with ``local_files_only=True``: nothing is ever
-downloaded, and nothing global (environment variables, logging levels) is set. Every
+downloaded, and nothing global is set (transformers' process-wide progress-bar switch is
+off only while loading). Every
 failure is one line naming the path and the fix.
 """
 
@@ -195,15 +196,23 @@ def load(cls: Any, config: Any, directory: Path, weights: Path | None,
 @contextmanager
 def _quiet_loading_report() -> Iterator[None]:
     """Drop transformers' multi-line loading report (this thread's records only) while we
-    load: unused tensors (CLIP's text tower) are expected, missing ones are our error."""
+    load: unused tensors (CLIP's text tower) are expected, missing ones are our error. Its
+    "Loading weights" progress bar is off while we load (a search draws its own display;
+    transformers has only a process-wide switch, restored after)."""
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("transformers.modeling_utils")
     me = threading.get_ident()
     only_others = _OtherThreads(me)
     logger.addFilter(only_others)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.removeFilter(only_others)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 class _OtherThreads(logging.Filter):

@@ -312,3 +312,18 @@ def test_a_cli_search_ranks_pmf_beside_the_baselines(tmp_path: Path) -> None:
     assert searched["test_n"].max() == glyphs["test_episodes"]
     assert frame["rank"].notna().all()
     assert "pmf" in result.stdout and "nearest-centroid (baseline)" in result.stdout
+
+
+def test_a_search_naming_no_algorithm_leaves_pmf_out(tmp_path):
+    """pmf fine-tunes the whole backbone on every evaluation episode: it runs when named
+    (``searched_by_default = False``), never in a search over every algorithm."""
+    from autometa import SearchConfig
+    from autometa.engine.prepare import prepare
+
+    host = autometa.create_host()
+    small = {"val_episodes": 2, "test_episodes": 2}
+    every = prepare(SearchConfig(task="digits", task_params=small, sources=["mlp"]), host)
+    assert "pmf" not in every.algorithms and "protonet" in every.algorithms
+    named = prepare(SearchConfig(task="digits", task_params=small, sources=["mlp"],
+                                 algorithms=["pmf"]), host)
+    assert list(named.algorithms) == ["pmf"]
