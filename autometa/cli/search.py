@@ -51,7 +51,8 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--config", type=Path, help="TOML or YAML file of SearchConfig keys")
     run.add_argument("--task", help="task plugin name (see `autometa plugins`)")
     run.add_argument("--algorithms", help="comma-separated algorithm names (default: all "
-                     "but nearest-centroid and linear-svm, which the baselines run)")
+                     "but nearest-centroid and linear-svm, which the baselines run, and "
+                     "pmf, which runs only when named)")
     run.add_argument("--sources", help="comma-separated source model names (default: all "
                      "but raw, which the baselines run)")
     run.add_argument("--trials", type=int, help="trials to finish in the study (default 20)")
