@@ -26,6 +26,15 @@ A BOIL-style algorithm is therefore one line::
 
 The inner loop itself (functional parameters, vmap or a loop over episodes, BatchNorm's
 running statistics) is :mod:`autometa.inner_loop`'s; this module only drives it.
+
+**Parameter-efficient adaptation** (``adapter="lora"``, :mod:`autometa.adapters`): LoRA
+adapters (Hu et al. 2021, arXiv:2106.09685) are added to the features and every other
+parameter of the features is frozen. Both loops then update only the adapters and the
+head: the inner loop adapts the parameters that are both trained and chosen by
+:attr:`~GradientMetaLearner.adapt_only` (MAML: adapters and head; ANIL: the head, with the
+outer loop on adapters and head; BOIL: the adapters), Adam holds the trained parameters
+only, and Meta-SGD learns rates for the inner loop's parameters only. Both inner-loop
+strategies serve peft's layers (``vmap`` and ``loop`` give the same meta-gradients).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from autometa.adapters import add_lora, check_adapter
 from autometa.algorithm import MetaAlgorithm
 from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
 from autometa.source_model import Backbone
@@ -123,15 +133,30 @@ class GradientMetaLearner(MetaAlgorithm):
         meta_batch_size: int = 25,  # tasks per meta-update
         first_order: bool = False,  # FOMAML: ignore second-order terms of the meta-gradient
         strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
+        adapter: str = "none",  # "lora": train LoRA adapters and the head, features frozen
+        lora_rank: int = 8,  # r of LoRA's update (alpha / r) B A (adapter "lora")
+        lora_alpha: float = 16.0,  # alpha of LoRA's update (adapter "lora")
+        lora_targets: str = "attention",  # "attention" (q/k/v projections) or "linear"
     ) -> None:
         super().__init__(model, task)
+        owner = type(self).__name__.lower()
+        check_adapter(owner, adapter, lora_rank, lora_alpha, lora_targets)
         # A float, or with learn_inner_lr the learned rates {parameter name: tensor}.
         self.inner_lr: float | dict[str, Tensor] = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.strategy: Strategy = strategy
         self.tasks_per_step = meta_batch_size
-        meta_params: list[Tensor] = [*model.parameters()]
+        self.adapter = adapter
+        if adapter == "lora":
+            trained = add_lora(model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
+                               owner=owner)
+            chosen = type(self).adapt_only
+            # An instance attribute: the inner loop adapts what is trained and chosen.
+            self.adapt_only = (trained if chosen is None
+                               else lambda name: trained(name) and chosen(name))
+        # Frozen parameters (LoRA's base weights) get no gradient: Adam holds the others.
+        meta_params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         if self.learn_inner_lr:
             # One rate per entry of each parameter the inner loop adapts (adapt_only), on
             # its device and dtype. A plain dict, not an nn.ParameterDict: parameter names

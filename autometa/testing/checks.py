@@ -96,6 +96,11 @@ def check_space(cls: type, space: SearchSpace) -> None:
         if name not in parameters:
             _fail(cls, f"declares {name!r} but its __init__ has no such keyword",
                   _space_method(cls))
+        when = getattr(param, "when", None)
+        if when is not None and (when[0] not in parameters
+                                 or parameters[when[0]].default is inspect.Parameter.empty):
+            _fail(cls, f"{name}: its condition names {when[0]!r}, which is no keyword of "
+                  "__init__ with a default", _space_method(cls))
         default = parameters[name].default
         if default is inspect.Parameter.empty:
             continue
