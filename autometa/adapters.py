@@ -34,21 +34,33 @@ the inner loop's support losses random.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from torch import nn
 
 from autometa.errors import ConfigError
 from autometa.source_model import Backbone
+from autometa.space import Categorical, Float, Int, Param
 
-__all__ = ["ADAPTERS", "LORA_TARGETS", "AdaptedNames", "add_lora", "check_adapter",
-           "lora_target_modules"]
+__all__ = ["ADAPTERS", "LORA_SPACE", "LORA_TARGETS", "AdaptedNames", "Adapter", "LoraTargets",
+           "add_lora",
+           "check_adapter", "lora_target_modules"]
 
-#: The values of an algorithm's ``adapter`` setting.
-ADAPTERS = ("none", "lora")
-#: The values of ``lora_targets``.
-LORA_TARGETS = ("attention", "linear")
+#: An algorithm's ``adapter`` setting, and ``lora_targets``'s.
+Adapter = Literal["none", "lora"]
+LoraTargets = Literal["attention", "linear"]
+ADAPTERS: tuple[str, ...] = get_args(Adapter)
+LORA_TARGETS: tuple[str, ...] = get_args(LoraTargets)
 #: Last parts of the module names of attention's query/key/value projections.
 ATTENTION_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv"})
+#: The LoRA settings' search space, searched only where ``adapter`` is fixed to ``"lora"``
+#: (:mod:`autometa.space`'s conditions): ranks 2 to 32 (the paper's Table 6 finds 1 to 64
+#: comparable), alpha around twice the rank (peft's examples), and both target sets.
+LORA_SPACE: dict[str, Param] = {
+    "lora_rank": Int(2, 32, log=True, when=("adapter", "lora")),
+    "lora_alpha": Float(1.0, 64.0, log=True, when=("adapter", "lora")),
+    "lora_targets": Categorical(LORA_TARGETS, when=("adapter", "lora")),
+}
 #: peft's name of the one adapter we add (in parameter names: ``lora_A.default.weight``).
 ADAPTER_NAME = "default"
 

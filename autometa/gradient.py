@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from autometa.adapters import add_lora, check_adapter
+from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter
 from autometa.algorithm import MetaAlgorithm
 from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
 from autometa.source_model import Backbone
@@ -133,10 +133,10 @@ class GradientMetaLearner(MetaAlgorithm):
         meta_batch_size: int = 25,  # tasks per meta-update
         first_order: bool = False,  # FOMAML: ignore second-order terms of the meta-gradient
         strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
-        adapter: str = "none",  # "lora": train LoRA adapters and the head, features frozen
+        adapter: Adapter = "none",  # "lora": train LoRA adapters and the head, features frozen
         lora_rank: int = 8,  # r of LoRA's update (alpha / r) B A (adapter "lora")
         lora_alpha: float = 16.0,  # alpha of LoRA's update (adapter "lora")
-        lora_targets: str = "attention",  # "attention" (q/k/v projections) or "linear"
+        lora_targets: LoraTargets = "attention",  # "attention" (q/k/v projections) or "linear"
     ) -> None:
         super().__init__(model, task)
         owner = type(self).__name__.lower()
