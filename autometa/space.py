@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from autometa.errors import ConfigError, unknown
@@ -129,8 +129,9 @@ def _active(owner: str, space: SearchSpace, out: dict[str, Any], overrides: Mapp
             raise ConfigError(f"{owner}.{name} is searched when {owner}.{on} is {wanted!r}, but "
                               f"{owner} has no setting {on!r} with a default: fix its "
                               "search_space()")
-        if current == wanted:
-            kept[name] = value
+        if current == wanted:  # active: its condition is spent
+            kept[name] = (replace(value, when=None)
+                          if isinstance(value, Float | Int | Categorical) else value)
         elif name in overrides:
             raise ConfigError(f"{owner}.{name} applies only when {owner}.{on} is {wanted!r} "
                               f"(it is {current!r}); set {owner}.{on}={wanted}, or drop "
