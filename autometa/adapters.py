@@ -151,8 +151,10 @@ def add_lora(model: Backbone, *, rank: int = 8, alpha: float = 16.0,
                if targets == "attention" else "use adapter='none'")
         raise ConfigError(f"{owner}.lora_targets={targets!r} matches no layer of "
                           f"{type(features).__name__}; {fix}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                        target_modules=modules, init_lora_weights=True)
+    # peft annotates lora_alpha as int, but only uses it as the ratio lora_alpha / r.
+    config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                        lora_dropout=0.0, bias="none", target_modules=modules,
+                        init_lora_weights=True)
     # With a list of names peft matches a module whose name equals one (or ends in
     # "." + one): our full names select exactly the modules found above.
     inject_adapter_in_model(config, features, adapter_name=ADAPTER_NAME)

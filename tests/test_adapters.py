@@ -32,6 +32,8 @@ from autometa_plugins.digits.task import Digits  # noqa: E402
 from autometa_plugins.finetune.algorithm import FineTune  # noqa: E402
 from autometa_plugins.maml.algorithm import MAML  # noqa: E402
 from autometa_plugins.metasgd.algorithm import MetaSGD  # noqa: E402
+from autometa_plugins.mlp.model import MLP  # noqa: E402
+from autometa_plugins.sinusoid.task import Sinusoid  # noqa: E402
 
 RANK, ALPHA = 2, 3.0
 TASK = {"ways": 3, "shots": 1, "queries": 2, "val_episodes": 4, "test_episodes": 4}
@@ -306,3 +308,13 @@ def test_missing_peft_is_one_line_with_the_install(digits: Digits,
                                           r"'autometa-ml\[hf\]'$"):
         MAML(tiny_vit(), digits, adapter="lora")
     MAML(tiny_vit(), digits)  # the default never imports peft
+
+
+def test_finetune_conforms_with_lora(digits: Digits) -> None:
+    check_meta_algorithm(FineTune, digits, TinyViT, adapter="lora", lora_rank=RANK,
+                         finetune="all", finetune_steps=3, batch_size=8)
+    # Regression: the adapters and the model's own head are trained and fine-tuned.
+    sinusoid = Sinusoid(val_episodes=4, test_episodes=4, eval_queries=5)
+    check_meta_algorithm(FineTune, sinusoid, MLP, {"hidden": 8}, adapter="lora",
+                         lora_targets="linear", finetune="all", finetune_steps=3,
+                         batch_tasks=2)

@@ -71,7 +71,8 @@ def _trials(tmp_path: Path, maml: dict[str, Any], n_trials: int = 2
     storage = f"sqlite:///{tmp_path / 's.db'}"
     autometa.search("sinusoid", n_trials=n_trials, storage=storage, study_name="s",
                     artifacts=str(tmp_path / "art"),
-                    algorithm_params={"maml": {"meta_batch_size": 4, "inner_steps": 1, **maml}}, **TINY)
+                    algorithm_params={"maml": {"meta_batch_size": 4, "inner_steps": 1,
+                                               **maml}}, **TINY)
     return optuna.load_study(study_name="s", storage=storage).get_trials()
 
 

@@ -13,8 +13,8 @@ step 0.01 to 0.4, 1 to 5 steps, Adam 1e-3, meta-batches of 2 to 32 tasks).
 from __future__ import annotations
 
 from autometa import Categorical, Float, GradientMetaLearner, Int
-from autometa.gradient import head_only
 from autometa.adapters import LORA_SPACE
+from autometa.gradient import head_only
 from autometa.space import SearchSpace
 
 
