@@ -147,8 +147,8 @@ def add_lora(model: Backbone, *, rank: int = 8, alpha: float = 16.0,
                           "adapters; build the algorithm on a freshly built model")
     modules = lora_target_modules(features, targets)
     if not modules:
-        fix = ("set lora_targets='linear' (every Linear and Conv2d layer)"
-               if targets == "attention" else "use adapter='none'")
+        fix = (f"set {owner}.lora_targets=linear (every Linear and Conv2d layer)"
+               if targets == "attention" else f"set {owner}.adapter=none")
         raise ConfigError(f"{owner}.lora_targets={targets!r} matches no layer of "
                           f"{type(features).__name__}; {fix}")
     # peft annotates lora_alpha as int, but only uses it as the ratio lora_alpha / r.

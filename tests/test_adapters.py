@@ -279,7 +279,7 @@ def test_finetune_all_with_lora_fits_only_adapters_and_the_new_head(digits: Digi
 def test_attention_targets_on_a_conv_backbone_is_one_line_with_the_fix(digits: Digits) -> None:
     conv = Conv4(channels=4).build(digits.spec)
     with pytest.raises(ConfigError, match=r"maml.lora_targets='attention' matches no layer .*"
-                                          r"lora_targets='linear'") as info:
+                                          r"set maml.lora_targets=linear") as info:
         MAML(conv, digits, adapter="lora")
     assert "\n" not in str(info.value)
     # "linear" adapts every convolution and Linear of the features.
