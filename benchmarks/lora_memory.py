@@ -4,7 +4,7 @@ parameter meta-learned ("full") against LoRA adapters on the attention projectio
 
 Workload: a randomly initialised transformers ``ViTModel`` (hidden 384, 12 layers, 6
 heads, MLP 1536, 32x32 RGB images in 8x8 patches: 17 tokens; ViT-S/16's width and depth,
-21.3M parameters) whose CLS token feeds a linear head; 5-way 1-shot 5-query episodes, a
+21.4M parameters) whose CLS token feeds a linear head; 5-way 1-shot 5-query episodes, a
 meta-batch of 2, 1 and 3 inner SGD steps, second order, autometa's ``maml`` plugin with
 strategy ``auto`` (the loop: the patch embedding is a convolution). Attention is "eager":
 the CPU's fused scaled-dot-product attention has no double backward. LoRA: rank 8, alpha

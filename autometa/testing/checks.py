@@ -73,8 +73,9 @@ def _space_method(cls: type) -> str | None:
 
 def check_space(cls: type, space: SearchSpace) -> None:
     """Every declared name is a keyword of ``cls.__init__`` whose default lies in its range,
-    and every keyword parameter has a type annotation its default satisfies (the engine
-    parses users' values as that type, :mod:`autometa.params`)."""
+    a condition (``when=``) names a keyword with a default, and every keyword parameter has
+    a type annotation its default satisfies (the engine parses users' values as that type,
+    :mod:`autometa.params`)."""
     __tracebackhide__ = True
     parameters = inspect.signature(cls).parameters
     for name, declared in declared_types(cls, skip=ENGINE_ARGUMENTS).items():
