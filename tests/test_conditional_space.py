@@ -102,3 +102,18 @@ def test_a_lora_setting_without_the_adapter_is_one_line_with_the_fix(tmp_path: P
                                "is 'none'); set maml.adapter=lora, or drop maml.lora_rank")
     assert not (tmp_path / "s.db").exists() or not optuna.get_all_study_names(
         f"sqlite:///{tmp_path / 's.db'}")
+
+
+def test_the_kit_catches_a_condition_on_no_setting() -> None:
+    from autometa.testing import check_space
+    from autometa_plugins.maml.algorithm import MAML
+
+    class Misspelled(MAML):
+        @classmethod
+        def search_space(cls) -> dict[str, Any]:
+            return {"lora_rank": Int(2, 32, log=True, when=("adaptor", "lora"))}
+
+    with pytest.raises(AssertionError, match=r"lora_rank: its condition names 'adaptor', "
+                                             r"which is no keyword of __init__"):
+        check_space(Misspelled, Misspelled.search_space())
+    check_space(MAML, MAML.search_space())  # the first-party spaces pass
