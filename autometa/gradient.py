@@ -47,6 +47,7 @@ from torch import Tensor
 
 from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter
 from autometa.algorithm import MetaAlgorithm
+from autometa.errors import ConfigError
 from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
 from autometa.source_model import Backbone
 from autometa.task import Episodes, Task
@@ -190,7 +191,18 @@ class GradientMetaLearner(MetaAlgorithm):
     def meta_step(self, batch: Episodes) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         # Query loss after adaptation, back-propagated through the inner steps.
-        loss = meta_backward(self.model, batch, self.task.loss, **self.inner_loop_options())
+        try:
+            loss = meta_backward(self.model, batch, self.task.loss, **self.inner_loop_options())
+        except RuntimeError as exc:
+            # PyTorch's fused attention kernels (transformers' default "sdpa") have no
+            # double backward, which a second-order meta-gradient needs.
+            if "scaled_dot_product" in str(exc) and "not implemented" in str(exc):
+                raise ConfigError(
+                    f"{type(self).__name__.lower()}: a second-order meta-gradient through "
+                    "fused scaled-dot-product attention is not implemented in PyTorch; set "
+                    "first_order=True, or load the model with attn_implementation='eager'"
+                ) from exc
+            raise
         self.optimizer.step()
         return loss
 

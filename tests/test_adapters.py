@@ -301,6 +301,26 @@ def test_bad_settings_are_refused(digits: Digits, settings: dict[str, Any], mess
         MAML(tiny_vit(), digits, **settings)
 
 
+def test_second_order_through_fused_attention_is_one_line_with_the_fix(digits: Digits
+                                                                       ) -> None:
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, image_size=8, patch_size=4,
+                                    num_channels=1, attn_implementation="sdpa")
+
+    def fused() -> Backbone:
+        return Backbone(PooledCLS(transformers.ViTModel(config, add_pooling_layer=False)),
+                        nn.Linear(16, 3))
+
+    algo = MAML(fused(), digits, adapter="lora", lora_rank=RANK, meta_batch_size=2)
+    with pytest.raises(ConfigError, match=r"^maml: a second-order meta-gradient through fused "
+                                          r"scaled-dot-product attention .* first_order=True, "
+                                          r"or load the model with attn_implementation='eager'$"):
+        algo.meta_step(batch(digits, torch.float32))
+    first = MAML(fused(), digits, adapter="lora", lora_rank=RANK, meta_batch_size=2,
+                 first_order=True)
+    assert first.meta_step(batch(digits, torch.float32)) > 0
+
+
 def test_missing_peft_is_one_line_with_the_install(digits: Digits,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # import peft fails
