@@ -37,6 +37,7 @@ PUBLIC_MODULES: tuple[str, ...] = (
     "autometa.weights",
     "autometa.numeric_inputs",
     "autometa.gradient",
+    "autometa.adapters",
     "autometa.frozen",
     "autometa.images",
     "autometa.image_store",

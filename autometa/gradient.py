@@ -26,6 +26,15 @@ A BOIL-style algorithm is therefore one line::
 
 The inner loop itself (functional parameters, vmap or a loop over episodes, BatchNorm's
 running statistics) is :mod:`autometa.inner_loop`'s; this module only drives it.
+
+**Parameter-efficient adaptation** (``adapter="lora"``, :mod:`autometa.adapters`): LoRA
+adapters (Hu et al. 2021, arXiv:2106.09685) are added to the features and every other
+parameter of the features is frozen. Both loops then update only the adapters and the
+head: the inner loop adapts the parameters that are both trained and chosen by
+:attr:`~GradientMetaLearner.adapt_only` (MAML: adapters and head; ANIL: the head, with the
+outer loop on adapters and head; BOIL: the adapters), Adam holds the trained parameters
+only, and Meta-SGD learns rates for the inner loop's parameters only. Both inner-loop
+strategies serve peft's layers (``vmap`` and ``loop`` give the same meta-gradients).
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter
 from autometa.algorithm import MetaAlgorithm
+from autometa.errors import ConfigError
 from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
 from autometa.source_model import Backbone
 from autometa.task import Episodes, Task
@@ -123,15 +134,30 @@ class GradientMetaLearner(MetaAlgorithm):
         meta_batch_size: int = 25,  # tasks per meta-update
         first_order: bool = False,  # FOMAML: ignore second-order terms of the meta-gradient
         strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
+        adapter: Adapter = "none",  # "lora": train LoRA adapters and the head, features frozen
+        lora_rank: int = 8,  # r of LoRA's update (alpha / r) B A (adapter "lora")
+        lora_alpha: float = 16.0,  # alpha of LoRA's update (adapter "lora")
+        lora_targets: LoraTargets = "attention",  # "attention" (q/k/v projections) or "linear"
     ) -> None:
         super().__init__(model, task)
+        owner = type(self).__name__.lower()
+        check_adapter(owner, adapter, lora_rank, lora_alpha, lora_targets)
         # A float, or with learn_inner_lr the learned rates {parameter name: tensor}.
         self.inner_lr: float | dict[str, Tensor] = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.strategy: Strategy = strategy
         self.tasks_per_step = meta_batch_size
-        meta_params: list[Tensor] = [*model.parameters()]
+        self.adapter = adapter
+        if adapter == "lora":
+            trained = add_lora(model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
+                               owner=owner)
+            chosen = type(self).adapt_only
+            # An instance attribute: the inner loop adapts what is trained and chosen.
+            self.adapt_only = (trained if chosen is None
+                               else lambda name: trained(name) and chosen(name))
+        # Frozen parameters (LoRA's base weights) get no gradient: Adam holds the others.
+        meta_params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         if self.learn_inner_lr:
             # One rate per entry of each parameter the inner loop adapts (adapt_only), on
             # its device and dtype. A plain dict, not an nn.ParameterDict: parameter names
@@ -165,7 +191,18 @@ class GradientMetaLearner(MetaAlgorithm):
     def meta_step(self, batch: Episodes) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         # Query loss after adaptation, back-propagated through the inner steps.
-        loss = meta_backward(self.model, batch, self.task.loss, **self.inner_loop_options())
+        try:
+            loss = meta_backward(self.model, batch, self.task.loss, **self.inner_loop_options())
+        except RuntimeError as exc:
+            # PyTorch's fused attention kernels (transformers' default "sdpa") have no
+            # double backward, which a second-order meta-gradient needs.
+            if "scaled_dot_product" in str(exc) and "not implemented" in str(exc):
+                raise ConfigError(
+                    f"{type(self).__name__.lower()}: a second-order meta-gradient through "
+                    "fused scaled-dot-product attention is not implemented in PyTorch; set "
+                    "first_order=True, or load the model with attn_implementation='eager'"
+                ) from exc
+            raise
         self.optimizer.step()
         return loss
 

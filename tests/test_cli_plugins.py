@@ -216,6 +216,9 @@ def test_verbose_shows_each_setting_on_its_own_line_without_markup(
         "inner_lr in [0.001, 0.5] log (searched): a finite number, default 0.01")
     assert "strategy: one of 'auto', 'vmap', 'loop', default 'auto'" in lines[
         "meta-algorithm maml"]
+    # A conditional parameter says when it is searched.
+    assert ("lora_rank in [2, 32] log (searched when adapter='lora'): an integer, default 8"
+            in lines["meta-algorithm maml"])
     assert lines["task needs-path"][:2] == ["path: text, required",
                                             "shots in [1, 10]: an integer, default 5"]
     # Plugin text is shown as written: rich markup is not interpreted.

@@ -109,8 +109,9 @@ def test_boil_conforms(sinusoid: Task) -> None:
 # --- the constructor the engine reads ---------------------------------------------------------
 
 def test_hyperparameters_are_read_from_the_signatures() -> None:
+    lora = {"adapter": "none", "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": "attention"}
     keywords = {"inner_lr": 0.01, "inner_steps": 1, "meta_lr": 1e-3, "meta_batch_size": 25,
-                "first_order": False, "strategy": "auto"}
+                "first_order": False, "strategy": "auto", **lora}
     for cls in (MAML, ANIL, BOIL):
         params = inspect.signature(cls).parameters
         assert {k: params[k].default for k in keywords} == keywords, cls
@@ -119,7 +120,7 @@ def test_hyperparameters_are_read_from_the_signatures() -> None:
     # Meta-SGD keeps its own names (stored studies use init_inner_lr) and defaults.
     assert MetaSGD.defaults() == {"init_inner_lr": 0.01, "inner_steps": 1, "meta_lr": 1e-3,
                                   "meta_batch_size": 4, "first_order": False,
-                                  "strategy": "auto"}
+                                  "strategy": "auto", **lora}
 
 
 def test_learned_rates_follow_each_parameter(sinusoid: Task) -> None:

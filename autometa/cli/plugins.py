@@ -256,9 +256,12 @@ def _setting_line(kind: str, setting: _Setting) -> str:
     A declared range leads, as the column's title says; a task's ``params`` are ranges its
     settings are checked against, never searched.
     """
+    from autometa.space import condition
+
     head = setting.name
     if setting.declared is not None:
-        head += f" in {_range(setting.declared)}{'' if kind == 'task' else ' (searched)'}"
+        searched = f" (searched{condition(setting.declared)})"
+        head += f" in {_range(setting.declared)}{'' if kind == 'task' else searched}"
     if setting.type == NOT_A_SETTING:
         return f"{head}: {NOT_A_SETTING}"
     if setting.required:

@@ -21,7 +21,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from autometa.errors import AutometaError
-from autometa.space import Categorical, Float, Int
+from autometa.params import keyword_defaults
+from autometa.space import Categorical, Float, Int, restrict
 from autometa.study.baselines import BASELINE_ALGORITHMS, BASELINE_ATTR, RAW_SOURCE
 from autometa.study.build import trial_defaults
 from autometa.study.inputs import localize
@@ -102,8 +103,9 @@ def _settings(prepared: Prepared, kind: Kind, name: str) -> dict[str, Any]:
     cls = prepared.host.get(kind, name).load()
     chosen = prepared.algorithms if kind == "algorithm" else prepared.sources
     space = chosen.get(name)
-    if space is None:
-        space = dict(prepared.host.get(kind, name).declared(prepared.task))
+    if space is None:  # conditional settings whose condition fails at the defaults: out
+        space = restrict(name, prepared.host.get(kind, name).declared(prepared.task), {},
+                         defaults=keyword_defaults(cls))
     defaults = cls.defaults()
     return {hp: defaults[hp] if _searched(value) else value for hp, value in space.items()
             if not _searched(value) or hp in defaults}

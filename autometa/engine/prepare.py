@@ -17,7 +17,7 @@ from autometa.config import SearchConfig
 from autometa.engine.sampling import WILCOXON_STARTUP, strategy
 from autometa.engine.warm_start import read_warm_start
 from autometa.errors import AutometaError, ConfigError, PluginError
-from autometa.params import declared_types
+from autometa.params import declared_types, keyword_defaults
 from autometa.plugins import Kind, PluginHost
 from autometa.space import Categorical, Float, Int, restrict
 from autometa.study.artifacts import check_location
@@ -219,7 +219,8 @@ def _choose(
                          "(searched_by_default is False)", label, name)
                 continue
             space = restrict(name, declared, overrides.get(name, {}),
-                             settable=declared_types(cls, skip=ENGINE_ARGUMENTS))
+                             settable=declared_types(cls, skip=ENGINE_ARGUMENTS),
+                             defaults=keyword_defaults(cls))
             with reg.guard("raised when checked against the task"):
                 reason = problem(cls, space)
         except PluginError as exc:

@@ -73,8 +73,9 @@ def _space_method(cls: type) -> str | None:
 
 def check_space(cls: type, space: SearchSpace) -> None:
     """Every declared name is a keyword of ``cls.__init__`` whose default lies in its range,
-    and every keyword parameter has a type annotation its default satisfies (the engine
-    parses users' values as that type, :mod:`autometa.params`)."""
+    a condition (``when=``) names a keyword with a default, and every keyword parameter has
+    a type annotation its default satisfies (the engine parses users' values as that type,
+    :mod:`autometa.params`)."""
     __tracebackhide__ = True
     parameters = inspect.signature(cls).parameters
     for name, declared in declared_types(cls, skip=ENGINE_ARGUMENTS).items():
@@ -96,6 +97,11 @@ def check_space(cls: type, space: SearchSpace) -> None:
         if name not in parameters:
             _fail(cls, f"declares {name!r} but its __init__ has no such keyword",
                   _space_method(cls))
+        when = getattr(param, "when", None)
+        if when is not None and (when[0] not in parameters
+                                 or parameters[when[0]].default is inspect.Parameter.empty):
+            _fail(cls, f"{name}: its condition names {when[0]!r}, which is no keyword of "
+                  "__init__ with a default", _space_method(cls))
         default = parameters[name].default
         if default is inspect.Parameter.empty:
             continue

@@ -13,6 +13,7 @@ step 0.01 to 0.4, 1 to 5 steps, Adam 1e-3, meta-batches of 2 to 32 tasks).
 from __future__ import annotations
 
 from autometa import Categorical, Float, GradientMetaLearner, Int
+from autometa.adapters import LORA_SPACE
 from autometa.gradient import head_only
 from autometa.space import SearchSpace
 
@@ -31,4 +32,5 @@ class ANIL(GradientMetaLearner):
             "meta_lr": Float(1e-4, 1e-2, log=True),
             "meta_batch_size": Categorical((4, 10, 25)),
             "first_order": Categorical((False, True)),
+            **LORA_SPACE,  # searched only with adapter="lora"
         }

@@ -29,6 +29,13 @@ Classification" (ICLR, arXiv:1904.04232; code: github.com/wyharveychen/CloserLoo
   depend on torch's global generator, on how the engine chunks episodes, or on a state
   round trip; ``state_dict`` is the model's (the training classifier is not needed).
 
+**Parameter-efficient fine-tuning** (``adapter="lora"``, ``autometa.adapters``): LoRA
+adapters (Hu et al. 2021, arXiv:2106.09685) are added to the features and the features'
+other parameters are frozen. The training stage then trains the adapters and the
+temporary classifier (regression: the adapters and the model's head), and
+``finetune="all"`` fine-tunes the adapters and the episode's classifier instead of every
+parameter; ``finetune="head"`` is unchanged (features, adapters included, fixed).
+
 Regression (no classes to relabel) keeps the "pretrained" baseline of Finn et al. 2017:
 meta-training pools the support and query examples of ``batch_tasks`` sampled episodes
 into one supervised batch (Adam, ``lr``); adaptation fine-tunes a copy of the trained model
@@ -53,6 +60,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from autometa import Backbone, Categorical, ConfigError, Episodes, Float, Int, MetaAlgorithm, Task
+from autometa.adapters import LORA_SPACE, Adapter, LoraTargets, add_lora, check_adapter
 from autometa_plugins.finetune.fit import OPTIMIZERS, fit_and_predict
 from autometa_plugins.finetune.heads import HEADS, Classifier, logits
 
@@ -79,8 +87,13 @@ class FineTune(MetaAlgorithm):
         finetune: str = "head",  # fine-tune the "head" on fixed features, or "all" parameters
         weight_decay: float = 1e-3,  # fine-tuning weight decay (paper: 1e-3)
         momentum: float = 0.9,  # sgd's momentum, dampened alike (their code: 0.9; 0: plain SGD)
+        adapter: Adapter = "none",  # "lora": train LoRA adapters (and heads), features frozen
+        lora_rank: int = 8,  # r of LoRA's update (alpha / r) B A (adapter "lora")
+        lora_alpha: float = 16.0,  # alpha of LoRA's update (adapter "lora")
+        lora_targets: LoraTargets = "attention",  # "attention" (q/k/v projections) or "linear"
     ) -> None:
         super().__init__(model, task)
+        check_adapter("finetune", adapter, lora_rank, lora_alpha, lora_targets)
         reason = self.incompatibility(task)
         if reason:
             raise ConfigError(f"finetune {reason}")
@@ -105,6 +118,10 @@ class FineTune(MetaAlgorithm):
         self.batch_size = batch_size
         self.classifies = task.kind == "classification"
         self.feature_dim = _feature_dim(model, task)
+        self.adapter = adapter
+        if adapter == "lora":
+            add_lora(model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets,
+                     owner="finetune")
         trained: list[nn.Parameter] = list(model.parameters())
         if self.classifies:
             # The temporary classifier over every meta-train class (their code zeroes the
@@ -119,7 +136,8 @@ class FineTune(MetaAlgorithm):
             self.tasks_per_step = 1  # the engine's episodes are not used: sample few
         else:
             self.tasks_per_step = batch_tasks
-        self.optimizer = torch.optim.Adam(trained, lr=lr)
+        # With LoRA the features' base weights are frozen: Adam holds the rest.
+        self.optimizer = torch.optim.Adam([p for p in trained if p.requires_grad], lr=lr)
 
     @classmethod
     def search_space(cls, task: Task | None = None):
@@ -133,6 +151,7 @@ class FineTune(MetaAlgorithm):
             "finetune_lr": Float(1e-3, 0.5, log=True),
             "finetune_steps": Int(10, 200, log=True),
             "finetune": Categorical(FINETUNE),
+            **LORA_SPACE,  # searched only with adapter="lora"
         }
         if task is not None and task.kind == "regression":
             del space["head"], space["batch_size"]
@@ -188,8 +207,12 @@ class FineTune(MetaAlgorithm):
                 return logits(self.head, x, params["weight"], params.get("bias"))
             return functional_call(net, params, (x,))
 
+        # With LoRA, "all" fits the adapters and the head; the frozen weights stay the
+        # module's own (functional_call takes the parameters it is not given from it).
+        fitted = {n: p for n, p in net.named_parameters()
+                  if p.requires_grad or self.adapter == "none"}
         return fit_and_predict(
-            forward, dict(net.named_parameters()), support, episodes.support_y, query,
+            forward, fitted, support, episodes.support_y, query,
             self.task.loss, optimizer=self.optimizer_name, steps=self.finetune_steps,
             lr=self.finetune_lr, weight_decay=self.weight_decay, momentum=self.momentum,
         )

@@ -17,6 +17,7 @@ keywords are MAML's hyperparameters; this plugin adds the search space.
 from __future__ import annotations
 
 from autometa import Categorical, Float, GradientMetaLearner, Int
+from autometa.adapters import LORA_SPACE
 from autometa.space import SearchSpace
 
 
@@ -33,4 +34,5 @@ class MAML(GradientMetaLearner):
             "meta_lr": Float(1e-4, 1e-2, log=True),
             "meta_batch_size": Categorical((4, 10, 25)),
             "first_order": Categorical((False, True)),
+            **LORA_SPACE,  # searched only with adapter="lora"
         }

@@ -17,6 +17,7 @@ classification.
 from __future__ import annotations
 
 from autometa import Backbone, Categorical, Float, GradientMetaLearner, Task
+from autometa.adapters import LORA_SPACE, Adapter, LoraTargets
 from autometa.inner_loop import Strategy
 from autometa.space import SearchSpace
 
@@ -38,11 +39,17 @@ class MetaSGD(GradientMetaLearner):
         meta_batch_size: int = 4,  # tasks per meta-update
         first_order: bool = False,  # ignore second-order terms of the meta-gradient
         strategy: Strategy = "auto",  # episodes vmapped or looped; "auto": a fixed rule
+        adapter: Adapter = "none",  # "lora": train LoRA adapters and the head, features frozen
+        lora_rank: int = 8,  # r of LoRA's update (alpha / r) B A (adapter "lora")
+        lora_alpha: float = 16.0,  # alpha of LoRA's update (adapter "lora")
+        lora_targets: LoraTargets = "attention",  # "attention" (q/k/v projections) or "linear"
     ) -> None:
         # Named init_inner_lr, not inner_lr: stored studies hold that name.
         super().__init__(model, task, inner_lr=init_inner_lr, inner_steps=inner_steps,
                          meta_lr=meta_lr, meta_batch_size=meta_batch_size,
-                         first_order=first_order, strategy=strategy)
+                         first_order=first_order, strategy=strategy, adapter=adapter,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_targets=lora_targets)
 
     @classmethod
     def search_space(cls) -> SearchSpace:
@@ -53,4 +60,5 @@ class MetaSGD(GradientMetaLearner):
             "meta_lr": Float(1e-4, 1e-2, log=True),
             "meta_batch_size": Categorical((4, 16, 32)),
             "first_order": Categorical((False, True)),
+            **LORA_SPACE,  # searched only with adapter="lora"; rates for adapters and head
         }
