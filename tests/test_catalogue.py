@@ -115,17 +115,17 @@ def test_every_algorithm_is_searched_in_one_study(tmp_path: Path) -> None:
         "digits", task_params={"ways": 3, "shots": 1, "queries": 2, **FEW},
         sources=["mlp"], source_params={"mlp": {"hidden": 40, "layers": 1}},
         algorithm_params={"finetune": {"optimizer": "sgd", "finetune_steps": 10},
-                          "reptile": {"eval_steps": 5}, "pmf": {"finetune_steps": 20}},
+                          "reptile": {"eval_steps": 5}},
         n_trials=12, meta_steps=2, eval_every=2, pruner="none", storage=storage,
         artifacts=str(tmp_path / "art"))
     import optuna
 
     study = optuna.load_study(study_name=board.study_name, storage=open_storage(storage))
     # one space over all of them (baseline trials sample nothing), but the baselines' own
-    # (nearest-centroid, linear-svm: searched only when named)
+    # (nearest-centroid, linear-svm) and pmf's: searched only when named
     choices = {t.distributions["algorithm"] for t in study.trials
                if not t.user_attrs.get("baseline")}
-    searched = [a for a in ALGORITHMS if a not in ("nearest-centroid", "linear-svm")]
+    searched = [a for a in ALGORITHMS if a not in ("nearest-centroid", "linear-svm", "pmf")]
     assert choices == {CategoricalDistribution(searched)}
     # 12 searched trials, and 3 baselines on the raw inputs (mlp's features are not frozen)
     assert board.counts["complete"] == 12 + 3 and board.counts["failed"] == 0
