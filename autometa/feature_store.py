@@ -126,7 +126,7 @@ class FeatureStore:
 
     def covers(self, index: Tensor) -> bool:
         """True if every example of ``index`` (any shape) has a row here."""
-        flat = index.reshape(-1).cpu()
+        flat = index.reshape(-1).cpu().contiguous()
         if not len(flat):
             return True
         if not len(self.rows):
@@ -137,7 +137,7 @@ class FeatureStore:
     def gather(self, index: Tensor, device: torch.device) -> Tensor:
         """Features of examples ``index`` (any shape, int64): (*index.shape, d) float32 on
         ``device``; every index must be covered (:meth:`covers`)."""
-        at = torch.searchsorted(self.rows, index.reshape(-1).cpu()).numpy()
+        at = torch.searchsorted(self.rows, index.reshape(-1).cpu().contiguous()).numpy()
         out = torch.from_numpy(self.features[at])  # a copy of just those rows
         return out.to(device).reshape(*index.shape, self.features.shape[1])
 
@@ -157,12 +157,17 @@ def per_example(features: nn.Module, probe: Tensor) -> str | None:
                     "depend on its episode")
     with torch.no_grad():
         whole = features(probe).flatten(1)
-        half = max(1, len(probe) // 2)
+        if whole.dtype == torch.float64:
+            return "its features are float64, wider than the store's float32"
+        if len(probe) < 2:
+            return None
+        half = len(probe) // 2
         parts = torch.cat([features(probe[:half]), features(probe[half:])]).flatten(1)
-    if whole.dtype == torch.float64:
-        return "its features are float64, wider than the store's float32"
-    scale = float(whole.abs().max()) if whole.numel() else 0.0
-    if not torch.allclose(whole.float(), parts.float(), rtol=1e-4, atol=1e-5 * max(1, scale)):
+    finite = whole[whole.isfinite()]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    # Non-finite features are refused later exactly as without the store.
+    if not torch.allclose(whole.float(), parts.float(), rtol=1e-4, atol=1e-5 * max(1, scale),
+                          equal_nan=True):
         return "an example's features depend on the other examples of its batch (probe)"
     return None
 

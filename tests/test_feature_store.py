@@ -62,9 +62,12 @@ def search(tmp: Path, name: str, weights: Path, arch: str = "mlp",
         meta_steps=1, eval_every=1, study_name=name, cache_dir=str(tmp / "cache"),
         storage=f"sqlite:///{tmp / 'studies.db'}", artifacts=str(tmp / f"art-{name}"))
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / 'studies.db'}")
-    return {t.number: ((TrialPlan.of(t).algorithm, TrialPlan.of(t).source), t.value, t.user_attrs.get("val_scores"),
-                       t.user_attrs.get("test_scores"), t.user_attrs.get("test_mean"))
-            for t in study.trials}
+    out = {}
+    for t in study.trials:
+        plan = TrialPlan.of(t)
+        out[t.number] = ((plan.algorithm, plan.source), t.value, t.user_attrs.get("val_scores"),
+                         t.user_attrs.get("test_scores"), t.user_attrs.get("test_mean"))
+    return out
 
 
 def features_files(tmp: Path) -> list[Path]:
