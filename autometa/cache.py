@@ -1,10 +1,12 @@
-"""The cache directory: where decoded-image stores live, what it holds, how to clear it.
+"""The cache directory: where decoded-image stores and frozen features live, what it holds,
+how to clear it; the lock and checksum its builders share.
 
 The directory is, first found: the ``cache_dir`` setting (``--cache-dir``), the
 ``AUTOMETA_CACHE_DIR`` environment variable, ``$XDG_CACHE_HOME/autometa``, then
 ``~/.cache/autometa``. It is this machine's, like ``storage``: never stored in a study.
 Everything in it can be rebuilt from the data, so deleting it (``autometa cache clear``)
-only costs the next run the time to decode its images again.
+only costs the next run the time to decode its images (:mod:`autometa.image_store`) and
+embed them with a frozen network (:mod:`autometa.feature_store`) again.
 
 Importing this module imports neither torch nor numpy (``autometa cache`` stays fast).
 """
@@ -12,22 +14,33 @@ Importing this module imports neither torch nor numpy (``autometa cache`` stays 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from autometa.errors import ConfigError
 
-__all__ = ["ENV", "CachedStore", "cache_dir", "clear", "stores", "writable"]
+__all__ = ["ENV", "CachedStore", "cache_dir", "checksum", "clear", "locked", "stores",
+           "writable"]
+
+log = logging.getLogger(__name__)
 
 #: The environment variable that sets the cache directory (below ``--cache-dir``).
 ENV = "AUTOMETA_CACHE_DIR"
-#: Stores sit in this sub-folder, one ``<name>.json`` manifest beside each ``<name>.u8``.
+#: Stores sit in this sub-folder, one ``<name>.json`` manifest beside each data file
+#: (``<name>.u8`` decoded images; ``<name>.f32`` frozen features: the manifest's ``data``).
 STORES = "stores"
 #: Remembered hashes of input files (:mod:`autometa.study.inputs`).
 DIGESTS = "digests"
+#: Blocks read for the checksum that detects an altered store.
+CHECK_BLOCKS, BLOCK = 64, 1 << 16
 
 
 def cache_dir(setting: str | os.PathLike[str] | None = None) -> Path:
@@ -61,14 +74,41 @@ def writable(root: Path) -> Path:
     return folder
 
 
+@contextmanager
+def locked(path: Path, waiting: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released if the process dies); ``waiting`` is
+    logged as a warning when another process holds it (the builder of the same store)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s", waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def checksum(path: Path, total: int) -> str:
+    """blake2b of :data:`CHECK_BLOCKS` blocks spread evenly over the file, and its size
+    (``total`` bytes): cheap, and catches a truncated or overwritten store."""
+    hasher = hashlib.blake2b(str(total).encode(), digest_size=16)
+    with open(path, "rb") as handle:
+        for k in range(CHECK_BLOCKS):
+            handle.seek(max(0, (total - BLOCK) * k // max(1, CHECK_BLOCKS - 1)))
+            hasher.update(handle.read(BLOCK))
+    return hasher.hexdigest()
+
+
 @dataclass(frozen=True)
 class CachedStore:
     """One store in the cache: its files and what its manifest says it holds."""
 
-    name: str  # file stem: <dataset>-<slot>-<content>
-    dataset: str  # the task that built it, e.g. "image-folder"
-    shape: tuple[int, ...]  # (images, channels, height, width)
-    resize: str  # the resize policy its images were decoded with
+    name: str  # file stem: <dataset>-<slot>-<content>, or features-<source>-<slot>-<key>
+    dataset: str  # the task that built it, e.g. "image-folder"; "features of <source>"
+    shape: tuple[int, ...]  # (images, channels, height, width); features: (examples, d)
+    resize: str  # the resize policy its images were decoded with ("-" for features)
     bytes: int  # on disk, manifest included
     complete: bool  # False: a partial or corrupt store (a build was interrupted)
     files: tuple[Path, ...]
@@ -95,8 +135,8 @@ def stores(root: Path) -> list[CachedStore]:
         except (OSError, ValueError):
             pass
         shape = tuple(int(s) for s in manifest.get("shape", ()))  # type: ignore[attr-defined]
-        data = folder / f"{stem}.u8"
-        expected = 1
+        data = folder / str(manifest.get("data", f"{stem}.u8"))
+        expected = int(manifest.get("itemsize", 1))  # type: ignore[call-overload]
         for s in shape:
             expected *= s
         complete = bool(shape) and data.is_file() and data.stat().st_size == expected

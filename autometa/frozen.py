@@ -9,29 +9,65 @@ baselines on frozen features. :class:`FrozenFeatureAlgorithm` holds what they sh
 run, and :meth:`~FrozenFeatureAlgorithm.frozen_features`, each episode's features as the
 source model gives them. :class:`PerEpisodeClassifier` adds, for a scikit-learn linear
 classifier, the fit on each episode's support set and the prediction of its query set.
+
+When the engine evaluates one on fixed episodes held as indices, it may hand
+``adapt_and_predict`` :class:`EmbeddedEpisodes`: the same episodes (images and labels, as
+ever), plus the features the frozen network gives each example, computed once per
+(source, weights, data) and shared by every trial (:mod:`autometa.feature_store`).
+:meth:`~FrozenFeatureAlgorithm.frozen_features` then reads them instead of running the
+network; any other use of the episodes sees what it always saw.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from autometa.algorithm import MetaAlgorithm
 from autometa.task import Episodes
 
-__all__ = ["ABSENT_LOG_PROB", "FrozenFeatureAlgorithm", "PerEpisodeClassifier"]
+__all__ = ["ABSENT_LOG_PROB", "EmbeddedEpisodes", "FrozenFeatureAlgorithm",
+           "PerEpisodeClassifier"]
 
 log = logging.getLogger(__name__)
 
 #: Log-probability of a class absent from an episode's support set: never predicted,
 #: and finite, so metrics and losses stay numbers.
 ABSENT_LOG_PROB = -1e9
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddedEpisodes(Episodes):
+    """:class:`~autometa.task.Episodes` with each example's features already computed by
+    the frozen network ``embedded_by`` (in eval mode, one example's features independent
+    of the others in its batch: :mod:`autometa.feature_store` checks it).
+
+    Shapes: ``support_features`` (tasks, n_support, d), ``query_features`` (tasks,
+    n_query, d), float32, on the episodes' device; the other fields as in ``Episodes``.
+    Indexing and ``to`` keep the features.
+    """
+
+    support_features: Tensor
+    query_features: Tensor
+    embedded_by: nn.Module
+
+    def _fields(self) -> list[str]:
+        return [f.name for f in fields(Episodes)] + ["support_features", "query_features"]
+
+    def __getitem__(self, index: int | slice | Tensor) -> EmbeddedEpisodes:
+        s_x, s_y, q_x, q_y, s_f, q_f = (getattr(self, f)[index] for f in self._fields())
+        return EmbeddedEpisodes(s_x, s_y, q_x, q_y, s_f, q_f, self.embedded_by)
+
+    def to(self, device: torch.device | str) -> EmbeddedEpisodes:
+        s_x, s_y, q_x, q_y, s_f, q_f = (getattr(self, f).to(device) for f in self._fields())
+        return EmbeddedEpisodes(s_x, s_y, q_x, q_y, s_f, q_f, self.embedded_by)
 
 
 class FrozenFeatureAlgorithm(MetaAlgorithm):
@@ -60,21 +96,26 @@ class FrozenFeatureAlgorithm(MetaAlgorithm):
         Each set is one batch of its own (a BatchNorm without running statistics
         normalises with the batch's), without gradients, in eval mode (a BatchNorm with
         running statistics uses them and leaves them unchanged); the model's mode is
-        restored after.
+        restored after. :class:`EmbeddedEpisodes` embedded by this model's ``features``
+        give their stored features instead (the same numbers, to float32 round-off: the
+        network saw the examples in other batches).
 
         Raises:
             FloatingPointError: a feature is NaN or infinite, with the episodes it is in
                 (the engine records the trial as diverged).
         """
         features = self.model.features
-        training = features.training
-        features.eval()
-        try:
-            with torch.no_grad():
-                support = torch.stack([features(x) for x in episodes.support_x])
-                query = torch.stack([features(x) for x in episodes.query_x])
-        finally:
-            features.train(training)
+        if isinstance(episodes, EmbeddedEpisodes) and episodes.embedded_by is features:
+            support, query = episodes.support_features, episodes.query_features
+        else:
+            training = features.training
+            features.eval()
+            try:
+                with torch.no_grad():
+                    support = torch.stack([features(x) for x in episodes.support_x])
+                    query = torch.stack([features(x) for x in episodes.query_x])
+            finally:
+                features.train(training)
         support, query = support.flatten(2).double(), query.flatten(2).double()
         bad = ~(support.isfinite().all(-1).all(-1) & query.isfinite().all(-1).all(-1))
         if bool(bad.any()):

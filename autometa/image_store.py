@@ -31,16 +31,14 @@ pixels (size, channels, resize policy, the store format's version). So:
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,8 +59,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 #: Images decoded and written at a time.
 CHUNK = 256
-#: Blocks read for the checksum that detects an altered store.
-CHECK_BLOCKS, BLOCK = 64, 1 << 16
 
 
 class ImageSource(Protocol):
@@ -224,7 +220,9 @@ def open_store(source: ImageSource, *, name: str, size: int, channels: int | str
     content = _digest({"key": source.key(), **settings})
     slot = _digest({"slot": source.slot(), **settings})[:10]
     stem = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{slot}-{content[:16]}"
-    with _locked(folder / f"{stem}.lock", name):
+    waiting = (f"{name}: another process is building this dataset's store; waiting for it "
+               f"({folder / stem}.u8)")
+    with cache.locked(folder / f"{stem}.lock", waiting):
         manifest = _valid(folder, stem, content)
         if manifest is None:
             manifest = _build(source, folder, stem, content, name, size, channels, resize)
@@ -242,32 +240,6 @@ def _digest(facts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-@contextmanager
-def _locked(path: Path, name: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (released if the process dies)."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s: another process is building this dataset's store; waiting "
-                        "for it (%s)", name, path.with_suffix(".u8"))
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _checksum(path: Path, total: int) -> str:
-    """blake2b of :data:`CHECK_BLOCKS` blocks spread evenly over the file, and its size."""
-    hasher = hashlib.blake2b(str(total).encode(), digest_size=16)
-    with open(path, "rb") as handle:
-        for k in range(CHECK_BLOCKS):
-            handle.seek(max(0, (total - BLOCK) * k // max(1, CHECK_BLOCKS - 1)))
-            hasher.update(handle.read(BLOCK))
-    return hasher.hexdigest()
-
-
 def _valid(folder: Path, stem: str, content: str) -> dict[str, Any] | None:
     """The manifest of a complete, unaltered store ``stem``; None (and its files removed)
     if it is missing, partial, truncated or altered."""
@@ -276,7 +248,7 @@ def _valid(folder: Path, stem: str, content: str) -> dict[str, Any] | None:
         manifest = json.loads(meta.read_text())
         total = int(np.prod(manifest["shape"]))
         ok = (manifest["format"] == FORMAT and manifest["key"] == content
-              and data.stat().st_size == total and _checksum(data, total) == manifest["check"])
+              and data.stat().st_size == total and cache.checksum(data, total) == manifest["check"])
     except FileNotFoundError:
         ok, manifest = False, None
     except (OSError, ValueError, KeyError, TypeError):
@@ -336,7 +308,8 @@ def _build(source: ImageSource, folder: Path, stem: str, content: str, name: str
         os.replace(partial, data)
         manifest = {"format": FORMAT, "key": content, "dataset": name, "shape": shape,
                     "size": size, "channels": channels, "resize": resize,
-                    "non_square": non_square, "check": _checksum(data, n * depth * size * size)}
+                    "non_square": non_square,
+                    "check": cache.checksum(data, n * depth * size * size)}
         tmp = folder / f"{stem}.json.partial"
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, folder / f"{stem}.json")  # written last: the store is complete

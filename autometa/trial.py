@@ -20,6 +20,7 @@ from torch import Tensor
 
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import PluginError
+from autometa.feature_store import embedded, note_source
 from autometa.plugins import PluginHost
 from autometa.study.artifacts import download_state, load_state, open_store
 from autometa.study.build import trial_defaults
@@ -70,6 +71,7 @@ def build(host: PluginHost, task: Task, plan: TrialPlan, seed: int,
         source = source_cls(**localize(source_cls, plan.source_params, root))
         source.prepare(task)
         model = source.build(task.spec).to(task.device)
+        note_source(model, plan.source, plan.source_params)  # keys its stored features
         return algorithm_cls(model, task, **localize(algorithm_cls, plan.algorithm_params,
                                                      root))
     except TypeError as exc:
@@ -92,7 +94,9 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
     The mean is the split's score either way (see :func:`scored_per_example`). Episodes
     are scored a chunk at a time (:func:`eval_chunk`), one chunk in memory at once; a
     :class:`~autometa.task.MixedEpisodes` set (episodes of differing sizes), one size at a
-    time, its scores put back in episode order (per-domain scores stay aligned).
+    time, its scores put back in episode order (per-domain scores stay aligned). A frozen
+    feature algorithm on episodes held as indices gets each chunk with the network's
+    stored features (:mod:`autometa.feature_store`: computed once, shared by trials).
 
     Args:
         split: the name of ``episodes`` in messages ("meta-val", "meta-test"); by default
@@ -107,9 +111,12 @@ def evaluate(algorithm: MetaAlgorithm, episodes: EpisodeSet, task: Task, *,
     scores: list[Tensor] = []
     numbers: list[Tensor] = []  # the episode numbers of each chunk's scores
     try:
+        attach = embedded(algorithm, episodes, task)
         for ids in _chunks(episodes, task):
             chunk = episodes[ids]
             assert isinstance(chunk, Episodes)  # one size per chunk
+            if attach is not None:
+                chunk = attach(chunk, ids)
             try:
                 pred = algorithm.adapt_and_predict(chunk)  # (chunk, n_query, out)
             except FloatingPointError as exc:
@@ -340,7 +347,7 @@ def paired_val_score(algorithm: MetaAlgorithm, task: Task, *, generator: torch.G
         ids = order[start : start + chunk]
         # Of a mixed set (episodes of differing sizes), a selection of several sizes is
         # itself mixed: evaluate scores it size by size, in the order of ``ids``.
-        got = evaluate(algorithm, episodes[ids], task, split="meta-val")
+        got = evaluate(algorithm, _part(episodes, ids), task, split="meta-val")
         if scores is None:
             scores = torch.empty(n, device=got.device)
         ids = ids.to(scores.device)
@@ -353,6 +360,16 @@ def paired_val_score(algorithm: MetaAlgorithm, task: Task, *, generator: torch.G
             raise EvaluationPruned(float(scores[done].mean()), seen, n)
     assert scores is not None
     return float(scores.mean())
+
+
+def _part(episodes: EpisodeSet, ids: Tensor) -> EpisodeSet:
+    """Episodes ``ids`` of ``episodes``, still as indices where they are (so that a frozen
+    network's stored features serve them too)."""
+    if isinstance(episodes, IndexedEpisodes):
+        return MixedEpisodes([episodes], torch.zeros(len(ids), dtype=torch.long), ids)
+    if isinstance(episodes, MixedEpisodes):
+        return MixedEpisodes(episodes.groups, episodes.group[ids], episodes.position[ids])
+    return episodes[ids]
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""``autometa cache``: where decoded-image stores are cached, what is there, clearing it."""
+"""``autometa cache``: where decoded-image stores and frozen features are cached, what is
+there, clearing it."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from autometa.errors import ConfigError
 def add_parsers(sub: Any) -> None:
     """``cache``."""
     parser = sub.add_parser(
-        "cache", help="list or clear the decoded-image stores of image tasks",
+        "cache", help="list or clear the decoded-image stores and stored frozen features",
         description="Image tasks decode their images once per machine into a store in the "
-                    "cache directory; every later run and every worker process reads it. "
-                    "Everything here can be rebuilt from the images: clearing it only costs "
-                    "the next run the decoding.")
+                    "cache directory; the baselines' frozen networks embed the evaluation "
+                    "examples once per (source, weights, data) into a feature store beside "
+                    "it ('features of <source>'); every later run and every worker process "
+                    "reads them. Everything here can be rebuilt from the data: clearing it "
+                    "only costs the next run the decoding and embedding.")
     parser.add_argument("action", nargs="?", choices=("list", "clear"), default="list",
                         help="list (default): the stores and their sizes; clear: delete them")
     cache_dir_flag(parser)
