@@ -17,23 +17,22 @@ Its key is everything that shapes the numbers:
   module's class and ``repr``;
 * a SHA-256 of the features module's ``state_dict`` (exact: a checkpoint file or
   pre-trained weights that changed give another store);
-* the data's content key: an image store's own key (files, sizes, times, decoding
-  settings), or a SHA-256 of an in-memory example tensor; and which examples;
+* the data's content key: the image store's own key (files, sizes, times, decoding
+  settings); and which examples;
 * the device type, the dtype and this format's version.
 
 It is built by one process under a lock (others wait, then read the finished file),
 written under a temporary name and renamed, its manifest last, and checked (size and
 checksum) when opened, like an image store. It lives beside the dataset's image store (the
-cache directory that store's task was given), or, for in-memory examples, in the default
-cache directory (:func:`autometa.cache.cache_dir`). ``autometa cache`` lists and clears
-both kinds. A newer store of the same source and data (other weights) replaces the older.
+cache directory that store's task was given); ``autometa cache`` lists and clears both.
+A newer store of the same source and data (other weights) replaces the older.
 
 Used only where one example's features do not depend on the others in its batch: never
 for a network with a BatchNorm that normalises with the batch's statistics (no running
 statistics), nor one whose features of a probe batch differ from those of its halves,
 nor features wider than float32. Those, a network with no parameters or buffers (``raw``:
-nothing to compute), and episodes not held as indices into an image store or an example
-tensor are evaluated as before (a reason is logged once). Cached features equal the
+nothing to compute), and episodes not held as indices into an image store (data held in
+memory, small) are evaluated as before (a reason is logged once). Cached features equal the
 uncached ones to float32 round-off (the network saw other batches; the predictions are
 the same but for exact ties).
 """
@@ -59,7 +58,6 @@ from torch import Tensor, nn
 
 from autometa import cache, work
 from autometa.algorithm import MetaAlgorithm
-from autometa.episodes import TensorExamples
 from autometa.frozen import EmbeddedEpisodes, FrozenFeatureAlgorithm
 from autometa.image_store import StoredImages
 from autometa.task import Episodes, EpisodeSet, IndexedEpisodes, MixedEpisodes, Task
@@ -83,7 +81,6 @@ _sources: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKey
 # features module -> (state fingerprint, weights digest, per-example reason or None)
 _weights: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str, str | None]] = \
     weakref.WeakKeyDictionary()
-_tensor_keys: weakref.WeakKeyDictionary[TensorExamples, str] = weakref.WeakKeyDictionary()
 _open: dict[str, FeatureStore] = {}  # opened stores of this process, by key
 _told: set[str] = set()  # fallback reasons already logged
 _enabled: ContextVar[bool] = ContextVar("autometa_feature_store", default=True)
@@ -212,10 +209,10 @@ def _groups(episodes: EpisodeSet) -> list[IndexedEpisodes]:
     return []
 
 
-def _examples(group: IndexedEpisodes) -> StoredImages | TensorExamples | None:
-    """The examples ``group`` gathers from, if they are an image store or a tensor."""
+def _examples(group: IndexedEpisodes) -> StoredImages | None:
+    """The image store ``group`` gathers from, if it gathers from one."""
     owner = getattr(group.gather, "__self__", None)
-    return owner if isinstance(owner, StoredImages | TensorExamples) else None
+    return owner if isinstance(owner, StoredImages) else None
 
 
 def _twin(episodes: EpisodeSet, task: Task, features: nn.Module, identity: dict[str, Any]
@@ -224,7 +221,8 @@ def _twin(episodes: EpisodeSet, task: Task, features: nn.Module, identity: dict[
     groups = _groups(episodes)
     owners = [_examples(g) for g in groups]
     if not groups or any(o is None for o in owners):
-        _tell(identity, "its episodes are not indices into an image store or a tensor")
+        _tell(identity, "its episodes are not indices into an image store (data held in "
+              "memory is small: embedding it per episode is cheap)")
         return None
     stores: dict[int, FeatureStore] = {}
     for owner in {id(o): o for o in owners}.values():
@@ -311,20 +309,13 @@ def _network(features: nn.Module, probe: Callable[[], Tensor]) -> tuple[str, str
     return digest, reason
 
 
-def _data_key(owner: StoredImages | TensorExamples) -> tuple[str, Path]:
-    """The content key of the examples and the folder their feature stores go in."""
-    if isinstance(owner, StoredImages):
-        return f"store:{owner.store.manifest['key']}", owner.store.path.parent
-    key = _tensor_keys.get(owner)
-    if key is None:
-        flat = owner.x.detach().to("cpu", torch.float32).contiguous()
-        hasher = hashlib.sha256(repr(tuple(flat.shape)).encode())
-        hasher.update(flat.numpy().data)
-        key = _tensor_keys[owner] = f"tensor:{hasher.hexdigest()}"
-    return key, cache.writable(cache.cache_dir())
+def _data_key(owner: StoredImages) -> tuple[str, Path]:
+    """The content key of the images and the folder their feature stores go in (the image
+    store's own: the cache directory the task was given)."""
+    return f"store:{owner.store.manifest['key']}", owner.store.path.parent
 
 
-def embed(features: nn.Module, examples: StoredImages | TensorExamples, rows: Tensor, *,
+def embed(features: nn.Module, examples: StoredImages, rows: Tensor, *,
           identity: dict[str, Any], device: torch.device) -> FeatureStore | None:
     """The store of ``features`` (on ``device``) over examples ``rows`` of ``examples``:
     opened if built (by any process, any earlier run), else built now under its lock.
@@ -400,7 +391,7 @@ def _batches(rows: Tensor, per_example: int) -> Iterator[Tensor]:
         yield rows[start:start + size]
 
 
-def _build(features: nn.Module, examples: StoredImages | TensorExamples, rows: Tensor,
+def _build(features: nn.Module, examples: StoredImages, rows: Tensor,
            device: torch.device, folder: Path, stem: str, content: str, source: str
            ) -> dict[str, Any]:
     """Embed ``rows`` batch by batch in eval mode into ``<stem>.f32``; its manifest last."""
