@@ -200,7 +200,8 @@ class GradientMetaLearner(MetaAlgorithm):
                 raise ConfigError(
                     f"{type(self).__name__.lower()}: a second-order meta-gradient through "
                     "fused scaled-dot-product attention is not implemented in PyTorch; set "
-                    "first_order=True, or load the model with attn_implementation='eager'"
+                    "first_order=True, or load the model with attn_implementation='eager' "
+                    "(the transformers source's default, transformers.attention=eager)"
                 ) from exc
             raise
         self.optimizer.step()

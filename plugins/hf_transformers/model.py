@@ -32,6 +32,10 @@ Pooling (``pooling=None`` picks the model's conventional pooled feature):
 - anything else: ``"pooler"``, the model's own ``pooler_output``.
 ``"mean"`` averages the patch tokens (the class token and DINOv2's registers left out).
 
+Attention (``attention``): ``"eager"`` by default, the implementation a second-order
+meta-gradient can differentiate twice; ``"sdpa"`` (PyTorch's fused attention) is faster
+for ProtoNet, fine-tuning, first-order MAML and the baselines.
+
 Train mode: the engine switches the network between train and eval. ViT, DINOv2 and CLIP
 configs default to no dropout (``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
 ``attention_dropout``, ``drop_path_rate`` are 0.0, as in the published checkpoints), so
@@ -56,6 +60,11 @@ from autometa_plugins.hf_transformers import loading, missing_reason
 log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean", "pooler")
+#: transformers' attention implementations offered: "eager" is plain autograd (twice
+#: differentiable: second-order MAML, Meta-SGD and ANIL differentiate through the inner
+#: gradient); "sdpa" is PyTorch's fused scaled_dot_product_attention, faster and leaner,
+#: but its fused kernels have no double backward (first-order algorithms only).
+ATTENTION = ("eager", "sdpa")
 #: The conventional pooled feature per model type (see the module docstring).
 DEFAULT_POOLING = {"vit": "cls", "dinov2": "cls", "dinov2_with_registers": "cls",
                    "clip_vision_model": "pooler"}
@@ -108,6 +117,7 @@ class TransformersModel(SourceModel):
         pooling: str | None = None,  # "cls", "mean" or "pooler"; None: the model's own
         size: int | None = None,  # inputs resized to size x size; None: the processor's
         normalize: bool = True,  # the processor's mean/std standardisation of [0, 1] inputs
+        attention: str = "eager",  # "eager" (second-order MAML) or "sdpa" (fused, faster)
     ) -> None:
         hf = loading.transformers()
         if pooling is not None and pooling not in POOLINGS:
@@ -116,6 +126,10 @@ class TransformersModel(SourceModel):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)
                                  or size < 1):
             raise ConfigError(f"transformers.size: expected a positive integer, got {size!r}")
+        if attention not in ATTENTION:
+            raise ConfigError(f"transformers.attention: expected one of {list(ATTENTION)}, "
+                              f"got {attention!r}")
+        self.attention = attention
         self.normalize = check_flag("transformers.normalize", normalize)
         self.directory, weights = loading.locate(path)
         self.path = path
@@ -123,7 +137,7 @@ class TransformersModel(SourceModel):
         cls = loading.model_class(hf, config, self.directory, self.model_type)
         kind = str(getattr(config, "model_type", self.model_type))
         self.pooling = pooling or DEFAULT_POOLING.get(kind, "pooler")
-        extra = {}
+        extra: dict[str, object] = {"attn_implementation": attention}
         if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
             extra["add_pooling_layer"] = self.pooling == "pooler"  # ViT: no random pooler
         self.processing = loading.processing(hf, self.directory, self.model_type)

@@ -5,6 +5,7 @@ search."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -177,6 +178,30 @@ def test_maml_style_functional_gradient_over_every_parameter(dirs):
     with torch.no_grad():
         trained = model(x)
         torch.testing.assert_close(trained, model.eval()(x))
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_second_order_maml_needs_eager_attention_the_default(dirs, adapter):
+    """A second-order meta-gradient differentiates the inner gradient: transformers' eager
+    attention allows it; PyTorch's fused attention ("sdpa") has no double backward, and
+    MAML says so in one line."""
+    from autometa_plugins.digits.task import Digits
+    from autometa_plugins.maml.algorithm import MAML
+
+    task = Digits(ways=5, shots=1, queries=2, val_episodes=2, test_episodes=2)
+    x = torch.rand(2, 10, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(5).repeat(2, 2)[:, :10]
+    batch = autometa.Episodes(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = source(path=str(dirs / "vit"), attention=attention).build(SPEC)
+        maml = MAML(model, task, first_order=False, meta_batch_size=2, adapter=adapter)
+        if attention == "eager":
+            assert math.isfinite(maml.meta_step(batch))
+        else:
+            with pytest.raises(autometa.ConfigError, match=r"^maml: a second-order "
+                               r"meta-gradient through fused scaled-dot-product attention"):
+                maml.meta_step(batch)
 
 
 def test_a_search_ranks_a_protonet_trial(dirs, autometa_search):
