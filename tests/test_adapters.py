@@ -314,7 +314,8 @@ def test_second_order_through_fused_attention_is_one_line_with_the_fix(digits: D
     algo = MAML(fused(), digits, adapter="lora", lora_rank=RANK, meta_batch_size=2)
     with pytest.raises(ConfigError, match=r"^maml: a second-order meta-gradient through fused "
                                           r"scaled-dot-product attention .* first_order=True, "
-                                          r"or load the model with attn_implementation='eager'$"):
+                                          r"or load the model with attn_implementation='eager' "
+                                          r"\(the transformers source's default"):
         algo.meta_step(batch(digits, torch.float32))
     first = MAML(fused(), digits, adapter="lora", lora_rank=RANK, meta_batch_size=2,
                  first_order=True)
