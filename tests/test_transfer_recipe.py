@@ -11,6 +11,7 @@ plugin's code path is the real one: build without weights, load the local file w
 from __future__ import annotations
 
 import html
+import os
 import re
 import sys
 import types
@@ -94,3 +95,71 @@ def test_pretrained_vgg_from_a_pth_file_transferred_to_airplanes(
     assert "train accuracy" in page and "test accuracy, 95% interval" in page
     best = scored.iloc[0]
     assert f"{best['train_accuracy']:.4g}" in page
+
+
+def _glyph_folders(root: Path, classes: int, per_class: int) -> None:
+    """``classes`` folders of ``per_class`` 16x16 RGB images: each class a bright bar at
+    its own angle on noise, so that a few-shot learner has something to find."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class-{c:02d}"
+        folder.mkdir(parents=True)
+        angle = np.pi * c / classes
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, size=(16, 16, 3)).astype(np.uint8)
+            for t in np.linspace(-6, 6, 25):
+                r = int(round(8 + t * np.sin(angle) + rng.normal(0, 0.5)))
+                q = int(round(8 + t * np.cos(angle) + rng.normal(0, 0.5)))
+                if 0 <= r < 16 and 0 <= q < 16:
+                    pixels[r, q] = (230, 200, 90 + 15 * (c % 10))
+            Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+
+
+@pytest.mark.slow
+def test_bring_your_own_backbone_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "Bring your own backbone" recipe on a directory saved here: a small
+    random ViT written by examples/save_backbone.py, searched with fine-tuning, ProtoNet,
+    MAML with LoRA adapters and P>M>F, ranked with the baselines, reported."""
+    import subprocess
+
+    from limits import QUICK_SUBPROCESS
+
+    monkeypatch.chdir(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "examples" / "save_backbone.py"
+    saved = subprocess.run([sys.executable, str(script), "--tiny", "vit", "tiny-vit"],
+                           capture_output=True, text=True, timeout=QUICK_SUBPROCESS)
+    assert saved.returncode == 0 and "wrote tiny-vit" in saved.stdout, saved.stderr
+    _glyph_folders(tmp_path / "photos", classes=15, per_class=8)
+
+    code = main(["run", "--task", "image-folder", "--task-param", "path=photos",
+                 "--task-param", "channels=3", "--task-param", "size=16",
+                 "--task-param", "ways=3", "--task-param", "val_episodes=10",
+                 "--task-param", "test_episodes=20",
+                 "--sources", "transformers", "--param", "transformers.path=tiny-vit",
+                 "--algorithms", "finetune,protonet,maml,pmf", "--param", "maml.adapter=lora",
+                 "--param", "maml.meta_batch_size=4", "--param", "pmf.finetune_steps=20",
+                 "--param", "finetune.finetune_steps=10",
+                 "--trials", "4", "--meta-steps", "4", "--eval-every", "4", "--pruner", "none",
+                 "--study", "dino", "--threads", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    board = pd.read_csv(tmp_path / "autometa-reports" / "dino.csv")
+    searched = board[~board["baseline"]]
+    assert set(searched["source"]) == {"transformers"}
+    assert {"finetune", "protonet", "maml", "pmf"} <= set(searched["algorithm"])
+    lora = searched[searched["algorithm"] == "maml"]
+    assert lora["params"].str.contains("adapter=lora").all()
+    assert lora["maml.lora_rank"].notna().all()  # searched, since the adapter is set
+    frozen = board[board["baseline"] & (board["source"] == "transformers")]
+    assert set(frozen["algorithm"]) == {"nearest-centroid", "linear-probe", "linear-svm"}
+    # The frozen ViT's features of the evaluation images: computed once, stored.
+    stores = Path(os.environ["AUTOMETA_CACHE_DIR"]) / "stores"
+    assert len(list(stores.glob("features-transformers-*.f32"))) == 1
+
+    assert main(["report", "dino"]) == 0
+    page = (tmp_path / "autometa-reports" / "dino.html").read_text(encoding="utf-8")
+    assert "transformers" in page and "pmf" in page and "(baseline)" in page
