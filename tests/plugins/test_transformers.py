@@ -204,6 +204,30 @@ def test_second_order_maml_needs_eager_attention_the_default(dirs, adapter):
                 maml.meta_step(batch)
 
 
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip"])
+def test_maml_with_lora_adapters_on_each_family(dirs, name):
+    """``maml.adapter=lora`` on each family's attention: adapters on the query, key and
+    value projections of every layer; a meta-step moves them and the head only."""
+    from autometa_plugins.digits.task import Digits
+    from autometa_plugins.maml.algorithm import MAML
+
+    task = Digits(ways=5, shots=1, queries=2, val_episodes=2, test_episodes=2)
+    x = torch.rand(2, 10, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(5).repeat(2, 2)[:, :10]
+    batch = autometa.Episodes(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
+    torch.manual_seed(0)
+    model = source(path=str(dirs / name)).build(SPEC)
+    maml = MAML(model, task, first_order=False, meta_batch_size=2, adapter="lora",
+                lora_rank=2)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    adapters = [k for k in before if "lora_" in k]
+    assert len(adapters) == 2 * 3 * TINY["num_hidden_layers"]  # A and B on q, k, v
+    assert math.isfinite(maml.meta_step(batch))
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved and moved <= {*adapters, "head.weight", "head.bias"}
+    assert any("lora_B" in k for k in moved)  # B starts at zero and is learned
+
+
 def test_a_search_ranks_a_protonet_trial(dirs, autometa_search):
     board = autometa_search("glyphs", task_params=SMALL_GLYPHS, sources=["transformers"],
                             source_params={"transformers": {"path": str(dirs / "vit")}},
