@@ -60,6 +60,8 @@ from autometa_plugins.hf_transformers import loading, missing_reason
 log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean", "pooler")
+#: (task image size, model size) pairs already warned about in this process.
+_WARNED: set[tuple[tuple[int, ...], tuple[int, int]]] = set()
 #: transformers' attention implementations offered: "eager" is plain autograd (twice
 #: differentiable: second-order MAML, Meta-SGD and ANIL differentiate through the inner
 #: gradient); "sdpa" is PyTorch's fused scaled_dot_product_attention, faster and leaner,
@@ -170,6 +172,14 @@ class TransformersModel(SourceModel):
         return reason
 
     def build(self, spec: TaskSpec) -> Backbone:
+        small = tuple(spec.input_shape[1:])
+        if any(2 * have < want for have, want in zip(small, self.size, strict=False)) \
+                and (small, self.size) not in _WARNED:
+            _WARNED.add((small, self.size))
+            log.warning("transformers: the task's %s images are resized up to %s for %s; "
+                        "decode them nearer the model's size (image-folder and the benchmark "
+                        "tasks: --task-param size=%d)", "x".join(map(str, small)),
+                        "x".join(map(str, self.size)), self.directory, max(self.size))
         features = copy.deepcopy(self._features)
         return Backbone(features, nn.Linear(self.width, spec.output_size))
 

@@ -145,6 +145,10 @@ class PMF(MetaAlgorithm):
             raise ConfigError(f"pmf {reason}")
         if distance not in DISTANCES:
             raise ConfigError(f"pmf.distance: {distance!r} is not one of 'cosine', 'euclidean'")
+        if not any(True for _ in model.features.parameters()):
+            raise ConfigError("pmf meta-trains and fine-tunes the source model's features, "
+                              "and these have no parameters (the raw inputs); use a network "
+                              "(conv4, pretrained, transformers, ...)")
         for name, count in (("finetune_steps", finetune_steps),
                             ("select_episodes", select_episodes)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -327,3 +327,16 @@ def test_a_search_naming_no_algorithm_leaves_pmf_out(tmp_path):
     named = prepare(SearchConfig(task="digits", task_params=small, sources=["mlp"],
                                  algorithms=["pmf"]), host)
     assert list(named.algorithms) == ["pmf"]
+
+
+def test_a_source_without_parameters_is_refused_in_one_line():
+    """The raw inputs have nothing to meta-train or fine-tune: one line, not an optimizer's
+    "empty parameter list"."""
+    from autometa_plugins.raw.model import Raw
+
+    task = Digits(ways=3, shots=1, queries=2, val_episodes=2, test_episodes=2)
+    model = Raw().build(task.spec)
+    with pytest.raises(autometa.ConfigError, match=r"^pmf meta-trains and fine-tunes the "
+                                                   r"source model's features, and these "
+                                                   r"have no parameters"):
+        PMF(model, task, distance="euclidean")

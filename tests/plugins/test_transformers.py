@@ -267,3 +267,20 @@ def test_incompatibility_names_the_install_line(monkeypatch):
     assert hf_transformers.missing_reason() is not None
     assert TransformersModel.incompatibility(SPEC) == (
         "needs transformers, which is not installed: pip install 'autometa-ml[hf]'")
+
+
+def test_small_task_images_are_warned_about_once(dirs, caplog):
+    """Images decoded far below the model's input size (image-folder's default is 28 px)
+    are upsampled inside the model: one warning says how to decode them larger."""
+    import logging
+
+    small = TaskSpec("classification", (3, 12, 12), 5)
+    model = source(path=str(dirs / "vit"))
+    with caplog.at_level(logging.WARNING, logger="autometa_plugins.hf_transformers.model"):
+        model.build(small)
+        model.build(small)
+        model.build(SPEC)  # at the model's size: nothing to say
+    warned = [r.getMessage() for r in caplog.records if "resized up" in r.getMessage()]
+    assert warned == [f"transformers: the task's 12x12 images are resized up to 32x32 for "
+                      f"{dirs / 'vit'}; decode them nearer the model's size (image-folder "
+                      f"and the benchmark tasks: --task-param size=32)"]
