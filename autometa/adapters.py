@@ -33,8 +33,9 @@ the inner loop's support losses random.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -44,7 +45,7 @@ from autometa.space import Categorical, Float, Int, Param
 
 __all__ = ["ADAPTERS", "LORA_SPACE", "LORA_TARGETS", "AdaptedNames", "Adapter", "LoraTargets",
            "add_lora",
-           "check_adapter", "lora_target_modules"]
+           "check_adapter", "lora_incompatibility", "lora_target_modules"]
 
 #: An algorithm's ``adapter`` setting, and ``lora_targets``'s.
 Adapter = Literal["none", "lora"]
@@ -113,6 +114,25 @@ def lora_target_modules(features: nn.Module, targets: str) -> list[str]:
                 if isinstance(module, nn.Linear | nn.Conv2d)]
     raise ConfigError(f"lora_targets: {targets!r} is not one of "
                       f"{', '.join(map(repr, LORA_TARGETS))}")
+
+
+def lora_incompatibility(owner: str, model: Backbone, settings: Mapping[str, Any]
+                         ) -> str | None:
+    """Why LoRA with ``settings`` (an algorithm's: ``adapter``, ``lora_targets``, each a
+    fixed value or a searched :class:`~autometa.space.Categorical`) cannot adapt
+    ``model``: no choice of ``lora_targets`` selects a layer of its features. None if it
+    can, or if the adapter is not (or not only) LoRA. For
+    :meth:`autometa.algorithm.MetaAlgorithm.model_incompatibility`.
+    """
+    if settings.get("adapter", "none") != "lora":
+        return None
+    targets = settings.get("lora_targets", "attention")
+    choices = targets.choices if isinstance(targets, Categorical) else (targets,)
+    if any(lora_target_modules(model.features, str(t)) for t in choices):
+        return None
+    return (f"{owner}.lora_targets {' or '.join(map(repr, choices))} matches no layer of the "
+            f"source model's {type(model.features).__name__}; set {owner}.lora_targets=linear "
+            "(every Linear and Conv2d layer)")
 
 
 def add_lora(model: Backbone, *, rank: int = 8, alpha: float = 16.0,

@@ -17,6 +17,7 @@ Life cycle, driven by the engine for every trial:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -83,6 +84,22 @@ class MetaAlgorithm(ABC):
         """
         if task.kind not in cls.kinds:
             return f"supports {' and '.join(sorted(cls.kinds))} tasks, the task is {task.kind}"
+        return None
+
+    @classmethod
+    def model_incompatibility(cls, model: Backbone, settings: Mapping[str, Any]) -> str | None:
+        """Why this algorithm cannot adapt ``model`` with ``settings`` (a sentence naming
+        the setting and the fix), or None if it can.
+
+        The engine asks before anything is stored, for every source model of the search,
+        with the network that source builds for the task (its searched settings at their
+        defaults) and this algorithm's settings: a fixed value, or, for a searched one,
+        its :class:`~autometa.space.Float`, :class:`~autometa.space.Int` or
+        :class:`~autometa.space.Categorical`. An algorithm that can adapt none of the
+        search's sources is refused with the reason; a pair that cannot work is logged.
+        The default: None. Override it for needs a network may not meet (LoRA's target
+        layers, parameters to train).
+        """
         return None
 
     @abstractmethod

@@ -198,5 +198,7 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "test_n": "number of meta-test scores (episodes, or test examples of a target dataset)",
     "test_ci_over": "what test_n counts: 'episodes' or 'examples'",
     "test_scores": "the meta-test scores, one per episode or example",
+    "train_mean": "a target dataset's train score: the scored model adapted on its train "
+                  "split and scored on it",
     "test_failure": "why meta-test scoring failed",
 }

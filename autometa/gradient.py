@@ -39,13 +39,13 @@ strategies serve peft's layers (``vmap`` and ``loop`` give the same meta-gradien
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter
+from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter, lora_incompatibility
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import ConfigError
 from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
@@ -169,6 +169,12 @@ class GradientMetaLearner(MetaAlgorithm):
             }
             meta_params += self.inner_lr.values()
         self.optimizer = torch.optim.Adam(meta_params, lr=meta_lr)
+
+    @classmethod
+    def model_incompatibility(cls, model: Backbone, settings: Mapping[str, Any]) -> str | None:
+        """With ``adapter="lora"``: no choice of ``lora_targets`` selects a layer of the
+        network's features (:func:`autometa.adapters.lora_incompatibility`)."""
+        return lora_incompatibility(cls.__name__.lower(), model, settings)
 
     def inner_loop_options(self, first_order: bool | None = None) -> dict[str, Any]:
         """The keywords given to :mod:`autometa.inner_loop`'s functions.

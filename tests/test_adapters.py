@@ -339,3 +339,28 @@ def test_finetune_conforms_with_lora(digits: Digits) -> None:
     check_meta_algorithm(FineTune, sinusoid, MLP, {"hidden": 8}, adapter="lora",
                          lora_targets="linear", finetune="all", finetune_steps=3,
                          batch_tasks=2)
+
+
+def test_a_pair_that_cannot_work_is_refused_before_anything_is_stored(tmp_path):
+    """LoRA on attention layers that the source's network lacks: one line naming the pair
+    and the fix, before a study exists; with a source that has them, only that pair is
+    logged."""
+    import autometa
+    from autometa.engine.prepare import prepare
+
+    host = autometa.create_host()
+    small = {"val_episodes": 2, "test_episodes": 2}
+    lora = {"maml": {"adapter": "lora", "lora_targets": "attention"}}
+    with pytest.raises(ConfigError, match=r"^algorithm 'maml' cannot adapt source model "
+                                          r"'conv4' here: maml\.lora_targets 'attention' "
+                                          r"matches no layer .*; set maml\.lora_targets=linear"):
+        prepare(autometa.SearchConfig(task="digits", task_params=small, sources=["conv4"],
+                                      algorithms=["maml"], algorithm_params=lora,
+                                      storage=f"sqlite:///{tmp_path / 'a.db'}"), host)
+    assert not (tmp_path / "a.db").exists()
+    # "linear" among the searched choices: the pair can work, nothing refused.
+    either = {"maml": {"adapter": "lora"}}
+    prepared = prepare(autometa.SearchConfig(task="digits", task_params=small,
+                                             sources=["conv4"], algorithms=["maml"],
+                                             algorithm_params=either), host)
+    assert list(prepared.algorithms) == ["maml"]

@@ -96,12 +96,14 @@ def prepare(config: SearchConfig, host: PluginHost,
         reason = cls.incompatibility(task)
         return f"it {reason} (task {config.task!r})" if reason else None
 
+    made: dict[Any, Any] = {}  # source class -> its instance with the fixed settings
+
     def source_problem(cls: Any, space: dict[str, Any]) -> str | None:
         # Set the source up with its fixed settings now, so that a missing setting (a
         # checkpoint's path, an uninstalled library) fails before anything is stored.
         fixed = {k: v for k, v in space.items() if not isinstance(v, Float | Int | Categorical)}
         try:
-            source = cls(**localize(cls, fixed, data_root))
+            source = made[cls] = cls(**localize(cls, fixed, data_root))
         except AutometaError as exc:
             return str(exc)
         reason = source.incompatibility(task.spec)
@@ -111,6 +113,9 @@ def prepare(config: SearchConfig, host: PluginHost,
                          algorithm_problem, task)
     sources = _choose(host, "source", config.sources, config.source_params, source_problem,
                       task)
+    if expected_inputs is None:  # the search's process (a joining worker's study exists)
+        networks = {name: made.get(host.get("source", name).load()) for name in sources}
+        _check_pairs(host, task, algorithms, networks, bool(config.algorithms))
     plugin_paths: dict[str, str] = {}
     kinds: tuple[tuple[Kind, dict[str, dict[str, Any]]], ...] = (
         ("algorithm", algorithms), ("source", sources))
@@ -141,6 +146,48 @@ def prepare(config: SearchConfig, host: PluginHost,
             warm = read_warm_start(config)
     return Prepared(typed, host, task, algorithms, sources, task_space, inputs, data_root,
                     warm)
+
+
+def _check_pairs(host: PluginHost, task: Task, algorithms: dict[str, dict[str, Any]],
+                 sources: Mapping[str, Any], requested: bool) -> None:
+    """Ask each algorithm whether it can adapt each source's network
+    (:meth:`~autometa.algorithm.MetaAlgorithm.model_incompatibility`; LoRA's target layers,
+    parameters to train), the network built once here for the task. An algorithm that can
+    adapt none of them is refused if named (else left out of ``algorithms``); a pair that
+    cannot work is logged (its trials will fail with the reason). A source whose network
+    cannot be built yet (``pretrained`` pre-trains first) is not checked.
+    """
+    networks = {}
+    for name, source in sources.items():
+        try:
+            with torch.random.fork_rng(devices=[]):  # the trials' seeding is left alone
+                networks[name] = source.build(task.spec)
+        except Exception:  # the trial reports it; not every source builds before prepare()
+            log.debug("source %r not built while preparing", name, exc_info=True)
+    if not networks:
+        return
+    for name in list(algorithms):
+        reg = host.get("algorithm", name)
+        cls = reg.load()
+        settings = {**keyword_defaults(cls), **algorithms[name]}
+        with reg.guard("raised when asked whether it can adapt a source model"):
+            reasons = {s: cls.model_incompatibility(model, settings)
+                       for s, model in networks.items()}
+        bad = {s: r for s, r in reasons.items() if r}
+        if bad and len(bad) == len(networks) == len(sources):
+            source, reason = next(iter(bad.items()))
+            if requested:
+                raise ConfigError(f"algorithm {name!r} cannot adapt source model {source!r}"
+                                  f" here: {reason}" if len(bad) == 1 else
+                                  f"algorithm {name!r} cannot adapt any source model of "
+                                  f"the search ({source!r}: {reason})")
+            log.info("leaving algorithm %r out of the search: it cannot adapt %s (%s)",
+                     name, ", ".join(map(repr, bad)), reason)
+            del algorithms[name]
+            continue
+        for source, reason in bad.items():
+            log.warning("trials of algorithm %r on source model %r will fail: %s", name,
+                        source, reason)
 
 
 def _overrides(space: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,13 +54,23 @@ because every meta-val evaluation fine-tunes on every episode.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from autometa import Backbone, Categorical, ConfigError, Episodes, Float, Int, MetaAlgorithm, Task
-from autometa.adapters import LORA_SPACE, Adapter, LoraTargets, add_lora, check_adapter
+from autometa.adapters import (
+    LORA_SPACE,
+    Adapter,
+    LoraTargets,
+    add_lora,
+    check_adapter,
+    lora_incompatibility,
+)
 from autometa_plugins.finetune.fit import OPTIMIZERS, fit_and_predict
 from autometa_plugins.finetune.heads import HEADS, Classifier, logits
 
@@ -165,6 +175,10 @@ class FineTune(MetaAlgorithm):
                       "has no labelled meta-train pool (train_classes = 0, no "
                       "sample_labelled)")
         return reason
+
+    @classmethod
+    def model_incompatibility(cls, model: Backbone, settings: Mapping[str, Any]) -> str | None:
+        return lora_incompatibility("finetune", model, settings)
 
     def meta_step(self, batch: Episodes) -> float:
         if self.classifies:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -197,6 +197,14 @@ class PMF(MetaAlgorithm):
         """``{candidate lr: mean metric on the selection episodes}`` of the last choice
         (empty before one, or when there is a single candidate)."""
         return dict(self._selection)
+
+    @classmethod
+    def model_incompatibility(cls, model: Backbone, settings: Mapping[str, Any]) -> str | None:
+        if not any(True for _ in model.features.parameters()):
+            return ("pmf meta-trains and fine-tunes the source model's features, which have "
+                    "no parameters (the raw inputs); use a network (conv4, pretrained, "
+                    "transformers, ...)")
+        return None
 
     def meta_step(self, batch: Episodes) -> float:
         features = self.model.features

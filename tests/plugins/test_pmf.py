@@ -340,3 +340,12 @@ def test_a_source_without_parameters_is_refused_in_one_line():
                                                    r"source model's features, and these "
                                                    r"have no parameters"):
         PMF(model, task, distance="euclidean")
+    # ... and a search naming that pair is refused before anything is stored.
+    from autometa import SearchConfig
+    from autometa.engine.prepare import prepare
+
+    with pytest.raises(autometa.ConfigError, match=r"^algorithm 'pmf' cannot adapt source "
+                                                   r"model 'raw' here: pmf meta-trains"):
+        prepare(SearchConfig(task="digits", task_params={"val_episodes": 2,
+                                                         "test_episodes": 2},
+                             sources=["raw"], algorithms=["pmf"]), autometa.create_host())
