@@ -353,7 +353,7 @@ def embed(features: nn.Module, examples: StoredImages, rows: Tensor, *,
         manifest = _valid(folder, stem, content)
         if manifest is None:
             manifest = _build(features, examples, rows, device, folder, stem, content,
-                              str(identity["source"]))
+                              _label(identity))
             _drop_older(folder, stem)
     path = folder / f"{stem}.f32"
     shape = tuple(manifest["shape"])
@@ -389,6 +389,14 @@ def _batches(rows: Tensor, per_example: int) -> Iterator[Tensor]:
     size = max(1, min(BATCH, BATCH_BYTES // max(1, per_example)))
     for start in range(0, len(rows), size):
         yield rows[start:start + size]
+
+
+def _label(identity: dict[str, Any]) -> str:
+    """The source and its settings, for people: "transformers (path=dinov2-small)"."""
+    params = identity.get("params") or {}
+    settings = ", ".join(f"{k}={v}" for k, v in params.items())
+    label = f"{identity['source']} ({settings})" if settings else str(identity["source"])
+    return label if len(label) <= 100 else label[:99] + "…"
 
 
 def _build(features: nn.Module, examples: StoredImages, rows: Tensor,
