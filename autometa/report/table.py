@@ -145,14 +145,14 @@ def _test(d: dict[Any, Any], metric: str) -> str:
 
 def _hyperparameters(board: Board, study: optuna.Study | None
                      ) -> tuple[list[str], dict[int, dict[str, Any]]]:
-    """Hyperparameter column names ``<plugin>.<name>`` and each trial's values."""
+    """Hyperparameter names ``<plugin>.<name>`` and each trial's values: from the study,
+    every setting of each trial's plan (fixed ones too, e.g. ``maml.adapter=lora``, a
+    source's ``path``); without it, the leaderboard's columns (the searched ones)."""
     frame = board.frame
-    columns = [str(c) for c in frame.columns if "." in str(c)]
-    if columns:
+    if study is None:
+        columns = [str(c) for c in frame.columns if "." in str(c)]
         return columns, {int(d["trial"]): {c: d[c] for c in columns}
                          for d in frame.to_dict("records")}
-    if study is None:
-        return [], {}
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     values: dict[int, dict[str, Any]] = {}
     for number in frame["trial"]:
