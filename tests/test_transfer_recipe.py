@@ -163,3 +163,5 @@ def test_bring_your_own_backbone_recipe(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["report", "dino"]) == 0
     page = (tmp_path / "autometa-reports" / "dino.html").read_text(encoding="utf-8")
     assert "transformers" in page and "pmf" in page and "(baseline)" in page
+    # Fixed settings are listed with the searched ones: which runs used LoRA, which weights.
+    assert "maml.adapter=lora" in page and "transformers.path=tiny-vit" in page
