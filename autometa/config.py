@@ -316,12 +316,21 @@ def read_config_file(path: Path) -> dict[str, Any]:
     where = f"config file {str(path)!r}"
     if path.is_dir():
         raise ConfigError(f"{where} is a directory; give a .toml, .yaml or .yml file")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{where} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a regular file (a device, FIFO or socket); give a "
+                          ".toml, .yaml or .yml file")
     if path.suffix not in {".toml", ".yaml", ".yml"}:
         raise ConfigError(f"{where}: unknown format {path.suffix!r}; use .toml, .yaml or .yml")
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as handle:  # bounded: never more than the limit in memory
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a "
+                              "config file holds settings, not data: point to data files "
+                              "from it")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                           f"offset {exc.start}); save it as UTF-8") from None
@@ -332,14 +341,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{where} is not valid TOML: {_one_line(str(exc))}") from None
+        except RecursionError:
+            raise ConfigError(_too_deep(where)) from None
     else:
-        data = _load_yaml(text, where)
+        try:
+            data = _load_yaml(text, where)
+        except RecursionError:
+            raise ConfigError(_too_deep(where)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table of settings at the top, "
                           f"got {type(data).__name__}")
     return data
+
+
+#: The largest config file read (bytes): settings, never data.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _too_deep(where: str) -> str:
+    return (f"{where} nests arrays or tables too deeply to be read (thousands of levels); "
+            "settings nest a few levels at most: flatten it")
 
 
 def _load_yaml(text: str, where: str) -> Any:

@@ -26,9 +26,16 @@ class DataError(AutometaError, ValueError):
 
 
 def closest(name: str, choices: Iterable[str]) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``.
+
+    Case is ignored (``MLP`` → ``'mlp'``); a choice equal to ``name`` but for case wins.
+    """
+    choices = list(choices)
+    by_case = {c.casefold(): c for c in reversed(choices)}
+    if name.casefold() in by_case:
+        return f" (did you mean {by_case[name.casefold()]!r}?)"
+    match = difflib.get_close_matches(name.casefold(), list(by_case), n=1, cutoff=0.5)
+    return f" (did you mean {by_case[match[0]]!r}?)" if match else ""
 
 
 def unknown(what: str, name: str, choices: Iterable[str]) -> str:
