@@ -242,3 +242,23 @@ def test_anything_a_plugin_declares_becomes_json() -> None:
     value = {"t": (1, (2.5, float("nan"))), 3: {"x": -float("inf")}, "o": Path("a")}
     assert json.loads(json.dumps(jsonable(value), allow_nan=False)) == {
         "t": [1, [2.5, "nan"]], "3": {"x": "-inf"}, "o": repr(Path("a"))}
+
+
+@pytest.mark.parametrize(("flag", "name", "line"), [
+    ("--task", "no-such-task", "unknown task 'no-such-task'"),
+    ("--sources", "MLP", "unknown source model 'MLP' (did you mean 'mlp'?)"),
+    ("--algorithms", "mamll", "unknown meta-algorithm 'mamll' (did you mean 'maml'?)"),
+])
+def test_a_misspelt_plugin_is_refused_before_torch_is_imported(tmp_path, flag, name, line):
+    """A wrong name is one line at once: torch, Optuna and pandas (seconds to import under
+    load) are not imported to say so, and nothing is written."""
+    argv = ["run", "--task", "sinusoid", flag, name, "--trials", "1",
+            "--storage", f"sqlite:///{tmp_path / 's.db'}"]
+    code = ("import sys\nfrom autometa.cli import main\n"
+            f"rc = main({argv!r})\n"
+            "print(rc, *(m in sys.modules for m in ('torch', 'optuna', 'pandas')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=QUICK_SUBPROCESS, cwd=tmp_path)
+    assert done.stdout.split() == ["2", "False", "False", "False"], done.stderr
+    assert done.stderr.startswith(f"autometa: error: {line}") and done.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -205,10 +205,18 @@ def _parse_value(raw: str) -> Any:
 
 
 def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
-    from autometa.plugins import create_host
+    from autometa.plugins import Kind, create_host
 
     host = create_host()
     config = config_from_args(args, sources=host.names("source"))
+    # Names are checked before torch, Optuna and pandas are imported (seconds under load):
+    # a misspelt plugin is one line at once.
+    named: tuple[tuple[Kind, list[str]], ...] = (
+        ("task", [config.task] if config.task else []), ("algorithm", config.algorithms),
+        ("source", config.sources))
+    for kind, names in named:
+        for name in names:
+            host.get(kind, name)  # PluginError: unknown, with "did you mean"
     check_writable_dir(args.out, "--out")
     from autometa.engine.run import run_search
     from autometa.progress import LineProgress, RichProgress
