@@ -221,11 +221,13 @@ def _detect(root: Path, listings: dict[Path, _Listing]) -> str:
 def _class(root: Path, folder: Path, listing: _Listing, group: str | None, ignored: str
            ) -> ClassFolder:
     name = folder.relative_to(root).as_posix()
+    if not listing.images:  # the error alone: a warning about its folders would come first
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        only = (f", only {len(listing.dirs)} {ignored}(s), which are not read"
+                if listing.dirs else "")
+        raise DataError(f"{NAME}: class folder {name!r} in {str(root)!r} holds no images "
+                        f"({suffixes}){only}; add images to it or remove it")
     if listing.dirs:
         log.warning("%s: ignoring %d %s(s) in class folder %r", NAME, len(listing.dirs),
                     ignored, name)
-    if not listing.images:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise DataError(f"{NAME}: class folder {name!r} in {str(root)!r} holds no images "
-                        f"({suffixes}); add images to it or remove it")
     return ClassFolder(name, group or name, tuple(listing.images))
