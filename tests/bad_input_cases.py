@@ -319,6 +319,14 @@ HOSTILE = [
     Case("csv-duplicate-target-column", ("--task", "csv", "--task-param", "path={d}/f.csv",
                                          "--task-param", "target=label"), ("label",),
          setup=write("f.csv", "a,label,label\n" + CSV_ROWS)),
+    Case("csv-header-of-1000000-columns", ("--task", "csv", "--task-param", "path={d}/w.csv",
+                                           "--task-param", "target=c0"), ("header",),
+         setup=write("w.csv", ",".join(f"c{i}" for i in range(1_000_000)) + "\n"
+                     + ",".join("1" * 1_000_000) + "\n")),
+    Case("csv-header-of-200000-short-columns", ("--task", "csv", "--task-param",
+                                                "path={d}/n.csv", "--task-param", "target=c"),
+         ("200,000 columns",),
+         setup=write("n.csv", ",".join("c" for _ in range(200_000)) + "\n")),
 ]
 
 CASES = [*EXECUTION, *BEFORE_STORING, *BOUNDS, *ONE_LINE, *HOSTILE]

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 AUTO_MAX_CLASSES = 20
 #: A text column with more than this share of number-like cells is a mixed-types error.
 MIXED_NUMERIC_SHARE = 0.5
+#: The widest CSV read (columns), and the longest header line (bytes): a wider file is
+#: refused before pandas parses it (a 1,000,000-column header took minutes and gigabytes).
+MAX_COLUMNS = 100_000
+MAX_HEADER_BYTES = 4 << 20
 
 
 def read_csv(path: Path, name: str) -> pd.DataFrame:
@@ -40,9 +44,33 @@ def read_csv(path: Path, name: str) -> pd.DataFrame:
         raise DataError(f"{name} does not exist{where}; pass the path of an existing CSV file")
     if path.is_dir():
         raise DataError(f"{name} is a directory; expected a CSV file")
+    _check_width(path, name)
     frame = read_frame(path, name)
     _check_unique_columns(path, name)
     return frame
+
+
+def _check_width(path: Path, name: str) -> None:
+    """DataError if the header line (the first non-empty one) is longer than
+    :data:`MAX_HEADER_BYTES` or names more than :data:`MAX_COLUMNS` columns; read with a
+    bound, before pandas."""
+    try:
+        with open(path, "rb") as file:
+            line = b""
+            while not line.strip():
+                line = file.readline(MAX_HEADER_BYTES + 1)
+                if not line:
+                    return  # empty: read_frame says so
+                if len(line) > MAX_HEADER_BYTES:
+                    raise DataError(f"{name}: the header line is longer than "
+                                    f"{MAX_HEADER_BYTES >> 20} MiB; a CSV task reads at most "
+                                    f"{MAX_COLUMNS:,} columns: select the columns you need")
+    except OSError:
+        return  # read_frame names the problem
+    columns = len(next(csv.reader([line.decode("utf-8-sig", "replace")]), []))
+    if columns > MAX_COLUMNS:
+        raise DataError(f"{name}: the header names {columns:,} columns; a CSV task reads at "
+                        f"most {MAX_COLUMNS:,}: select the columns you need")
 
 
 def _check_unique_columns(path: Path, name: str) -> None:
