@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from autometa.errors import DataError
 from autometa.numeric_inputs import InputBatch
@@ -31,8 +32,8 @@ from autometa.numeric_inputs import InputBatch
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["GRAY_MODES", "IMAGE_SUFFIXES", "RESIZE_POLICIES", "decode_file", "decode_files",
-           "decode_image", "image_files", "read_new_images"]
+__all__ = ["GRAY_MODES", "IMAGE_SUFFIXES", "RESIZE_POLICIES", "PixelInputs", "decode_file",
+           "decode_files", "decode_image", "image_files", "read_new_images"]
 
 RESIZE_POLICIES = ("stretch", "center-crop", "pad")
 #: File suffixes read as images from a folder (case-insensitive); other files are skipped.
@@ -191,3 +192,36 @@ def read_new_images(path: Path, *, labelled: bool, support: SupportReader, suppo
     x = torch.from_numpy(pixels).float().div_(255)  # (n, C, size, size) in [0, 1]
     ids = [f.relative_to(path).as_posix() if path.is_dir() else f.name for f in files]
     return InputBatch(x, labels, ids, "file")
+
+
+class PixelInputs(torch.nn.Module):
+    """Images in [0, 1] as a pretrained network expects them, as a tensor operation:
+    1-channel images repeated to 3 channels, resized (bilinear) to ``size``, and, given
+    ``mean`` and ``std``, standardised per channel. (n, 1 or 3, H, W) -> (n, 3, *size).
+
+    The shared input stage of the source models built on other libraries' networks
+    (torchvision, timm, transformers); ``mean`` and ``std`` are constants, not state (left
+    out of the ``state_dict``, moved with the module).
+    """
+
+    mean: torch.Tensor  # (1, 3, 1, 1) buffers
+    std: torch.Tensor
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.size = size
+        self.normalize = mean is not None and std is not None
+        self.register_buffer("mean", torch.tensor(mean or (0.0,) * 3).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std or (1.0,) * 3).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return x

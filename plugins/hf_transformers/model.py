@@ -50,10 +50,10 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autometa import Backbone, ConfigError, SourceModel, TaskSpec
+from autometa.images import PixelInputs
 from autometa.weights import check_flag
 from autometa_plugins.hf_transformers import loading, missing_reason
 
@@ -84,20 +84,10 @@ class VisionFeatures(nn.Module):
         self.pooling = pooling
         self.skip = skip  # leading tokens that are not patches (class token, registers)
         self.interpolate = interpolate  # position embeddings resized for another size
-        self.normalize = mean is not None and std is not None
-        # Constants, not state: left out of the state_dict, moved with the module.
-        self.register_buffer("mean", torch.tensor(mean or (0.0,) * 3).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(std or (1.0,) * 3).view(1, -1, 1, 1),
-                             persistent=False)
+        self.inputs = PixelInputs(size, mean, std)
 
     def forward(self, x: Tensor) -> Tensor:  # (n, 1 or 3, H, W) in [0, 1] -> (n, d)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        if self.normalize:
-            x = (x - self.mean) / self.std
+        x = self.inputs(x)
         extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
         out = self.net(pixel_values=x, return_dict=True, **extra)
         if self.pooling == "pooler":

@@ -27,10 +27,10 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autometa import Backbone, ConfigError, DataError, PluginError, SourceModel, TaskSpec
+from autometa.images import PixelInputs
 from autometa.weights import check_flag, load_weights, read_state_dict
 from autometa_plugins.timm_models import missing_reason
 
@@ -59,22 +59,10 @@ class ImageFeatures(nn.Module):
         super().__init__()
         self.net = net
         self.size = size
-        self.normalize = mean is not None and std is not None
-        # Constants, not state: left out of the state_dict, moved with the module.
-        self.register_buffer("mean", torch.tensor(mean or (0.0,) * 3).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(std or (1.0,) * 3).view(1, -1, 1, 1),
-                             persistent=False)
+        self.inputs = PixelInputs((size, size), mean, std)
 
     def forward(self, x: Tensor) -> Tensor:  # (n, 1 or 3, H, W) -> (n, num_features)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                              align_corners=False)
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        return self.net(x).flatten(1)
+        return self.net(self.inputs(x)).flatten(1)
 
 
 class TimmModel(SourceModel):

@@ -32,11 +32,11 @@ import os
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autometa import Backbone, ConfigError, PluginError, SourceModel, TaskSpec
 from autometa.errors import unknown
+from autometa.images import PixelInputs
 from autometa.weights import check_flag, load_weights, read_state_dict
 from autometa_plugins.torchvision_models import missing_reason
 
@@ -67,22 +67,11 @@ class ImageFeatures(nn.Module):
         super().__init__()
         self.net = net
         self.size = size
-        self.normalize = normalize
-        # Constants, not state: left out of the state_dict, moved with the module.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.inputs = PixelInputs((size, size), *((IMAGENET_MEAN, IMAGENET_STD) if normalize
+                                                  else (None, None)))
 
     def forward(self, x: Tensor) -> Tensor:  # (n, 1 or 3, H, W) -> (n, d)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                              align_corners=False)
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        return self.net(x).flatten(1)
+        return self.net(self.inputs(x)).flatten(1)
 
 
 class TorchvisionModel(SourceModel):
