@@ -12,6 +12,8 @@ Life cycle, driven by the engine for every trial:
    predictions for its query set. Used for meta-val, then meta-test on the leaderboard.
 4. ``algo.state_dict()`` is saved with the trial; ``load_state_dict`` restores it to
    evaluate the trial on meta-test later.
+5. ``algo.adapted_module(support_x, support_y)`` (optional): the model adapted to one
+   support set as a plain module, for ``autometa export``'s ``model.pt2``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from autometa.metrics import TaskKind
 from autometa.source_model import Backbone
@@ -112,6 +114,39 @@ class MetaAlgorithm(ABC):
 
         Returns (tasks, n_query, output_size); must not change the meta-trained state.
         """
+
+    def adapted_module(self, support_x: Tensor, support_y: Tensor) -> nn.Module | None:
+        """The model adapted to one support set, as a module without autometa in it: its
+        ``forward`` maps query examples (n, *input_shape) to exactly what
+        :meth:`adapt_and_predict` returns for them after adapting on this support set
+        (n, output_size), with what adaptation fitted (a head, prototypes, a probe's
+        weights, adapted parameters) held as parameters or buffers. None (the default):
+        this algorithm cannot give one; ``autometa export`` then writes no ``model.pt2``
+        and says so.
+
+        ``autometa export`` calls it in eval mode, under ``torch.no_grad`` and a fixed
+        seed, on a target task's train split (the support set meta-test adapts on), and
+        traces the module with ``torch.export``: its ``forward`` should use tensor
+        operations only, with no Python branch on tensor values. It must not change the
+        meta-trained state.
+
+        Args:
+            support_x: (n_support, *input_shape) examples, on the task's device.
+            support_y: (n_support,) long labels, or (n_support, output_size) targets.
+        """
+        return None
+
+    def adaptation_modules(self) -> tuple[nn.Module, nn.Module] | None:
+        """Adaptation and prediction as two modules without autometa in them, for a
+        few-shot task's ``autometa export`` (``adapt.pt2``, ``predict.pt2``): ``adapt``
+        maps a support set, ``support_x`` (n, *input_shape) and ``support_y`` (n,) long
+        labels ``0..ways-1``, to a tuple of tensors (e.g. class prototypes); ``predict``
+        maps query examples (m, *input_shape) and those tensors to what
+        :meth:`adapt_and_predict` returns for them (m, output_size). Tensor operations
+        only, so that ``torch.export`` traces each. None (the default): adaptation is not
+        a fixed program (gradient steps, a solver); ``autometa export`` says so.
+        """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to reproduce ``adapt_and_predict`` (default: the model)."""

@@ -183,13 +183,28 @@ class PerEpisodeClassifier(FrozenFeatureAlgorithm):
         """Log-probabilities (n_query, output_size) of one episode and whether the solver
         converged."""
         from scipy.special import log_softmax
-        from sklearn.exceptions import ConvergenceWarning
 
         out = np.full((len(query), self.task.output_size), ABSENT_LOG_PROB)
-        classes = np.unique(labels)
-        if len(classes) == 1:  # nothing to discriminate: the one class seen, with certainty
+        clf, classes, converged = self._fit(support, labels)
+        if clf is None:  # nothing to discriminate: the one class seen, with certainty
             out[:, classes[0]] = 0.0
             return out, True
+        scores = clf.decision_function(query)  # (n_query, classes), or (n_query,) for two
+        if scores.ndim == 1:  # binary: the score of classes_[1] against classes_[0]
+            scores = np.stack([np.zeros_like(scores), scores], 1)
+        # predict_log_proba's values for a logistic regression, but log_softmax never
+        # rounds a probability to 0.
+        out[:, clf.classes_] = log_softmax(scores, axis=1)
+        return out, converged
+
+    def _fit(self, support: np.ndarray, labels: np.ndarray) -> tuple[Any, np.ndarray, bool]:
+        """The classifier fitted on one episode's support features (None for a support set
+        of one class), the classes seen, and whether the solver converged."""
+        from sklearn.exceptions import ConvergenceWarning
+
+        classes = np.unique(labels)
+        if len(classes) == 1:
+            return None, classes, True
         clf = self.classifier()
         with warnings.catch_warnings(record=True) as caught:
             # Counted and logged once per call by adapt_and_predict instead of one warning
@@ -202,10 +217,66 @@ class PerEpisodeClassifier(FrozenFeatureAlgorithm):
                 converged = False
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        scores = clf.decision_function(query)  # (n_query, classes), or (n_query,) for two
-        if scores.ndim == 1:  # binary: the score of classes_[1] against classes_[0]
-            scores = np.stack([np.zeros_like(scores), scores], 1)
-        # predict_log_proba's values for a logistic regression, but log_softmax never
-        # rounds a probability to 0.
-        out[:, clf.classes_] = log_softmax(scores, axis=1)
-        return out, converged
+        return clf, classes, converged
+
+    def adapted_module(self, support_x: Tensor, support_y: Tensor) -> nn.Module:
+        """The features, and the linear classifier fitted on this support set (its
+        ``coef_`` and ``intercept_`` as buffers): log-probabilities as
+        :meth:`adapt_and_predict` gives them, its decision function in torch float64."""
+        from threadpoolctl import threadpool_limits
+
+        support, _ = self.frozen_features(Episodes(support_x[None], support_y[None],
+                                                   support_x[None], support_y[None]),
+                                          normalize=self.normalize)
+        ways = self.task.output_size
+        with threadpool_limits(limits=1):
+            clf, classes, _ = self._fit(support[0].cpu().numpy(), support_y.cpu().numpy())
+        device = support_x.device
+        if clf is None:
+            weight = torch.zeros(1, support.shape[-1], dtype=torch.float64, device=device)
+            bias = torch.zeros(1, dtype=torch.float64, device=device)
+            seen = torch.as_tensor(classes, device=device)
+        else:
+            weight = torch.as_tensor(np.asarray(clf.coef_, np.float64), device=device)
+            bias = torch.as_tensor(np.asarray(clf.intercept_, np.float64), device=device)
+            seen = torch.as_tensor(clf.classes_, device=device)
+        return _LinearScores(_copy(self.model.features), weight, bias, seen, ways,
+                             self.normalize, support_x.dtype)
+
+
+class _LinearScores(nn.Module):
+    """A linear classifier on frozen features, fitted on one support set: (n, *input_shape)
+    -> log-probabilities (n, output_size), :data:`ABSENT_LOG_PROB` for classes not seen."""
+
+    weight: Tensor
+    bias: Tensor
+    seen: Tensor
+
+    def __init__(self, features: nn.Module, weight: Tensor, bias: Tensor, seen: Tensor,
+                 ways: int, normalize: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.features, self.ways, self.normalize, self.dtype = features, ways, normalize, dtype
+        self.register_buffer("weight", weight)  # (k, d): k = 1 for two classes
+        self.register_buffer("bias", bias)  # (k,)
+        self.register_buffer("seen", seen)  # (classes seen,) labels
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x).flatten(1).double()
+        if self.normalize:
+            features = F.normalize(features, dim=-1)
+        scores = features @ self.weight.T + self.bias  # (n, k)
+        if self.weight.shape[0] == 1:  # binary (or one class): classes_[1] against [0]
+            scores = torch.cat([torch.zeros_like(scores), scores], 1)[:, -len(self.seen):]
+        # shape[0], not len(): len() would fix an exported program's batch size
+        out = scores.new_full((scores.shape[0], self.ways), ABSENT_LOG_PROB)
+        out[:, self.seen] = scores.log_softmax(-1)
+        return out.to(self.dtype)
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of ``module`` in eval mode (the exported model's own)."""
+    import copy
+
+    out = copy.deepcopy(module).eval()
+    out.requires_grad_(False)
+    return out

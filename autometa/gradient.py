@@ -43,12 +43,21 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter, lora_incompatibility
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import ConfigError
-from autometa.inner_loop import Strategy, adapt_episodes, meta_backward
+from autometa.inner_loop import (
+    Strategy,
+    adapt,
+    adapt_episodes,
+    each_task,
+    meta_backward,
+    parameters_of,
+    resolve_strategy,
+    with_parameters,
+)
 from autometa.source_model import Backbone
 from autometa.task import Episodes, Task
 
@@ -219,6 +228,22 @@ class GradientMetaLearner(MetaAlgorithm):
         with torch.no_grad():
             return adapt_episodes(self.model, episodes, self.task.loss,
                                   **self.inner_loop_options(first_order=True))
+
+    def adapted_module(self, support_x: Tensor, support_y: Tensor) -> nn.Module:
+        """A copy of the model holding the parameters the inner loop reaches on this support
+        set (by the strategy :meth:`adapt_and_predict` uses): what it predicts for a query
+        set after adapting on it."""
+        options = self.inner_loop_options(first_order=True)
+        strategy = resolve_strategy(self.model, options.pop("strategy"), first_order=True)
+        params = parameters_of(self.model)
+
+        def one(sx: Tensor, sy: Tensor) -> dict[str, Tensor]:
+            return adapt(self.model, params, sx, sy, self.task.loss,
+                         autograd=strategy == "loop", **options)
+
+        with torch.no_grad():
+            fast = each_task(one, support_x[None], support_y[None], strategy=strategy)
+        return with_parameters(self.model, fast)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"model": ...}``, plus ``"inner_lr": {name: tensor}`` if the rates are learned."""

@@ -14,10 +14,17 @@ Colour: ``channels`` 1 converts colour to grayscale (Pillow's ``L``: ITU-R 601-2
 own (a gray mode gives (size, size), any other (size, size, 3)). Alpha is dropped; 16-bit
 grayscale keeps its 8 most significant bits. Resampling is bilinear, antialiased when
 shrinking (Pillow's ``resize``); JPEGs are decoded at a reduced scale first (``draft``).
+
+Size: an image of more than :data:`MAX_PIXELS` pixels (width times height, read from its
+header before any pixel is decoded) is refused, as a decompression bomb may be: a small
+file that expands to gigabytes. The limit is Pillow's own warning threshold
+(``PIL.Image.MAX_IMAGE_PIXELS``, about 9459 x 9459), enforced as an error rather than a
+warning.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +39,9 @@ from autometa.numeric_inputs import InputBatch
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["GRAY_MODES", "IMAGE_SUFFIXES", "RESIZE_POLICIES", "PixelInputs", "decode_file",
-           "decode_files", "decode_image", "image_files", "read_new_images"]
+__all__ = ["GRAY_MODES", "IMAGE_SUFFIXES", "MAX_PIXELS", "RESIZE_POLICIES", "PixelInputs",
+           "decode_file", "decode_files", "decode_image", "image_files", "open_image",
+           "read_new_images"]
 
 RESIZE_POLICIES = ("stretch", "center-crop", "pad")
 #: File suffixes read as images from a folder (case-insensitive); other files are skipped.
@@ -41,6 +49,46 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
                             ".webp", ".ppm", ".pgm", ".pbm"})
 #: Pillow modes without colour.
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+#: The most pixels (width x height) an image may have: Pillow's default
+#: ``MAX_IMAGE_PIXELS`` (1024 * 1024 * 1024 // 4 // 3), above which it only warns below
+#: twice the number. An RGB image this size takes 268 MB decoded.
+MAX_PIXELS = 89_478_485
+_OPENING = threading.Lock()
+
+
+def open_image(fp: Any, name: str) -> Image.Image:
+    """``fp`` (a path or a binary file) opened by Pillow, its pixel count checked from the
+    header before anything is decoded.
+
+    Args:
+        fp: what ``PIL.Image.open`` accepts.
+        name: how the image is named in an error (a file path, "image 3 of ...").
+
+    Raises:
+        DataError: more than :data:`MAX_PIXELS` pixels (a possible decompression bomb).
+        Exception: whatever Pillow raises for a file it cannot read.
+    """
+    import warnings
+
+    from PIL import Image
+
+    # The check below replaces Pillow's warning. catch_warnings swaps the process's filters,
+    # which is not thread-safe: the image store opens files from several threads, so they
+    # take turns here (opening reads only the header; decoding happens outside the lock).
+    with _OPENING, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(fp)
+        except Image.DecompressionBombError:
+            image = None
+    if image is None or image.size[0] * image.size[1] > MAX_PIXELS:
+        size = "" if image is None else f" ({image.size[0]} x {image.size[1]})"
+        if image is not None:
+            image.close()
+        raise DataError(f"{name} has more than {MAX_PIXELS:,} pixels{size}, which could be a "
+                        "decompression bomb; shrink the image (e.g. Pillow's "
+                        "Image.thumbnail) or remove it")
+    return image
 
 
 def decode_image(image: Image.Image, *, size: int, channels: int | str,
@@ -87,12 +135,12 @@ def decode_file(file: Path, *, size: int, channels: int | str,
     Raises:
         DataError: a file Pillow cannot decode (naming it, with Pillow's error in brief).
     """
-    from PIL import Image
-
     try:
-        with Image.open(file) as opened:
+        with open_image(file, f"image {str(file)!r}") as opened:
             square = opened.size[0] == opened.size[1]
             return decode_image(opened, size=size, channels=channels, resize=resize), square
+    except DataError:
+        raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... by format
         brief = str(exc).splitlines()[0] if str(exc) else "no details"
         brief = brief.replace(f" {str(file)!r}", "").replace(str(file), "<file>")[:120]

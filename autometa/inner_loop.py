@@ -69,6 +69,7 @@ __all__ = [
     "meta_backward",
     "parameters_of",
     "resolve_strategy",
+    "with_parameters",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ LearningRate = float | Tensor | Mapping[str, Tensor]
 def parameters_of(model: nn.Module) -> Params:
     """The model's parameters as a dict of the live tensors (gradients reach the model)."""
     return dict(model.named_parameters())
+
+
+def with_parameters(model: nn.Module, fast: Params) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` holding the adapted parameters ``fast`` of one
+    task, each with a leading task dimension of 1 (as :func:`each_task` gives them for a
+    single support set): what an algorithm's ``adapted_module`` returns."""
+    adapted = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, value in fast.items():
+            adapted.get_parameter(name).copy_(value[0])
+    return adapted.requires_grad_(False)
 
 
 def adapt(

@@ -72,7 +72,7 @@ def check_out_dir(directory: Path, force: bool) -> None:
         raise ConfigError(f"--out {str(directory)!r} is a file; give a folder")
     if directory.is_dir() and any(directory.iterdir()) and not force:
         raise ConfigError(f"--out {str(directory)!r} is not empty; give a new or empty "
-                          "folder, or --force to overwrite model.pt and plan.json there")
+                          "folder, or --force to overwrite the model files there")
     check_writable_dir(directory, "--out")
 
 

@@ -30,8 +30,8 @@ def worker_main(url: str, study_name: str, n_trials: int, trial_seconds: float, 
 
     from autometa.engine import claim as claim_module
     from autometa.engine.claim import claim
+    from autometa.engine.heartbeat import Heartbeat
     from autometa.engine.sampling import trial_sampler
-    from autometa.engine.worker import Heartbeat
     from autometa.study.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -88,7 +88,7 @@ def worker_main(url: str, study_name: str, n_trials: int, trial_seconds: float, 
                 break
             claimed = time.perf_counter()
             report["claim_s"].append(claimed - asked)
-            with Heartbeat(study, trial):
+            with Heartbeat(study, trial, url):
                 algorithm = trial.suggest_categorical("algorithm", ALGORITHMS)
                 lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
                 steps = trial.suggest_int("steps", 1, 10)

@@ -118,6 +118,32 @@ def make_dir(name: str) -> Callable[[Path], Path]:
     return make
 
 
+def png_bomb(name: str, width: int, height: int) -> Callable[[Path], Path]:
+    """A PNG of ``width`` x ``height`` 1-bit pixels, all black, in a class folder beside a
+    few ordinary images: a decompression bomb (a few hundred bytes that decode to
+    ``width * height`` bytes in Pillow), written chunk by chunk with zlib."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    def make(d: Path) -> Path:
+        row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+        z = zlib.compressobj(9)
+        data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                 1, 0, 0, 0, 0))
+               + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+        for cls in ("a", "b", "c"):
+            for i in range(12):
+                write(f"photos/{cls}/{i}.pgm", b"P5 2 2 255\n" + bytes([20 * i, 90, 10, 200]))(d)
+        return write(f"photos/a/{name}", png)(d)
+
+    return make
+
+
 def alias_bomb() -> str:
     """Billion laughs: 9 nested anchors of 10 aliases each, 10**9 strings once expanded,
     inside one value (a top-level key would be refused as unknown before anything expands)."""
@@ -329,4 +355,15 @@ HOSTILE = [
          setup=write("n.csv", ",".join("c" for _ in range(200_000)) + "\n")),
 ]
 
-CASES = [*EXECUTION, *BEFORE_STORING, *BOUNDS, *ONE_LINE, *HOSTILE]
+# Pillow warns from 89,478,485 pixels and refuses from twice that; both are one line here.
+IMAGE_BOMBS = [
+    Case(f"image-folder-png-of-{w}x{h}-pixels",
+         ("--task", "image-folder", "--task-param", "path={d}/photos", "--sources", "raw",
+          "--algorithms", "nearest-centroid", "--task-param", "episodes=split"),
+         ("bomb.png", "decompression bomb"),
+         setup=png_bomb("bomb.png", w, h), subprocess=True,
+         forbidden=("DecompressionBombWarning", "Traceback"))
+    for w, h in ((10_000, 9_000), (20_000, 20_000))
+]
+
+CASES = [*EXECUTION, *BEFORE_STORING, *BOUNDS, *ONE_LINE, *HOSTILE, *IMAGE_BOMBS]

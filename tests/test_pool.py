@@ -180,6 +180,8 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_a_resume_reruns_their_trial
     trials = _trials(db)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert trials[running.number].state == TrialState.FAIL
+    # Said by the worker (stopped by its supervisor's SIGTERM) or the supervisor: Ctrl-C.
+    assert trials[running.number].user_attrs["crash"] == "interrupted (Ctrl-C)"
     assert "autometa.test" not in optuna.load_study(
         study_name="sinusoid-seed0", storage=f"sqlite:///{db}").user_attrs
     assert before  # the snapshot saw the running study

@@ -195,6 +195,73 @@ def test_a_killed_worker_s_trial_is_retried_by_the_other(pg_url, tmp_path):
     assert retry[0].user_attrs["crash"] is None  # the retry did not crash
 
 
+#: What the README promises: a lost machine's trial is failed and queued again within this
+#: many seconds of its last heartbeat (a trial is stale after GRACE = 30 s of silence, and
+#: each busy worker looks for stale trials at every heartbeat, every 10 s).
+LOST_TRIAL_REQUEUED = 60
+
+
+@pytest.mark.skipif(not _can_rename_machine(), reason="needs root and unshare --uts to give "
+                    "the second worker a hostname of its own")
+def test_a_lost_machine_s_trial_is_queued_again_while_every_worker_is_busy(pg_url, tmp_path):
+    """The first machine is in a trial that outlasts the test, so it claims nothing: the
+    dead trial of the second (another hostname, ``kill -9``) must still be failed and queued
+    again within 60 s of its last heartbeat, by the busy worker's heartbeat thread. (Before,
+    it was found only when a worker next claimed a trial: an hour with hour-long trials.)"""
+    import psycopg
+
+    shared = tmp_path / "shared-artifacts"
+    one, two = _machine(tmp_path, "one"), _machine(tmp_path, "two")
+    endless = _run(pg_url, shared, trials=3, meta_steps=10_000_000)  # never ends here
+    first = _cli(*endless, cwd=one)
+    second = None
+    try:
+        _wait(lambda: any(t.state == TrialState.RUNNING and _pid(t) == first.pid
+                          for t in _trials(pg_url)), [first])
+        busy = next(t for t in _trials(pg_url) if _pid(t) == first.pid)
+        second = _cli(*_worker(pg_url, shared), cwd=two, hostname="machine-two")
+        _wait(lambda: any(t.state == TrialState.RUNNING and _pid(t) == second.pid
+                          for t in _trials(pg_url)), [first, second])
+        lost = next(t for t in _trials(pg_url) if _pid(t) == second.pid)
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait(timeout=STOPPED_PROCESS)
+
+        url = pg_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(url, autocommit=True) as db:
+            def silent_for() -> float:  # seconds since the lost trial's last heartbeat
+                # The server's clock, as Optuna records beats and finds stale ones.
+                return float(db.execute(
+                    "SELECT EXTRACT(EPOCH FROM LOCALTIMESTAMP - heartbeat) FROM "
+                    "trial_heartbeats WHERE trial_id = %s", (lost._trial_id,)).fetchone()[0])
+
+            end = time.monotonic() + TRIAL_START
+            while time.monotonic() < end:
+                silence = silent_for()  # read before the state: a failure seen after it
+                trials = _trials(pg_url)  # came at most this late
+                copies = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+                if trials[lost.number].state == TrialState.FAIL and copies:
+                    break
+                assert silence <= LOST_TRIAL_REQUEUED, \
+                    f"trial {lost.number} still {trials[lost.number].state.name} and not " \
+                    f"queued again {silence:.0f} s after its last heartbeat"
+                assert first.poll() is None, first.communicate()
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"still waiting after {TRIAL_START} s: a hang")
+        print(f"failed and queued again at most {silence:.0f} s after its last heartbeat")
+        failed = trials[lost.number]
+        assert failed.user_attrs["crash"].startswith("no heartbeat for 30 s from machine-two")
+        assert len(copies) == 1  # queued once, though any worker may find it
+        assert copies[0].state in (TrialState.WAITING, TrialState.RUNNING)
+        # Found by the busy worker, still in its own trial all along.
+        assert trials[busy.number].state == TrialState.RUNNING and first.poll() is None
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=STOPPED_PROCESS)
+
+
 def test_workers_survive_a_server_restart(postgres, pg_url, tmp_path):
     """The server goes away for 3 s while both machines run trials. Workers reconnect; a
     trial that wrote to the storage during the outage (a meta-val report) fails with that

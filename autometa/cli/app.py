@@ -12,12 +12,14 @@ from typing import Any
 
 from autometa.cli import cache, plugins, results, search
 from autometa.cli.common import Parser
+from autometa.engine.signals import Interrupted, stop_on_signals
 from autometa.errors import AutometaError, one_line, redact
 from autometa.version import __version__
 
 #: autometa's own commands -> their handlers (a plugin's command cannot take these names).
 COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], None]], int]] = {
-    "run": search.cmd_run, "worker": search.cmd_worker, "plugins": plugins.cmd_plugins,
+    "run": search.cmd_run, "worker": search.cmd_worker,
+    "requirements": search.cmd_requirements, "plugins": plugins.cmd_plugins,
     "leaderboard": results.cmd_leaderboard, "report": results.cmd_report,
     "predict": results.cmd_predict, "export": results.cmd_export,
     "new-plugin": plugins.cmd_new_plugin, "cache": cache.cmd_cache,
@@ -149,7 +151,8 @@ def _main(argv: Sequence[str] | None, gate: _LogGate) -> int:
     if args.debug:
         gate.release()
     try:
-        with warnings.catch_warnings():
+        # SIGTERM (schedulers) and SIGHUP (a closed terminal) stop a command as Ctrl-C does.
+        with warnings.catch_warnings(), stop_on_signals():
             logging.captureWarnings(True)  # torch/library warnings go through the gate too
             try:
                 if args.command in COMMANDS:
@@ -166,6 +169,10 @@ def _main(argv: Sequence[str] | None, gate: _LogGate) -> int:
             raise
         print(f"autometa: error: {redact(one_line(str(exc)))}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"autometa: stopped by {exc.why}; re-run the same command to resume",
+              file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("autometa: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -74,9 +74,16 @@ def add_model_parsers(sub: Any) -> None:
                     "row per input: its id, the predicted label and a p_<class> column per "
                     "class (regression: prediction).")
     export = sub.add_parser(
-        "export", help="write a trial's model (model.pt) and what it is (plan.json)",
+        "export", help="write a trial's model (model.pt, plan.json; model.pt2: runs without "
+                       "autometa)",
         description="Write DIR/model.pt (tensors only: torch.load(..., weights_only=True)) "
-                    "and DIR/plan.json (trial, plugins, hyperparameters, task, scores).")
+                    "and DIR/plan.json (trial, plugins, hyperparameters, task, scores). For a "
+                    "target task also DIR/model.pt2, the model adapted on its train split "
+                    "with its input scaling, as a torch.export program that plain PyTorch "
+                    "runs (torch.export.load), and DIR/model.json (its input and output); "
+                    "DIR/model.onnx too where the onnx package is installed. For a few-shot "
+                    "task whose adaptation is tensor maths (protonet, nearest-centroid): "
+                    "DIR/adapt.pt2 and DIR/predict.pt2.")
     for parser in (predict, export):
         parser.add_argument("study", help="study name")
         parser.add_argument("--rank", type=int, default=1,
@@ -127,6 +134,8 @@ def cmd_predict(args: argparse.Namespace, ready: Callable[[], None]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.errors import ConfigError
+    from autometa.export_program import export_program
     from autometa.model_files import check_out_dir, export
     from autometa.predictor import load_model
 
@@ -136,9 +145,20 @@ def cmd_export(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                        data_root=args.data_root, device=args.device,
                        cache_dir=args.cache_dir)
     paths = export(model, args.out, force=args.force)
+    failure: ConfigError | None = None
+    notes: list[str] = []
+    try:
+        program = export_program(model, args.out)
+        paths, notes = paths + program.paths, program.notes
+    except ConfigError as exc:  # model.pt and plan.json are written: said, then exit 2
+        failure = exc
     ready()
     print(f"wrote {', '.join(map(str, paths))} (study {args.study!r}, rank {args.rank}: "
           f"trial {model.trial}, {model.algorithm} + {model.source})")
+    for note in notes:
+        print(note)
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -257,6 +277,11 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
         for cells in domains:
             per_domain.add_row(*(plain(c) for c in cells))
         out.print(per_domain)
+    queued = _queued_retries(board)
+    if queued:  # a search stopped (Ctrl-C, SIGTERM) or a machine lost: not yet finished
+        out.print(f"{queued} failed trial(s) (interrupted, or their process lost) are queued "
+                  "to run again: re-run the search, or start `autometa worker`, to finish it",
+                  markup=False, highlight=False)
     if board.counts.get("running"):
         out.print(f"{board.counts['running']} trial(s) still running in other processes: "
                   "this is a snapshot, and the last process to finish writes the reports",
@@ -270,6 +295,16 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
         return
     paths = board.write(directory)
     out.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)
+
+
+def _queued_retries(board: Leaderboard) -> int:
+    """Queued copies of failed trials (Optuna's retries: ``failed_trial`` set)."""
+    if board.study is None:
+        return 0
+    from optuna.trial import TrialState
+
+    return sum(1 for t in board.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+               if "failed_trial" in t.system_attrs)
 
 
 #: Terminal columns from which the leaderboard shows hyperparameters in the table.

@@ -115,7 +115,9 @@ def add_parsers(sub: Any) -> None:
         description="Join study STUDY in the storage at --storage (e.g. a PostgreSQL server "
                     "that every machine reaches) and run its trials until its budget is "
                     "spent. The search's settings come from the storage; input files must "
-                    "match the study's (by content hash).")
+                    "match the study's (by content hash), and this machine's autometa and "
+                    "plugins the versions and spaces the study was made with (see "
+                    "`autometa requirements STUDY --storage URL --check`).")
     worker.add_argument("study", help="study name (as `autometa run` created it)")
     worker.add_argument("--storage", required=True,
                         help="the study's storage URL, e.g. postgresql://user@host/db")
@@ -133,6 +135,25 @@ def add_parsers(sub: Any) -> None:
     report_flags(worker)
     worker.add_argument("--no-progress", action="store_true",
                         help="no progress bars: one plain line per finished trial")
+
+    pins = sub.add_parser(
+        "requirements", help="the packages a stored study was made with (pip requirements); "
+                             "--check: whether this machine agrees",
+        description="Print the pip requirements of study STUDY: autometa-ml and the "
+                    "distribution of every plugin it used, at the versions that made it "
+                    "(`pip install -r FILE` builds a worker's image). With --check, check "
+                    "instead that this machine's autometa and plugins agree with the study, "
+                    "as every worker does before its first trial: exit 0 if they do (a "
+                    "patch-level difference, same major.minor, is one warning), 2 with one "
+                    "line naming the difference if not (another major or minor version, a "
+                    "pre-release on one side, a hyperparameter or choice the installed "
+                    "plugin does not accept). Nothing runs and nothing is written.")
+    pins.add_argument("study", help="study name (as `autometa run` created it)")
+    pins.add_argument("--storage", default=DEFAULT_STORAGE,
+                      help="the study's storage URL, e.g. postgresql://user@host/db "
+                           f"(default: {DEFAULT_STORAGE})")
+    pins.add_argument("--check", action="store_true",
+                      help="check this machine's installed packages against the study")
 
 
 def config_from_args(args: argparse.Namespace, sources: Sequence[str] = ()) -> SearchConfig:
@@ -225,6 +246,26 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     progress = LineProgress() if args.no_progress else RichProgress()
     board = run_search(config, host=host, progress=progress, ready=ready, out=args.out)
     show_leaderboard(board, args.out)
+    return 0
+
+
+def cmd_requirements(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    from autometa.study.agreement import check_agreement, requirements
+    from autometa.study.settings import stored_search, stored_settings
+
+    _, _, study = stored_search(args.study, args.storage)
+    stored = stored_settings(study)
+    pins = requirements(stored)
+    if not args.check:
+        print(f"# study {args.study!r}: the packages it was made with "
+              "(pip install -r this-file)")
+        print("\n".join(pins))
+        return 0
+    from autometa.plugins import create_host
+
+    check_agreement(stored, create_host(), args.study)  # a patch-level difference: logged
+    print(f"this machine agrees with study {args.study!r} "
+          f"({', '.join(p for p in pins if not p.startswith('#'))})")
     return 0
 
 

@@ -8,7 +8,7 @@ processes and their supervisor) → :mod:`~autometa.engine.worker` (claim, run, 
 (queued initial trials) → :mod:`~autometa.engine.prepare` (every input checked before
 anything is stored) → :mod:`~autometa.engine.warm_start`,
 :mod:`~autometa.engine.sampling`, :mod:`~autometa.engine.lock`,
-:mod:`~autometa.engine.outage`. The engine writes the study through
+:mod:`~autometa.engine.outage`, :mod:`~autometa.engine.signals`. The engine writes the study through
 :mod:`autometa.study`, which the results read. This package imports nothing on its own
 import.
 """

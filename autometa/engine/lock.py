@@ -13,6 +13,8 @@ of machines finish exactly ``n_trials``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,15 +31,20 @@ _engines: dict[str, Any] = {}
 
 
 @contextmanager
-def storage_lock(url: str) -> Iterator[None]:
+def storage_lock(url: str, *, tidy: bool = False) -> Iterator[None]:
     """Hold the lock of the storage at ``url`` (see the module's docstring).
+
+    Args:
+        tidy: if the body raises, remove a lock file that this call created (a study
+            whose creation failed leaves no file behind).
 
     Raises:
         sqlalchemy.exc.OperationalError: a database server that cannot be reached.
+        OSError: a lock file that cannot be created (a read-only or full folder).
     """
     file = local_file(url)
     if file is not None:
-        with _file_lock(file, url):
+        with _file_lock(file, url, tidy):
             yield
     elif scheme(url) in ("postgresql", "mysql"):
         with _server_lock(url):
@@ -47,16 +54,42 @@ def storage_lock(url: str) -> Iterator[None]:
 
 
 @contextmanager
-def _file_lock(file: Any, url: str) -> Iterator[None]:
+def _file_lock(file: Any, url: str, tidy: bool = False) -> Iterator[None]:
     import fcntl
 
     check_folder(file, url)
-    with open(f"{file}.autometa-lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = f"{file}.autometa-lock"
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "a")
+            created = True
+        except FileExistsError:
+            created = False
+            try:
+                handle = open(path, "a")
+            except OSError:
+                # A lock file this user may not write (a read-only folder or file): flock
+                # needs only an open file, and the storage's first write says what is wrong.
+                handle = open(path)
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                # A lock file removed (tidy) while this process waited for it: lock the one
+                # at the path now, so that no two processes hold different files.
+                if os.fstat(handle.fileno()).st_ino != os.stat(path).st_ino:
+                    continue
+            except FileNotFoundError:
+                continue
+            try:
+                yield
+            except BaseException:
+                if tidy and created:  # still held: a waiter finds it gone and retries
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                raise
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
 
 
 @contextmanager

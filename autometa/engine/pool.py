@@ -8,7 +8,10 @@ workers' events and watches the processes:
 
 * a worker that dies (``kill -9``, out of memory) has its trial failed and queued again
   at once, and a replacement starts on the same device (:data:`MAX_RESTARTS` in a row);
-* Ctrl-C stops every worker; their trials are failed and queued, so a resume reruns them.
+* Ctrl-C stops every worker; their trials are failed and queued, so a resume reruns them;
+  SIGTERM and SIGHUP do the same (:mod:`~autometa.engine.signals`), whether they reach
+  the supervisor (a worker that ends by one stops the pool) or every process;
+* a worker whose supervisor ends, even by ``kill -9``, fails its trial and stops.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue as queues
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 
 from autometa.engine.claim import fail_running
+from autometa.engine.outage import StorageFault
+from autometa.engine.signals import Interrupted, deferred, exit_signal, raise_if_stopped
 from autometa.engine.worker import Event, WorkerSpec, worker_main
 from autometa.errors import ConfigError
+from autometa.study.storage import lasting_fault
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,9 @@ class Pool:
         self.study, self.url, self.specs, self.send = study, url, list(specs), send
         self.context = multiprocessing.get_context("spawn")
         self.events: Any = self.context.Queue()
+        # Why the pool is stopped, read by each worker it stops: a worker cannot tell who
+        # sent its SIGTERM, and its trial's reason should say Ctrl-C when it was that.
+        self.why: Any = self.context.Array("c", 200, lock=False)
         self.processes: dict[int, Any] = {}
         self.running: dict[int, int] = {}  # worker index -> trial number it runs
         self.restarts: dict[int, int] = {spec.index: 0 for spec in self.specs}
@@ -48,6 +58,7 @@ class Pool:
         self.phases: set[str] = set()  # phase lines shown (each once)
         self.finished = 0  # trials the workers finished
         self.given_up: list[str] = []  # why slots stopped being replaced
+        self.fault: str | None = None  # a worker's StorageFault: the pool stops
 
     def run(self) -> None:
         """Start every worker and supervise until all have ended.
@@ -59,7 +70,11 @@ class Pool:
             for spec in self.specs:
                 self._start(spec)
             while self.processes:
+                raise_if_stopped()  # a SIGTERM whose exception was lost
                 self._drain(timeout=0.2)
+                if self.fault is not None:  # a disk full or read-only: no worker can go on
+                    self.stop("a worker met a storage that takes no write")
+                    raise StorageFault(self.fault)
                 self._reap()
             if self.given_up and not self.finished:
                 raise ConfigError(
@@ -67,12 +82,15 @@ class Pool:
                     "script, call autometa.search or join_search under `if __name__ == "
                     "\"__main__\":` (each worker process imports the main module), or use "
                     "workers=1")
-        except KeyboardInterrupt:
-            self.stop("interrupted (Ctrl-C); it runs again on resume")
+        except KeyboardInterrupt as exc:
+            with deferred():
+                self.stop(exc.why if isinstance(exc, Interrupted) else "Ctrl-C")
             raise
 
-    def stop(self, reason: str) -> None:
-        """Stop every worker and fail (and queue again) the trials they were running."""
+    def stop(self, why: str) -> None:
+        """Stop every worker and fail (and queue again) the trials they were running, as
+        ``interrupted (<why>)``."""
+        self.why.value = why.encode()[:199]
         for process in self.processes.values():
             process.terminate()
         for process in self.processes.values():
@@ -83,11 +101,12 @@ class Pool:
         self.processes.clear()
         self._drain(timeout=0)
         for number in self.running.values():
-            self._fail(number, reason)
+            self._fail(number, f"interrupted ({why})")
         self.running.clear()
 
     def _start(self, spec: WorkerSpec) -> None:
-        process = self.context.Process(target=worker_main, args=(spec, self.events),
+        process = self.context.Process(target=worker_main,
+                                       args=(spec, self.events, self.why),
                                        name=f"autometa-worker-{spec.index}", daemon=True)
         process.start()
         self.processes[spec.index] = process
@@ -106,6 +125,9 @@ class Pool:
             except queues.Empty:
                 return
             block = False
+            if name == "storage_fault":
+                self.fault = self.fault or args[0]
+                continue
             if name == "worker_failed":
                 self.errors[index] = args[0]
                 continue
@@ -132,8 +154,13 @@ class Pool:
             del self.processes[index]
             spec = next(s for s in self.specs if s.index == index)
             number = self.running.pop(index, None)
-            if process.exitcode == 0:
+            if process.exitcode == 0 or self.fault is not None:  # a fault: run() stops all
                 continue
+            stopped = exit_signal(process.exitcode)
+            if stopped is not None:  # told to stop (a scheduler signals every process)
+                if number is not None:
+                    self.running[index] = number  # stop() fails it, if the worker did not
+                raise Interrupted(stopped, f"{signal.Signals(stopped).name} to worker {index}")
             if index in self.errors:  # the worker could not start (its device, its data)
                 message = self.errors.pop(index)
                 log.error("worker %d on %s stopped: %s", index, spec.device, message)
@@ -152,4 +179,8 @@ class Pool:
             self._start(spec)
 
     def _fail(self, number: int, reason: str) -> None:
-        fail_running(self.study, self.url, number, reason)
+        try:
+            fail_running(self.study, self.url, number, reason)
+        except Exception as exc:  # a storage that takes no write: the next run's dead-trial
+            if lasting_fault(exc) is None:  # recovery finds it (its process is gone)
+                raise

@@ -20,6 +20,7 @@ from autometa.errors import AutometaError, ConfigError, PluginError
 from autometa.params import declared_types, keyword_defaults
 from autometa.plugins import Kind, PluginHost
 from autometa.space import Categorical, Float, Int, restrict
+from autometa.study.agreement import check_agreement, read_stored
 from autometa.study.artifacts import check_location
 from autometa.study.baselines import NOT_SEARCHED_BY_DEFAULT
 from autometa.study.build import build_task, check_device, parse_task_params, task_trial_space
@@ -61,13 +62,20 @@ def prepare(config: SearchConfig, host: PluginHost,
         expected_inputs: the input files' hashes stored by the study this process joins
             (:mod:`autometa.study.inputs`); a copy that differs or is missing is refused
             before the task is built.
-        check_options: refuse options for a plugin that is not loaded (False in a pool's
-            worker process: its host has the installed plugins only, while the search's
-            process checked the options against its own, in-process plugins included).
+        check_options: refuse options for a plugin that is not loaded, and an existing
+            study whose versions or spaces this machine's plugins do not agree with
+            (False in a pool's worker process: its host has the installed plugins only,
+            while the search's process checked both against its own, in-process plugins
+            included).
 
     Raises:
-        ConfigError, DataError, PluginError: the first bad input, one line naming it.
+        ConfigError, DataError, PluginError: the first bad input, one line naming it; an
+            existing study made with another autometa or plugin version, or with spaces
+            the installed plugins do not accept (:mod:`autometa.study.agreement`).
     """
+    if check_options:  # a pool's workers run on the installation their supervisor checked
+        # First: a task built by another version of its plugin may fail in its own way.
+        check_agreement(read_stored(config.storage, config.study), host, config.study)
     devices = resolve_devices(config)
     device = torch.device(devices[0])
     check_location(config.artifacts)

@@ -20,6 +20,7 @@ from autometa.config import SearchConfig
 from autometa.engine.claim import counts, fail_dead_trials, outside_budget
 from autometa.engine.completion import to_complete
 from autometa.engine.lock import storage_lock
+from autometa.engine.outage import stop_search
 from autometa.engine.pool import Pool
 from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import strategy
@@ -71,6 +72,9 @@ def run_search(
     try:
         return _run(config, host, progress, ready, expected_inputs,
                     None if out is None else Path(out))
+    except Exception as exc:  # a read-only or full storage met outside a trial: one line
+        stop_search(exc, config.storage, config.artifacts)
+        raise
     finally:
         torch.set_num_threads(threads)
 

@@ -17,14 +17,14 @@ import optuna
 from autometa.engine.baselines import baseline_plans, enqueue_baselines
 from autometa.engine.initial import describe, enqueue, initial_trials
 from autometa.engine.lock import storage_lock
-from autometa.engine.outage import is_storage_error
+from autometa.engine.outage import fault_error, is_storage_error
 from autometa.engine.prepare import Prepared
 from autometa.errors import ConfigError, PluginError, redact
 from autometa.plugins import Kind
 from autometa.space import from_json, to_json
 from autometa.study.build import declared_trial_params
-from autometa.study.settings import CONFIG_ATTR, jsonable
-from autometa.study.storage import open_storage, schema_ready
+from autometa.study.settings import CONFIG_ATTR, creation_interrupted, jsonable
+from autometa.study.storage import lasting_fault, open_storage, remove_new_file, schema_ready
 from autometa.study.trials import TrialPlan
 from autometa.study.urls import local_file, open_error
 from autometa.version import __version__
@@ -37,36 +37,74 @@ def open_study(prepared: Prepared, sampler: optuna.samplers.BaseSampler,
     """Create the study of ``prepared.config`` with its settings, or resume it.
 
     A resumed study must have been made by autometa with the same settings (the
-    fingerprint); it then uses the plugins and spaces it stored.
+    fingerprint); it then uses the plugins and spaces it stored. A study whose creation
+    was interrupted (:func:`~autometa.study.settings.creation_interrupted`) is made again.
 
     Raises:
-        ConfigError: the storage cannot be opened, the study is not autometa's, or it was
-            run with other settings (the differences listed); nothing is changed then.
+        ConfigError: the storage cannot be opened or written (read-only, full, tables of
+            another Optuna version), the study is not autometa's, or it was run with other
+            settings (the differences listed); nothing is changed then, and a storage file
+            or lock file this call created is removed.
     """
     config = prepared.config
     file = local_file(config.storage)
     if file is not None and file.is_file() and file.stat().st_size > 0 \
             and schema_ready(config.storage):
         # An existing file: resuming only reads, so no lock (and no lock file) is needed;
-        # tables another process is still creating make this fall through to the lock.
+        # tables another process is still creating, or a study it is creating, make this
+        # fall through to the lock.
         try:
             storage = open_storage(config.storage, create_tables=False)
+            _check_schema(storage)
             study = _resume(prepared, storage, sampler, pruner)
         except ConfigError:
             raise  # another search's study, other settings: nothing to lock for
-        except Exception:  # tables not created yet: create them under the lock
+        except Exception as exc:  # tables not created yet: create them under the lock
+            fault = lasting_fault(exc)
+            if fault is not None:  # tables of another Optuna version
+                raise fault_error(f"storage {config.storage}", fault) from None
             study = None
         if study is not None:
             return study
     try:
-        with storage_lock(config.storage):
-            storage = open_storage(config.storage)
-            return (_resume(prepared, storage, sampler, pruner)
-                    or _create(prepared, storage, sampler, pruner))
+        with storage_lock(config.storage, tidy=True):
+            new = file is not None and not file.exists()
+            try:
+                storage = open_storage(config.storage)
+                try:
+                    return (_resume(prepared, storage, sampler, pruner)
+                            or _create(prepared, storage, sampler, pruner))
+                except _Interrupted:
+                    log.warning("finishing study %r, whose creation was interrupted",
+                                config.study)
+                    optuna.delete_study(study_name=config.study, storage=storage)
+                    return _create(prepared, storage, sampler, pruner)
+            except BaseException:
+                # Nobody else has used it: this process held the lock throughout.
+                if new and file is not None:
+                    remove_new_file(file)
+                raise
+    except ConfigError:
+        raise
     except Exception as exc:  # a server refusing the connection, at the lock or the study
+        fault = lasting_fault(exc)
+        if fault is not None:  # a read-only or full disk, a user who may not write
+            raise fault_error(f"storage {config.storage}", fault) from None
         if is_storage_error(exc):
             raise open_error(config.storage, exc) from None
         raise
+
+
+class _Interrupted(Exception):
+    """The study exists, but its creation was interrupted (see :func:`open_study`)."""
+
+
+def _check_schema(storage: optuna.storages.BaseStorage) -> None:
+    """Raise Optuna's RuntimeError if ``storage``'s tables belong to another Optuna version
+    (a storage opened only to read skips that check, so a resume makes it here; it reads
+    only)."""
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage._version_manager.check_table_schema_compatibility()
 
 
 def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
@@ -81,6 +119,8 @@ def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
     except KeyError:
         return None
     stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None and creation_interrupted(study):
+        raise _Interrupted(name)
     if stored is None:
         raise ConfigError(f"study {name!r} in {redact(config.storage)} was not made by "
                           "autometa; choose another study name")
@@ -116,10 +156,34 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
     queued = initial_trials(prepared)
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, direction=prepared.task.metric.direction)
-    with warnings.catch_warnings():  # experimental in Optuna; optuna-dashboard shows it
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([f"meta-val {prepared.task.metric.name}"])
-    study.set_user_attr(CONFIG_ATTR, {
+    try:
+        with warnings.catch_warnings():  # experimental in Optuna; optuna-dashboard shows it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([f"meta-val {prepared.task.metric.name}"])
+        if baselines:  # first: they are cheap, and take no budget
+            enqueue_baselines(study, baselines)
+            log.info("queued %d baseline trial(s) to run first (no budget used)",
+                     len(baselines))
+        if queued:
+            enqueue(study, queued)
+            log.info("queued %s to run first", ", ".join(f"{n} {k} trial(s)"
+                                                        for k, n in describe(queued).items()))
+        # Last: a study holding its settings is whole. A crash before this line leaves one
+        # that the next run makes again (creation_interrupted).
+        study.set_user_attr(CONFIG_ATTR, _settings(prepared, baselines))
+    except BaseException:
+        try:  # a full disk, Ctrl-C: leave the name free (else the next run makes it again)
+            optuna.delete_study(study_name=name, storage=storage)
+        except Exception:
+            log.debug("could not delete the half-made study %r", name, exc_info=True)
+        raise
+    return study
+
+
+def _settings(prepared: Prepared, baselines: list[TrialPlan]) -> dict[str, Any]:
+    """What a new study stores as :data:`CONFIG_ATTR` (see :mod:`autometa.study.settings`)."""
+    config = prepared.config
+    return {
         "autometa_version": __version__,
         # The storage URL is each machine's own; stored without its password.
         # Plugins' own options are each machine's (a reporter's token): never stored.
@@ -139,15 +203,7 @@ def _create(prepared: Prepared, storage: optuna.storages.BaseStorage,
         "spaces": {"algorithm": {n: to_json(s) for n, s in prepared.algorithms.items()},
                    "source": {n: to_json(s) for n, s in prepared.sources.items()},
                    "task": to_json(prepared.task_space)},
-    })
-    if baselines:  # first: they are cheap, and take no budget
-        enqueue_baselines(study, baselines)
-        log.info("queued %d baseline trial(s) to run first (no budget used)", len(baselines))
-    if queued:
-        enqueue(study, queued)
-        log.info("queued %s to run first", ", ".join(f"{n} {k} trial(s)"
-                                                    for k, n in describe(queued).items()))
-    return study
+    }
 
 
 def _plugin_versions(prepared: Prepared, baselines: list[TrialPlan]

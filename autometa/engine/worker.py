@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -28,11 +29,19 @@ import torch
 from optuna.trial import TrialState
 
 from autometa.config import SearchConfig
-from autometa.engine.claim import claim, fail_running, heartbeat_storage
+from autometa.engine.claim import claim, fail_running
+from autometa.engine.heartbeat import Heartbeat
 from autometa.engine.lock import storage_lock
-from autometa.engine.outage import is_storage_error, wait_for_storage
+from autometa.engine.outage import (
+    Outage,
+    StorageFault,
+    is_storage_error,
+    stop_search,
+    stops_search,
+)
 from autometa.engine.prepare import Prepared, prepare
 from autometa.engine.sampling import strategy, trial_sampler
+from autometa.engine.signals import Interrupted, raise_if_stopped, stop_on_signals
 from autometa.engine.storage import open_study
 from autometa.errors import one_line, redact
 from autometa.events import TrialFailed, TrialFinished, TrialPruned, TrialStarted
@@ -118,7 +127,9 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
     # nothing prunes.
     complete = list(prepared.algorithms) if config.pruner != "none" else []
     ran, waiting = 0, False
+    outage = Outage(study, config.storage)
     while keep_going():
+        raise_if_stopped()  # a SIGTERM whose exception was lost
         try:
             trial = claim(study, config.storage, config.n_trials, spec.deadline,
                           {"device": spec.device, "worker": spec.index},
@@ -129,10 +140,12 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
             elsewhere = [] if trial else study.get_trials(deepcopy=False,
                                                           states=(TrialState.RUNNING,))
         except Exception as exc:
+            stop_search(exc, config.storage, config.artifacts)
             if not is_storage_error(exc):
                 raise
-            wait_for_storage(study, config.storage, exc)
+            outage.wait(exc)
             continue
+        outage.ended()
         if trial is None:
             # The budget is claimed, but a trial running elsewhere may yet die (a machine
             # lost): stay until none runs, to run it again if it does (claim() fails it
@@ -151,22 +164,30 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
             run_trial(study, trial, prepared, store, send, device=spec.device,
                       out=None if spec.out is None else Path(spec.out))
         except Exception as exc:
+            stop_search(exc, config.storage, config.artifacts, study, trial.number)
             if not is_storage_error(exc):
                 fail_running(study, config.storage, trial.number, "interrupted")
                 raise
             # The server went away while this trial wrote to it: once it is back, the
             # trial is failed and queued again (its progress is lost), and work goes on.
-            wait_for_storage(study, config.storage, exc)
+            outage.wait(exc)
             fail_running(study, config.storage, trial.number,
                          "the storage was unreachable while it ran")
             send(("trial_finished", (trial.number, "FAIL", None,
                                      "storage unreachable; it will run again")))
             continue
-        except BaseException:  # Ctrl-C in this process: the trial runs again on resume
-            fail_running(study, config.storage, trial.number, "interrupted")
+        except BaseException as exc:  # Ctrl-C, SIGTERM: the trial runs again on resume
+            fail_running(study, config.storage, trial.number, interruption(exc))
             raise
         ran += 1
     return ran
+
+
+def interruption(exc: BaseException) -> str:
+    """The failure reason of a trial that ``exc`` (not an ``Exception``) interrupted."""
+    if isinstance(exc, Interrupted):
+        return exc.reason
+    return "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "interrupted"
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
@@ -204,6 +225,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     last = [0.0]
 
     def on_step(step: int) -> None:
+        raise_if_stopped()  # a SIGTERM whose exception was lost
         now = time.monotonic()
         if now - last[0] >= STEP_EVENT_EVERY:
             last[0] = now
@@ -241,7 +263,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     clock, test = Clock(), None
     if task.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(task.device)
-    with Heartbeat(study, trial):
+    with Heartbeat(study, trial, config.storage):
         try:
             generator = torch.Generator(device=task.device).manual_seed(seed)
             algorithm = build(host, task, plan, seed, prepared.root)
@@ -269,8 +291,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         except Diverged as exc:
             state, note = TrialState.FAIL, f"diverged: {exc}"
         except Exception as exc:  # this trial's data, hyperparameters or plugin code
-            if is_storage_error(exc):
-                raise
+            if is_storage_error(exc) or stops_search(exc):
+                raise  # the storage's fault or a full disk's, not the trial's
             log.debug("trial %d failed", trial.number, exc_info=True)
             state, note = TrialState.FAIL, f"{type(exc).__name__}: {redact(one_line(str(exc)))}"
         finally:
@@ -352,46 +374,6 @@ def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> Non
                             round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
 
 
-class Heartbeat:
-    """Records ``trial``'s heartbeat every ``heartbeat_interval`` seconds in a thread, as
-    Optuna's ``study.optimize`` does, so that a trial of a process that dies is found stale
-    on any machine; a no-op for storages without heartbeats.
-
-    Unlike Optuna's thread (which ends at the first error), a beat that fails (the server
-    restarting) is skipped and the next one tried, so a short outage does not make a
-    running trial look dead.
-    """
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        self._beat = heartbeat_storage(study)
-        self._interval = self._beat.get_heartbeat_interval() if self._beat else None
-        self._trial_id = trial._trial_id
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Heartbeat:
-        if self._beat is not None and self._interval:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name=f"heartbeat-{self._trial_id}")
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        assert self._beat is not None and self._interval
-        while True:
-            try:
-                self._beat.record_heartbeat(self._trial_id)
-            except Exception as exc:  # the storage is unreachable: try again next beat
-                log.debug("heartbeat of trial id %d failed: %s", self._trial_id, exc)
-            if self._stop.wait(self._interval):
-                return
-
-
 def _release_device_memory(device: torch.device) -> None:
     """Return a CUDA device's blocks after a trial, so the next starts at its baseline
     (reference cycles in a plugin's objects would otherwise hold tensors until a later
@@ -401,11 +383,18 @@ def _release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def worker_main(spec: WorkerSpec, queue: Any) -> None:
+def worker_main(spec: WorkerSpec, queue: Any, stopped_for: Any = None) -> None:
     """Entry point of a pool's child process: run trials, sending events to ``queue``.
 
     The child ignores Ctrl-C (the supervisor owns the terminal and stops workers itself)
-    and fixes its CUDA device before any CUDA work.
+    and fixes its CUDA device before any CUDA work. SIGTERM and SIGHUP (the supervisor's
+    stop, or a scheduler's signal to every process) fail its trial as interrupted, queued
+    again, and end it with code 128 + the signal's number; so does the end of its
+    supervisor (even ``kill -9``): no orphan keeps computing.
+
+    Args:
+        stopped_for: a shared ``multiprocessing.Array`` of bytes where the supervisor
+            writes why it stops the pool (``Ctrl-C``), said in the trial's reason.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s worker {spec.index}: "
@@ -419,11 +408,40 @@ def worker_main(spec: WorkerSpec, queue: Any) -> None:
     def send(event: Event) -> None:
         queue.put((*event, spec.index))
 
-    supervisor = os.getppid()
+    parent = multiprocessing.parent_process()
+    supervisor = parent.pid if parent is not None else os.getppid()
+    orphaned = threading.Event()
+    if parent is not None:
+        threading.Thread(target=_stop_when_gone, args=(parent, orphaned), daemon=True,
+                         name="supervisor-watch").start()
+
+    def why(name: str) -> str:
+        if orphaned.is_set():
+            return f"{name}: its supervising process ended"
+        told = stopped_for.value.decode() if stopped_for is not None else ""
+        return told or name
+
     try:
-        run_worker(spec, send, keep_going=lambda: os.getppid() == supervisor)
+        with stop_on_signals(why):
+            run_worker(spec, send, keep_going=lambda: os.getppid() == supervisor)
+    except StorageFault as exc:  # the supervisor stops the pool and says it in one line
+        send(("storage_fault", (str(exc),)))
+        queue.close()
+        queue.join_thread()
+        os._exit(2)
+    except Interrupted as exc:  # its trial is failed and queued again (run_worker)
+        queue.cancel_join_thread()  # events nobody may read must not hold the exit
+        os._exit(exc.exit_code)
     except Exception as exc:
         send(("worker_failed", (f"{type(exc).__name__}: {redact(one_line(str(exc)))}",)))
         queue.close()
         queue.join_thread()  # the message is sent before the process ends
         os._exit(1)
+
+
+def _stop_when_gone(parent: Any, orphaned: threading.Event) -> None:
+    """Wait for the supervising process to end (its sentinel: no polling), then stop this
+    worker as its SIGTERM would."""
+    parent.join()
+    orphaned.set()
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -121,10 +121,22 @@ def _intervals(board: Board) -> str:
     return f"{kind} intervals, clipped to the metric's range {shown}"
 
 
-def _crash(t: FrozenTrial) -> str:
-    """Why a trial whose process was lost failed (it ran again as another trial)."""
+def _crash(t: FrozenTrial, retries: dict[int, FrozenTrial]) -> str:
+    """Why a trial whose process was lost (or that was interrupted) failed, and where its
+    copy (Optuna's retry, queued with its parameters) stands."""
+    from optuna.trial import TrialState
+
     crash = t.user_attrs.get("crash")
-    return f"{crash}; it ran again" if crash else "no reason recorded"
+    if not crash:
+        return "no reason recorded"
+    retry = retries.get(t.number)
+    if retry is None:
+        return f"{crash}; not run again (retried too often)"
+    if retry.state == TrialState.WAITING:
+        return f"{crash}; queued to run again (resume the search)"
+    if retry.state == TrialState.RUNNING:
+        return f"{crash}; running again as trial {retry.number}"
+    return f"{crash}; it ran again as trial {retry.number}"
 
 
 def _failures(trials: list[FrozenTrial], known: bool) -> Markup:
@@ -135,9 +147,12 @@ def _failures(trials: list[FrozenTrial], known: bool) -> Markup:
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if not failed:
         return tag("p", "No trial failed.")
+    # Optuna's retry of a failed trial lists it last in its retry history.
+    retries = {r.system_attrs["retry_history"][-1]: r for r in trials
+               if r.system_attrs.get("retry_history")}
     rows = [(t.number, t.params.get("algorithm", t.user_attrs.get("algorithm", "")),
              t.params.get("source", t.user_attrs.get("source", "")),
-             t.user_attrs.get("failure") or _crash(t)) for t in failed]
+             t.user_attrs.get("failure") or _crash(t, retries)) for t in failed]
     return join([tag("p", f"{len(failed)} failed trial(s) and why:"),
                  tag("div", table(["trial", "algorithm", "source", "reason"], rows,
                                   numeric=[0]), class_="scroll")])

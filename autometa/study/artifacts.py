@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import optuna
 import torch
@@ -87,13 +87,59 @@ def state_name(number: int) -> str:
     return f"trial-{number}.pt"
 
 
+class StoreWriteError(OSError):
+    """A trial's state could not be written (a full disk, a read-only folder): to the
+    artifact store (``in_store``), or to the temporary folder it is saved in first. The
+    ``OSError`` raised is the cause, its ``errno`` this one's."""
+
+    in_store = True
+
+
 def upload_state(algorithm: MetaAlgorithm, trial: optuna.Trial, store: ArtifactStore) -> str:
-    """Save ``algorithm``'s trained state and upload it as ``trial``'s artifact; its id."""
+    """Save ``algorithm``'s trained state and upload it as ``trial``'s artifact; its id.
+
+    Raises:
+        StoreWriteError: the store could not write it; nothing half-written is left in it.
+    """
     with tempfile.TemporaryDirectory(prefix="autometa-state-") as tmp:
         path = Path(tmp) / state_name(trial.number)
-        save_state(algorithm, path)
-        return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
-                               mimetype="application/octet-stream")
+        try:
+            save_state(algorithm, path)
+        except OSError as exc:
+            error = StoreWriteError(exc.errno, f"cannot save trial {trial.number}'s state in "
+                                    f"{tmp!r}: {exc.strerror or exc}")
+            error.in_store = False
+            raise error from exc
+        try:
+            return upload_artifact(artifact_store=_Tidy(store), file_path=str(path),
+                                   study_or_trial=trial, mimetype="application/octet-stream")
+        except OSError as exc:
+            raise StoreWriteError(exc.errno, f"cannot write trial {trial.number}'s state: "
+                                  f"{exc.strerror or exc}") from exc
+
+
+class _Tidy:
+    """An artifact store whose failed write leaves nothing behind: Optuna's file store
+    writes in place, so a full disk would keep a truncated state under the artifact's id."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        try:
+            self.store.write(artifact_id, content_body)
+        except BaseException:
+            try:
+                self.store.remove(artifact_id)
+            except Exception:  # never written, or the store is gone: nothing to remove
+                pass
+            raise
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.store.open_reader(artifact_id)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(artifact_id)
 
 
 def state_artifact(trial: FrozenTrial, storage: optuna.storages.BaseStorage) -> str | None:
@@ -201,10 +247,21 @@ def keep_best(study: optuna.Study, store: ArtifactStore, keep: int | str) -> lis
 
 
 def save_state(algorithm: MetaAlgorithm, path: Path) -> None:
-    """Save the trained state (tensors only, loadable with ``weights_only=True``)."""
+    """Save the trained state (tensors only, loadable with ``weights_only=True``).
+
+    Raises:
+        OSError: the file cannot be written (a full disk); no part of it is left.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(algorithm.state_dict(), tmp)
+    try:
+        # Through a Python file: a full disk is then an OSError naming it (torch's own
+        # writer says only "unexpected pos").
+        with open(tmp, "wb") as handle:
+            torch.save(algorithm.state_dict(), handle)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left
+        raise
     tmp.replace(path)  # atomic: a crash never leaves a half-written state
 
 

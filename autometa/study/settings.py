@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from autometa.config import SearchConfig, check_study_name
 from autometa.errors import ConfigError, closest, redact
@@ -29,6 +30,24 @@ def stored_settings(study: Any) -> dict[str, Any]:
     for a study autometa did not make)."""
     value = study.user_attrs.get(CONFIG_ATTR)
     return dict(value) if isinstance(value, dict) else {}
+
+
+#: The user attributes autometa's queued trials carry before they run: an initial
+#: configuration's origin, a baseline's mark and plan (:class:`~autometa.study.trials.TrialPlan`).
+QUEUED_ATTRS = frozenset({"origin", "baseline", "algorithm", "source", "algorithm_params",
+                          "source_params", "task_params"})
+
+
+def creation_interrupted(study: Any) -> bool:
+    """True for a study that autometa began to create and did not finish (a process killed
+    in between): no user attribute at all (its settings, :data:`CONFIG_ATTR`, are written
+    last), and no trial but queued ones carrying only :data:`QUEUED_ATTRS`. Nothing in it
+    has run, so it can be made again; a study holding anything else is never taken for one.
+    """
+    if study.user_attrs:
+        return False
+    return all(t.state == TrialState.WAITING and t.user_attrs
+               and set(t.user_attrs) <= QUEUED_ATTRS for t in study.get_trials(deepcopy=False))
 
 
 def search_seed(study: Any) -> int:
@@ -71,6 +90,10 @@ def stored_search(study_name: str, storage: str, **machine: Any
     except KeyError:
         raise missing(optuna.get_all_study_names(store)) from None
     stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None and creation_interrupted(study):
+        raise ConfigError(f"study {study_name!r} in {redact(storage)} is being created, or its "
+                          "creation was interrupted; wait for it, or finish it with `autometa "
+                          "run` and the study's settings")
     if stored is None:
         raise ConfigError(f"study {study_name!r} in {redact(storage)} was not made by autometa")
     data = {**stored["config"], "study_name": study_name, "storage": storage, "data_root": None,

@@ -1,13 +1,16 @@
 """Opening an Optuna storage: a database URL or a journal file, read-only where asked, and
-whether it holds a study yet."""
+whether it holds a study yet; the faults of a storage that waiting does not fix (read-only,
+full, forbidden, another Optuna's tables), told from an outage, which passes."""
 
 from __future__ import annotations
 
+import errno
 import warnings
+from pathlib import Path
 
 import optuna
 
-from autometa.errors import ConfigError, redact
+from autometa.errors import ConfigError, one_line, redact
 from autometa.study.urls import (
     JOURNAL_SUFFIXES,
     check_folder,
@@ -91,7 +94,91 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
     except ConfigError:
         raise
     except Exception as exc:
+        fault = lasting_fault(exc)  # a read-only or full disk, tables of another Optuna
+        if fault is not None:
+            raise ConfigError(fault_message(f"storage {url}", fault)) from None
         raise open_error(url, exc) from None
+
+
+#: SQLite's own transient files beside a database file.
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
+def remove_new_file(file: Path) -> None:
+    """Remove a storage ``file`` that a failed creation left (an empty or half-made SQLite
+    database, a journal file) with SQLite's side files; only for a file the caller
+    created and that nobody else has used (it held the storage's lock throughout)."""
+    for path in (file, *(file.with_name(file.name + side) for side in SQLITE_SIDE_FILES)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: nothing was made there either
+            pass
+
+
+#: ``errno`` values of a lasting fault, with the fix each asks for.
+_LASTING_ERRNO = {errno.ENOSPC: "free space on its disk", errno.EDQUOT: "free space on its disk",
+                  errno.EFBIG: "free space on its disk (or raise the file-size limit)",
+                  errno.EROFS: "make it writable", errno.EACCES: "make it writable",
+                  errno.EPERM: "make it writable"}
+#: Words of a database's own message for a lasting fault (SQLite, PostgreSQL, MySQL), with
+#: the fix each asks for. SQLite reports a full disk as "database or disk is full" and a file
+#: it may not write as "attempt to write a readonly database".
+_LASTING_WORDS = (
+    ("readonly database", "make it writable"),
+    ("read-only", "make it writable"),  # PostgreSQL's read-only transaction, MySQL's option
+    ("disk is full", "free space on its disk"),
+    ("no space left", "free space on its disk"),
+    ("could not extend file", "free space on its disk"),
+    ("is full", "free space on its disk"),  # MySQL: "The table 'x' is full"
+    ("disk i/o error", "check its disk"),
+    ("permission denied", "give this user write access"),
+    ("command denied", "give this user write access"),
+    ("unable to open database file", "make its folder writable"),
+    ("file is not a database", "restore it from a copy"),
+)
+#: Optuna's RuntimeError for tables another Optuna version set up, and its fix.
+_SCHEMA = ("no longer compatible with the table schema",
+           "install the Optuna version that set it up (or, for an older one, upgrade it with "
+           "`optuna storage upgrade --storage URL`)")
+
+
+def lasting_fault(exc: BaseException) -> tuple[str, str] | None:
+    """``(reason, fix)`` if ``exc`` (or what caused it) is a fault that waiting does not
+    fix, else None: an ``OSError`` of a full, read-only or forbidden disk or file, a
+    database's error saying the same (read-only, full, permission denied), or Optuna's
+    refusal of tables another Optuna version set up. ``reason`` is one line, passwords
+    hidden. A dropped or refused connection is not one (an outage: it is waited for).
+    """
+    import sqlalchemy.exc
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _LASTING_ERRNO:
+            return one_reason(seen), _LASTING_ERRNO[seen.errno]
+        if isinstance(seen, sqlalchemy.exc.DBAPIError):
+            text = str(seen.orig or seen).lower()
+            for words, fix in _LASTING_WORDS:
+                if words in text:
+                    return one_reason(seen), fix
+        if isinstance(seen, RuntimeError) and _SCHEMA[0] in str(seen):
+            return one_reason(seen), _SCHEMA[1]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def one_reason(exc: BaseException) -> str:
+    """What ``exc`` says (a database error's own message), on one line of at most 200
+    characters, passwords hidden."""
+    text = redact(one_line(str(getattr(exc, "orig", None) or exc)))
+    text = text.split(" Please ")[0].rstrip(".")  # Optuna's advice: the fix is given after
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def fault_message(where: str, fault: tuple[str, str]) -> str:
+    """The one line for a :func:`lasting_fault` met writing to ``where`` (``"storage URL"``,
+    ``"artifact store 'dir'"``): what it says, its fix, and that the same command resumes."""
+    reason, fix = fault
+    return f"{redact(where)}: {reason}; {fix}, then run the same command again to resume"
 
 
 def study_exists(url: str, name: str) -> bool:

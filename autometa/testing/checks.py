@@ -360,6 +360,7 @@ def check_meta_algorithm(
                   "calls in eval mode (dropout applied regardless of the mode? an "
                   "unseeded random draw?); predictions must be deterministic",
                   "adapt_and_predict")
+        _check_adapted_module(algorithm_cls, algo, episodes, pred)
     # Saved, as the engine saves a trial (autometa.study.artifacts.save_state), after meta-training.
     buffer = io.BytesIO()
     torch.save(algo.state_dict(), buffer)
@@ -372,3 +373,42 @@ def check_meta_algorithm(
         _fail(algorithm_cls, "a state_dict round trip changes the predictions: state_dict() "
               "must hold everything adapt_and_predict uses, and load_state_dict() restore it",
               "state_dict")
+
+
+def _check_adapted_module(algorithm_cls: type[MetaAlgorithm], algo: MetaAlgorithm,
+                          episodes: Episodes, pred: Tensor) -> None:
+    """Where the algorithm gives them, its module adapted on the first episode's support
+    set (``autometa export``'s model.pt2), and its adapt/predict pair (a few-shot task's
+    adapt.pt2 and predict.pt2), predict that episode's query set as ``adapt_and_predict``
+    did, and leave the meta-trained state as it found it."""
+    __tracebackhide__ = True
+    state = _snapshot(algo)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)  # as autometa.export_program calls it: the fixed seed
+        adapted = algo.adapted_module(episodes.support_x[0], episodes.support_y[0])
+        if adapted is not None:
+            _same_predictions(algorithm_cls, adapted.eval()(episodes.query_x[0]), pred,
+                              "adapted_module")
+        # adapt takes class labels (a few-shot classification task's)
+        pair = algo.adaptation_modules() if episodes.support_y.dtype == torch.long else None
+        if pair is not None:
+            fitted = pair[0].eval()(episodes.support_x[0], episodes.support_y[0])
+            fitted = fitted if isinstance(fitted, tuple | list) else (fitted,)
+            _same_predictions(algorithm_cls, pair[1].eval()(episodes.query_x[0], *fitted),
+                              pred, "adaptation_modules")
+    changed = _changed(state, algo)
+    if changed:
+        _fail(algorithm_cls, f"changed the meta-trained state {changed[:3]}; adapt a copy "
+              "and leave the state as it found it", "adapted_module")
+
+
+def _same_predictions(algorithm_cls: type[MetaAlgorithm], one: Any, pred: Tensor,
+                      method: str) -> None:
+    __tracebackhide__ = True
+    if not isinstance(one, Tensor) or tuple(one.shape) != tuple(pred.shape[1:]) \
+            or not torch.allclose(one.to(pred.dtype), pred[0], atol=1e-4, rtol=1e-4):
+        shape = list(one.shape) if isinstance(one, Tensor) else type(one).__name__
+        _fail(algorithm_cls, f"gave a module whose predictions ({shape}) are not "
+              "adapt_and_predict's for the same support and query sets "
+              f"({list(pred.shape[1:])}); its forward must compute what adapt_and_predict "
+              "returns after adapting on that support set", method)

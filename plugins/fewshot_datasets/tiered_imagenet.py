@@ -28,7 +28,7 @@ import numpy as np
 
 from autometa import DataError
 from autometa.image_store import FileImages
-from autometa.images import decode_image
+from autometa.images import decode_image, open_image
 from autometa_plugins.fewshot_datasets import pickles
 from autometa_plugins.fewshot_datasets.benchmark import (
     BenchmarkTask,
@@ -128,13 +128,14 @@ class PngImages:
 
     def decode(self, i: int, size: int, channels: int | str,
                resize: str) -> tuple[np.ndarray, bool]:
-        from PIL import Image
-
         try:
             data = np.asarray(self.blobs[i], dtype=np.uint8).tobytes()
-            with Image.open(io.BytesIO(data)) as opened:
+            with open_image(io.BytesIO(data), f"image {i} of the PNG pickles in "
+                            f"{self._slot!r}") as opened:
                 square = opened.size[0] == opened.size[1]
                 return decode_image(opened, size=size, channels=channels, resize=resize), square
+        except DataError:
+            raise
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
             brief = (str(exc).splitlines() or ["no details"])[0][:120]
             raise DataError(f"image {i} of the PNG pickles in {self._slot!r} cannot be decoded "

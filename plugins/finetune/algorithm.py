@@ -54,6 +54,7 @@ because every meta-val evaluation fine-tunes on every episode.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,7 +72,7 @@ from autometa.adapters import (
     check_adapter,
     lora_incompatibility,
 )
-from autometa_plugins.finetune.fit import OPTIMIZERS, fit_and_predict
+from autometa_plugins.finetune.fit import OPTIMIZERS, fit, fit_and_predict
 from autometa_plugins.finetune.heads import HEADS, Classifier, logits
 
 #: Seed of the generator that draws every episode's new classifier (the same each time).
@@ -204,17 +205,24 @@ class FineTune(MetaAlgorithm):
             self.model.train(training)
 
     def _adapt_and_predict(self, episodes: Episodes) -> Tensor:
+        _, forward, fitted = self._fitted_net()
+        if self.finetune == "head":
+            support, query = self._embed(episodes.support_x), self._embed(episodes.query_x)
+        else:
+            support, query = episodes.support_x, episodes.query_x
+        return fit_and_predict(forward, fitted, support, episodes.support_y, query,
+                               self.task.loss, **self._fit_options())
+
+    def _fitted_net(self) -> tuple[nn.Module, Any, dict[str, Tensor]]:
+        """The module fine-tuning fits (a new classifier, or the model's head, on fixed
+        features; or the whole network), its functional forward and the parameters fitted."""
         head = self.model.head
         if self.classifies:  # a new classifier over the episode's ways, the same every time
             head = Classifier(self.head, self.task.output_size, self.feature_dim,
                               generator=torch.Generator().manual_seed(HEAD_SEED),
                               dtype=_dtype(self.model)).to(self.task.device)
-        if self.finetune == "head":
-            net: nn.Module = head
-            support, query = self._embed(episodes.support_x), self._embed(episodes.query_x)
-        else:
-            net = Backbone(self.model.features, head) if self.classifies else self.model
-            support, query = episodes.support_x, episodes.query_x
+        net: nn.Module = head if self.finetune == "head" else (
+            Backbone(self.model.features, head) if self.classifies else self.model)
 
         def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
             if net is head and self.classifies:  # the same as functional_call, cheaper
@@ -225,11 +233,35 @@ class FineTune(MetaAlgorithm):
         # module's own (functional_call takes the parameters it is not given from it).
         fitted = {n: p for n, p in net.named_parameters()
                   if p.requires_grad or self.adapter == "none"}
-        return fit_and_predict(
-            forward, fitted, support, episodes.support_y, query,
-            self.task.loss, optimizer=self.optimizer_name, steps=self.finetune_steps,
-            lr=self.finetune_lr, weight_decay=self.weight_decay, momentum=self.momentum,
-        )
+        return net, forward, fitted
+
+    def _fit_options(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer_name, "steps": self.finetune_steps,
+                "lr": self.finetune_lr, "weight_decay": self.weight_decay,
+                "momentum": self.momentum}
+
+    def adapted_module(self, support_x: Tensor, support_y: Tensor) -> nn.Module:
+        """A copy of the network with the parameters fine-tuning fits on this support set
+        (the new classifier, or the head, or every parameter): what
+        :meth:`adapt_and_predict` computes for a query set after adapting on it."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            net, forward, init = self._fitted_net()
+            head_only = self.finetune == "head"
+            support = self._embed(support_x[None])[0] if head_only else support_x
+            params = fit(forward, init, support, support_y, self.task.loss,
+                         **self._fit_options())
+            fitted = copy.deepcopy(net)
+            with torch.no_grad():
+                for name, value in params.items():
+                    fitted.get_parameter(name).copy_(value)
+            features = copy.deepcopy(self.model.features) if head_only else None
+        finally:
+            self.model.train(training)
+        out = _Adapted(features, fitted).eval()
+        out.requires_grad_(False)
+        return out
 
     def _embed(self, x: Tensor) -> Tensor:
         """Features of each episode's examples, one batch per episode: (tasks, n, d).
@@ -237,6 +269,18 @@ class FineTune(MetaAlgorithm):
         A loop, not vmap: 2x faster for conv4 (BatchNorm), and cheap for an MLP."""
         with torch.no_grad():
             return torch.stack([self.model.features(episode) for episode in x])
+
+
+class _Adapted(nn.Module):
+    """A fine-tuned network: ``net`` on the frozen ``features`` (fine-tuning the head),
+    or ``net`` alone (fine-tuning everything). (n, *input_shape) -> (n, output_size)."""
+
+    def __init__(self, features: nn.Module | None, net: nn.Module) -> None:
+        super().__init__()
+        self.features, self.net = features, net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x if self.features is None else self.features(x))
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

@@ -61,6 +61,30 @@ def fit_and_predict(
     and dampening 0.9, methods/baselinefinetune.py): the step follows a running average of
     the gradients rather than their sum; 0 gives plain SGD.
     """
+    return torch.cat([predict for _, predict in _fitted(
+        forward, init, support_x, support_y, query_x, loss, optimizer=optimizer, steps=steps,
+        lr=lr, weight_decay=weight_decay, momentum=momentum)])
+
+
+def fit(forward: Forward, init: Params, support_x: Tensor, support_y: Tensor, loss: Loss, *,
+        optimizer: str, steps: int, lr: float, weight_decay: float, momentum: float
+        ) -> Params:
+    """The parameters :func:`fit_and_predict` fits on one support set ``support_x``
+    (n_s, *in), ``support_y`` (n_s[, out]), by the same path (so the same numbers): each
+    of ``init``'s, detached, in its own shape."""
+    parts = _fitted(forward, init, support_x[None], support_y[None], support_x[None], loss,
+                    optimizer=optimizer, steps=steps, lr=lr, weight_decay=weight_decay,
+                    momentum=momentum)
+    params, _ = parts[0]
+    return {n: p[0].detach().clone() if optimizer != "lbfgs" else p.detach().clone()
+            for n, p in params.items()}
+
+
+def _fitted(forward: Forward, init: Params, support_x: Tensor, support_y: Tensor,
+            query_x: Tensor, loss: Loss, *, optimizer: str, steps: int, lr: float,
+            weight_decay: float, momentum: float) -> list[tuple[Params, Tensor]]:
+    """Each group's fitted parameters (stacked along a task dimension, except L-BFGS's:
+    one episode's) and its query predictions (tasks in the group, n_q, out), in order."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
     init = {n: p.detach() for n, p in init.items()}
@@ -69,10 +93,12 @@ def fit_and_predict(
     tasks = support_x.shape[0]
     with torch.enable_grad():  # callers may evaluate under no_grad
         if optimizer == "lbfgs":
-            return torch.stack([
-                _fit(forward, init, support_x[t], support_y[t], query_x[t], loss, **options)
-                for t in range(tasks)
-            ])
+            out = []
+            for t in range(tasks):
+                params, pred = _fit(forward, init, support_x[t], support_y[t], query_x[t],
+                                    loss, **options)
+                out.append((params, pred[None]))
+            return out
         group = max(1, STACK_BUDGET // max(1, sum(p.numel() for p in init.values())))
         batched = vmap(forward)  # one episode per slice: its own parameters and inputs
 
@@ -84,13 +110,14 @@ def fit_and_predict(
             sx, sy, qx = support_x[s : s + group], support_y[s : s + group], query_x[s : s + group]
             copies = {n: p.expand(len(sx), *p.shape) for n, p in init.items()}  # (tasks, ...)
             outputs.append(_fit(batched, copies, sx, sy, qx, summed, **options))
-        return torch.cat(outputs)
+        return outputs
 
 
 def _fit(forward: Forward, init: Params, sx: Tensor, sy: Tensor, qx: Tensor, loss: Loss, *,
          optimizer: str, steps: int, lr: float, weight_decay: float, momentum: float
-         ) -> Tensor:
-    """Fit one copy of ``init`` (one episode's, or stacked episodes') and predict ``qx``."""
+         ) -> tuple[Params, Tensor]:
+    """Fit one copy of ``init`` (one episode's, or stacked episodes'); the fitted
+    parameters and the predictions for ``qx``."""
     # Contiguous: stacked copies start as expanded views of one episode's parameters.
     params = {n: p.clone(memory_format=torch.contiguous_format).requires_grad_()
               for n, p in init.items()}
@@ -114,4 +141,4 @@ def _fit(forward: Forward, init: Params, sx: Tensor, sy: Tensor, qx: Tensor, los
     for _ in range(1 if optimizer == "lbfgs" else steps):  # one L-BFGS step runs max_iter
         opt.step(closure)
     with torch.no_grad():
-        return forward(params, qx)
+        return params, forward(params, qx)

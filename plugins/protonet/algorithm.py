@@ -21,11 +21,12 @@ glyphs and on digits, the two choices' meta-test accuracies differed by at most 
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from autometa import Backbone, Categorical, Episodes, Float, MetaAlgorithm, Task
 from autometa.inner_loop import Strategy, each_task, resolve_strategy
@@ -36,6 +37,69 @@ Distance = Literal["euclidean", "cosine"]
 #: cannot give the right class more than 0.65, so the cross-entropy cannot be fitted
 #: ("metric scaling", Oreshkin et al. 2018, TADAM, arXiv:1805.10123).
 COSINE_SCALE = 10.0
+
+
+def _prototypes(support: Tensor, labels: Tensor, ways: int) -> tuple[Tensor, Tensor]:
+    """Each class's mean support feature (tasks, ways, d) and support count (tasks, ways)."""
+    one_hot = F.one_hot(labels, ways).to(support.dtype)
+    counts = one_hot.sum(1)  # (tasks, ways): shots per class, unequal ones allowed
+    prototypes = one_hot.transpose(1, 2) @ support  # (tasks, ways, d): sums
+    return prototypes / counts.clamp(min=1).unsqueeze(-1), counts  # means
+
+
+def _logits(query: Tensor, prototypes: Tensor, counts: Tensor, distance: Distance) -> Tensor:
+    """Logits (tasks, n_query, ways) of ``query`` (tasks, n_query, d)."""
+    if distance == "cosine":
+        logits = COSINE_SCALE * (F.normalize(query, dim=-1)
+                                 @ F.normalize(prototypes, dim=-1).transpose(1, 2))
+    else:
+        # -|q - c|^2 = -|q|^2 + 2 q.c - |c|^2: no (tasks, n_query, ways, d) difference
+        # tensor, which would take GBs on a 200-episode evaluation chunk.
+        logits = (2 * query @ prototypes.transpose(1, 2)
+                  - query.pow(2).sum(-1, keepdim=True)
+                  - prototypes.pow(2).sum(-1).unsqueeze(1))
+    # A class absent from the support set has no prototype: never predict it.
+    absent = (counts == 0).unsqueeze(1)  # (tasks, 1, ways)
+    return logits.masked_fill(absent, torch.finfo(logits.dtype).min)
+
+
+class _Prototypes(nn.Module):
+    """ProtoNet adapted to one support set: (n, *input_shape) -> logits (n, ways)."""
+
+    prototypes: Tensor
+    counts: Tensor
+
+    def __init__(self, features: nn.Module, prototypes: Tensor, counts: Tensor,
+                 distance: Distance) -> None:
+        super().__init__()
+        self.features, self.distance = features, distance
+        self.register_buffer("prototypes", prototypes.detach().clone())  # (1, ways, d)
+        self.register_buffer("counts", counts.detach().clone())  # (1, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _logits(self.features(x)[None], self.prototypes, self.counts, self.distance)[0]
+
+
+class _Adapt(nn.Module):
+    """A support set's prototypes and counts: (n, *in), (n,) -> (1, ways, d), (1, ways)."""
+
+    def __init__(self, features: nn.Module, ways: int) -> None:
+        super().__init__()
+        self.features, self.ways = features, ways
+
+    def forward(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+        return _prototypes(self.features(support_x)[None], support_y[None], self.ways)
+
+
+class _Predict(nn.Module):
+    """Logits (m, ways) of query examples (m, *in) for prototypes and counts."""
+
+    def __init__(self, features: nn.Module, distance: Distance) -> None:
+        super().__init__()
+        self.features, self.distance = features, distance
+
+    def forward(self, x: Tensor, prototypes: Tensor, counts: Tensor) -> Tensor:
+        return _logits(self.features(x)[None], prototypes, counts, self.distance)[0]
 
 
 class ProtoNet(MetaAlgorithm):
@@ -84,22 +148,28 @@ class ProtoNet(MetaAlgorithm):
     def _logits(self, episodes: Episodes) -> Tensor:
         """Logits of each query for each class: (tasks, n_query, output_size)."""
         support, query = self._embed(episodes)  # (tasks, n_support, d), (tasks, n_query, d)
-        one_hot = F.one_hot(episodes.support_y, self.task.output_size).to(support.dtype)
-        counts = one_hot.sum(1)  # (tasks, ways): shots per class, unequal ones allowed
-        prototypes = one_hot.transpose(1, 2) @ support  # (tasks, ways, d): sums
-        prototypes = prototypes / counts.clamp(min=1).unsqueeze(-1)  # means
-        if self.distance == "cosine":
-            logits = COSINE_SCALE * (F.normalize(query, dim=-1)
-                                     @ F.normalize(prototypes, dim=-1).transpose(1, 2))
-        else:
-            # -|q - c|^2 = -|q|^2 + 2 q.c - |c|^2: no (tasks, n_query, ways, d) difference
-            # tensor, which would take GBs on a 200-episode evaluation chunk.
-            logits = (2 * query @ prototypes.transpose(1, 2)
-                      - query.pow(2).sum(-1, keepdim=True)
-                      - prototypes.pow(2).sum(-1).unsqueeze(1))
-        # A class absent from the support set has no prototype: never predict it.
-        absent = (counts == 0).unsqueeze(1)  # (tasks, 1, ways)
-        return logits.masked_fill(absent, torch.finfo(logits.dtype).min)
+        prototypes, counts = _prototypes(support, episodes.support_y, self.task.output_size)
+        return _logits(query, prototypes, counts, self.distance)
+
+    def adapted_module(self, support_x: Tensor, support_y: Tensor) -> nn.Module:
+        """The features, and the prototypes of this support set (buffers): a query set's
+        logits, as :meth:`adapt_and_predict` computes them."""
+        features = self.model.features
+        training = features.training
+        features.eval()
+        try:
+            with torch.no_grad():
+                support = features(support_x)[None]  # (1, n_support, d): one batch
+            prototypes, counts = _prototypes(support, support_y[None], self.task.output_size)
+        finally:
+            features.train(training)
+        return _Prototypes(copy.deepcopy(features), prototypes, counts, self.distance).eval()
+
+    def adaptation_modules(self) -> tuple[nn.Module, nn.Module]:
+        """Prototypes from a support set (``adapt``), logits from them (``predict``)."""
+        features = copy.deepcopy(self.model.features).eval()
+        features.requires_grad_(False)
+        return _Adapt(features, self.task.output_size), _Predict(features, self.distance)
 
     def _embed(self, episodes: Episodes) -> tuple[Tensor, Tensor]:
         """Features of each episode's support and query sets, each embedded as one batch.

@@ -28,7 +28,7 @@ mode) it uses them and leaves them unchanged. Such a model runs the loop.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from autometa import Backbone, Categorical, Episodes, Float, Int, MetaAlgorithm, Task
@@ -40,6 +40,7 @@ from autometa.inner_loop import (
     each_task,
     parameters_of,
     resolve_strategy,
+    with_parameters,
 )
 
 
@@ -115,3 +116,17 @@ class Reptile(MetaAlgorithm):
                 first_order=True,
                 strategy=self.strategy,
             )
+
+    def adapted_module(self, support_x: Tensor, support_y: Tensor) -> nn.Module:
+        """A copy of the model holding the parameters ``eval_steps`` SGD steps reach on this
+        support set (as :meth:`adapt_and_predict` takes them)."""
+        strategy = resolve_strategy(self.model, self.strategy, first_order=True)
+        theta = parameters_of(self.model)
+
+        def one(sx: Tensor, sy: Tensor) -> Params:
+            return adapt(self.model, theta, sx, sy, self.task.loss, steps=self.eval_steps,
+                         lr=self.inner_lr, first_order=True, autograd=strategy == "loop")
+
+        with torch.no_grad():
+            fast = each_task(one, support_x[None], support_y[None], strategy=strategy)
+        return with_parameters(self.model, fast)

@@ -460,6 +460,18 @@ def test_plan_json_lists_the_classes_of_each_split(tmp_path: Path) -> None:
                     algorithms=["protonet"], sources=["conv4"], n_trials=1, meta_steps=2,
                     eval_every=2)
     assert main(["export", "image-folder-seed0", "--out", "model"]) == 0
+    # A few-shot image model's adapt/predict pair takes uint8 pixels (N, H, W, C).
+    import torch
+
+    adapt = torch.export.load(str(tmp_path / "model" / "adapt.pt2")).module()
+    predict = torch.export.load(str(tmp_path / "model" / "predict.pt2")).module()
+    pixels = torch.randint(0, 256, (6, 12, 12, 3), dtype=torch.uint8)
+    spec = json.loads((tmp_path / "model" / "model.json").read_text())
+    ways = int(spec["output"]["shape"][1])
+    scores = predict(pixels[:4, ..., :spec["input"]["shape"][3]],
+                     *adapt(pixels[..., :spec["input"]["shape"][3]],
+                            torch.arange(6) % ways))
+    assert scores.shape == (4, ways)
     plan = json.loads((tmp_path / "model" / "plan.json").read_text())
     split = plan["task"]["classes_by_split"]
     assert sorted(sum(split.values(), [])) == sorted(p.name for p in root.iterdir())
