@@ -2,12 +2,15 @@
 #   make quickstart   creates .venv, installs the pinned set, runs the quickstart search
 #   make test         creates .venv, installs the pinned set, runs ruff, mypy, lint-imports
 #                     (the layers contract in pyproject.toml) and pytest
+#   make gpu-check    on a CUDA machine: the tests marked cuda, a 2-worker search sharing the
+#                     GPU and the speed benchmark on it, in at most 8 minutes
+#                     (benchmarks/gpu_check.py; without a GPU: one line, exit 0)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test clean
+.PHONY: quickstart test gpu-check clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,9 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+gpu-check: $(STAMP)
+	@$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) autometa.db autometa.db.autometa-lock autometa-artifacts autometa-reports \

@@ -13,7 +13,12 @@ from autometa.errors import AutometaError, ConfigError, DataError, PluginError
 from autometa.hookspecs import hookimpl, hookspec
 from autometa.plugins import PluginHost, PluginInfo, Registration, create_host
 from autometa.space import Categorical, Float, Int
+from autometa.threads import set_wait_policy
 from autometa.version import __version__ as __version__
+
+# Before anything imports torch (the modules above never do): OpenMP reads its wait policy
+# once, when torch's libraries load.
+set_wait_policy()
 
 #: The public modules: a plugin imports only these, and from each only the names in its
 #: ``__all__`` (the stable API, which changes by adding names). Everything else, in these

@@ -6,6 +6,8 @@
 * timing: :func:`tasks_per_second` (one repetition, ``time.perf_counter``), :func:`interleave`
   (repetitions of several contenders, in a rotated order, so that a slow spell of the
   machine hits them all) and :func:`paired_ratio` (the median of same-repetition ratios);
+  on a CUDA device, :func:`synchronizer` waits for its queued kernels before each clock
+  read (CUDA runs asynchronously: without it a timer measures the launches only);
 * reporting: :func:`ratio`, :func:`text_table`, :func:`markdown_table`, :func:`write_results`
   (``<name>.json`` and ``<name>.md`` under :data:`RESULTS` or ``--out``),
   :func:`print_and_write`, :func:`stderr_log`.
@@ -90,6 +92,9 @@ def environment(extra_versions: Sequence[str] = ()) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # The first visible GPU and the CUDA torch was built for (None on a CPU build).
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_1m": load_average(),
@@ -104,7 +109,8 @@ def describe_environment(env: dict[str, Any]) -> str:
     v = env["versions"]
     peers = ", ".join(f"{k} {v[k] or 'not installed'}"
                       for k in ("higher", "torchopt", "learn2learn"))
-    return (f"{env['cpu']}, {env['cores']} cores, torch {v['torch']} ({env['torch_threads']} "
+    gpu = f"{env['gpu']} (CUDA {env['cuda']}), " if env.get("gpu") else ""
+    return (f"{gpu}{env['cpu']}, {env['cores']} cores, torch {v['torch']} ({env['torch_threads']} "
             f"threads), Python {env['python']}; {peers}; autometa {env['autometa_commit']}; "
             f"load average at start {env['load_average_1m']:.2f}; {env['date']}")
 
@@ -112,38 +118,57 @@ def describe_environment(env: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- timing
 
 
+def synchronizer(device: Any) -> Callable[[], None]:
+    """What to call before reading a clock so that the time includes ``device``'s work:
+    ``torch.cuda.synchronize(device)`` on a CUDA device, nothing on a CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def tasks_per_second(step: Callable[[Any], Any], batches: Sequence[Sized],
-                     min_seconds: float = 0.0) -> float:
+                     min_seconds: float = 0.0, sync: Callable[[], None] | None = None
+                     ) -> float:
     """One timed repetition: ``step`` on every batch, again until ``min_seconds`` passed.
 
     A fast contender would otherwise be timed over a few milliseconds, where the machine's
-    noise decides. Returns tasks (episodes of the batches run) per second.
+    noise decides. ``sync`` is called before every clock read (:func:`synchronizer`).
+    Returns tasks (episodes of the batches run) per second.
     """
+    sync = sync or (lambda: None)
     tasks = sum(len(b) for b in batches)
+    sync()
     start, done = time.perf_counter(), 0
-    while done == 0 or time.perf_counter() - start < min_seconds:
+    while True:
         for batch in batches:
             step(batch)
         done += tasks
-    return done / (time.perf_counter() - start)
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return done / elapsed
 
 
 def interleave(steps: Mapping[str, Callable[[Any], Any]], batches: Sequence[Sized],
                repeats: int, *, min_seconds: float = 0.0,
                after: Callable[[int, dict[str, list[float]]], None] | None = None,
-               ) -> dict[str, list[float]]:
+               sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Tasks per second of each step per repetition, repetitions interleaved.
 
     In repetition ``rep`` every step runs :func:`tasks_per_second` once, in the order of
     ``steps`` rotated by ``rep`` (with two steps: A B, B A, A B, ...), so that a drift of
-    the machine's speed spreads over all. ``after(rep, rates)`` runs after each repetition.
+    the machine's speed spreads over all. ``after(rep, rates)`` runs after each repetition;
+    ``sync`` before each clock read (:func:`tasks_per_second`).
     """
     keys = list(steps)
     rates: dict[str, list[float]] = {k: [] for k in keys}
     for rep in range(repeats):
         shift = rep % len(keys) if keys else 0
         for key in keys[shift:] + keys[:shift]:
-            rates[key].append(tasks_per_second(steps[key], batches, min_seconds))
+            rates[key].append(tasks_per_second(steps[key], batches, min_seconds, sync))
         if after is not None:
             after(rep, rates)
     return rates

@@ -31,6 +31,19 @@ toolkit and timed beside the unpatched plugin.
     python benchmarks/speed.py                      # both workloads, 1 and 5 inner steps
     python benchmarks/speed.py --models sinusoid --repeats 9
     python benchmarks/speed.py --prototypes proto-compile,proto-fused-adam
+    python benchmarks/speed.py --co-tenant          # also beside a busy neighbour process
+
+``--co-tenant`` times every workload twice in the same run: alone, then with a busy
+neighbour process (a pure-Python loop, like ``yes > /dev/null``) holding a core, so the
+ratios with and without a neighbour are measured side by side (rows ``<model>
+(neighbour)``). Every machine has neighbours (data loading, other workers, a notebook, CI);
+OpenMP threads that spin at barriers collapse beside one (issue 26). autometa is imported
+before torch, as the ``autometa`` command does, so its thread policy
+(:mod:`autometa.threads`) holds for every contender of the run.
+    python benchmarks/speed.py --device cuda --name speed_cuda   # on a GPU
+
+``--device`` puts every contender's model and episodes on that torch device (default the
+CPU); on CUDA each clock read waits for the device (``torch.cuda.synchronize``).
 
 Prints the tables and writes benchmarks/results/speed.json and speed.md (``--out``).
 Its parts: workloads.py (the workloads, shared with memory.py and
@@ -41,10 +54,15 @@ speed_report.py; timing and reporting helpers shared by every benchmark in harne
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import autometa  # noqa: F401  before torch, as the autometa command: its thread policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its parts, when imported
 
@@ -81,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help=f"also time proposed patches: {','.join(PROTOTYPES)}")
     parser.add_argument("--check-tasks", type=int, default=4,
                         help="episodes in the float64 gradient check (0: skip it)")
+    parser.add_argument("--co-tenant", action="store_true",
+                        help="time every workload alone, then beside a busy neighbour process")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of every contender's model and episodes, e.g. cuda")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="speed", help="result file name")
     parser.add_argument("--quiet", action="store_true")
@@ -103,19 +125,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_keys = [k for k in keys if (k, name) not in PROTOTYPE_SKIP]
         work = make_workload(name, channels=args.conv4_channels,
                              meta_batch=args.conv4_meta_batch if name == "conv4" else None,
-                             pool_classes=args.pool_classes, side=args.conv4_side)
+                             pool_classes=args.pool_classes, side=args.conv4_side,
+                             device=args.device)
         for steps in steps_list:
-            res = run_workload(work, steps, run_keys, batches_per_rep=per_rep[name],
-                               repeats=args.repeats, check_tasks=args.check_tasks, log=log,
-                               min_seconds=args.min_seconds)
-            speed += res["speed"]
-            grads += res["gradients"]
-            refused += res["refused"]
-            auto = next((r for r in res["speed"] if r["contender"] == "autometa-auto"), None)
-            if auto:
-                cost = sampling_cost(work, work.meta_batch / auto["tasks_per_s"])
-                sampling.append({"model": name, "inner_steps": steps, **cost})
-                sampling_by[(name, steps)] = cost
+            for label, beside in conditions(args.co_tenant):
+                with beside() as neighbour:
+                    res = run_workload(work, steps, run_keys, batches_per_rep=per_rep[name],
+                                       repeats=args.repeats, check_tasks=args.check_tasks,
+                                       log=log, min_seconds=args.min_seconds)
+                    auto = next((r for r in res["speed"]
+                                 if r["contender"] == "autometa-auto"), None)
+                    cost = None if auto is None else \
+                        sampling_cost(work, work.meta_batch / auto["tasks_per_s"])
+                    if neighbour is not None:  # it ran the whole time, or this is void
+                        assert neighbour.poll() is None, "the neighbour process ended early"
+                model = f"{name}{label}"
+                for part in ("speed", "gradients", "refused"):
+                    for row in res[part]:
+                        row["model"] = model
+                speed += res["speed"]
+                grads += res["gradients"]
+                refused += res["refused"]
+                if cost is not None:
+                    sampling.append({"model": model, "inner_steps": steps, **cost})
+                    sampling_by[(model, steps)] = cost
     result = {
         "environment": env,
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -133,6 +166,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print_and_write(args.name, result, *report(result), args.out)
     return result
+
+
+#: The neighbour: one core kept busy by a pure-Python loop that ends by itself once its
+#: parent is gone (or after an hour), should the benchmark die without stopping it.
+BUSY_LOOP = ("import os, time\n"
+             "parent, end = os.getppid(), time.monotonic() + 3600\n"
+             "while time.monotonic() < end and os.getppid() == parent:\n"
+             "    pass\n")
+
+
+def conditions(co_tenant: bool) -> list[tuple[str, Any]]:
+    """The conditions each workload is timed under: alone, and with ``co_tenant`` beside a
+    busy neighbour (the label its rows' model names get)."""
+    alone = [("", contextlib.nullcontext)]
+    return alone + [(" (neighbour)", busy_neighbour)] if co_tenant else alone
+
+
+@contextlib.contextmanager
+def busy_neighbour() -> Iterator[subprocess.Popen[bytes]]:
+    """A busy process beside the block (one core's worth of load), stopped after it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP], env=env)
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 :func:`run_workload` does all three for one workload and inner-step count: it checks each
 contender's float64 meta-gradient against the looped reference's (:func:`check_gradients`),
 times the contenders in interleaved repetitions (:func:`time_contenders`), and the caller
-sets the cost of sampling episodes against a meta-step (:func:`sampling_cost`).
+sets the cost of sampling episodes against a meta-step (:func:`sampling_cost`). On a CUDA
+workload every clock read waits for the device's queued work first (``harness.synchronizer``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from harness import interleave
+from harness import interleave, synchronizer
 from speed_contenders import PEERS, Autometa, Contender, Reference
 from speed_prototypes import PROTOTYPES
 from torch import nn
@@ -82,18 +83,20 @@ def check_gradients(model: nn.Module, work: Workload, steps: int, batch: Episode
 
 def time_contenders(contenders: dict[str, Contender], batches: Sequence[Episodes],
                     repeats: int, log: Callable[[str], None], warmup: dict[str, float],
-                    refused: dict[str, str], min_seconds: float = 0.0
-                    ) -> dict[str, list[float]]:
+                    refused: dict[str, str], min_seconds: float = 0.0,
+                    sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
     """Tasks per second of each contender per repetition, repetitions interleaved.
 
     In a repetition a contender runs ``batches`` once, and again until ``min_seconds`` have
     passed (``harness.interleave``, in a rotated order). ``warmup`` receives the seconds of
     each contender's first meta-step; ``refused`` the error of a contender whose first step
-    raised (it is then left out)."""
+    raised (it is then left out). ``sync`` runs before every clock read (CUDA)."""
     for key in list(contenders):  # warm-up: one-off costs ('auto' probe, compilation)
+        sync()
         start = time.perf_counter()
         try:
             contenders[key].step(batches[0])
+            sync()
         except Exception as exc:  # e.g. autometa refusing vmap through BatchNorm
             refused[key] = refusal(exc)
             del contenders[key]
@@ -105,17 +108,20 @@ def time_contenders(contenders: dict[str, Contender], batches: Sequence[Episodes
             ", ".join(f"{k} {r[-1]:.0f}" for k, r in rates.items()))
 
     return interleave({k: c.step for k, c in contenders.items()}, batches, repeats,
-                      min_seconds=min_seconds, after=progress)
+                      min_seconds=min_seconds, after=progress, sync=sync)
 
 
 def sampling_cost(work: Workload, step_seconds: float, calls: int = 30) -> dict[str, Any]:
     """Median time to sample one meta-batch of episodes, against a meta-step."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(work.device).manual_seed(1)
+    sync = synchronizer(work.device)
     work.task.sample(work.meta_batch, g)
     times = []
     for _ in range(calls):
+        sync()
         start = time.perf_counter()
         work.task.sample(work.meta_batch, g)
+        sync()
         times.append(time.perf_counter() - start)
     sample = statistics.median(times)
     return {"sample_ms": 1e3 * sample, "meta_step_ms": 1e3 * step_seconds,
@@ -135,7 +141,7 @@ def run_workload(work: Workload, steps: int, keys: Sequence[str], *, batches_per
     warmup: dict[str, float] = {}
     refused: dict[str, str] = {}
     rates = time_contenders(contenders, batches, repeats, log, warmup, refused,
-                            min_seconds)
+                            min_seconds, synchronizer(work.device))
     disagree = {g["contender"] for g in grads if g["agrees"] is False}
     speed = []
     for key in [k for k in keys if k in contenders]:

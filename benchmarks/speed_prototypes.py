@@ -47,14 +47,37 @@ class ProtoCompiled(Autometa):
         alg.optimizer.step()
 
 
+class ProtoConv4Plain(Autometa):
+    """The conv4 plugin's previous block (NCHW; conv, BatchNorm, ReLU, max-pool): what its
+    channels_last, pool-before-ReLU layout is measured against (the same parameters)."""
+
+    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
+        super().__init__(model, work, steps, "auto")
+        self.label, self.strategy = "proto: conv4 plain NCHW blocks", "auto"
+        for seq in self.algorithm.model.modules():
+            if not isinstance(seq, nn.Sequential):
+                continue
+            for conv in seq:
+                if type(conv).__name__ == "ChannelsLastConv2d":
+                    conv.__class__ = nn.Conv2d  # the same parameters, NCHW output
+            keys = list(seq._modules)
+            for a, b in zip(keys, keys[1:], strict=False):  # (max-pool, ReLU) -> back
+                if (isinstance(seq._modules[a], nn.MaxPool2d)
+                        and isinstance(seq._modules[b], nn.ReLU)):
+                    seq._modules[a], seq._modules[b] = seq._modules[b], seq._modules[a]
+
+
 #: Prototypes left out on a workload, and why.
-PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there"}
+PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there",
+                  ("proto-conv4-plain", "sinusoid"): "a conv4 layout"}
 
 PROTOTYPES: dict[str, type[Contender]] = {
     "proto-fused-adam": ProtoFusedAdam,
     "proto-compile": ProtoCompiled,
+    "proto-conv4-plain": ProtoConv4Plain,
 }
 
 
 #: What each prototype is compared with: the unpatched contender it modifies.
-PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap"}
+PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap",
+                  "proto-conv4-plain": "autometa-auto"}

@@ -41,7 +41,7 @@ def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target
         chosen = auto["strategy"].rsplit("→", 1)[-1]
         same_ref = rows.get(f"reference-{chosen}")
         peer_ratio = paired(auto, best_peer) if best_peer else None
-        need = fast_target if model == "sinusoid" else 1.0
+        need = fast_target if model.split(" (")[0] == "sinusoid" else 1.0  # "(neighbour)"
         row = {
             "model": model, "inner_steps": steps, "autometa_strategy": auto["strategy"],
             "autometa_gradient_agrees": not auto["void"],
@@ -156,7 +156,8 @@ def report(result: dict[str, Any]) -> tuple[str, str]:
     intro = (f"Second-order MAML meta-steps per second, {settings['repeats']} interleaved "
              f"repetitions of {settings['batches_per_rep']} meta-step(s) per workload "
              f"({settings['batches_per_rep_by_model']}), each run again until "
-             f"{settings.get('min_seconds', 0):g} s had passed; Adam meta-lr {META_LR:g}.")
+             f"{settings.get('min_seconds', 0):g} s had passed; Adam meta-lr {META_LR:g}; "
+             f"on device {settings.get('device', 'cpu')}.")
     parts = [("Environment", describe_environment(env)), ("Setting", intro),
              ("Summary", (sum_h, sum_rows)), ("Throughput", (speed_h, speed_rows)),
              ("Meta-gradient agreement (one batch, same weights, float64, vs reference (loop))",

@@ -7,6 +7,9 @@
   from an :class:`autometa.episodes.ClassPool` of 1,000 classes x 20 images.
 
 :func:`make_autometa` builds autometa's ``maml`` plugin on a workload as a trial does.
+Both workloads live on one torch device (``make_workload(device=...)``, default the CPU):
+the task's data and its episodes, and so every contender's model (built on the task's
+device, as a trial builds it).
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ class RandomImages(Task):
     kind = "classification"
 
     def __init__(self, *, classes: int = 1000, per_class: int = 20, side: int = 28,
-                 ways: int = 5, shots: int = 1, queries: int = 15, seed: int = 0) -> None:
-        super().__init__(seed=seed)
+                 ways: int = 5, shots: int = 1, queries: int = 15, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(seed=seed, device=device)
         self.input_shape = (1, side, side)
         self.output_size = ways
         self.ways, self.shots, self.queries = ways, shots, queries
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(classes * per_class, 1, side, side, generator=g)  # (n, 1, H, W)
         y = torch.arange(classes).repeat_interleave(per_class)
-        self.pool = ClassPool(x, y, range(classes), name="random images")
-        self._fixed = self.sample(2, torch.Generator().manual_seed(seed + 1))
+        # On the device: the pool's indices and random draws live where its images do.
+        self.pool = ClassPool(x.to(self.device), y, range(classes), name="random images")
+        self._fixed = self.sample(2, torch.Generator(self.device).manual_seed(seed + 1))
 
     def sample(self, n_tasks: int, generator: torch.Generator) -> Episodes:
         return self.pool.sample(n_tasks, self.ways, self.shots, self.queries, generator)
@@ -70,21 +75,28 @@ class Workload:
             return F.mse_loss(pred, target)
         return F.cross_entropy(pred, target)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the task's data, its episodes and the contenders' models live."""
+        return self.task.device
+
     def batches(self, n: int, seed: int = 0) -> list[Episodes]:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(self.device).manual_seed(seed)
         return [self.task.sample(self.meta_batch, g) for _ in range(n)]
 
 
 def make_workload(name: str, *, channels: int = 64, meta_batch: int | None = None,
-                  pool_classes: int = 1000, side: int = 28) -> Workload:
-    """``sinusoid`` (MLP 1-40-40-1) or ``conv4`` (random 28x28 5-way 1-shot 15-query)."""
+                  pool_classes: int = 1000, side: int = 28,
+                  device: torch.device | str = "cpu") -> Workload:
+    """``sinusoid`` (MLP 1-40-40-1) or ``conv4`` (random 28x28 5-way 1-shot 15-query), its
+    data on ``device``."""
     if name == "sinusoid":
         task = create_host().get("task", "sinusoid").load()(
-            shots=10, queries=10, val_episodes=1, test_episodes=2)
+            shots=10, queries=10, val_episodes=1, test_episodes=2, device=device)
         return Workload(name, task, "mlp", {"hidden": 40, "layers": 2},
                         meta_batch or 25, 0.01, regression=True)
     if name == "conv4":
-        task = RandomImages(classes=pool_classes, side=side)
+        task = RandomImages(classes=pool_classes, side=side, device=device)
         return Workload(name, task, "conv4", {"channels": channels},
                         meta_batch or 32, 0.4, regression=False)
     raise ValueError(f"unknown workload {name!r}; expected 'sinusoid' or 'conv4'")

@@ -13,6 +13,25 @@ import pytest
 
 #: Task parameters that keep sinusoid evaluation cheap in tests.
 SMALL_SINUSOID = {"val_episodes": 20, "test_episodes": 40, "eval_queries": 20}
+#: Environment variable naming the device the tests marked ``cuda`` run on instead of a GPU
+#: ("cpu": the dry run of benchmarks/gpu_check.py, which proves the check on a machine
+#: without one). Unset: they run on CUDA, and are skipped where there is none.
+CUDA_TESTS_DEVICE = "AUTOMETA_CUDA_TESTS_DEVICE"
+#: The reason a test marked ``cuda`` is skipped with.
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``cuda`` where no CUDA device exists (unless the dry run
+    points them at another device, :data:`CUDA_TESTS_DEVICE`)."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked or os.environ.get(CUDA_TESTS_DEVICE):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
 @pytest.fixture(autouse=True)

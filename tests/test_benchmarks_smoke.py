@@ -33,8 +33,10 @@ def test_speed(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                 "--sinusoid-batches", "1", "--conv4-channels", "2", "--conv4-meta-batch", "2",
                 "--conv4-side", "8", "--pool-classes", "10", "--min-seconds", "0",
                 "--contenders", "autometa-auto,autometa-loop,reference-loop,higher",
-                "--prototypes", "proto-fused-adam", "--out", str(tmp_path), "--quiet"])
+                "--prototypes", "proto-fused-adam", "--device", "cpu", "--out", str(tmp_path),
+                "--quiet"])
     result, md = written(tmp_path, "speed")
+    assert result["settings"]["device"] == "cpu" and "on device cpu" in md
     assert {"environment", "settings", "summary", "speed", "gradients", "sampling",
             "prototypes", "unavailable"} <= set(result)
     assert result["environment"]["versions"]["torch"]
@@ -52,6 +54,22 @@ def test_speed(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert title in md
     assert "| model | inner steps | autometa tasks/s |" in md
     assert "Summary" in capsys.readouterr().out
+
+
+def test_speed_beside_a_busy_neighbour(bench, tmp_path: Path) -> None:
+    """--co-tenant times each workload alone, then beside a busy process, in one run."""
+    speed = bench("speed")
+    speed.main(["--models", "sinusoid", "--inner-steps", "1", "--repeats", "1",
+                "--sinusoid-batches", "1", "--min-seconds", "0", "--co-tenant",
+                "--contenders", "autometa-auto,reference-loop", "--out", str(tmp_path),
+                "--quiet"])
+    result, md = written(tmp_path, "speed")
+    assert [s["model"] for s in result["summary"]] == ["sinusoid", "sinusoid (neighbour)"]
+    assert [s["peer_target"] for s in result["summary"]] == [5.0, 5.0]  # the same target
+    assert {(r["model"], r["contender"]) for r in result["speed"]} == {
+        (m, c) for m in ("sinusoid", "sinusoid (neighbour)")
+        for c in ("autometa-auto", "reference-loop")}
+    assert "sinusoid (neighbour)" in md and result["settings"]["co_tenant"] is True
 
 
 def test_memory(bench, tmp_path: Path) -> None:
@@ -283,3 +301,49 @@ def test_data_scale(bench, tmp_path: Path) -> None:
     for title in ("## Store build", "## Start-up from the built store", "## Memory of each "
                   "process", "## Where a worker's private memory goes", "## Episodes"):
         assert title in md
+
+
+def test_gpu_check_skips_in_one_line_without_cuda() -> None:
+    """`make gpu-check` on a machine without a GPU: one line, exit 0."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0, "no CUDA device: gpu-check skipped\n", "")
+
+
+@pytest.mark.slow  # the dry run: pytest, a 2-worker search and speed.py, each a process
+def test_gpu_check_dry_run_on_the_cpu(bench, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The check's every step, on the CPU at tiny sizes (the tests marked cuda run there)."""
+    assert bench("gpu_check").main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu_check_dryrun_cpu.txt").read_text()
+    assert text == capsys.readouterr().out.rsplit("wrote ", 1)[0]  # everything it printed
+    for step in ("device", "tests", "search", "speed"):
+        assert f"=== {step}: PASS" in text
+    assert "'failures': 0, 'errors': 0, 'skipped': 0}" in text  # ran, none skipped
+    assert "run by 2 worker process(es)" in text and "gpu-check PASSED in" in text
+    result, _ = written(tmp_path, "speed_dryrun_cpu")
+    assert result["settings"]["device"] == "cpu" and result["summary"]
+
+
+
+def test_conv_efficiency(bench, tmp_path: Path) -> None:
+    conv = bench("conv_efficiency")
+    conv.main(["--inner-steps", "1", "--repeats", "1", "--min-seconds", "0",
+               "--matmul-size", "32", "--conv4-channels", "2", "--conv4-meta-batch", "2",
+               "--conv4-side", "8", "--pool-classes", "10", "--out", str(tmp_path)])
+    result, md = written(tmp_path, "conv_efficiency")
+    assert [r["contender"] for r in result["rows"]] == ["autometa", "plain"]
+    for row in result["rows"]:
+        assert row["gflop_per_step"] > 0 and row["matmul_gflops"] > 0
+        assert row["fraction_of_peak"] > 0 and row["tasks_per_s"] > 0
+    # The same layers and weights: the same convolution and matmul FLOPs.
+    assert result["rows"][0]["gflop_per_step"] == result["rows"][1]["gflop_per_step"]
+    assert "fraction of peak" in md

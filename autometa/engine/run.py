@@ -34,8 +34,10 @@ from autometa.progress import NullProgress, Progress
 from autometa.study.artifacts import check_shared
 from autometa.study.settings import stored_search
 from autometa.study.urls import local_file
+from autometa.threads import wait_policy_note
 
 log = logging.getLogger(__name__)
+_NOTED: list[str] = []  # the wait-policy warning, said once per process
 
 
 def run_search(
@@ -69,6 +71,10 @@ def run_search(
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    note = wait_policy_note(torch.get_num_threads())
+    if note is not None and not _NOTED:
+        _NOTED.append(note)
+        log.warning(note)
     try:
         return _run(config, host, progress, ready, expected_inputs,
                     None if out is None else Path(out))
