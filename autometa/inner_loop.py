@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from autometa import stacked
 from autometa.errors import ConfigError
 from autometa.task import Episodes
 
@@ -200,6 +201,11 @@ def adapt_and_predict(
         return functional_call(model, fast, (qx,))
 
     chosen = resolve_strategy(model, strategy, first_order=first_order)
+    layers = stacked.layers_of(model) if chosen == "vmap" else None
+    if layers is not None:  # a perceptron: vmap's computation, without its transforms
+        return stacked.adapt_and_predict(layers, params, support_x, support_y, query_x,
+                                         loss_fn, steps=steps, lr=lr, first_order=first_order,
+                                         adapt_only=adapt_only)
     # The loop takes inner gradients with autograd.grad (cheaper outside vmap; and a grad
     # transform cannot write BatchNorm's running statistics).
     return each_task(functools.partial(one, autograd=chosen == "loop"), support_x, support_y,

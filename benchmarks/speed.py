@@ -93,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--conv4-side", type=int, default=28, help="image height and width")
     parser.add_argument("--pool-classes", type=int, default=1000,
                         help="classes (x20 images) in the conv4 episode pool")
-    parser.add_argument("--fast-target", type=float, default=5.0,
-                        help="sinusoid target: autometa / fastest peer")
+    parser.add_argument("--fast-target", type=float, default=8.0,
+                        help="sinusoid target: autometa / fastest peer (issue 26)")
+    parser.add_argument("--conv4-target", type=float, default=1.5,
+                        help="conv4 target: autometa / fastest peer (issue 26)")
     parser.add_argument("--prototypes", default="", metavar="LIST",
                         help=f"also time proposed patches: {','.join(PROTOTYPES)}")
     parser.add_argument("--check-tasks", type=int, default=4,
@@ -158,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "meta_lr": META_LR, "gradient_rtol": RTOL},
         "unavailable": unavailable,
         "refused": refused,
-        "summary": summarise(speed, sampling_by, args.fast_target),
+        "summary": summarise(speed, sampling_by, args.fast_target, args.conv4_target),
         "prototypes": summarise_prototypes(speed),
         "speed": speed,
         "gradients": grads,

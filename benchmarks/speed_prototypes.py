@@ -67,17 +67,47 @@ class ProtoConv4Plain(Autometa):
                     seq._modules[a], seq._modules[b] = seq._modules[b], seq._modules[a]
 
 
+class ProtoVmapPerceptron(Autometa):
+    """The toolkit's previous path for a perceptron: ``torch.func.vmap`` of each episode's
+    adaptation (``torch.func.grad`` steps), which ``autometa.stacked`` replaced."""
+
+    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
+        super().__init__(model, work, steps, "vmap")
+        self.label, self.strategy = "proto: vmap of torch.func (previous)", "vmap"
+
+    def step(self, batch: Episodes) -> None:
+        from torch.func import functional_call, vmap
+
+        from autometa.inner_loop import adapt, parameters_of
+
+        alg = self.algorithm
+        params = parameters_of(alg.model)
+
+        def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+            fast = adapt(alg.model, params, sx, sy, alg.task.loss, steps=alg.inner_steps,
+                         lr=alg.inner_lr, first_order=alg.first_order)
+            return functional_call(alg.model, fast, (qx,))
+
+        loss = alg.task.loss(vmap(one)(batch.support_x, batch.support_y, batch.query_x),
+                             batch.query_y)
+        alg.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        alg.optimizer.step()
+
+
 #: Prototypes left out on a workload, and why.
 PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there",
-                  ("proto-conv4-plain", "sinusoid"): "a conv4 layout"}
+                  ("proto-conv4-plain", "sinusoid"): "a conv4 layout",
+                  ("proto-vmap-perceptron", "conv4"): "a perceptron's path"}
 
 PROTOTYPES: dict[str, type[Contender]] = {
     "proto-fused-adam": ProtoFusedAdam,
     "proto-compile": ProtoCompiled,
     "proto-conv4-plain": ProtoConv4Plain,
+    "proto-vmap-perceptron": ProtoVmapPerceptron,
 }
 
 
 #: What each prototype is compared with: the unpatched contender it modifies.
 PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap",
-                  "proto-conv4-plain": "autometa-auto"}
+                  "proto-conv4-plain": "autometa-auto", "proto-vmap-perceptron": "autometa-auto"}

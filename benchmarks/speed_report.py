@@ -21,8 +21,9 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target: float,
-              ) -> list[dict[str, Any]]:
-    """Per workload and step count: autometa (auto) against the fastest peer and reference."""
+              conv4_target: float = 1.5) -> list[dict[str, Any]]:
+    """Per workload and step count: autometa (auto) against the fastest peer and reference
+    (targets: ``fast_target`` on sinusoid, ``conv4_target`` on conv4)."""
     out = []
     for model, steps in dict.fromkeys((r["model"], r["inner_steps"]) for r in speed):
         rows = {r["contender"]: r for r in speed
@@ -41,7 +42,7 @@ def summarise(speed: list[dict[str, Any]], sampling: dict[str, Any], fast_target
         chosen = auto["strategy"].rsplit("→", 1)[-1]
         same_ref = rows.get(f"reference-{chosen}")
         peer_ratio = paired(auto, best_peer) if best_peer else None
-        need = fast_target if model.split(" (")[0] == "sinusoid" else 1.0  # "(neighbour)"
+        need = fast_target if model.split(" (")[0] == "sinusoid" else conv4_target  # "(neighbour)"
         row = {
             "model": model, "inner_steps": steps, "autometa_strategy": auto["strategy"],
             "autometa_gradient_agrees": not auto["void"],
