@@ -31,8 +31,10 @@ trials never wait nor log. The lock is the cache file's, not the study storage's
 processes that need this same backbone wait; workers running trials of other sources keep
 claiming and running trials, and no plugin reaches into the engine. A cache directory
 shared between machines over NFS keeps this (Linux emulates ``flock`` with NFS byte-range
-locks): one machine pre-trains, the others wait. With a cache directory per machine, each
-machine pre-trains once.
+locks, unless mounted with ``local_lock=flock`` or ``all``): one machine pre-trains, the
+others wait. With a cache directory per machine, each machine pre-trains once; where the
+lock is local only, machines may pre-train at once, and the rename still leaves one whole
+file.
 
 Pre-training reports its steps through :func:`autometa.work.report` ("pre-training conv4",
 step, steps): a reporter that shows progress can give it an ETA; without one, a log line
