@@ -19,6 +19,27 @@ meta-test classes are never reused. A cache file that cannot be read is pre-trai
 Pre-training is seeded by ``seed`` alone and leaves torch's global generator untouched, so
 a cache hit and a miss build exactly the same network.
 
+Once per cache file, however many processes need it: the workers of a search (and other
+searches on this machine) that reach ``prepare`` together take an exclusive lock on the
+cache file's ``.lock`` beside it (:func:`autometa.cache.locked`, an ``flock``). The first
+pre-trains and saves; each other one logs a single warning ("pretrained conv4: another
+process is pre-training it (cache file ...); waiting"), waits, and then reads what the
+first wrote. The lock is held by the process, so a pre-trainer that crashes or is killed
+releases it, and the next waiter finds no cache file and pre-trains itself. A cache file
+already there is read without the lock (it is written by an atomic rename), so later
+trials never wait nor log. The lock is the cache file's, not the study storage's: only the
+processes that need this same backbone wait; workers running trials of other sources keep
+claiming and running trials, and no plugin reaches into the engine. A cache directory
+shared between machines over NFS keeps this (Linux emulates ``flock`` with NFS byte-range
+locks, unless mounted with ``local_lock=flock`` or ``all``): one machine pre-trains, the
+others wait. With a cache directory per machine, each machine pre-trains once; where the
+lock is local only, machines may pre-train at once, and the rename still leaves one whole
+file.
+
+Pre-training reports its steps through :func:`autometa.work.report` ("pre-training conv4",
+step, steps): a reporter that shows progress can give it an ETA; without one, a log line
+at its start and end.
+
 Cache directory: ``cache_dir``, else ``$AUTOMETA_CACHE``, else ``autometa-cache`` in the
 working directory.
 """
@@ -39,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from autometa import Backbone, ConfigError, DataError, SourceModel, Task, TaskSpec
+from autometa import Backbone, ConfigError, DataError, SourceModel, Task, TaskSpec, work
+from autometa.cache import locked
 from autometa.weights import read_state_dict, resolve_architecture
 
 log = logging.getLogger(__name__)
@@ -128,16 +150,39 @@ class Pretrained(SourceModel):
         self.source.prepare(task)
         data = data_digest(task)
         path = self._cache_path(data)
-        self._features = _read_cache(path)
-        if self._features is not None:
-            log.info("pretrained %s: reusing %s", self.backbone, path)
+        self._features = _read_cache(path, quiet=True)  # written by a rename: no lock
+        if self._features is None:
+            self._features = self._pretrain_once(task, data, path)
         else:
+            log.info("pretrained %s: reusing %s", self.backbone, path)
+        self._input_shape = tuple(task.input_shape)
+
+    def _pretrain_once(self, task: Task, data: str, path: Path) -> dict[str, Tensor]:
+        """Pre-train and save, or wait for the process that does (see the module
+        docstring) and read its cache file."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            problem = None if os.access(path.parent, os.W_OK) else "not writable"
+        except OSError as exc:
+            problem = exc.strerror or type(exc).__name__
+        if problem:
+            raise ConfigError(f"pretrained: the cache directory '{path.parent}' cannot hold "
+                              f"the pre-trained features ({problem}); set cache_dir (or "
+                              f"$AUTOMETA_CACHE) to a writable directory")
+        waiting = (f"pretrained {self.backbone}: another process is pre-training it (cache "
+                   f"file {path}); waiting")
+        with locked(path.with_name(f"{path.name}.lock"), waiting):
+            features = _read_cache(path)  # the winner's, if this process waited
+            if features is not None:
+                log.info("pretrained %s: reusing %s", self.backbone, path)
+                return features
             log.info("pretrained %s: pre-training on %d meta-train classes for %d steps "
                      "(cached in %s)", self.backbone, task.train_classes,
                      self.settings["steps"], path)
-            self._features = pretrain(self.source, task, **_recipe(self.settings))
-            _save(self._features, path, {"data": data, "task": task.identity, **self.settings})
-        self._input_shape = tuple(task.input_shape)
+            features = pretrain(self.source, task, what=f"pre-training {self.backbone}",
+                                **_recipe(self.settings))
+            _save(features, path, {"data": data, "task": task.identity, **self.settings})
+        return features
 
     def build(self, spec: TaskSpec) -> Backbone:
         if self._features is None:
@@ -168,8 +213,12 @@ def pretrain(
     lr: float,
     weight_decay: float,
     seed: int,
+    what: str = "pre-training",
 ) -> dict[str, Tensor]:
-    """Train ``source``'s network on the meta-train classes; return its features' state (CPU)."""
+    """Train ``source``'s network on the meta-train classes; return its features' state (CPU).
+
+    Each step is reported as ``work.report(what, step, steps)`` (rate-limited there).
+    """
     spec = TaskSpec(task.kind, tuple(task.input_shape), task.train_classes)
     with torch.random.fork_rng(devices=[]):  # the trial's initialisation stays as seeded
         torch.manual_seed(seed)
@@ -179,6 +228,7 @@ def pretrain(
     opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if optimizer == "adam"
            else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay))
     model.train()
+    work.report(what, 0, steps)
     with torch.enable_grad():
         for step in range(1, steps + 1):
             try:
@@ -192,6 +242,7 @@ def pretrain(
             if (step % 50 == 0 or step == steps) and not math.isfinite(loss.item()):
                 raise DataError(f"pretrained: pre-training diverged (loss {loss.item()} at "
                                 f"step {step}); lower 'lr'")
+            work.report(what, step, steps)
     log.info("pretrained: final pre-training loss %.4f", loss.item())
     return {k: v.detach().cpu().clone() for k, v in model.features.state_dict().items()}
 
@@ -218,15 +269,17 @@ def data_digest(task: Task) -> str:
     return hasher.hexdigest()
 
 
-def _read_cache(path: Path) -> dict[str, Tensor] | None:
-    """The cached features' state, or None if there is none or it cannot be read."""
+def _read_cache(path: Path, quiet: bool = False) -> dict[str, Tensor] | None:
+    """The cached features' state, or None if there is none or it cannot be read (a
+    warning unless ``quiet``: the read under the lock says it)."""
     if not path.is_file():
         return None
     try:
         return read_state_dict(path)
     except (ConfigError, DataError) as exc:  # damaged, or removed meanwhile: train again
-        log.warning("pretrained: ignoring the cache file %s (%s); pre-training again", path,
-                    exc)
+        if not quiet:
+            log.warning("pretrained: ignoring the cache file %s (%s); pre-training again",
+                        path, exc)
         return None
 
 

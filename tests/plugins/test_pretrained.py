@@ -1,12 +1,21 @@
-"""Pretrained source model: supervised pre-training on digits' meta-train classes, cached."""
+"""Pretrained source model: supervised pre-training on digits' meta-train classes, cached,
+once per cache file however many processes need it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from limits import POOL_SEARCH, QUICK_SUBPROCESS, STOPPED_PROCESS
 from sklearn.linear_model import LogisticRegression
 
 from autometa import ConfigError, PluginError, Task, create_host
@@ -280,3 +289,171 @@ def test_a_backbone_that_cannot_serve_the_task_is_refused_before_anything_is_sto
         prepare(SearchConfig(task="iris", sources=["pretrained"], cache_dir=str(tmp_path)),
                 host)
     assert not list(tmp_path.iterdir())  # nothing stored
+
+
+# -- one pre-training per cache file, however many processes need it ---------------------
+PROCESS = """
+import hashlib, logging, os, sys, time
+from autometa import work
+from autometa_plugins.digits.task import Digits
+from autometa_plugins.pretrained.model import Pretrained
+
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # to stderr
+cache, backbone, steps, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+params = {"channels": 8} if backbone == "conv4" else {}
+
+
+def holding(what, done, total):
+    # A display's reporter: says each report; at the first one, while this process holds
+    # the lock in the middle of pre-training, waits for the test's file "hold".
+    print(f"report {what} {done}/{total}", file=sys.stderr, flush=True)
+    while done == 0 and not os.path.exists(hold):
+        time.sleep(0.05)
+
+
+task = Digits(ways=5, shots=1, queries=5, val_episodes=4, test_episodes=4)
+source = Pretrained(backbone=backbone, backbone_params=params, steps=steps, cache_dir=cache)
+with work.reporting(holding if hold != "-" else None):
+    source.prepare(task)
+state = source.build(task.spec).features.state_dict()
+weights = hashlib.sha256(b"".join(v.numpy().tobytes() for v in state.values())).hexdigest()
+stat = source.cache_path(task).stat()
+print(weights, stat.st_ino, stat.st_mtime_ns, flush=True)
+"""
+
+
+class Running:
+    """A process whose stdout and stderr are read as they come (threads), so that a test
+    can wait for a line in its stderr."""
+
+    def __init__(self, args: list[str], **kwargs) -> None:
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, **kwargs)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.ended = 0
+        self.changed = threading.Condition()
+        self.readers = [threading.Thread(target=self._read, args=pair, daemon=True)
+                        for pair in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream, lines: list[str]) -> None:
+        for line in stream:
+            with self.changed:
+                lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.ended += 1
+            self.changed.notify_all()
+
+    def count(self, text: str) -> int:
+        """Lines of stderr so far that hold ``text``."""
+        return sum(text in line for line in self.err)
+
+    def wait_for(self, text: str, times: int = 1) -> None:
+        """Until ``times`` lines of stderr hold ``text`` (fails if the process ends first)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.count(text) >= times or self.ended == 2,
+                                  timeout=POOL_SEARCH)
+            assert self.count(text) >= times, (text, self.err)
+
+    def finish(self, timeout: float = QUICK_SUBPROCESS) -> tuple[str, str]:
+        """Its stdout and stderr once it has ended (0: asserted)."""
+        self.proc.wait(timeout=timeout)
+        for reader in self.readers:
+            reader.join(timeout=STOPPED_PROCESS)
+        out, err = "\n".join(self.out), "\n".join(self.err)
+        assert self.proc.returncode == 0, err
+        return out, err
+
+
+def preparing(tmp_path, *, hold: str = "-", backbone: str = "conv4") -> Running:
+    """A process calling ``Pretrained.prepare`` on digits (20 steps); with ``hold``, its
+    pre-training (if it pre-trains) stops at step 0, the lock held, until the file ``hold``
+    exists."""
+    script = tmp_path / "prepare.py"
+    script.write_text(PROCESS)
+    return Running([sys.executable, str(script), str(tmp_path / "cache"), backbone, "20",
+                    hold])
+
+
+WAITING = "pretrained conv4: another process is pre-training it (cache file "
+WAITING_FILE = re.compile(r"\(cache file (\S+)\); waiting$", re.M)
+STARTED = "pre-training conv4: 0/20"  # work.report's line at the start, without a reporter
+
+
+def test_two_processes_pre_train_once_and_the_second_waits_with_one_line(tmp_path):
+    first = preparing(tmp_path, hold=str(tmp_path / "go"))
+    first.wait_for("report pre-training conv4 0/20")  # it holds the lock, pre-training
+    second = preparing(tmp_path)
+    second.wait_for(WAITING)
+    (tmp_path / "go").touch()
+    (out, trained), (again, log) = first.finish(), second.finish()
+    assert out == again  # the same weights, and the cache file written once
+    assert log.count(WAITING) == 1 and "autometa.cache: " + WAITING in log
+    assert STARTED not in log and "reusing" in log  # it waited; it never trained
+    reports = [line for line in trained.splitlines() if line.startswith("report ")]
+    assert reports[0] == "report pre-training conv4 0/20"
+    assert reports[-1] == "report pre-training conv4 20/20"  # steps as they go, to the end
+    path = Path(WAITING_FILE.search(log).group(1))
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        [path.name, path.with_suffix(".json").name, f"{path.name}.lock"])  # no second .tmp
+
+
+def test_a_killed_pre_trainer_leaves_no_stale_lock_and_the_waiter_pre_trains(tmp_path):
+    first = preparing(tmp_path, hold=str(tmp_path / "never"))
+    first.wait_for("report pre-training conv4 0/20")
+    second = preparing(tmp_path)
+    second.wait_for(WAITING)
+    first.proc.kill()
+    first.proc.wait(timeout=STOPPED_PROCESS)
+    out, log = second.finish()
+    assert log.count(WAITING) == 1 and STARTED in log  # it took over
+    path = Path(WAITING_FILE.search(log).group(1))
+    with open(f"{path}.lock", "a") as lock:  # free: nobody holds it any more
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    later, quiet = preparing(tmp_path).finish()  # a later trial: reads the cache, no wait
+    assert later == out and "reusing" in quiet
+    assert WAITING not in quiet and STARTED not in quiet
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_an_unusable_cache_directory_is_one_line_naming_it(task, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    source = Pretrained(**FAST, cache_dir=str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=r"pretrained: the cache directory '.*file' cannot "
+                                          r"hold the pre-trained features \(.*\); set "
+                                          r"cache_dir \(or \$AUTOMETA_CACHE\)"):
+        source.prepare(task)
+
+
+@pytest.mark.slow  # a CLI search with two worker processes
+def test_a_two_worker_search_waits_once_per_worker_not_per_trial(tmp_path):
+    """Both workers of a search reach the same pre-training while another process (another
+    search; here the helper) pre-trains it: each says so once, their later trials read the
+    cache without a word, and nobody trains it again (the file is the other process's)."""
+    other = preparing(tmp_path, hold=str(tmp_path / "go"), backbone="mlp")
+    other.wait_for("report pre-training mlp 0/20")
+    search = Running(
+        [sys.executable, "-m", "autometa", "run", "--task", "digits", "--algorithms",
+         "protonet", "--sources", "pretrained", "--param", "pretrained.backbone=mlp",
+         "--param", "pretrained.steps=20", "--workers", "2", "--trials", "4",
+         "--meta-steps", "4", "--eval-every", "2", "--pruner", "none", "--top-k", "1",
+         "--no-progress", "--task-param", "val_episodes=4", "--task-param",
+         "test_episodes=4"],
+        cwd=tmp_path, env={**os.environ, "AUTOMETA_CACHE": str(tmp_path / "cache"),
+                           "COLUMNS": "200"})
+    waiting = "pretrained mlp: another process is pre-training it"
+    search.wait_for(waiting, times=2)  # both workers, in their first trials
+    (tmp_path / "go").touch()
+    written = other.finish()[0].split()
+    out, log = search.finish(POOL_SEARCH)
+    lines = [line for line in log.splitlines() if waiting in line]
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "WARNING worker 0", "WARNING worker 1"], lines
+    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 1
+    stat = cached[0].stat()
+    assert [str(stat.st_ino), str(stat.st_mtime_ns)] == written[1:]  # never written again
+    assert re.search(r"│ pretrained +│.*│ 4 complete, 0 pruned, 0 failed │", out), out
