@@ -90,9 +90,12 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1,
 
 def seconds_budget(trial_timeout: float | None) -> tuple[int, int]:
     """Hyperband's ``(min_resource, max_resource)`` in whole seconds of meta-training: up
-    to ``trial_timeout`` (rounded up), from a ninth of it (two rungs of
-    :data:`HYPERBAND_ETA` below; rounded up, 1 s at least), so that a rung above the
-    smallest falls at or after the trial's end, where no trial is pruned.
+    to ``trial_timeout``, from a ninth of it (two rungs of :data:`HYPERBAND_ETA` below),
+    both rounded up and 1 s at least.
+
+    Rounded up, the third rung (nine times the first) falls at or after the time limit,
+    where a trial's last evaluation is never pruned, rather than a moment before it: with
+    ``trial_timeout = 300``, rungs at 34 s and 102 s (and 306 s, never reached).
 
     Raises:
         ConfigError: ``trial_timeout`` is None (the config refuses that before).
