@@ -89,7 +89,9 @@ class TrialPruned(Event):
     """A pruner stopped the trial after a meta-val evaluation."""
 
     trial: FrozenTrial  # the finished trial (state PRUNED, or COMPLETE + "pruned" for Wilcoxon)
-    step: int | None  # the last step reported: a meta-step (Wilcoxon: a meta-val episode)
+    # the last step reported: a meta-step (Wilcoxon: a meta-val episode; Hyperband on
+    # seconds: whole seconds of meta-training)
+    step: int | None
     reason: str  # e.g. "hyperband: meta-val 0.41 at step 300"
 
 
