@@ -61,8 +61,9 @@ class SearchConfig:
     timeout: float | None = None  # stop starting trials after this many seconds
     meta_steps: int = 500  # meta-training budget of one trial
     eval_every: int = 100  # meta-val evaluation (and pruning check) interval, in meta-steps
-    # seconds of meta-training per trial (meta-val evaluations excluded): a trial that
-    # reaches it stops meta-training there and is scored on the model as it is; None: none
+    # seconds of meta-training per trial (meta-val evaluations excluded; checked after
+    # each meta-step, so one step may run over): a trial that reaches it stops
+    # meta-training there and is scored on the model as it is; None: no limit
     trial_timeout: float | None = None
     seed: int = 0  # seeds the sampler, the task's data and every trial
     study_name: str | None = None  # default: "<task>-seed<seed>"
