@@ -6,11 +6,13 @@ split rests on too little, each naming the number and the fix.
   tie groups can rarely tell trials apart.
 * **A saturated meta-val** (:func:`saturated`): the trials scored on meta-test all lie
   within the best one's meta-val interval, so meta-val cannot rank them.
+* **Trials cut short** (:func:`stopped_at_timeout`): ranked trials whose meta-training
+  reached ``trial_timeout`` were scored on fewer meta-steps than their budget.
 * **Few meta-train class sets** (:func:`few_class_sets`): a few-shot task whose meta-train
   classes give fewer than :data:`MIN_CLASS_SETS` distinct N-way class sets (or fewer than
   2 × N classes) meta-trains on the same few combinations again and again.
 
-The leaderboard (terminal, Markdown) and the HTML report show the first two
+The leaderboard (terminal, Markdown) and the HTML report show the first three
 (``Leaderboard.caveats``); the engine logs the third once, when a search is prepared.
 How an interval is written for people (:func:`interval_cell`, :func:`interval_text`) lives
 here too, as the leaderboard and the report both write it.
@@ -19,11 +21,12 @@ here too, as the leaderboard and the report both write it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from autometa.datasets import FewShotTask, InnerTask
 from autometa.intervals import describe, wilson
+from autometa.study.trials import STOPPED_ATTR
 from autometa.trial import scored_per_example
 
 if TYPE_CHECKING:
@@ -34,7 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MIN_CLASS_SETS", "SMALL_N", "few_class_sets", "finite_number", "interval_cell",
            "interval_text",
-           "leaderboard_caveats", "saturated", "small_sample", "val_count"]
+           "leaderboard_caveats", "saturated", "small_sample", "stopped_at_timeout",
+           "val_count"]
 
 #: Fewer meta-test episodes or test examples than this: a warning (the usual rule of thumb
 #: for a t or normal approximation; Wilson's interval is fine below it, but wide).
@@ -72,11 +76,29 @@ def val_count(task: Task) -> tuple[int, str]:
     return len(episodes), "episodes"
 
 
-def leaderboard_caveats(frame: pd.DataFrame, metric: Metric, val: tuple[int, str]
-                        ) -> list[str]:
-    """The warnings a leaderboard shows (:func:`small_sample`, :func:`saturated`)."""
-    return [line for line in (small_sample(frame), saturated(frame, metric, val))
-            if line is not None]
+def leaderboard_caveats(frame: pd.DataFrame, metric: Metric, val: tuple[int, str],
+                        trials: Sequence[Any] = ()) -> list[str]:
+    """The warnings a leaderboard shows (:func:`small_sample`, :func:`saturated`, and
+    :func:`stopped_at_timeout` of its ranked ``trials``)."""
+    return [line for line in (small_sample(frame), saturated(frame, metric, val),
+                              stopped_at_timeout(trials)) if line is not None]
+
+
+def stopped_at_timeout(trials: Sequence[Any]) -> str | None:
+    """A sentence naming the ``trials`` (Optuna trials) whose meta-training stopped at
+    ``trial_timeout`` (:data:`~autometa.study.trials.STOPPED_ATTR`) and after how many
+    meta-steps, else None."""
+    cut = [(t.number, t.user_attrs[STOPPED_ATTR]) for t in trials
+           if isinstance(t.user_attrs.get(STOPPED_ATTR), dict)]
+    if not cut:
+        return None
+    shown = "; ".join(f"trial {n} after {int(a.get('step', 0)):,} meta-steps in "
+                      f"{float(a.get('seconds', math.nan)):.3g} s" for n, a in cut[:10])
+    more = f"; and {len(cut) - 10} more" if len(cut) > 10 else ""
+    return (f"{len(cut)} ranked trial(s) stopped meta-training at trial_timeout and were "
+            f"scored on the model as it was then ({shown}{more}): they trained for fewer "
+            f"meta-steps than meta_steps, each for its own number; raise trial_timeout (or "
+            f"lower meta_steps) to train every trial in full.")
 
 
 def small_sample(frame: pd.DataFrame) -> str | None:

@@ -32,6 +32,8 @@ MAX_WORKERS = 1024
 MAX_TIMEOUT = 10 * 365 * 86400.0  # seconds
 #: Names accepted by the search-strategy settings (see SearchConfig).
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
+#: What Hyperband's budget counts (``pruner_resource``).
+RESOURCES = ("meta_steps", "seconds")
 SAMPLERS = ("tpe", "random")
 INITIALS = ("portfolio", "none")
 #: Names of pruners and samplers registered by plugins (checked against the plugins in
@@ -59,6 +61,10 @@ class SearchConfig:
     timeout: float | None = None  # stop starting trials after this many seconds
     meta_steps: int = 500  # meta-training budget of one trial
     eval_every: int = 100  # meta-val evaluation (and pruning check) interval, in meta-steps
+    # seconds of meta-training per trial (meta-val evaluations excluded; checked after
+    # each meta-step, so one step may run over): a trial that reaches it stops
+    # meta-training there and is scored on the model as it is; None: no limit
+    trial_timeout: float | None = None
     seed: int = 0  # seeds the sampler, the task's data and every trial
     study_name: str | None = None  # default: "<task>-seed<seed>"
     storage: str = DEFAULT_STORAGE  # any Optuna storage URL
@@ -85,6 +91,9 @@ class SearchConfig:
     # plugin registers; the default was chosen by benchmarks/search_efficiency.py (README,
     # Search strategies)
     pruner: str = "hyperband"
+    # what Hyperband's budget counts: "meta_steps" (from eval_every to meta_steps) or
+    # "seconds" of meta-training (up to trial_timeout, which it then needs)
+    pruner_resource: str = "meta_steps"
     # proposes configurations: "tpe" (multivariate TPE), "random", or a plugin's sampler
     sampler: str = "tpe"
     # trials run before the sampler takes over: "portfolio" = every (algorithm, source)
@@ -144,8 +153,8 @@ class SearchConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one it continues."""
         keep = {"task", "task_params", "algorithms", "sources", "algorithm_params",
-                "source_params", "meta_steps", "eval_every", "seed", "pruner", "sampler",
-                "initial", "warm_start"}
+                "source_params", "meta_steps", "eval_every", "trial_timeout", "seed",
+                "pruner", "pruner_resource", "sampler", "initial", "warm_start"}
         out = {k: v for k, v in asdict(self).items() if k in keep}
         out["warm_start"] = [redact(w) for w in self.warm_start]  # stored without passwords
         return out
@@ -173,11 +182,8 @@ class SearchConfig:
                 )
         if self.n_trials is not None:
             _positive_int(self.n_trials, "n_trials")
-        if self.timeout is not None:
-            if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float) \
-                    or not 0 < self.timeout <= MAX_TIMEOUT:
-                raise ConfigError(f"timeout: expected a number of seconds in (0, {MAX_TIMEOUT:g}]"
-                                  f", got {self.timeout!r}")
+        for key in ("timeout", "trial_timeout"):
+            _seconds(getattr(self, key), key)
         if self.n_trials is None and self.timeout is None:
             raise ConfigError("set n_trials, timeout or both: a search needs a budget")
         _positive_int(self.meta_steps, "meta_steps")
@@ -223,6 +229,7 @@ class SearchConfig:
             if not (isinstance(value, str) and PLUGIN_NAME.fullmatch(value)):
                 raise ConfigError(f"{key}: expected one of {', '.join(map(repr, names))} or "
                                   f"the name of a {key} a plugin registers, got {value!r}")
+        self._validate_resource()
         if self.initial not in INITIALS:
             raise ConfigError(f"initial: expected one of {', '.join(map(repr, INITIALS))}, got "
                               f"{self.initial!r}{closest(str(self.initial), list(INITIALS))}")
@@ -235,6 +242,29 @@ class SearchConfig:
             if not url:
                 raise ConfigError(f"warm_start: {entry!r} has no storage URL after '@'; give "
                                   "'study' (this storage) or 'study@sqlite:///other.db'")
+
+
+    def _validate_resource(self) -> None:
+        """``pruner_resource``: one of :data:`RESOURCES`; seconds for Hyperband, up to a
+        ``trial_timeout``."""
+        if self.pruner_resource not in RESOURCES:
+            raise ConfigError(f"pruner_resource: expected one of "
+                              f"{', '.join(map(repr, RESOURCES))}, got {self.pruner_resource!r}"
+                              f"{closest(str(self.pruner_resource), list(RESOURCES))}")
+        if self.pruner_resource == "seconds" and self.pruner != "hyperband":
+            raise ConfigError(f"pruner_resource: 'seconds' is a budget for the hyperband "
+                              f"pruner, not {self.pruner!r}; set pruner = 'hyperband', or "
+                              "pruner_resource = 'meta_steps'")
+        if self.pruner_resource == "seconds" and self.trial_timeout is None:
+            raise ConfigError("pruner_resource: 'seconds' needs trial_timeout, Hyperband's "
+                              "largest budget in seconds of meta-training; set it (e.g. "
+                              "trial_timeout = 300, --trial-timeout 300)")
+
+
+#: Fingerprint settings added after studies were stored, with the value such a study ran
+#: with: a resume compares them as if the study had stored them (other settings a study
+#: did not store are not compared).
+FINGERPRINT_SINCE: dict[str, Any] = {"trial_timeout": None, "pruner_resource": "meta_steps"}
 
 
 def check_plugin_options(options: Any) -> None:
@@ -259,6 +289,15 @@ def check_plugin_options(options: Any) -> None:
 def _expect(value: Any, kind: type, key: str, what: str) -> None:
     if not isinstance(value, kind) or (kind is str and not value):
         raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
+
+def _seconds(value: Any, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is None or a number of seconds in
+    (0, :data:`MAX_TIMEOUT`] (NaN and infinity are not)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not 0 < value <= MAX_TIMEOUT):
+        raise ConfigError(f"{key}: expected a number of seconds in (0, {MAX_TIMEOUT:g}], got "
+                          f"{value!r}")
 
 
 def _positive_int(value: Any, key: str, most: int = MAX_COUNT) -> None:

@@ -89,7 +89,9 @@ class TrialPruned(Event):
     """A pruner stopped the trial after a meta-val evaluation."""
 
     trial: FrozenTrial  # the finished trial (state PRUNED, or COMPLETE + "pruned" for Wilcoxon)
-    step: int | None  # the last step reported: a meta-step (Wilcoxon: a meta-val episode)
+    # the last step reported: a meta-step (Wilcoxon: a meta-val episode; Hyperband on
+    # seconds: whole seconds of meta-training)
+    step: int | None
     reason: str  # e.g. "hyperband: meta-val 0.41 at step 300"
 
 
@@ -177,11 +179,15 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "completes": "the number of the pruned trial a completion trial re-runs",
     "worker": "the process that ran it: {'host', 'pid', ...}",
     "fit_time_s": "meta-training seconds",
-    "meta_steps": "meta-steps run (fewer than the budget when pruned)",
+    "meta_steps": "meta-steps run (fewer than the budget when pruned or stopped at "
+                  "trial_timeout)",
     "adapt_ms": "milliseconds to adapt to and predict one meta-val episode",
     "peak_mem_mb": "peak CUDA memory in MiB (CUDA devices only)",
-    "val_curve": "[[meta-step, meta-val score], ...] (Wilcoxon pruner only; else Optuna's "
-                 "intermediate values)",
+    "val_curve": "[[meta-step, meta-val score], ...] (Wilcoxon pruner, or Hyperband on "
+                 "seconds; else Optuna's intermediate values)",
+    "stopped_at_timeout": "{'step': meta-steps run, 'seconds': meta-training seconds} of a "
+                          "trial whose meta-training reached trial_timeout and stopped there "
+                          "(scored on the model as it was then; absent for other trials)",
     "val_scores": "the final meta-val scores, one per episode (per example for a target "
                   "dataset, up to 5,000), paired with the best baseline's to rank (not under "
                   "the Wilcoxon pruner, whose per-episode reports are the intermediate values)",

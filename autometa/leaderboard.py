@@ -368,7 +368,7 @@ def compute_leaderboard(
         test_scores={n: list(tests[n].scores) for n in scored},
         context=context,
         by_domain=by_domain,
-        caveats=leaderboard_caveats(frame, metric, val_count(task)),
+        caveats=leaderboard_caveats(frame, metric, val_count(task), ranked),
         by_algorithm=comparison.compare(frame, trials, "algorithm", metric.name, stored),
         by_source=comparison.compare(frame, trials, "source", metric.name, stored),
     )

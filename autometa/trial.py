@@ -222,13 +222,17 @@ class Clock:
             evaluations excluded).
         eval_s: seconds spent adapting to and predicting meta-val episodes.
         eval_episodes: meta-val episodes evaluated (each evaluation counts them again).
-        steps: meta-steps run (fewer than the budget when the trial was pruned).
+        steps: meta-steps run (fewer than the budget when the trial was pruned or
+            stopped at its time limit).
+        timed_out: meta-training stopped at ``time_limit`` (:func:`meta_train`) before
+            the last of its meta-steps; set before that step's evaluation.
     """
 
     train_s: float = 0.0
     eval_s: float = 0.0
     eval_episodes: int = 0
     steps: int = 0
+    timed_out: bool = False
 
     @property
     def adapt_ms(self) -> float:
@@ -248,8 +252,10 @@ def meta_train(
     clock: Clock | None = None,
     final_score: Callable[[MetaAlgorithm], float] | None = None,
     on_final_scores: Callable[[Tensor], None] = lambda scores: None,
+    time_limit: float | None = None,
 ) -> float:
-    """Meta-train for ``meta_steps`` and return the final meta-val score.
+    """Meta-train for ``meta_steps``, or until ``time_limit`` seconds of meta-training,
+    and return the final meta-val score.
 
     ``on_eval(step, score)`` runs after each evaluation (every ``eval_every`` steps and at
     the end); it may raise ``optuna.TrialPruned`` to stop the trial. ``clock``, if given,
@@ -257,6 +263,11 @@ def meta_train(
     the last evaluation instead of the plain meta-val mean (:func:`paired_val_score`);
     otherwise ``on_final_scores`` gets the last evaluation's scores, shape (episodes,) in
     episode order, or (examples,) for a task scored per example (before ``on_eval``).
+
+    ``time_limit`` counts seconds as ``clock.train_s`` does (meta-val evaluations
+    excluded) and is checked after each meta-step: the step that reaches it is the last,
+    its evaluation the final one (``final_score`` and ``on_final_scores`` as above), and
+    ``clock.timed_out`` is set before that evaluation. None: no limit.
 
     Raises:
         Diverged: the training loss, a meta-val prediction or a score is not finite.
@@ -272,13 +283,18 @@ def meta_train(
             raise Diverged(f"meta-training loss is {loss} at step {step}")
         clock.steps = step
         on_step(step)
-        if step % eval_every == 0 or step == steps:
+        cut = time_limit is not None and step < steps \
+            and clock.train_s + time.perf_counter() - started >= time_limit
+        if step % eval_every == 0 or step == steps or cut:
             clock.train_s += time.perf_counter() - started
-            last = step == steps
+            clock.timed_out = cut
+            last = step == steps or cut
             score = _val_score(algorithm, task, clock, final_score if last else None,
                                on_final_scores if last else None)
             started = time.perf_counter()
             on_eval(step, score)
+            if cut:
+                break
     clock.train_s += time.perf_counter() - started
     if steps == 0:
         score = _val_score(algorithm, task, clock, final_score, on_final_scores)

@@ -21,6 +21,7 @@ from autometa.config import (
     DEFAULT_STORAGE,
     INITIALS,
     PRUNERS,
+    RESOURCES,
     SAMPLERS,
     SearchConfig,
     check_plugin_options,
@@ -34,6 +35,7 @@ from autometa.params import CliText
 RUN_FLAGS = {
     "task": "task", "algorithms": "algorithms", "sources": "sources", "trials": "n_trials",
     "timeout": "timeout", "meta_steps": "meta_steps", "eval_every": "eval_every",
+    "trial_timeout": "trial_timeout", "pruner_resource": "pruner_resource",
     "seed": "seed", "study": "study_name", "storage": "storage", "artifacts": "artifacts",
     "device": "device", "top_k": "top_k", "pruner": "pruner", "threads": "threads",
     "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
@@ -59,6 +61,10 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--timeout", type=float, help="stop starting trials after SECONDS")
     run.add_argument("--meta-steps", type=int, help="meta-training steps per trial (500)")
     run.add_argument("--eval-every", type=int, help="meta-val interval in steps (100)")
+    run.add_argument("--trial-timeout", type=float, metavar="SECONDS",
+                     help="seconds of meta-training per trial (meta-val evaluations "
+                          "excluded): a trial that reaches it stops there and is scored on "
+                          "what it has (default: none)")
     run.add_argument("--seed", type=int, help="seed of the whole search (0)")
     run.add_argument("--study", help="study name (default: <task>-seed<seed>)")
     run.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
@@ -83,6 +89,10 @@ def add_parsers(sub: Any) -> None:
                           "(meta-val at each evaluation), wilcoxon (paired over meta-val "
                           "episodes), none, or a pruner a plugin registers (default: "
                           "hyperband)")
+    run.add_argument("--pruner-resource", choices=RESOURCES,
+                     help="what hyperband's budget counts: meta_steps (from --eval-every to "
+                          "--meta-steps; default) or seconds of meta-training (up to "
+                          "--trial-timeout)")
     run.add_argument("--sampler", metavar="{" + ",".join(SAMPLERS) + ",PLUGIN'S}",
                      help="proposes configurations: tpe, random, or a sampler a plugin "
                           "registers (default: tpe)")

@@ -218,8 +218,9 @@ def search(task: str, **settings: Any) -> Leaderboard:
     Args:
         task: task plugin name, e.g. ``"sinusoid"``.
         **settings: any :class:`SearchConfig` field (``algorithms``, ``sources``,
-            ``n_trials``, ``seed``, ``meta_steps``, ``storage``, ``plugins``, ...), plus
-            ``host`` (a :class:`PluginHost`, default: the installed plugins),
+            ``n_trials``, ``seed``, ``meta_steps``, ``trial_timeout``, ``storage``,
+            ``plugins``, ...), plus ``host`` (a :class:`PluginHost`, default: the
+            installed plugins),
             ``progress`` (True to draw progress bars on stderr) and ``out`` (the report
             folder plugins' hooks are told, ``event.out``).
 

@@ -3,6 +3,7 @@ plugin registers) and its pruner (median, Hyperband, Wilcoxon, none, or a plugin
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from autometa.config import PRUNERS, SAMPLERS
-from autometa.errors import PluginError, closest
+from autometa.errors import ConfigError, PluginError, closest
 
 if TYPE_CHECKING:
     from autometa.config import SearchConfig
@@ -47,7 +48,8 @@ def sampler(seed: int, kind: str = "tpe", host: PluginHost | None = None
 
 
 def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1,
-           direction: str = "maximize", host: PluginHost | None = None
+           direction: str = "maximize", host: PluginHost | None = None,
+           resource: str = "meta_steps", trial_timeout: float | None = None
            ) -> optuna.pruners.BasePruner:
     """The pruner named in the config (see :class:`~autometa.config.SearchConfig`).
 
@@ -55,7 +57,9 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1,
     - ``"hyperband"``: Optuna's HyperbandPruner (Li et al. 2018) with meta-steps as the
       resource: from ``eval_every`` (the first evaluation) to ``meta_steps``, keeping a
       third at each rung; ``meta_steps / eval_every`` below 3 leaves one bracket, and a
-      trial evaluated once (``eval_every = meta_steps``) is never pruned.
+      trial evaluated once (``eval_every = meta_steps``) is never pruned. With
+      ``resource="seconds"``, whole seconds of meta-training are the resource instead
+      (trials report them as the step): :func:`seconds_budget` of ``trial_timeout``.
     - ``"wilcoxon"``: Optuna's WilcoxonPruner; trials report one meta-val score per
       episode (the episode's index as the step) and stop once a paired signed-rank test
       finds them worse than the best trial (p < :data:`WILCOXON_P`).
@@ -69,8 +73,9 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1,
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=eval_every,
-                                              max_resource=meta_steps,
+        low, high = (eval_every, meta_steps) if resource == "meta_steps" else \
+            seconds_budget(trial_timeout)
+        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=high,
                                               reduction_factor=HYPERBAND_ETA)
     if name == "wilcoxon":
         with warnings.catch_warnings():  # flagged experimental since Optuna 3.6
@@ -81,6 +86,24 @@ def pruner(name: str, *, meta_steps: int = 1, eval_every: int = 1,
         return optuna.pruners.NopPruner()
     return _from_plugin(host, "pruner", name, optuna.pruners.BasePruner,
                         meta_steps=meta_steps, eval_every=eval_every, direction=direction)
+
+
+def seconds_budget(trial_timeout: float | None) -> tuple[int, int]:
+    """Hyperband's ``(min_resource, max_resource)`` in whole seconds of meta-training: up
+    to ``trial_timeout``, from a ninth of it (two rungs of :data:`HYPERBAND_ETA` below),
+    both rounded up and 1 s at least.
+
+    Rounded up, the third rung (nine times the first) falls at or after the time limit,
+    where a trial's last evaluation is never pruned, rather than a moment before it: with
+    ``trial_timeout = 300``, rungs at 34 s and 102 s (and 306 s, never reached).
+
+    Raises:
+        ConfigError: ``trial_timeout`` is None (the config refuses that before).
+    """
+    if trial_timeout is None:
+        raise ConfigError("pruner_resource: 'seconds' needs trial_timeout")
+    return (max(1, math.ceil(trial_timeout / HYPERBAND_ETA**2)),
+            max(1, math.ceil(trial_timeout)))
 
 
 def _from_plugin(host: PluginHost | None, kind: Kind, name: str, base: type, **kwargs: Any
@@ -130,4 +153,5 @@ def strategy(config: SearchConfig, host: PluginHost | None = None,
     """
     return (sampler(config.seed, config.sampler, host),
             pruner(config.pruner, meta_steps=config.meta_steps, eval_every=config.eval_every,
-                   direction=direction, host=host))
+                   direction=direction, host=host, resource=config.pruner_resource,
+                   trial_timeout=config.trial_timeout))

@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from autometa.config import FINGERPRINT_SINCE
 from autometa.engine.baselines import baseline_plans, enqueue_baselines
 from autometa.engine.initial import describe, enqueue, initial_trials
 from autometa.engine.lock import storage_lock
@@ -124,11 +125,12 @@ def _resume(prepared: Prepared, storage: optuna.storages.BaseStorage,
     if stored is None:
         raise ConfigError(f"study {name!r} in {redact(config.storage)} was not made by "
                           "autometa; choose another study name")
-    # Settings added to autometa after the study was made are not compared.
-    given = {k: v for k, v in jsonable(config.fingerprint()).items()
-             if k in stored["fingerprint"]}
-    if stored["fingerprint"] != given:
-        diff = _diff(stored["fingerprint"], given)
+    # Settings added to autometa after the study was made are not compared, but for
+    # those whose value such a study ran with is known (FINGERPRINT_SINCE).
+    made = {**FINGERPRINT_SINCE, **stored["fingerprint"]}
+    given = {k: v for k, v in jsonable(config.fingerprint()).items() if k in made}
+    if made != given:
+        diff = _diff(made, given)
         raise ConfigError(
             f"study {name!r} in {redact(config.storage)} was run with other settings "
             f"({diff}); use the original settings to resume it, or a new study name"

@@ -56,6 +56,7 @@ from autometa.study.trials import (
     CURVE_ATTR,
     MAX_VAL_SCORES,
     PRUNED_ATTR,
+    STOPPED_ATTR,
     TEST_ATTRS,
     VAL_SCORES_ATTR,
     TrialPlan,
@@ -211,7 +212,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             trial.set_user_attr(key, value)
     inherited = trial.user_attrs  # a retry copies its failed trial's attributes
     for key in (*COST_ATTRS, *TEST_ATTRS, "test_failure", "failure", PRUNED_ATTR,
-                CURVE_ATTR, VAL_SCORES_ATTR):
+                CURVE_ATTR, VAL_SCORES_ATTR, STOPPED_ATTR):
         if inherited.get(key) is not None:  # the failed trial's, not this one's
             trial.set_user_attr(key, None)
     kind = "baseline " if baseline else "completion " if completion else ""
@@ -232,18 +233,25 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             send(("step", (trial.number, step)))
 
     paired = config.pruner == "wilcoxon"  # steps are meta-val episodes, not meta-steps
+    seconds = config.pruner_resource == "seconds"  # steps are seconds of meta-training
     curve: list[list[float]] = []
+    clock, reported = Clock(), [-1]
 
     def on_eval(step: int, score: float) -> None:
         send(("evaluated", (trial.number, step, score)))
-        if paired:
+        if paired or seconds:
             curve.append([step, score])
+        at = int(clock.train_s) if seconds else step
+        if paired or at <= reported[0]:  # a second already reported: Optuna keeps the first
             return
-        trial.report(score, step)
-        # Never after the last evaluation: its meta-training is spent, and a pruner's rung
-        # there (Hyperband's largest budget) would throw away a finished model.
-        if 0 < step < config.meta_steps and not completion and trial.should_prune():
-            raise optuna.TrialPruned(f"{config.pruner}: meta-val {score:.4g} at step {step}")
+        reported[0] = at
+        trial.report(score, at)
+        # Never after the last evaluation (its budget of steps or seconds is spent): a
+        # pruner's rung there (Hyperband's largest budget) would throw away a finished model.
+        last = step >= config.meta_steps or clock.timed_out
+        if 0 < step and not last and not completion and trial.should_prune():
+            raise optuna.TrialPruned(f"{config.pruner}: meta-val {score:.4g} at step {step}"
+                                     + (f" ({at} s)" if seconds else ""))
 
     def final_score(algorithm: MetaAlgorithm) -> float:
         send(("trial_status", (trial.number, "meta-val, paired with the best")))
@@ -260,7 +268,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             final[:] = [round(v, 7) for v in scores.tolist()]
 
     state, value, note = TrialState.COMPLETE, None, ""
-    clock, test = Clock(), None
+    test = None
     if task.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(task.device)
     with Heartbeat(study, trial, config.storage):
@@ -271,7 +279,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                eval_every=config.eval_every, generator=generator,
                                on_eval=on_eval, on_step=on_step, clock=clock,
                                final_score=final_score if paired else None,
-                               on_final_scores=on_final_scores)
+                               on_final_scores=on_final_scores,
+                               time_limit=config.trial_timeout)
             upload_state(algorithm, trial, store)
             if baseline or completion or ahead(study, trial.number, value,
                                  task.metric.direction) < config.top_k:
@@ -300,9 +309,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             _release_device_memory(task.device)
     try:
         record_costs(trial, clock, task.device)
-        if paired:
+        if paired or seconds:  # the learning curve in meta-steps
             trial.set_user_attr(CURVE_ATTR, curve)
-        elif state == TrialState.COMPLETE and final:
+        if not paired and state == TrialState.COMPLETE and final:
             trial.set_user_attr(VAL_SCORES_ATTR, final)
         if state == TrialState.COMPLETE and note:
             trial.set_user_attr(PRUNED_ATTR, note)
@@ -327,7 +336,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
             log.warning("could not remove the states beyond the best %s: %s", config.keep,
                         redact(one_line(str(exc))))
     shown = "PRUNED" if note and state == TrialState.COMPLETE else state.name
-    send(("trial_finished", (trial.number, shown, value, note)))
+    cut = f"stopped at trial_timeout after {clock.steps:,} meta-steps" if clock.timed_out \
+        else ""
+    send(("trial_finished", (trial.number, shown, value, note or cut)))
     name, plugins = study.study_name, config.plugins
     if shown == "PRUNED":
         host.notify("trial_pruned", TrialPruned(name, trial=frozen, step=frozen.last_step,
@@ -364,9 +375,13 @@ def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int
 
 def record_costs(trial: optuna.Trial, clock: Clock, device: torch.device) -> None:
     """Store the trial's times (and peak CUDA memory) as its user attributes
-    (:data:`~autometa.study.trials.COST_ATTRS`)."""
+    (:data:`~autometa.study.trials.COST_ATTRS`), and where meta-training stopped if it
+    reached ``trial_timeout`` (:data:`~autometa.study.trials.STOPPED_ATTR`)."""
     trial.set_user_attr("fit_time_s", round(clock.train_s, 3))
     trial.set_user_attr("meta_steps", clock.steps)
+    if clock.timed_out:
+        trial.set_user_attr(STOPPED_ATTR, {"step": clock.steps,
+                                           "seconds": round(clock.train_s, 3)})
     if clock.eval_episodes:
         trial.set_user_attr("adapt_ms", round(clock.adapt_ms, 4))
     if device.type == "cuda":

@@ -89,9 +89,10 @@ def provenance_section(board: Board, stored: dict[str, Any], command: str | None
         ("seed", config.get("seed", "not recorded")),
         ("storage", config.get("storage", "not recorded")),
     ]
-    for key in ("algorithms", "sources", "n_trials", "meta_steps", "eval_every", "pruner",
-                "sampler", "initial", "warm_start", "top_k"):
-        if key in config:
+    for key in ("algorithms", "sources", "n_trials", "meta_steps", "eval_every",
+                "trial_timeout", "pruner", "pruner_resource", "sampler", "initial",
+                "warm_start", "top_k"):
+        if key in config and (key != "trial_timeout" or config[key] is not None):
             facts.append((key, _text(config[key])))
     parts.append(key_values(facts))
 

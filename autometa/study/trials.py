@@ -17,8 +17,13 @@ from autometa.intervals import interval_of
 #: COMPLETE with its running mean (for the sampler), and never ranked.
 PRUNED_ATTR = "pruned"
 #: User attribute holding ``[[meta_step, meta-val score], ...]`` when the intermediate
-#: values are per-episode scores (the Wilcoxon pruner) rather than the learning curve.
+#: values are not the learning curve: per-episode scores (the Wilcoxon pruner), or scores
+#: at whole seconds of meta-training (Hyperband with ``pruner_resource = "seconds"``).
 CURVE_ATTR = "val_curve"
+#: User attribute of a trial whose meta-training reached ``trial_timeout`` and stopped:
+#: ``{"step": meta-steps run, "seconds": meta-training seconds}``. It was scored on the
+#: model as it was then, like any finished trial.
+STOPPED_ATTR = "stopped_at_timeout"
 #: User attribute holding a trial's final meta-val scores, one per episode in episode
 #: order (per example for a task scored per example), for the paired comparison with the
 #: best baseline (:func:`prefer_baselines`); at most :data:`MAX_VAL_SCORES` of them.
