@@ -24,7 +24,6 @@ from autometa.caveats import interval_cell, interval_text, leaderboard_caveats, 
 from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError
 from autometa.metrics import mean_ci95, tie_groups
-from autometa.precision import autocast
 from autometa.predictor import Predictor, pick
 from autometa.report import write_report
 from autometa.report.compare import comparison_markdown
@@ -440,8 +439,7 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
     for t in missing:
         algorithm = restore(study, t, context.task, context.host,
                             artifacts=context.artifacts, root=context.root)
-        with autocast(TrialPlan.of(t).precision, context.task.device):  # as it trained
-            test = score_meta_test(algorithm, context.task)
+        test = score_meta_test(algorithm, context.task, precision=TrialPlan.of(t).precision)
         if test.failure:  # listed without a test score, never ranked on NaN
             log.warning("trial %d has no meta-test score: %s", t.number, test.failure)
         tests[t.number] = test

@@ -7,8 +7,9 @@ each trial (Optuna's ``precision`` parameter, recorded in the trial's plan). Und
 steps, meta-val evaluations and meta-test scoring in bfloat16; the parameters, their
 gradients and the optimiser's state stay float32 (autocast casts ops, not tensors), and
 so do the stored state and the scores. A stored trial is scored, and predicts, under its
-own precision again (:func:`autocast` at each entry point: the worker, the leaderboard,
-the :class:`~autometa.predictor.Predictor`).
+own precision again: :func:`autocast` is entered around the worker's meta-training, in
+:func:`~autometa.trial.score_meta_test` (the worker's and the leaderboard's scoring), and
+in the :class:`~autometa.predictor.Predictor` (``autometa predict``, ``export``).
 
 torch is imported when a context is entered, never by the names' validation: the
 configuration (and ``autometa --help``) stays free of it.

@@ -101,8 +101,7 @@ def test_a_restored_trial_is_scored_and_predicts_in_its_precision(tmp_path: Path
     task = stored.build_task()
     for t in unscored:
         algorithm = restore(study, t, task, stored.host, artifacts=storage["artifacts"])
-        with autocast("bf16", task.device):
-            in_bf16 = score_meta_test(algorithm, task).mean
+        in_bf16 = score_meta_test(algorithm, task, precision="bf16").mean
         in_float32 = score_meta_test(algorithm, task).mean
         listed = board.frame.set_index("trial").loc[t.number, "test_mse"]
         assert listed == in_bf16 != in_float32

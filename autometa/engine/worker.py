@@ -276,16 +276,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                    on_eval=on_eval, on_step=on_step, clock=clock,
                                    final_score=final_score if paired else None,
                                    on_final_scores=on_final_scores)
-                upload_state(algorithm, trial, store)
-                if baseline or completion or ahead(study, trial.number, value,
-                                                   task.metric.direction) < config.top_k:
-                    # Among the best top_k so far, it may be listed with a test score:
-                    # score it now, while the model is in memory (the leaderboard then has
-                    # nothing to do; a trial outside the top_k can never enter it later).
-                    # A baseline is always listed with one, and so is a completion trial
-                    # (its algorithm's only fully trained trial).
-                    send(("trial_status", (trial.number, "scoring on meta-test")))
-                    test = score_meta_test(algorithm, task)
+            upload_state(algorithm, trial, store)
+            if baseline or completion or ahead(study, trial.number, value,
+                                 task.metric.direction) < config.top_k:
+                # Among the best top_k so far, it may be listed with a test score: score it
+                # now, while the model is in memory (the leaderboard then has nothing to do;
+                # a trial outside the top_k can never enter it later). A baseline is
+                # always listed with one, and so is a completion trial (its algorithm's
+                # only fully trained trial).
+                send(("trial_status", (trial.number, "scoring on meta-test")))
+                test = score_meta_test(algorithm, task, precision=plan.precision)
         except optuna.TrialPruned as exc:
             state, note = TrialState.PRUNED, str(exc)
         except EvaluationPruned as exc:
