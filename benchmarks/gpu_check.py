@@ -59,7 +59,7 @@ class Sizes:
     tests_s: int
     search_s: int
     speed_s: int
-    precision_s: int  # both runs of the precision step
+    precision_s: int  # both runs of the precision step together
     search: Sequence[str]  # `autometa run` options beyond the fixed ones
     trials: int
     speed: Sequence[str]  # speed.py options
@@ -228,7 +228,7 @@ def step_precision(device: str, sizes: Sizes, log: Log, work: Path) -> bool:
     """One trial of the search step's settings in float32, then in bf16; both scored."""
     storage = f"sqlite:///{work / 'precision.db'}"
     scores: dict[str, tuple[float, float]] = {}
-    ok = True
+    ok, deadline = True, time.monotonic() + sizes.precision_s
     for precision in ("float32", "bf16"):
         study = f"precision-{precision}"
         cmd = [sys.executable, "-m", "autometa", "run", "--task", "glyphs", "--algorithms",
@@ -237,7 +237,7 @@ def step_precision(device: str, sizes: Sizes, log: Log, work: Path) -> bool:
                "portfolio", "--top-k", "1", "--no-progress", "--study", study,
                "--storage", storage, "--artifacts", str(work / "artifacts"),
                "--out", str(work / "reports"), *sizes.search]
-        rc, _ = run_process(cmd, log, timeout=sizes.precision_s / 2, cwd=work,
+        rc, _ = run_process(cmd, log, timeout=max(1.0, deadline - time.monotonic()), cwd=work,
                             env={"AUTOMETA_CACHE_DIR": str(work / "cache")})
         if rc != 0:
             return False
