@@ -178,3 +178,16 @@ def test_precision_settings_at_the_edge(tmp_path: Path) -> None:
     file.write_text('task = "sinusoid"\nprecision = ["float32", "bf16"]\n')
     assert SearchConfig.from_file(file).precision == ["float32", "bf16"]
     check_supported(["float32", "bf16"], torch.device("cpu"))  # CPU autocast has bf16
+
+
+def test_a_study_resumes_only_in_its_own_precision(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
+            "--trials", "1", "--meta-steps", "2", "--eval-every", "2", "--threads", "1",
+            "--task-param", "val_episodes=4", "--task-param", "test_episodes=4",
+            "--no-progress", "--study", "s"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--trials", "2", "--precision", "bf16"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "precision: 'float32' -> 'bf16'" in line and "use the original settings" in line
