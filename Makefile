@@ -3,8 +3,9 @@
 #   make test         creates .venv, installs the pinned set, runs ruff, mypy, lint-imports
 #                     (the layers contract in pyproject.toml) and pytest
 #   make gpu-check    on a CUDA machine: the tests marked cuda, a 2-worker search sharing the
-#                     GPU and the speed benchmark on it, in at most 8 minutes
-#                     (benchmarks/gpu_check.py; without a GPU: one line, exit 0)
+#                     GPU, the speed benchmark on it and one trial in float32 and in bf16,
+#                     in at most 8 minutes (benchmarks/gpu_check.py; without a GPU: one
+#                     line, exit 0)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autometa.errors import ConfigError, closest, redact
+from autometa.precision import precision_choices
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,6 +85,10 @@ class SearchConfig:
     devices: list[str] = field(default_factory=list)
     workers: int | None = None  # trials at once (worker processes); None: one per device
     threads: int | None = None  # torch CPU threads during the search (None: torch's default)
+    # arithmetic of meta-training, meta-val and meta-test: "float32", or "bf16"
+    # (torch.autocast to bfloat16; parameters stay float32); a list, e.g. ["float32",
+    # "bf16"], searches it per trial as the categorical hyperparameter "precision"
+    precision: str | list[str] = "float32"
     top_k: int = 3  # best trials (on meta-val) evaluated on meta-test
     # stops unpromising trials: "hyperband" (over meta-steps, meta_steps the largest
     # budget), "median" (Optuna's median rule over meta-val at each evaluation),
@@ -154,7 +159,7 @@ class SearchConfig:
         """The settings a resumed study must share with the one it continues."""
         keep = {"task", "task_params", "algorithms", "sources", "algorithm_params",
                 "source_params", "meta_steps", "eval_every", "trial_timeout", "seed",
-                "pruner", "pruner_resource", "sampler", "initial", "warm_start"}
+                "pruner", "pruner_resource", "sampler", "initial", "warm_start", "precision"}
         out = {k: v for k, v in asdict(self).items() if k in keep}
         out["warm_start"] = [redact(w) for w in self.warm_start]  # stored without passwords
         return out
@@ -193,6 +198,8 @@ class SearchConfig:
             _positive_int(self.threads, "threads", MAX_THREADS)
         if self.workers is not None:
             _positive_int(self.workers, "workers", MAX_WORKERS)
+        choices = precision_choices(self.precision)
+        self.precision = choices[0] if len(choices) == 1 else choices
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed: expected an integer from 0 to {MAX_SEED}, got {self.seed!r}")
@@ -264,7 +271,8 @@ class SearchConfig:
 #: Fingerprint settings added after studies were stored, with the value such a study ran
 #: with: a resume compares them as if the study had stored them (other settings a study
 #: did not store are not compared).
-FINGERPRINT_SINCE: dict[str, Any] = {"trial_timeout": None, "pruner_resource": "meta_steps"}
+FINGERPRINT_SINCE: dict[str, Any] = {"trial_timeout": None, "pruner_resource": "meta_steps",
+                                     "precision": "float32"}
 
 
 def check_plugin_options(options: Any) -> None:

@@ -168,6 +168,8 @@ TRIAL_ATTRS: Mapping[str, str] = {
     "source_params": "the source model's settings, without the plugin prefix",
     "task_params": "the task's per-trial settings (its trial_params), every one, defaults "
                    "included; {} for a task without them",
+    "precision": "the arithmetic it trained and was scored in: 'float32', or 'bf16' "
+                 "(torch.autocast; also its Optuna parameter 'precision' where searched)",
     "origin": "why the trial was queued first: 'portfolio' or 'warm start from <study> "
               "trial <n>' (absent for trials the sampler proposed)",
     "baseline": "True for a baseline trial: its plan was fixed when the study was created "

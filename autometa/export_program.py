@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from autometa.errors import ConfigError
 from autometa.images import RESIZE_POLICIES
+from autometa.precision import autocast
 from autometa.predictor import PREDICT_SEED, Predictor, _scaling
 
 PROGRAM_FILE, MANIFEST_FILE, ONNX_FILE = "model.pt2", "model.json", "model.onnx"
@@ -217,7 +218,8 @@ def adapted_module(model: Predictor) -> nn.Module | None:
     network.eval()
     devices = [model.device] if model.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                autocast(model.plan.precision, model.device):  # adapted as it was scored
             torch.manual_seed(PREDICT_SEED)
             adapted = algorithm.adapted_module(episode.support_x[0], episode.support_y[0])
     finally:
@@ -294,6 +296,9 @@ def _manifest(model: Predictor, inputs: dict[str, Any]) -> dict[str, Any]:
                    {"kind": "regression", "shape": ["N", task.output_size],
                     "values": "in the target's units"}),
         "class_names": model.class_names,
+        # The trial's precision; the program itself computes in float32 (its scores may
+        # differ from a bf16 trial's in the last digits).
+        "precision": model.plan.precision,
         "scores": {f"test_{task.metric.name}": model.test_score,
                    f"val_{task.metric.name}": model.val_score},
         "torch_version": torch.__version__,

@@ -439,7 +439,7 @@ def _meta_test_scores(study: optuna.Study, listed: list[optuna.trial.FrozenTrial
     for t in missing:
         algorithm = restore(study, t, context.task, context.host,
                             artifacts=context.artifacts, root=context.root)
-        test = score_meta_test(algorithm, context.task)
+        test = score_meta_test(algorithm, context.task, precision=TrialPlan.of(t).precision)
         if test.failure:  # listed without a test score, never ranked on NaN
             log.warning("trial %d has no meta-test score: %s", t.number, test.failure)
         tests[t.number] = test

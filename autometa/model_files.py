@@ -94,6 +94,7 @@ def export(model: Predictor, directory: Path, *, force: bool = False) -> list[Pa
         "rank": model.rank,
         "algorithm": {"name": model.algorithm, "params": model.plan.algorithm_params},
         "source": {"name": model.source, "params": model.plan.source_params},
+        "precision": model.plan.precision,
         "task": {
             "name": task.identity.get("task"),
             "params": task.identity.get("params", {}),

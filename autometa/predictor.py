@@ -31,6 +31,7 @@ from autometa.config import DEFAULT_STORAGE
 from autometa.errors import ConfigError, DataError
 from autometa.model_inputs import read_inputs, read_support
 from autometa.numeric_inputs import label_name
+from autometa.precision import autocast
 from autometa.study.stored import open_stored
 from autometa.study.trials import TEST_ATTR, TrialPlan, ranked, ranked_trials
 from autometa.task import Episodes, Task
@@ -361,7 +362,8 @@ class Adapted:
         training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                    autocast(p.plan.precision, p.device):  # the trial's, as it was scored
                 torch.manual_seed(PREDICT_SEED)
                 # Inner loops that need gradients enable them themselves (torch.func.grad,
                 # autometa.inner_loop, finetune's fit); nothing flows back to the state.

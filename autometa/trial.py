@@ -22,6 +22,7 @@ from autometa.algorithm import MetaAlgorithm
 from autometa.errors import PluginError
 from autometa.feature_store import embedded, note_source
 from autometa.plugins import PluginHost
+from autometa.precision import DEFAULT_PRECISION, autocast
 from autometa.study.artifacts import download_state, load_state, open_store
 from autometa.study.build import trial_defaults
 from autometa.study.inputs import localize
@@ -394,8 +395,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
-    """Score ``algorithm`` (meta-trained) on the task's meta-test episodes.
+def score_meta_test(algorithm: MetaAlgorithm, task: Task, *,
+                    precision: str = DEFAULT_PRECISION) -> MetaTestScore:
+    """Score ``algorithm`` (meta-trained) on the task's meta-test episodes, in
+    ``precision`` (the trial's: :mod:`autometa.precision`).
 
     The interval is Student's t over episodes, or Wilson's for an accuracy over a target
     dataset's test examples (:meth:`MetaTestScore.of`). A model whose predictions are not
@@ -404,6 +407,11 @@ def score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
     (:meth:`~autometa.task.Task.train_episodes`) gets its train score too (NaN if the
     predictions on the train split are not finite).
     """
+    with autocast(precision, task.device):
+        return _score_meta_test(algorithm, task)
+
+
+def _score_meta_test(algorithm: MetaAlgorithm, task: Task) -> MetaTestScore:
     episodes = task.meta_test()
     over = "examples" if scored_per_example(episodes, task) else "episodes"
     try:

@@ -1,6 +1,6 @@
 """autometa on a CUDA GPU, proven by one prepared check (``make gpu-check``), in at most 8 min.
 
-Four steps, each in its own process with its own time limit, so that one hang cannot eat
+Five steps, each in its own process with its own time limit, so that one hang cannot eat
 the others' time; every step runs, prints PASS or FAIL, and the check exits 1 if any
 failed:
 
@@ -12,7 +12,11 @@ failed:
    one GPU) of MAML on conv4 on a small ``glyphs`` task; it passes if it exits 0 and every
    trial finished on a CUDA device with its peak memory recorded, from two workers;
 4. ``speed``: ``benchmarks/speed.py --device cuda`` (autometa against the peers installed,
-   each on the GPU, at fewer repetitions than the CPU table), written as ``speed_cuda``.
+   each on the GPU, at fewer repetitions than the CPU table), written as ``speed_cuda``;
+5. ``precision``: the same one-trial search (MAML on conv4, ``glyphs``, the same seed) in
+   ``--precision float32`` and ``--precision bf16`` (``torch.autocast``); it prints both
+   meta-test accuracies, their difference and each trial's meta-training time, and passes
+   if both trials completed with a meta-test score, the second recorded as bf16.
 
 Everything printed goes to ``<out>/gpu_check.txt`` too (``--out``, default
 benchmarks/results). Where ``torch.cuda.is_available()`` is False the check prints one
@@ -55,14 +59,15 @@ class Sizes:
     tests_s: int
     search_s: int
     speed_s: int
+    precision_s: int  # both runs of the precision step together
     search: Sequence[str]  # `autometa run` options beyond the fixed ones
     trials: int
     speed: Sequence[str]  # speed.py options
 
 
-#: On a GPU: limits summing to 7.5 minutes (the steps take ~1 + 1.5 + 3 expected).
+#: On a GPU: limits summing to 8 minutes (the steps take ~1 + 1.5 + 3 + 0.5 expected).
 CUDA = Sizes(
-    tests_s=120, search_s=120, speed_s=210,
+    tests_s=115, search_s=110, speed_s=190, precision_s=65,
     search=["--meta-steps", "60", "--eval-every", "30",
             "--task-param", "train_classes=200", "--task-param", "val_classes=50",
             "--task-param", "test_classes=50", "--task-param", "val_episodes=50",
@@ -73,7 +78,7 @@ CUDA = Sizes(
            "--min-seconds", "0.5", "--sinusoid-batches", "2"])
 #: The CPU dry run: the same steps, tiny.
 DRY_RUN = Sizes(
-    tests_s=240, search_s=180, speed_s=120,
+    tests_s=240, search_s=180, speed_s=120, precision_s=180,
     search=["--meta-steps", "4", "--eval-every", "2",
             "--task-param", "train_classes=20", "--task-param", "val_classes=10",
             "--task-param", "test_classes=10", "--task-param", "val_episodes=4",
@@ -219,6 +224,42 @@ def step_search(device: str, sizes: Sizes, log: Log, work: Path) -> bool:
     return ok and len(pids) == 2
 
 
+def step_precision(device: str, sizes: Sizes, log: Log, work: Path) -> bool:
+    """One trial of the search step's settings in float32, then in bf16; both scored."""
+    storage = f"sqlite:///{work / 'precision.db'}"
+    scores: dict[str, tuple[float, float]] = {}
+    ok, deadline = True, time.monotonic() + sizes.precision_s
+    for precision in ("float32", "bf16"):
+        study = f"precision-{precision}"
+        cmd = [sys.executable, "-m", "autometa", "run", "--task", "glyphs", "--algorithms",
+               "maml", "--sources", "conv4", "--device", device, "--precision", precision,
+               "--trials", "1", "--pruner", "none", "--no-baselines", "--initial",
+               "portfolio", "--top-k", "1", "--no-progress", "--study", study,
+               "--storage", storage, "--artifacts", str(work / "artifacts"),
+               "--out", str(work / "reports"), *sizes.search]
+        rc, _ = run_process(cmd, log, timeout=max(1.0, deadline - time.monotonic()), cwd=work,
+                            env={"AUTOMETA_CACHE_DIR": str(work / "cache")})
+        if rc != 0:
+            return False
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        trial = optuna.load_study(study_name=study, storage=storage).trials[0]
+        test = trial.user_attrs.get("test_mean")
+        ok &= (trial.state.name == "COMPLETE" and test is not None
+               and trial.user_attrs.get("precision") == precision)
+        scores[precision] = (float("nan") if test is None else float(test),
+                             float(trial.user_attrs.get("fit_time_s") or float("nan")))
+        log(f"  {precision}: meta-test accuracy {scores[precision][0]:.4f} "
+            f"(±{trial.user_attrs.get('test_ci95') or float('nan'):.4f}), meta-training "
+            f"{scores[precision][1]:.2f} s, recorded precision "
+            f"{trial.user_attrs.get('precision')!r}")
+    (acc32, s32), (acc16, s16) = scores["float32"], scores["bf16"]
+    log(f"precision: bf16 - float32 meta-test accuracy {acc16 - acc32:+.4f}; meta-training "
+        f"{s32:.2f} s in float32, {s16:.2f} s in bf16 ({s32 / s16 if s16 else float('nan'):.2f}x)")
+    return ok
+
+
 def step_speed(device: str, sizes: Sizes, log: Log, out: Path, name: str) -> bool:
     """speed.py on the device; passes if it wrote its results and autometa's
     meta-gradients agree with the float64 reference's."""
@@ -266,13 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness import git_commit
 
     log(f"autometa commit {git_commit()}; step limits: tests {sizes.tests_s} s, search "
-        f"{sizes.search_s} s, speed {sizes.speed_s} s")
+        f"{sizes.search_s} s, speed {sizes.speed_s} s, precision {sizes.precision_s} s")
     steps: list[tuple[str, Callable[[Path], bool]]] = [
         ("device", lambda work: step_device(args.device, log)),
         ("tests", lambda work: step_tests(args.device, sizes, log, work)),
         ("search", lambda work: step_search(args.device, sizes, log, work)),
         ("speed", lambda work: step_speed(args.device, sizes, log, out,
                                           "speed_cuda" if cuda else f"speed_dryrun_{args.device}")),
+        ("precision", lambda work: step_precision(args.device, sizes, log, work)),
     ]
     verdicts: list[tuple[str, bool, float]] = []
     start = time.monotonic()
@@ -288,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdicts.append((name, passed, time.monotonic() - began))
         log(f"=== {name}: {'PASS' if passed else 'FAIL'} ({verdicts[-1][2]:.1f} s)")
     total = time.monotonic() - start
-    log("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {name:<7} {s:6.1f} s"
+    log("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {name:<9} {s:6.1f} s"
                          for name, ok, s in verdicts))
     failed = [name for name, ok, _ in verdicts if not ok]
     log(f"gpu-check {'FAILED: ' + ', '.join(failed) if failed else 'PASSED'} in {total:.1f} s")

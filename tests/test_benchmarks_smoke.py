@@ -325,8 +325,9 @@ def test_gpu_check_dry_run_on_the_cpu(bench, tmp_path: Path,
     assert bench("gpu_check").main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "gpu_check_dryrun_cpu.txt").read_text()
     assert text == capsys.readouterr().out.rsplit("wrote ", 1)[0]  # everything it printed
-    for step in ("device", "tests", "search", "speed"):
+    for step in ("device", "tests", "search", "speed", "precision"):
         assert f"=== {step}: PASS" in text
+    assert "recorded precision 'bf16'" in text and "bf16 - float32 meta-test accuracy" in text
     assert "'failures': 0, 'errors': 0, 'skipped': 0}" in text  # ran, none skipped
     assert "run by 2 worker process(es)" in text and "gpu-check PASSED in" in text
     result, _ = written(tmp_path, "speed_dryrun_cpu")

@@ -41,7 +41,7 @@ RUN_FLAGS = {
     "devices": "devices", "workers": "workers", "keep": "keep", "data_root": "data_root",
     "cache_dir": "cache_dir",
     "sampler": "sampler", "initial": "initial", "warm_start": "warm_start",
-    "baselines": "baselines",
+    "baselines": "baselines", "precision": "precision",
 }
 
 
@@ -84,6 +84,10 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: torch's; 1 is fastest for small models)")
+    run.add_argument("--precision", metavar="float32|bf16|float32,bf16",
+                     help="arithmetic of each trial's meta-training and scoring: float32 "
+                          "(default), bf16 (torch.autocast to bfloat16; parameters stay "
+                          "float32), or both comma-separated to search it per trial")
     run.add_argument("--pruner", metavar="{" + ",".join(PRUNERS) + ",PLUGIN'S}",
                      help="stops unpromising trials: hyperband (over meta-steps), median "
                           "(meta-val at each evaluation), wilcoxon (paired over meta-val "

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from autometa.errors import AutometaError
 from autometa.params import keyword_defaults
+from autometa.precision import DEFAULT_PRECISION
 from autometa.space import Categorical, Float, Int, restrict
 from autometa.study.baselines import BASELINE_ALGORITHMS, BASELINE_ATTR, RAW_SOURCE
 from autometa.study.build import trial_defaults
@@ -62,7 +63,9 @@ def baseline_plans(prepared: Prepared) -> list[TrialPlan]:
         return []
     task_params = {**trial_defaults(task),
                    **{k: v for k, v in prepared.task_space.items() if not _searched(v)}}
-    return [TrialPlan(a, s, _settings(prepared, "algorithm", a), params, dict(task_params))
+    precision = prepared.config.precision  # searched: the baselines run the default
+    return [TrialPlan(a, s, _settings(prepared, "algorithm", a), params, dict(task_params),
+                      precision if isinstance(precision, str) else DEFAULT_PRECISION)
             for s, params in _frozen_sources(prepared) for a in algorithms]
 
 

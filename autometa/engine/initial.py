@@ -1,7 +1,7 @@
 """The trials a new study runs before its sampler takes over: a portfolio of every
 (algorithm, source) pair at its plugins' defaults, and the best configurations of
 earlier studies (warm start). Both run the task's per-trial settings at their defaults
-(or the values the search fixes).
+(or the values the search fixes), and float32 where the precision is searched.
 
 Both become Optuna's queued trials (``study.enqueue_trial``), so whichever worker claims
 next runs them first, on any machine, and they count against the budget like any other.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autometa.errors import ConfigError
+from autometa.precision import DEFAULT_PRECISION
 from autometa.space import Categorical, Float, Int, check_value
 from autometa.study.build import trial_defaults
 
@@ -147,11 +148,15 @@ def _matched(prepared: Prepared, plan: TrialPlan) -> dict[str, Any]:
 
 def _task_defaults(prepared: Prepared) -> dict[str, Any]:
     """``{"task.<name>": default}`` of the task's per-trial settings this search samples,
-    for a queued trial: an earlier study's values are not carried over (its task may
-    differ), and a default outside this search's space is left to the sampler."""
+    and ``{"precision": "float32"}`` where it searches the precision, for a queued trial:
+    an earlier study's values are not carried over (its task may differ), and a default
+    outside this search's space is left to the sampler."""
     defaults = trial_defaults(prepared.task)
+    precision = prepared.config.precision
     return {f"task.{name}": defaults[name] for name, param in prepared.task_space.items()
-            if _fits(param, defaults[name])}
+            if _fits(param, defaults[name])} | (
+        {"precision": DEFAULT_PRECISION}
+        if isinstance(precision, list) and DEFAULT_PRECISION in precision else {})
 
 
 def _fits(param: Any, value: Any) -> bool:

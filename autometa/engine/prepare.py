@@ -19,6 +19,7 @@ from autometa.engine.warm_start import read_warm_start
 from autometa.errors import AutometaError, ConfigError, PluginError
 from autometa.params import declared_types, keyword_defaults
 from autometa.plugins import Kind, PluginHost
+from autometa.precision import check_supported, precision_choices
 from autometa.space import Categorical, Float, Int, restrict
 from autometa.study.agreement import check_agreement, read_stored
 from autometa.study.artifacts import check_location
@@ -78,6 +79,8 @@ def prepare(config: SearchConfig, host: PluginHost,
         check_agreement(read_stored(config.storage, config.study), host, config.study)
     devices = resolve_devices(config)
     device = torch.device(devices[0])
+    for name in devices:  # bf16 on a GPU without it: refused before anything is stored
+        check_supported(precision_choices(config.precision), torch.device(name))
     check_location(config.artifacts)
     task_params = parse_task_params(config, host)
     task_space = task_trial_space(config, host)

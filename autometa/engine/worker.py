@@ -46,6 +46,7 @@ from autometa.engine.storage import open_study
 from autometa.errors import one_line, redact
 from autometa.events import TrialFailed, TrialFinished, TrialPruned, TrialStarted
 from autometa.plugins import PluginHost, create_host
+from autometa.precision import autocast
 from autometa.space import suggest
 from autometa.study.artifacts import keep_best, open_store, upload_state
 from autometa.study.baselines import is_baseline, searched
@@ -275,12 +276,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         try:
             generator = torch.Generator(device=task.device).manual_seed(seed)
             algorithm = build(host, task, plan, seed, prepared.root)
-            value = meta_train(algorithm, task, meta_steps=config.meta_steps,
-                               eval_every=config.eval_every, generator=generator,
-                               on_eval=on_eval, on_step=on_step, clock=clock,
-                               final_score=final_score if paired else None,
-                               on_final_scores=on_final_scores,
-                               time_limit=config.trial_timeout)
+            # The trial's precision: meta-steps, meta-val and meta-test, not the building
+            # (a source's pre-training is shared by every trial).
+            with autocast(plan.precision, task.device):
+                value = meta_train(algorithm, task, meta_steps=config.meta_steps,
+                                   eval_every=config.eval_every, generator=generator,
+                                   on_eval=on_eval, on_step=on_step, clock=clock,
+                                   final_score=final_score if paired else None,
+                                   on_final_scores=on_final_scores,
+                                   time_limit=config.trial_timeout)
             upload_state(algorithm, trial, store)
             if baseline or completion or ahead(study, trial.number, value,
                                  task.metric.direction) < config.top_k:
@@ -290,7 +294,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                 # always listed with one, and so is a completion trial (its algorithm's
                 # only fully trained trial).
                 send(("trial_status", (trial.number, "scoring on meta-test")))
-                test = score_meta_test(algorithm, task)
+                test = score_meta_test(algorithm, task, precision=plan.precision)
         except optuna.TrialPruned as exc:
             state, note = TrialState.PRUNED, str(exc)
         except EvaluationPruned as exc:
@@ -351,14 +355,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
 
 
 def sample_plan(trial: optuna.Trial, prepared: Prepared) -> TrialPlan:
-    """A searched trial's plan, sampled from the search's spaces."""
+    """A searched trial's plan, sampled from the search's spaces; a searched precision
+    (a list in the settings) is the categorical parameter ``precision``."""
     algorithm = trial.suggest_categorical("algorithm", list(prepared.algorithms))
     source = trial.suggest_categorical("source", list(prepared.sources))
+    precision = prepared.config.precision
     return TrialPlan(algorithm, source,
                      suggest(trial, algorithm, prepared.algorithms[algorithm]),
                      suggest(trial, source, prepared.sources[source]),
                      # "task.<name>"; fixed ones (a name not given: its default) recorded too
-                     suggest(trial, "task", prepared.task_space))
+                     suggest(trial, "task", prepared.task_space),
+                     trial.suggest_categorical("precision", precision)
+                     if isinstance(precision, list) else precision)
 
 
 def ahead(study: optuna.Study, number: int, value: float, direction: str) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autometa.intervals import interval_of
+from autometa.precision import DEFAULT_PRECISION
 
 #: User attribute of a trial the Wilcoxon pruner stopped during its final evaluation: it is
 #: COMPLETE with its running mean (for the sampler), and never ranked.
@@ -132,38 +133,45 @@ def learning_curve(trial: Any) -> dict[int, float]:
 class TrialPlan:
     """The configuration a trial runs: plugin names and their hyperparameters, and the
     task's per-trial settings (``Task.trial_params``, every one, defaults included: a
-    stored trial is rebuilt with its own values even if a plugin's defaults change)."""
+    stored trial is rebuilt with its own values even if a plugin's defaults change), and
+    the precision it computes in (:mod:`autometa.precision`)."""
 
     algorithm: str
     source: str
     algorithm_params: dict[str, Any] = field(default_factory=dict)
     source_params: dict[str, Any] = field(default_factory=dict)
     task_params: dict[str, Any] = field(default_factory=dict)
+    precision: str = DEFAULT_PRECISION  # "float32" or "bf16" (torch.autocast)
 
     @classmethod
     def of(cls, trial: Any) -> TrialPlan:
         """The plan a worker recorded in ``trial``'s user attributes (an Optuna trial;
-        one recorded before per-trial task settings existed has none)."""
+        one recorded before per-trial task settings, or precisions, existed has none:
+        the defaults, which it ran)."""
         attrs = trial.user_attrs
         return cls(**{k: attrs[k] for k in
                       ("algorithm", "source", "algorithm_params", "source_params")},
-                   task_params=dict(attrs.get("task_params") or {}))
+                   task_params=dict(attrs.get("task_params") or {}),
+                   precision=str(attrs.get("precision") or DEFAULT_PRECISION))
 
     def describe(self, task_defaults: Mapping[str, Any] | None = None) -> str:
         """``maml(inner_lr=0.01, ...) + mlp(hidden=40)``, for logs; ``... on task(flip=True)``
-        where task settings differ from ``task_defaults`` (all of them if None)."""
+        where task settings differ from ``task_defaults`` (all of them if None);
+        ``... in bf16`` where the precision is not the default."""
         task = self._task_changes(task_defaults)
         return f"{self.algorithm}({_kv(self.algorithm_params, ', ')}) + " \
                f"{self.source}({_kv(self.source_params, ', ')})" \
-               + (f" on task({_kv(task, ', ')})" if task else "")
+               + (f" on task({_kv(task, ', ')})" if task else "") \
+               + (f" in {self.precision}" if self.precision != DEFAULT_PRECISION else "")
 
     def params_text(self, task_defaults: Mapping[str, Any] | None = None) -> str:
         """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins;
         ``... | task: flip=True`` where task settings differ from ``task_defaults`` (all of
-        them if None)."""
+        them if None); ``... | bf16`` where the precision is not the default."""
         task = self._task_changes(task_defaults)
         return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}" \
-               + (f" | task: {_kv(task, ' ')}" if task else "")
+               + (f" | task: {_kv(task, ' ')}" if task else "") \
+               + (f" | {self.precision}" if self.precision != DEFAULT_PRECISION else "")
 
     def _task_changes(self, defaults: Mapping[str, Any] | None) -> dict[str, Any]:
         if defaults is None:
