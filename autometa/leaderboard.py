@@ -34,6 +34,7 @@ from autometa.study.completion import group_bests
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
 from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
+from autometa.study.trials import state_counts
 from autometa.trial import restore, score_meta_test
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Leaderboard:
             for a searched per-trial task setting). Test columns are empty beyond the
             ``top_k`` best searched trials, the best of each algorithm and of each source,
             and the baselines.
-        counts: trials per final state (complete, pruned, failed, running).
+        counts: trials per final state (complete, pruned, failed, interrupted, running).
         by_domain: for a task whose episodes come from several domains, meta-test per
             domain: one row per (scored trial, domain), trials best first and domains
             sorted. Columns: ``rank``, ``trial``, ``algorithm``, ``source``, ``domain``,
@@ -347,13 +348,7 @@ def compute_leaderboard(
     frame["tie_group"] = frame["tie_group"].astype("Int64")
     for k in hyper:  # as sampled: an integer stays one beside trials that lack it
         frame[k] = pd.Series([row[k] for row in rows], dtype=object)
-    counts = {
-        "complete": len(ranked),
-        "pruned": sum(t.state == TrialState.PRUNED for t in trials) + len(complete)
-        - len(ranked),
-        "failed": sum(t.state == TrialState.FAIL for t in trials),
-        "running": sum(t.state == TrialState.RUNNING for t in trials),
-    }
+    counts = state_counts(trials, len(complete) - len(ranked))
     by_domain = _by_domain(frame, {n: list(tests[n].scores) for n in scored},
                            task.episode_domains("meta-test"), metric.name)
     return Leaderboard(

@@ -248,6 +248,7 @@ def meta_train(
     clock: Clock | None = None,
     final_score: Callable[[MetaAlgorithm], float] | None = None,
     on_final_scores: Callable[[Tensor], None] = lambda scores: None,
+    on_phase: Callable[[str], None] = lambda phase: None,
 ) -> float:
     """Meta-train for ``meta_steps`` and return the final meta-val score.
 
@@ -257,6 +258,8 @@ def meta_train(
     the last evaluation instead of the plain meta-val mean (:func:`paired_val_score`);
     otherwise ``on_final_scores`` gets the last evaluation's scores, shape (episodes,) in
     episode order, or (examples,) for a task scored per example (before ``on_eval``).
+    ``on_phase(name)`` is told ``"meta-train"`` when meta-steps start (again) and
+    ``"evaluating meta-val"`` before each evaluation (a display shows what it waits for).
 
     Raises:
         Diverged: the training loss, a meta-val prediction or a score is not finite.
@@ -266,6 +269,8 @@ def meta_train(
     steps = meta_steps if algorithm.meta_trains else 0
     score = math.nan
     started = time.perf_counter()
+    if steps:
+        on_phase("meta-train")
     for step in range(1, steps + 1):
         loss = algorithm.meta_step(task.sample(algorithm.tasks_per_step, generator))
         if not math.isfinite(loss):
@@ -275,12 +280,16 @@ def meta_train(
         if step % eval_every == 0 or step == steps:
             clock.train_s += time.perf_counter() - started
             last = step == steps
+            on_phase("evaluating meta-val")
             score = _val_score(algorithm, task, clock, final_score if last else None,
                                on_final_scores if last else None)
             started = time.perf_counter()
             on_eval(step, score)
+            if not last:
+                on_phase("meta-train")
     clock.train_s += time.perf_counter() - started
     if steps == 0:
+        on_phase("evaluating meta-val")
         score = _val_score(algorithm, task, clock, final_score, on_final_scores)
         on_eval(0, score)
     return score

@@ -28,6 +28,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autometa import work
 from autometa.config import SearchConfig
 from autometa.engine.claim import claim, fail_running
 from autometa.engine.heartbeat import Heartbeat
@@ -261,9 +262,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
 
     state, value, note = TrialState.COMPLETE, None, ""
     clock, test = Clock(), None
+
+    def on_phase(name: str) -> None:
+        if clock.steps:  # the step it stopped at (step events are sent a few times a second)
+            send(("step", (trial.number, clock.steps)))
+        send(("trial_status", (trial.number, name)))
+
+    def on_work(what: str, done: int, total: int) -> None:  # e.g. a source's pre-training
+        send(("trial_status", (trial.number, what, done, total)))
+
     if task.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(task.device)
-    with Heartbeat(study, trial, config.storage):
+    with Heartbeat(study, trial, config.storage), work.reporting(on_work):
         try:
             generator = torch.Generator(device=task.device).manual_seed(seed)
             algorithm = build(host, task, plan, seed, prepared.root)
@@ -271,7 +281,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                eval_every=config.eval_every, generator=generator,
                                on_eval=on_eval, on_step=on_step, clock=clock,
                                final_score=final_score if paired else None,
-                               on_final_scores=on_final_scores)
+                               on_final_scores=on_final_scores, on_phase=on_phase)
             upload_state(algorithm, trial, store)
             if baseline or completion or ahead(study, trial.number, value,
                                  task.metric.direction) < config.top_k:
