@@ -19,6 +19,8 @@ META_TRAIN = "meta-train"
 EVALUATING = "evaluating meta-val"
 
 Clock = Callable[[], float]
+#: Seconds of meta-training over which the meta-steps' rate is measured.
+WINDOW = 30.0
 
 
 def clock_text(seconds: float) -> str:
@@ -45,6 +47,7 @@ class TrialEta:
         self.step, self.step_at = 0, self.started
         self.train_s = 0.0  # seconds in META_TRAIN before the current stretch of it
         self.train_at_step = 0.0  # seconds in META_TRAIN when meta-step ``step`` ended
+        self.samples: list[tuple[float, int]] = []  # (train_at_step, step), the last WINDOW s
         self.every: int | None = None  # meta-steps between evaluations (the first one's step)
         self.evals: list[float] = []  # seconds each finished meta-val evaluation took
 
@@ -71,6 +74,18 @@ class TrialEta:
             self.enter(META_TRAIN)
         self.step, self.step_at = step, self.clock()
         self.train_at_step = self.train_s + (self.step_at - self.phase_started)
+        self.samples.append((self.train_at_step, step))
+        while len(self.samples) > 2 and self.samples[1][0] < self.train_at_step - WINDOW:
+            self.samples.pop(0)
+
+    def per_step(self) -> float | None:
+        """Seconds of meta-training per meta-step, over the last :data:`WINDOW` seconds of
+        it (a neighbour that stops or starts changes it within a window)."""
+        if len(self.samples) >= 2:
+            (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
+            if s1 > s0 and t1 > t0:
+                return (t1 - t0) / (s1 - s0)
+        return self.train_at_step / self.step if self.step > 0 else None
 
     def evaluated(self, step: int) -> None:
         """A meta-val evaluation after meta-step ``step`` is done."""
@@ -96,9 +111,9 @@ class TrialEta:
         """Seconds left to the end of meta-training (the evaluations to come included);
         None until a meta-step has been timed."""
         now = self.clock()
-        if self.step <= 0 or self.train_at_step <= 0:
+        per_step = self.per_step() if self.train_at_step > 0 else None
+        if per_step is None or per_step <= 0:
             return None
-        per_step = self.train_at_step / self.step
         remaining = max(0, self.meta_steps - self.step)
         steps = remaining * per_step
         if self.phase == META_TRAIN:  # counted down between steps, down to one step less
@@ -157,18 +172,19 @@ class SearchEta:
     def left(self) -> float | None:
         """Seconds left, or None when nothing tells yet."""
         now = self.clock()
-        if self.costs:
-            mean = sum(self.costs) / len(self.costs)
+        # Snapshots: a display's refresh thread asks while events change them.
+        trials, costs = list(self.running.values()), list(self.costs)
+        if costs:
+            mean = sum(costs) / len(costs)
         else:
-            guesses = [g for g in (t.expected() for t in self.running.values()) if g]
+            guesses = [g for g in (t.expected() for t in trials) if g]
             mean = max(guesses) if guesses else math.nan
-        running = [max(0.0, (t.expected() or mean) - (now - t.started))
-                   for t in self.running.values()]
+        running = [max(0.0, (t.expected() or mean) - (now - t.started)) for t in trials]
         running = [r for r in running if math.isfinite(r)]
         if self.remaining is None:
             left = math.nan  # until the timeout
         else:
-            queued = max(0, self.remaining - len(self.running))
+            queued = max(0, self.remaining - len(trials))
             left = (sum(running) + queued * mean) / self.workers
             if running:
                 left = max(left, max(running))

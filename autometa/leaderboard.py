@@ -33,8 +33,14 @@ from autometa.study.build import trial_defaults
 from autometa.study.completion import group_bests
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
-from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
-from autometa.study.trials import state_counts
+from autometa.study.trials import (
+    TEST_ATTR,
+    MetaTestScore,
+    TrialPlan,
+    ranked_trials,
+    recorded_test,
+    state_counts,
+)
 from autometa.trial import restore, score_meta_test
 
 log = logging.getLogger(__name__)
@@ -182,8 +188,7 @@ class Leaderboard:
 
     def display_columns(self) -> list[str]:
         """Column headers of :meth:`display_rows` (the metric is named in the title)."""
-        return ["rank", "trial", "algorithm", "source", "val", "test (95% CI)", "tie",
-                "params"]
+        return ["rank", "trial", "algorithm", "source", "val", "test (95% CI)", "tie", "params"]
 
     def display_rows(self) -> list[dict[str, str]]:
         """Rows formatted for people (terminal and Markdown)."""

@@ -99,9 +99,10 @@ class LineProgress(Progress):
                        costs: Sequence[float] = ()) -> None:
         self.metric = metric
         self.search = SearchEta(total, workers, timeout, costs, self.clock)
-        if done:
-            self._say(None, f"resuming: {done} of {done + (total or 0)} done"
-                      if total is not None else f"resuming: {done} done")
+        if done:  # with the stored trials' costs, the ETA is known at once
+            left = self.search.left()
+            self._say(None, f"{_resuming(done, total)}"
+                            f"{f'; eta {clock_text(left)}' if left is not None else ''}")
 
     def trial_started(self, number: int, description: str, meta_steps: int,
                       device: str = "") -> None:
@@ -176,20 +177,23 @@ class RichProgress(Progress):
     def __init__(self, console: Any = None, clock: Clock = time.monotonic) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as Bars
+        from rich.table import Column
 
         self.metric, self.direction, self.clock = "score", "minimize", clock
         self.bars = Bars(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=12),  # room for the phase and the ETA in 80 columns
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             _live_column(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}",
+                       table_column=Column(no_wrap=True, overflow="ellipsis", max_width=22)),
             console=console if console is not None else _stderr_console(),
             transient=False,
             get_time=clock,
         )
         self._search: Any = None
+        self._note = ""  # workers, time limit
         self.search = SearchEta(None, 1, None, clock=clock)
         # number -> (bar, description, its ETA)
         self._trials: dict[int, tuple[Any, str, TrialEta]] = {}
@@ -239,13 +243,13 @@ class RichProgress(Progress):
         self.metric, self.direction = metric, direction
         self.search = SearchEta(total, workers, timeout, costs, self.clock)
         if done:
-            self.bars.console.print(Text(f"resuming: {done} of {done + (total or 0)} done"
-                                         if total is not None else f"resuming: {done} done"))
-        limit = f" (stops after {timeout:g}s)" if timeout else ""
-        pool = f", {workers} workers" if workers > 1 else ""
+            self.bars.console.print(Text(_resuming(done, total)))
+        # Beside the bar, not in its name: a long name would widen every trial's line.
+        self._note = ", ".join(([f"{workers} workers"] if workers > 1 else [])
+                               + ([f"stops after {timeout:g}s"] if timeout else []))
         self._search = self.bars.add_task(
-            f"trials{pool}{limit}", total=None if total is None else total + done,
-            completed=done, info="", live=self.search.text,
+            "trials", total=None if total is None else total + done,
+            completed=done, info=self._note, live=self.search.text,
         )
 
     def trial_started(self, number: int, description: str, meta_steps: int,
@@ -301,6 +305,7 @@ class RichProgress(Progress):
         line = f"trial {number}: {result}{f' ({note})' if note else ''}  {description}"
         self.bars.console.print(Text(line), highlight=False)
         best = f"best {self.metric} {self.best:.4g}" if self.best is not None else "no result yet"
+        best += f"; {self._note}" if self._note else ""
         search = next((t for t in self.bars.tasks if t.id == self._search), None)
         total = None if search is None else search.total
         if search is not None and total is not None and search.completed + 1 > total:
@@ -315,6 +320,11 @@ class RichProgress(Progress):
         self.bars.console.print(Text(text), highlight=False)
 
 
+def _resuming(done: int, total: int | None) -> str:
+    return f"resuming: {done} of {done + total} done" if total is not None \
+        else f"resuming: {done} done"
+
+
 def _live_column() -> Any:
     from rich.progress import ProgressColumn
     from rich.text import Text
@@ -323,9 +333,17 @@ def _live_column() -> Any:
         """A bar's ``live`` field, a function called at each refresh: a phase's elapsed
         time and ETAs move between the engine's events, never frozen."""
 
+        def __init__(self) -> None:
+            from rich.table import Column
+
+            super().__init__(table_column=Column(no_wrap=True, overflow="ellipsis"))
+
         def render(self, task: Any) -> Text:
             live = task.fields.get("live")
-            return Text(live() if live is not None else "")
+            try:
+                return Text(live() if live is not None else "")
+            except Exception:  # a display never stops a search (nor rich's refresh thread)
+                return Text("")
 
     return Live()
 
