@@ -74,13 +74,13 @@ class LineProgress(Progress):
     noise but minutes of silence are worse): a line when a trial starts (with its
     hyperparameters) and ends (with the search's ETA), and, sparingly, its phases: one
     that counts its units (pre-training) at its start, every tenth and its end; any other
-    when the trial's last line is :attr:`LONG` seconds old; a meta-step count every
-    :attr:`QUIET` seconds of silence."""
+    when the trial's last line is :attr:`LONG` seconds old; its meta-step and ETA after
+    :attr:`LONG` seconds of silence the first time, then every :attr:`QUIET` seconds."""
 
     #: Seconds since a trial's last line after which a change of phase gets a line.
     LONG = 30.0
-    #: Seconds of silence after which a meta-training trial says where it is.
-    QUIET = 300.0
+    #: Seconds of silence after which a meta-training trial says where it is (again).
+    QUIET = 120.0
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self.metric, self.clock = "score", clock
@@ -88,6 +88,7 @@ class LineProgress(Progress):
         self._trials: dict[int, TrialEta] = {}
         self._said: dict[int, float] = {}  # trial -> when its last line was printed
         self._tenth: dict[int, int] = {}
+        self._paced: set[int] = set()  # trials whose meta-steps' pace was said
 
     def _say(self, number: int | None, text: str) -> None:
         print(text, flush=True)
@@ -116,7 +117,10 @@ class LineProgress(Progress):
         if trial is None:
             return
         trial.stepped(step)
-        if self.clock() - self._said.get(number, 0.0) >= self.QUIET:
+        # The first ETA once it means something, then one line per QUIET seconds.
+        wait = self.QUIET if number in self._paced else self.LONG
+        if self.clock() - self._said.get(number, 0.0) >= wait:
+            self._paced.add(number)
             self._say(number, f"trial {number}: meta-step {step}/{trial.meta_steps}, "
                               f"{trial.text()}")
 
@@ -146,6 +150,7 @@ class LineProgress(Progress):
         trial = self._trials.pop(number, None)
         self._said.pop(number, None)
         self._tenth.pop(number, None)
+        self._paced.discard(number)
         took = "" if trial is None else f" in {clock_text(self.clock() - trial.started)}"
         self.search.finished(number)
         result = f"{self.metric} {value:.4g}" if state == "COMPLETE" and value is not None \

@@ -228,15 +228,17 @@ def test_lines_say_long_phases_sparingly(capsys: pytest.CaptureFixture[str]) -> 
     clock.now += 40
     lines.trial_status(0, "meta-train")  # 50 s of silence: a line
     clock.now += LineProgress.QUIET
-    lines.step(0, 150)
+    lines.step(0, 150)  # the first pace said once it means something
+    clock.now += LineProgress.LONG
+    lines.step(0, 160)  # then every QUIET seconds
     lines.trial_status(0, "scoring on meta-test")  # always said
     lines.trial_finished(0, "COMPLETE", 0.25, "")
     assert capsys.readouterr().out.splitlines() == [
         "trial 0 started on cpu: maml(inner_lr=0.01) + mlp(hidden=40)",
         "trial 0: meta-train after meta-step 100/300",
-        "trial 0: meta-step 150/300, meta-train, eta 0:15:00",  # the last 50 in 300 s
-        "trial 0: scoring on meta-test after meta-step 150/300",
-        "trial 0: mse 0.25 in 0:05:50; search eta 0:00:00",
+        "trial 0: meta-step 150/300, meta-train, eta 0:06:00",  # the last 50 in 120 s
+        "trial 0: scoring on meta-test after meta-step 160/300",
+        "trial 0: mse 0.25 in 0:03:20; search eta 0:00:00",
     ]
 
 

@@ -246,7 +246,7 @@ def search(task: str, **settings: Any) -> Leaderboard:
     if isinstance(show, Progress):
         return run_search(config, host=host, progress=show, out=out)
     if show is None:
-        show = seen()
+        show = _watched()
     if show:
         from autometa.progress import RichProgress
 
@@ -254,7 +254,7 @@ def search(task: str, **settings: Any) -> Leaderboard:
     return run_search(config, host=host, out=out)
 
 
-def seen() -> bool:
+def _watched() -> bool:
     """Whether someone watches: stderr is a terminal, or this runs in a notebook (rich
     tells both; ``FORCE_COLOR`` or ``TTY_COMPATIBLE=1`` force a terminal, ``TTY_COMPATIBLE=0``
     rules it out)."""

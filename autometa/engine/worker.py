@@ -6,8 +6,11 @@ study's settings come from the storage, the budget is counted there
 draws the display (the calling process itself, or the pool's supervisor).
 
 An event is ``(method, args)`` naming a :class:`~autometa.progress.Progress` method:
-``trial_started``, ``step``, ``evaluated``, ``trial_status``, ``trial_finished``; and
-``claimed`` (a trial number, before its parameters are sampled) for a pool's supervisor.
+``trial_started``, ``step``, ``evaluated``, ``trial_status`` (the trial's phase: meta-train,
+evaluating meta-val, scoring on meta-test; or ``done`` of ``total`` units of work that
+plugin code reports inside the trial with :func:`autometa.work.report`, such as a source's
+pre-training), ``trial_finished``; and ``claimed`` (a trial number, before its parameters
+are sampled) for a pool's supervisor.
 """
 
 from __future__ import annotations
