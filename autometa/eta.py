@@ -162,8 +162,12 @@ class SearchEta:
     def started(self, number: int, trial: TrialEta) -> None:
         self.running[number] = trial
 
-    def finished(self, number: int) -> None:
+    def finished(self, number: int, again: bool = False) -> None:
+        """Trial ``number`` ended; ``again``: it was queued to run again (still owed, and
+        its time so far is no trial's cost)."""
         trial = self.running.pop(number, None)
+        if again:
+            return
         if trial is not None:
             self.costs.append(self.clock() - trial.started)
         if self.remaining is not None:

@@ -52,8 +52,11 @@ class Progress:
         "scoring on meta-test"), or reports ``done`` of ``total`` units of it (a source's
         "pre-training ...", through :func:`autometa.work.report` inside the trial)."""
 
-    def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
-        """A trial ended (``state``: COMPLETE, PRUNED or FAIL; ``note`` says why if not)."""
+    def trial_finished(self, number: int, state: str, value: float | None, note: str,
+                       again: bool = False) -> None:
+        """A trial ended (``state``: COMPLETE, PRUNED or FAIL; ``note`` says why if not);
+        ``again``: it was queued to run again (its process died, the storage was away), so
+        the search still owes it."""
 
     def phase(self, text: str) -> None:
         """The search entered a phase without trials (e.g. scoring the best on meta-test)."""
@@ -146,13 +149,14 @@ class LineProgress(Progress):
             at = f" after meta-step {trial.step}/{trial.meta_steps}" if trial.step else ""
             self._say(number, f"trial {number}: {text}{at}")
 
-    def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
+    def trial_finished(self, number: int, state: str, value: float | None, note: str,
+                       again: bool = False) -> None:
         trial = self._trials.pop(number, None)
         self._said.pop(number, None)
         self._tenth.pop(number, None)
         self._paced.discard(number)
         took = "" if trial is None else f" in {clock_text(self.clock() - trial.started)}"
-        self.search.finished(number)
+        self.search.finished(number, again)
         result = f"{self.metric} {value:.4g}" if state == "COMPLETE" and value is not None \
             else state.lower()
         print(f"trial {number}: {result}{f' ({note})' if note else ''}{took}; search "
@@ -293,12 +297,13 @@ class RichProgress(Progress):
         score = self._scores.get(number)
         return description.split("(")[0] + (f"  {score}" if score else "")
 
-    def trial_finished(self, number: int, state: str, value: float | None, note: str) -> None:
+    def trial_finished(self, number: int, state: str, value: float | None, note: str,
+                       again: bool = False) -> None:
         from rich.text import Text
 
         bar, description, _ = self._trials.pop(number, (None, "", None))
         self._scores.pop(number, None)
-        self.search.finished(number)
+        self.search.finished(number, again)
         if bar is not None:
             self.bars.remove_task(bar)
         if state == "COMPLETE" and value is not None and (
@@ -317,7 +322,7 @@ class RichProgress(Progress):
             # A trial beyond the count (a completion trial, queued once the budget is
             # spent): the count grows, rather than showing 13/12.
             total = search.completed + 1
-        self.bars.update(self._search, total=total, advance=1, info=best)
+        self.bars.update(self._search, total=total, advance=0 if again else 1, info=best)
 
     def phase(self, text: str) -> None:
         from rich.text import Text

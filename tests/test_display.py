@@ -212,6 +212,11 @@ def test_search_eta_uses_stored_costs_workers_and_the_timeout() -> None:
     capped.started(0, running)
     clock.now += 90  # past the timeout, a trial still runs: its own remainder, not 0
     assert capped.left() == pytest.approx(110.0)  # 200 s expected, 90 s done
+    lost = SearchEta(2, workers=1, timeout=None, costs=[100.0], clock=clock)
+    lost.started(1, TrialEta(10, clock))
+    clock.now += 5
+    lost.finished(1, again=True)  # its worker died: queued again, still owed
+    assert lost.left() == 200.0 and lost.costs == [100.0]
     unknown = SearchEta(None, workers=1, timeout=None, clock=clock)
     assert unknown.left() is None and unknown.text() == "eta after the first trial"
 

@@ -178,7 +178,7 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
             fail_running(study, config.storage, trial.number,
                          "the storage was unreachable while it ran")
             send(("trial_finished", (trial.number, "FAIL", None,
-                                     "storage unreachable; it will run again")))
+                                     "storage unreachable; it will run again", True)))
             continue
         except BaseException as exc:  # Ctrl-C, SIGTERM: the trial runs again on resume
             fail_running(study, config.storage, trial.number, interruption(exc))
@@ -330,7 +330,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         # another worker failed it and queued it again: that retry's result counts.
         log.warning("trial %d was failed as stale meanwhile; this result is dropped",
                     trial.number)
-        send(("trial_finished", (trial.number, "FAIL", None, "taken over as stale")))
+        send(("trial_finished", (trial.number, "FAIL", None, "taken over as stale", True)))
         return
     if state == TrialState.COMPLETE and config.keep != "all":
         try:
