@@ -300,3 +300,34 @@ def test_python_search_shows_progress_in_a_terminal_unless_told_not_to(tmp_path:
     (tmp_path / "autometa.db").unlink()
     assert "trial 0" not in _in_a_terminal(script, "off", cwd=tmp_path)
 
+
+
+def test_a_trial_reports_each_phase_in_order() -> None:
+    """The phases a display is sent, from a real tiny search: meta-train, each meta-val
+    evaluation (steps 3 and 6), scoring on meta-test; the step count before each
+    evaluation is the step it evaluates after."""
+    import autometa
+    from autometa.progress import Progress
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int | str]] = []
+
+        def step(self, number: int, step: int) -> None:
+            self.seen.append(("step", step))
+
+        def trial_status(self, number: int, text: str, done: int | None = None,
+                         total: int | None = None) -> None:
+            self.seen.append(("phase", text))
+
+    recorder = Recorder()
+    autometa.search("sinusoid", algorithms=["maml"], sources=["mlp"], n_trials=1,
+                    meta_steps=6, eval_every=3, initial="none", pruner="none",
+                    baselines=False, task_params=SMALL_SINUSOID, progress=recorder)
+    phases = [(kind, value) for kind, value in recorder.seen if kind == "phase"]
+    assert phases == [("phase", "meta-train"), ("phase", "evaluating meta-val"),
+                      ("phase", "meta-train"), ("phase", "evaluating meta-val"),
+                      ("phase", "scoring on meta-test")]
+    evaluations = [i for i, seen in enumerate(recorder.seen)
+                   if seen == ("phase", "evaluating meta-val")]
+    assert [recorder.seen[i - 1] for i in evaluations] == [("step", 3), ("step", 6)]
