@@ -47,6 +47,7 @@ PUBLIC_MODULES: tuple[str, ...] = (
     "autometa.images",
     "autometa.image_store",
     "autometa.augment",
+    "autometa.work",
 )
 
 # Public name -> module that defines it, imported lazily (these modules import torch).

@@ -48,11 +48,15 @@ def unknown(what: str, name: str, choices: Iterable[str]) -> str:
 #: ``scheme://user:password@host``: the password part of a URL in any text.
 #: Greedy up to the URL's last ``@``, so that a password holding an ``@`` is hidden whole.
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*@")
+#: ``?password=...`` and its kin in a URL's query (libpq and SQLAlchemy accept them there).
+_QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|sslpassword|token|secret)=)"
+                           r"[^&\s]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL as ``***``."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+    """``text`` with the password of every ``scheme://user:password@host`` URL, and a
+    ``password=`` (or ``token=``, ``secret=``) query value, as ``***``."""
+    return _QUERY_SECRET.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***@", text))
 
 
 def one_line(text: str) -> str:

@@ -33,7 +33,14 @@ from autometa.study.build import trial_defaults
 from autometa.study.completion import group_bests
 from autometa.study.settings import stored_settings
 from autometa.study.stored import open_stored
-from autometa.study.trials import TEST_ATTR, MetaTestScore, TrialPlan, ranked_trials, recorded_test
+from autometa.study.trials import (
+    TEST_ATTR,
+    MetaTestScore,
+    TrialPlan,
+    ranked_trials,
+    recorded_test,
+    state_counts,
+)
 from autometa.trial import restore, score_meta_test
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ class Leaderboard:
             for a searched per-trial task setting). Test columns are empty beyond the
             ``top_k`` best searched trials, the best of each algorithm and of each source,
             and the baselines.
-        counts: trials per final state (complete, pruned, failed, running).
+        counts: trials per final state (complete, pruned, failed, interrupted, running).
         by_domain: for a task whose episodes come from several domains, meta-test per
             domain: one row per (scored trial, domain), trials best first and domains
             sorted. Columns: ``rank``, ``trial``, ``algorithm``, ``source``, ``domain``,
@@ -181,8 +188,7 @@ class Leaderboard:
 
     def display_columns(self) -> list[str]:
         """Column headers of :meth:`display_rows` (the metric is named in the title)."""
-        return ["rank", "trial", "algorithm", "source", "val", "test (95% CI)", "tie",
-                "params"]
+        return ["rank", "trial", "algorithm", "source", "val", "test (95% CI)", "tie", "params"]
 
     def display_rows(self) -> list[dict[str, str]]:
         """Rows formatted for people (terminal and Markdown)."""
@@ -347,13 +353,7 @@ def compute_leaderboard(
     frame["tie_group"] = frame["tie_group"].astype("Int64")
     for k in hyper:  # as sampled: an integer stays one beside trials that lack it
         frame[k] = pd.Series([row[k] for row in rows], dtype=object)
-    counts = {
-        "complete": len(ranked),
-        "pruned": sum(t.state == TrialState.PRUNED for t in trials) + len(complete)
-        - len(ranked),
-        "failed": sum(t.state == TrialState.FAIL for t in trials),
-        "running": sum(t.state == TrialState.RUNNING for t in trials),
-    }
+    counts = state_counts(trials, len(complete) - len(ranked))
     by_domain = _by_domain(frame, {n: list(tests[n].scores) for n in scored},
                            task.episode_domains("meta-test"), metric.name)
     return Leaderboard(

@@ -254,6 +254,7 @@ def meta_train(
     final_score: Callable[[MetaAlgorithm], float] | None = None,
     on_final_scores: Callable[[Tensor], None] = lambda scores: None,
     time_limit: float | None = None,
+    on_phase: Callable[[str], None] = lambda phase: None,
 ) -> float:
     """Meta-train for ``meta_steps``, or until ``time_limit`` seconds of meta-training,
     and return the final meta-val score.
@@ -264,6 +265,8 @@ def meta_train(
     the last evaluation instead of the plain meta-val mean (:func:`paired_val_score`);
     otherwise ``on_final_scores`` gets the last evaluation's scores, shape (episodes,) in
     episode order, or (examples,) for a task scored per example (before ``on_eval``).
+    ``on_phase(name)`` is told ``"meta-train"`` when meta-steps start (again) and
+    ``"evaluating meta-val"`` before each evaluation (a display shows what it waits for).
 
     ``time_limit`` counts seconds as ``clock.train_s`` does (meta-val evaluations
     excluded) and is checked after each meta-step: the step that reaches it is the last,
@@ -278,6 +281,8 @@ def meta_train(
     steps = meta_steps if algorithm.meta_trains else 0
     score = math.nan
     started = time.perf_counter()
+    if steps:
+        on_phase("meta-train")
     for step in range(1, steps + 1):
         loss = algorithm.meta_step(task.sample(algorithm.tasks_per_step, generator))
         if not math.isfinite(loss):
@@ -290,14 +295,18 @@ def meta_train(
             clock.train_s += time.perf_counter() - started
             clock.timed_out = cut
             last = step == steps or cut
+            on_phase("evaluating meta-val")
             score = _val_score(algorithm, task, clock, final_score if last else None,
                                on_final_scores if last else None)
             started = time.perf_counter()
             on_eval(step, score)
             if cut:
                 break
+            if not last:
+                on_phase("meta-train")
     clock.train_s += time.perf_counter() - started
     if steps == 0:
+        on_phase("evaluating meta-val")
         score = _val_score(algorithm, task, clock, final_score, on_final_scores)
         on_eval(0, score)
     return score

@@ -150,7 +150,8 @@ def test_installing_a_plugin_does_not_change_a_resumed_study(tmp_path):
     autometa.search("sinusoid", host=_host(), n_trials=1, **common)
     board = autometa.search("sinusoid", host=_host(("late", _LatePlugin())), n_trials=3,
                             **common)
-    assert board.counts == {"complete": 3, "pruned": 0, "failed": 0, "running": 0}
+    assert board.counts == {"complete": 3, "pruned": 0, "failed": 0, "interrupted": 0,
+                            "running": 0}
     assert set(board.frame["algorithm"]) == {"maml"}
 
 

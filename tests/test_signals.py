@@ -132,8 +132,9 @@ def test_sigterm_stops_every_worker_and_queues_their_trials(tmp_path, to):
                            timeout=QUICK_SUBPROCESS)
     assert board.returncode == 0, board.stderr
     assert "still running" not in board.stdout
-    assert "2 failed trial(s) (interrupted, or their process lost) are queued to run " \
-           "again" in board.stdout
+    # Counted as interrupted, not failed: nothing went wrong in them.
+    assert "trials: 2 interrupted;" in board.stdout  # was "trials: 2 failed;"
+    assert "2 interrupted trial(s) queued to run again" in board.stdout
     assert "wrote autometa-reports" in board.stdout
     assert (tmp_path / "autometa-reports" / f"{STUDY}.csv").is_file()
 
@@ -160,6 +161,7 @@ def test_sighup_stops_a_single_process_search_with_129(tmp_path):
     html = (tmp_path / "autometa-reports" / f"{STUDY}.html").read_text()
     assert "still running" not in html
     assert "interrupted (SIGHUP); queued to run again (resume the search)" in html
+    assert "<span>1 interrupted</span>" in html and "<span>0 failed</span>" in html
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path):

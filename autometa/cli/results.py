@@ -277,11 +277,13 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
         for cells in domains:
             per_domain.add_row(*(plain(c) for c in cells))
         out.print(per_domain)
-    queued = _queued_retries(board)
-    if queued:  # a search stopped (Ctrl-C, SIGTERM) or a machine lost: not yet finished
-        out.print(f"{queued} failed trial(s) (interrupted, or their process lost) are queued "
-                  "to run again: re-run the search, or start `autometa worker`, to finish it",
-                  markup=False, highlight=False)
+    stopped, lost = _queued_retries(board)
+    if stopped or lost:  # a search stopped (Ctrl-C, SIGTERM) or a machine lost: unfinished
+        which = " and ".join(part for part in (
+            f"{stopped} interrupted trial(s)" if stopped else "",
+            f"{lost} trial(s) whose process was lost" if lost else "") if part)
+        out.print(f"{which} queued to run again: re-run the search, or start `autometa "
+                  "worker`, to finish it", markup=False, highlight=False)
     if board.counts.get("running"):
         out.print(f"{board.counts['running']} trial(s) still running in other processes: "
                   "this is a snapshot, and the last process to finish writes the reports",
@@ -297,14 +299,19 @@ def show_leaderboard(board: Leaderboard, directory: Path) -> None:
     out.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)
 
 
-def _queued_retries(board: Leaderboard) -> int:
-    """Queued copies of failed trials (Optuna's retries: ``failed_trial`` set)."""
+def _queued_retries(board: Leaderboard) -> tuple[int, int]:
+    """Queued copies of failed trials (Optuna's retries: ``failed_trial`` set): of those
+    interrupted (Ctrl-C, a signal), and of those whose process was lost."""
     if board.study is None:
-        return 0
+        return 0, 0
     from optuna.trial import TrialState
 
-    return sum(1 for t in board.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-               if "failed_trial" in t.system_attrs)
+    copies = [t for t in board.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+              if "failed_trial" in t.system_attrs]
+    # A copy carries its failed trial's user attributes, the reason ("crash") among them.
+    stopped = sum(str(t.user_attrs.get("crash") or "").startswith("interrupted")
+                  for t in copies)
+    return stopped, len(copies) - stopped
 
 
 #: Terminal columns from which the leaderboard shows hyperparameters in the table.

@@ -28,7 +28,7 @@ from autometa.config import (
     check_writable_dir,
     tomllib,
 )
-from autometa.errors import ConfigError
+from autometa.errors import ConfigError, redact
 from autometa.params import CliText
 
 #: ``autometa run`` flag -> SearchConfig field, for the flags given on the command line.
@@ -253,6 +253,7 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         for name in names:
             host.get(kind, name)  # PluginError: unknown, with "did you mean"
     check_writable_dir(args.out, "--out")
+    first_line(f"study {config.study!r} in {config.storage}")
     from autometa.engine.run import run_search
     from autometa.progress import LineProgress, RichProgress
 
@@ -261,6 +262,12 @@ def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     board = run_search(config, host=host, progress=progress, ready=ready, out=args.out)
     show_leaderboard(board, args.out)
     return 0
+
+
+def first_line(text: str) -> None:
+    """Say at once, before the seconds torch takes to import, what the command works on
+    (on stdout: stderr stays for the one line of an error). Credentials never show."""
+    print(redact(text), flush=True)
 
 
 def cmd_requirements(args: argparse.Namespace, ready: Callable[[], None]) -> int:
@@ -287,6 +294,7 @@ def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     from autometa.plugins import create_host
 
     check_writable_dir(args.out, "--out")
+    first_line(f"joining study {args.study!r} in {args.storage}")
     from autometa.engine.run import join_search
     from autometa.progress import LineProgress, RichProgress
 

@@ -169,7 +169,8 @@ class Pool:
             reason = f"worker {index} on {spec.device} died (exit code {process.exitcode})"
             if number is not None:
                 self._fail(number, reason)
-                self.send(("trial_finished", (number, "FAIL", None, f"{reason}; queued again")))
+                self.send(("trial_finished", (number, "FAIL", None, f"{reason}; queued again",
+                                              True)))
             self.restarts[index] += 1
             if self.restarts[index] > MAX_RESTARTS:
                 log.error("%s %d times in a row; not replacing it", reason, MAX_RESTARTS + 1)

@@ -138,7 +138,7 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
     with progress:
         progress.search_started(None if remaining is None else remaining + baselines, done,
                                 config.timeout, prepared.task.metric.name,
-                                prepared.task.metric.direction, len(specs))
+                                prepared.task.metric.direction, len(specs), _costs(trials))
         if remaining != 0 or baselines:
             if len(specs) == 1:  # in this process: no start-up cost, same trials as ever
                 run_worker(specs[0], send, prepared=prepared)
@@ -156,6 +156,15 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
                                                   out=out),
                 config.plugins, study_name=study.study_name, leaderboard=leaderboard)
     return leaderboard
+
+
+def _costs(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
+    """Wall seconds of the finished trials (complete, pruned, failed in their own code; not
+    those interrupted or lost), from which a resumed search's ETA starts."""
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t.duration.total_seconds() for t in trials
+            if t.state in finished and t.duration is not None
+            and (t.state != TrialState.FAIL or "failure" in t.user_attrs)]
 
 
 #: Study user attribute: how many trials had finished when the reports were last written,
@@ -219,10 +228,12 @@ def search(task: str, **settings: Any) -> Leaderboard:
         task: task plugin name, e.g. ``"sinusoid"``.
         **settings: any :class:`SearchConfig` field (``algorithms``, ``sources``,
             ``n_trials``, ``seed``, ``meta_steps``, ``trial_timeout``, ``storage``,
-            ``plugins``, ...), plus ``host`` (a :class:`PluginHost`, default: the
-            installed plugins),
-            ``progress`` (True to draw progress bars on stderr) and ``out`` (the report
-            folder plugins' hooks are told, ``event.out``).
+            ``plugins``, ...), plus
+            ``host`` (a :class:`PluginHost`, default: the installed plugins),
+            ``progress`` (progress bars on stderr: by default when stderr is a terminal
+            or in a notebook; False: none; True: always; or a
+            :class:`~autometa.progress.Progress`) and ``out`` (the report folder
+            plugins' hooks are told, ``event.out``).
 
     Example:
         >>> board = autometa.search("sinusoid", algorithms=["maml", "finetune"],
@@ -230,11 +241,25 @@ def search(task: str, **settings: Any) -> Leaderboard:
         >>> board.frame.head()
     """
     host = settings.pop("host", None)
-    show = settings.pop("progress", False)
+    show = settings.pop("progress", None)
     out = settings.pop("out", None)
     config = SearchConfig.from_dict({"task": task, **settings}, where="search()")
+    if isinstance(show, Progress):
+        return run_search(config, host=host, progress=show, out=out)
+    if show is None:
+        show = _watched()
     if show:
         from autometa.progress import RichProgress
 
         return run_search(config, host=host, progress=RichProgress(), out=out)
     return run_search(config, host=host, out=out)
+
+
+def _watched() -> bool:
+    """Whether someone watches: stderr is a terminal, or this runs in a notebook (rich
+    tells both; ``FORCE_COLOR`` or ``TTY_COMPATIBLE=1`` force a terminal, ``TTY_COMPATIBLE=0``
+    rules it out)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return bool(console.is_terminal or console.is_jupyter)

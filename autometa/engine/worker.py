@@ -6,8 +6,11 @@ study's settings come from the storage, the budget is counted there
 draws the display (the calling process itself, or the pool's supervisor).
 
 An event is ``(method, args)`` naming a :class:`~autometa.progress.Progress` method:
-``trial_started``, ``step``, ``evaluated``, ``trial_status``, ``trial_finished``; and
-``claimed`` (a trial number, before its parameters are sampled) for a pool's supervisor.
+``trial_started``, ``step``, ``evaluated``, ``trial_status`` (the trial's phase: meta-train,
+evaluating meta-val, scoring on meta-test; or ``done`` of ``total`` units of work that
+plugin code reports inside the trial with :func:`autometa.work.report`, such as a source's
+pre-training), ``trial_finished``; and ``claimed`` (a trial number, before its parameters
+are sampled) for a pool's supervisor.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autometa import work
 from autometa.config import SearchConfig
 from autometa.engine.claim import claim, fail_running
 from autometa.engine.heartbeat import Heartbeat
@@ -176,7 +180,7 @@ def run_worker(spec: WorkerSpec, send: Callable[[Event], None], *,
             fail_running(study, config.storage, trial.number,
                          "the storage was unreachable while it ran")
             send(("trial_finished", (trial.number, "FAIL", None,
-                                     "storage unreachable; it will run again")))
+                                     "storage unreachable; it will run again", True)))
             continue
         except BaseException as exc:  # Ctrl-C, SIGTERM: the trial runs again on resume
             fail_running(study, config.storage, trial.number, interruption(exc))
@@ -270,9 +274,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
 
     state, value, note = TrialState.COMPLETE, None, ""
     test = None
+
+    def on_phase(name: str) -> None:
+        if clock.steps:  # the step it stopped at (step events are sent a few times a second)
+            send(("step", (trial.number, clock.steps)))
+        send(("trial_status", (trial.number, name)))
+
+    def on_work(what: str, done: int, total: int) -> None:  # e.g. a source's pre-training
+        send(("trial_status", (trial.number, what, done, total)))
+
     if task.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(task.device)
-    with Heartbeat(study, trial, config.storage):
+    with Heartbeat(study, trial, config.storage), work.reporting(on_work):
         try:
             generator = torch.Generator(device=task.device).manual_seed(seed)
             algorithm = build(host, task, plan, seed, prepared.root)
@@ -284,7 +297,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
                                    on_eval=on_eval, on_step=on_step, clock=clock,
                                    final_score=final_score if paired else None,
                                    on_final_scores=on_final_scores,
-                                   time_limit=config.trial_timeout)
+                                   time_limit=config.trial_timeout,
+                                   on_phase=on_phase)
             upload_state(algorithm, trial, store)
             if baseline or completion or ahead(study, trial.number, value,
                                  task.metric.direction) < config.top_k:
@@ -330,7 +344,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         # another worker failed it and queued it again: that retry's result counts.
         log.warning("trial %d was failed as stale meanwhile; this result is dropped",
                     trial.number)
-        send(("trial_finished", (trial.number, "FAIL", None, "taken over as stale")))
+        send(("trial_finished", (trial.number, "FAIL", None, "taken over as stale", True)))
         return
     if state == TrialState.COMPLETE and config.keep != "all":
         try:

@@ -238,12 +238,12 @@ def forest_figure(frame: pd.DataFrame, metric: str, direction: str) -> Drawn:
 
 def accounting_figure(counts: Mapping[str, int]) -> bytes:
     """Trials per final state, as horizontal bars."""
-    states = ["complete", "pruned", "failed", "running"]
+    states = ["complete", "pruned", "failed", "interrupted", "running"]
     values = [int(counts.get(s, 0)) for s in states]
     if not sum(values):
         raise Skipped("trial accounting: the study has no trial")
     tint = {"complete": PALETTE[2], "pruned": "#9a9a9a", "failed": PALETTE[3],
-            "running": PALETTE[0]}
+            "interrupted": PALETTE[1], "running": PALETTE[0]}
     with drawing(height=1.8) as (fig, svg):
         ax = fig.add_subplot()
         ax.barh(states[::-1], values[::-1], color=[tint[s] for s in states[::-1]])

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from autometa.report.board import Board
 
-STATES = ("complete", "pruned", "failed", "running")
+STATES = ("complete", "pruned", "failed", "interrupted", "running")
 
 #: The evaluation protocol, stated under every leaderboard.
 PROTOCOL = ("Evaluation protocol: inductive. Each meta-val and meta-test episode's model is "

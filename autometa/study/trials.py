@@ -35,6 +35,28 @@ MAX_VAL_SCORES = 5000
 BASELINE_ALPHA = 0.05
 
 
+def interrupted(trial: Any) -> bool:
+    """A FAIL trial stopped from outside (Ctrl-C, SIGTERM, SIGHUP: its ``crash`` reason is
+    "interrupted (...)", :func:`autometa.engine.worker.interruption`), not by its own fault;
+    it was queued to run again."""
+    return str(trial.state.name) == "FAIL" and str(
+        trial.user_attrs.get("crash") or "").startswith("interrupted")
+
+
+def state_counts(trials: list[Any], pruned_in_evaluation: int = 0) -> dict[str, int]:
+    """Trials per final state as people read it: ``complete`` (ranked), ``pruned`` (with
+    the ``pruned_in_evaluation`` told COMPLETE but never ranked), ``failed`` (by their
+    own fault or a lost process), ``interrupted`` (:func:`interrupted`), ``running``."""
+    states = [t.state.name for t in trials]
+    return {
+        "complete": states.count("COMPLETE") - pruned_in_evaluation,
+        "pruned": states.count("PRUNED") + pruned_in_evaluation,
+        "failed": states.count("FAIL") - sum(interrupted(t) for t in trials),
+        "interrupted": sum(interrupted(t) for t in trials),
+        "running": states.count("RUNNING"),
+    }
+
+
 def ranked(trial: Any) -> bool:
     """True if an Optuna trial takes a place in the ranking: COMPLETE, with a value, and
     not stopped part-way through its evaluation (:data:`PRUNED_ATTR`)."""
