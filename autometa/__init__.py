@@ -48,6 +48,7 @@ PUBLIC_MODULES: tuple[str, ...] = (
     "autometa.image_store",
     "autometa.augment",
     "autometa.work",
+    "autometa.cache",
 )
 
 # Public name -> module that defines it, imported lazily (these modules import torch).

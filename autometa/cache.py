@@ -27,8 +27,9 @@ from pathlib import Path
 
 from autometa.errors import ConfigError
 
-__all__ = ["ENV", "CachedStore", "cache_dir", "checksum", "clear", "locked", "stores",
-           "writable"]
+#: The public names (plugins may use them: a build under a lock, as ``pretrained`` does);
+#: the rest serve ``autometa cache`` and the engine.
+__all__ = ["cache_dir", "locked"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,13 @@ def writable(root: Path) -> Path:
 
 @contextmanager
 def locked(path: Path, waiting: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (released if the process dies); ``waiting`` is
-    logged as a warning when another process holds it (the builder of the same store)."""
+    """An exclusive ``flock`` on ``path`` (created if missing; released if the process
+    dies); ``waiting`` is logged once as a warning when another process holds it (the
+    builder of the same store, or of the same pre-trained backbone), then this one waits.
+
+    Raises:
+        OSError: ``path`` cannot be opened for appending (a read-only folder).
+    """
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

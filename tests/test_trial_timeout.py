@@ -128,7 +128,8 @@ def test_hyperband_on_seconds_prunes_at_whole_seconds_and_completes_what_it_prun
         assert t.user_attrs["stopped_at_timeout"]["step"] == t.user_attrs["meta_steps"]
         assert len(t.user_attrs["val_scores"]) == 20
     assert list(board.frame["trial"]) == [maml.number, completion.number]
-    assert board.counts == {"complete": 2, "pruned": 2, "failed": 0, "running": 0}
+    assert board.counts == {"complete": 2, "pruned": 2, "failed": 0, "interrupted": 0,
+                            "running": 0}
 
 
 def test_the_wilcoxon_pruners_paired_final_score_runs_on_a_trial_cut_short(tmp_path):
