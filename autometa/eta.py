@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterable
 META_TRAIN = "meta-train"
 #: The phase of a meta-val evaluation during (or at the end of) meta-training.
 EVALUATING = "evaluating meta-val"
+#: The phase after meta-training: no meta-step or evaluation is left to come.
+SCORING = "scoring on meta-test"
+#: How a baseline trial's description starts (the worker's ``trial_started``).
+BASELINE = "baseline "
 
 Clock = Callable[[], float]
 #: Seconds of meta-training over which the meta-steps' rate is measured.
@@ -34,11 +38,16 @@ class TrialEta:
 
     The meta-steps' rate is measured over the time spent in :data:`META_TRAIN` only, so
     that an evaluation does not slow it down; the time left adds the evaluations still to
-    come, each as long as the mean one so far.
+    come, each as long as the mean one so far. With a ``time_limit`` (the search's
+    ``trial_timeout``: seconds of meta-training) meta-training ends at whichever comes
+    first, the last meta-step or the limit, and one more evaluation follows the cut.
+    ``baseline``: a baseline trial (seconds long; the search's ETA keeps its cost apart).
     """
 
-    def __init__(self, meta_steps: int, clock: Clock = time.monotonic) -> None:
+    def __init__(self, meta_steps: int, clock: Clock = time.monotonic,
+                 time_limit: float | None = None, baseline: bool = False) -> None:
         self.meta_steps, self.clock = meta_steps, clock
+        self.time_limit, self.baseline = time_limit, baseline
         self.started = clock()
         self.phase, self.phase_started = "starting", self.started
         self.done: int | None = None  # the phase's own units done, when it counts them
@@ -111,19 +120,27 @@ class TrialEta:
         """Seconds left to the end of meta-training (the evaluations to come included);
         None until a meta-step has been timed."""
         now = self.clock()
+        if self.phase == SCORING:  # meta-training and its evaluations are over
+            return 0.0
         per_step = self.per_step() if self.train_at_step > 0 else None
         if per_step is None or per_step <= 0:
             return None
         remaining = max(0, self.meta_steps - self.step)
         steps = remaining * per_step
+        since = now - max(self.step_at, self.phase_started) if self.phase == META_TRAIN else 0.0
         if self.phase == META_TRAIN:  # counted down between steps, down to one step less
-            since = now - max(self.step_at, self.phase_started)
             steps = max(steps - since, max(0, remaining - 1) * per_step)
+        end = self.meta_steps  # the meta-step meta-training will end at
+        if self.time_limit is not None and remaining:
+            budget = max(0.0, self.time_limit - self.train_at_step - since)
+            if budget < steps:  # the limit comes first: the step that reaches it is the last
+                steps = budget
+                end = min(self.meta_steps, self.step + math.ceil(budget / per_step))
         evals = 0.0
         if self.evals and self.every:
             every, mean = self.every, sum(self.evals) / len(self.evals)
-            to_come = 0 if remaining == 0 else (self.meta_steps // every - self.step // every
-                                                 + (1 if self.meta_steps % every else 0))
+            to_come = 0 if remaining == 0 else (end // every - self.step // every
+                                                 + (1 if end % every else 0))
             evals = to_come * mean
             if self.phase == EVALUATING:  # the one under way (after meta-step ``step``)
                 evals += max(0.0, mean - self.in_phase())
@@ -150,13 +167,16 @@ class SearchEta:
     """The time left to the whole search: the trials still to run times the mean wall
     time of the finished ones (complete, pruned or failed; stored ones first, as on a
     resume), divided among the workers; before any has finished, a running trial's own
-    projection. Capped by the time left to ``timeout``, past which no trial starts."""
+    projection. Baseline trials (seconds each, run first) are kept apart: their mean
+    stands for the others only until a searched trial has finished or projects its own
+    length. Capped by the time left to ``timeout``, past which no trial starts."""
 
     def __init__(self, remaining: int | None, workers: int, timeout: float | None,
                  costs: Iterable[float] = (), clock: Clock = time.monotonic) -> None:
         self.remaining, self.workers, self.clock = remaining, max(1, workers), clock
         self.deadline = None if timeout is None else clock() + timeout
         self.costs = [c for c in costs if c is not None and math.isfinite(c) and c >= 0]
+        self.baseline_costs: list[float] = []
         self.running: dict[int, TrialEta] = {}
 
     def started(self, number: int, trial: TrialEta) -> None:
@@ -169,7 +189,8 @@ class SearchEta:
         if again:
             return
         if trial is not None:
-            self.costs.append(self.clock() - trial.started)
+            cost = self.clock() - trial.started
+            (self.baseline_costs if trial.baseline else self.costs).append(cost)
         if self.remaining is not None:
             self.remaining = max(0, self.remaining - 1)
 
@@ -181,8 +202,10 @@ class SearchEta:
         if costs:
             mean = sum(costs) / len(costs)
         else:
-            guesses = [g for g in (t.expected() for t in trials) if g]
-            mean = max(guesses) if guesses else math.nan
+            guesses = [g for g in (t.expected() for t in trials if not t.baseline) if g]
+            cheap = list(self.baseline_costs)
+            mean = (max(guesses) if guesses else sum(cheap) / len(cheap) if cheap
+                    else math.nan)
         running = [max(0.0, (t.expected() or mean) - (now - t.started)) for t in trials]
         running = [r for r in running if math.isfinite(r)]
         if self.remaining is None:

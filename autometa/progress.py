@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from autometa.eta import EVALUATING, META_TRAIN, Clock, SearchEta, TrialEta, clock_text
+from autometa.eta import (
+    BASELINE,
+    EVALUATING,
+    META_TRAIN,
+    Clock,
+    SearchEta,
+    TrialEta,
+    clock_text,
+)
 
 
 class Progress:
@@ -32,9 +40,11 @@ class Progress:
 
     def search_started(self, total: int | None, done: int, timeout: float | None,
                        metric: str, direction: str = "minimize", workers: int = 1,
-                       costs: Sequence[float] = ()) -> None:
+                       costs: Sequence[float] = (), trial_timeout: float | None = None
+                       ) -> None:
         """``total`` trials to run (None: until timeout), ``done`` already in the study;
-        ``costs``: the wall seconds of the study's finished trials (a resume's ETA)."""
+        ``costs``: the wall seconds of the study's finished searched trials (a resume's
+        ETA); ``trial_timeout``: each trial's seconds of meta-training at most."""
 
     def trial_started(self, number: int, description: str, meta_steps: int,
                       device: str = "") -> None:
@@ -88,6 +98,7 @@ class LineProgress(Progress):
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self.metric, self.clock = "score", clock
         self.search = SearchEta(None, 1, None, clock=clock)
+        self.trial_timeout: float | None = None
         self._trials: dict[int, TrialEta] = {}
         self._said: dict[int, float] = {}  # trial -> when its last line was printed
         self._tenth: dict[int, int] = {}
@@ -100,7 +111,9 @@ class LineProgress(Progress):
 
     def search_started(self, total: int | None, done: int, timeout: float | None,
                        metric: str, direction: str = "minimize", workers: int = 1,
-                       costs: Sequence[float] = ()) -> None:
+                       costs: Sequence[float] = (), trial_timeout: float | None = None
+                       ) -> None:
+        self.trial_timeout = trial_timeout
         self.metric = metric
         self.search = SearchEta(total, workers, timeout, costs, self.clock)
         if done:  # with the stored trials' costs, the ETA is known at once
@@ -110,7 +123,8 @@ class LineProgress(Progress):
 
     def trial_started(self, number: int, description: str, meta_steps: int,
                       device: str = "") -> None:
-        self._trials[number] = TrialEta(meta_steps, self.clock)
+        self._trials[number] = TrialEta(meta_steps, self.clock, self.trial_timeout,
+                                        description.startswith(BASELINE))
         self.search.started(number, self._trials[number])
         where = f" on {device}" if device else ""
         self._say(number, f"trial {number} started{where}: {description}")
@@ -204,6 +218,7 @@ class RichProgress(Progress):
         self._search: Any = None
         self._note = ""  # workers, time limit
         self.search = SearchEta(None, 1, None, clock=clock)
+        self.trial_timeout: float | None = None
         # number -> (bar, description, its ETA)
         self._trials: dict[int, tuple[Any, str, TrialEta]] = {}
         self._scores: dict[int, str] = {}  # number -> "meta-val 0.1234"
@@ -246,13 +261,17 @@ class RichProgress(Progress):
 
     def search_started(self, total: int | None, done: int, timeout: float | None,
                        metric: str, direction: str = "minimize", workers: int = 1,
-                       costs: Sequence[float] = ()) -> None:
+                       costs: Sequence[float] = (), trial_timeout: float | None = None
+                       ) -> None:
+        self.trial_timeout = trial_timeout
         from rich.text import Text
 
         self.metric, self.direction = metric, direction
         self.search = SearchEta(total, workers, timeout, costs, self.clock)
-        if done:
-            self.bars.console.print(Text(_resuming(done, total)))
+        if done:  # with the stored trials' costs, the ETA is known at once
+            left = self.search.left()
+            eta = f"; eta {clock_text(left)}" if left is not None else ""
+            self.bars.console.print(Text(f"{_resuming(done, total)}{eta}"))
         # Beside the bar, not in its name: a long name would widen every trial's line.
         self._note = ", ".join(([f"{workers} workers"] if workers > 1 else [])
                                + ([f"stops after {timeout:g}s"] if timeout else []))
@@ -264,7 +283,8 @@ class RichProgress(Progress):
     def trial_started(self, number: int, description: str, meta_steps: int,
                       device: str = "") -> None:
         where = f" on {device}" if device else ""
-        eta = TrialEta(meta_steps, self.clock)
+        eta = TrialEta(meta_steps, self.clock, self.trial_timeout,
+                       description.startswith(BASELINE))
         self.search.started(number, eta)
         bar = self.bars.add_task(f"  trial {number}{where}", total=meta_steps,
                                  info=description.split("(")[0], live=eta.text)

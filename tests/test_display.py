@@ -230,6 +230,50 @@ def test_search_eta_uses_stored_costs_workers_and_the_timeout() -> None:
     assert unknown.left() is None and unknown.text() == "eta after the first trial"
 
 
+def test_trial_eta_ends_at_the_trial_timeout_and_after_meta_training() -> None:
+    """With trial_timeout 40 s a 500-step trial's ETA is what is left of the 40 s (plus
+    the cut's evaluation), not 500 steps' worth; once it scores on meta-test, nothing of
+    meta-training is left (the fresh user saw "eta 0:28:44" for a trial cut at 40 s)."""
+    clock = Clock()
+    trial = TrialEta(500, clock, time_limit=40.0)
+    trial.enter("meta-train")
+    for step in range(1, 5):  # 4 meta-steps of 5 s
+        clock.now += 5
+        trial.stepped(step)
+    assert trial.left() == pytest.approx(20.0)  # 20 s of the 40 s left, no evaluation yet
+    unlimited = TrialEta(500, clock)
+    unlimited.enter("meta-train")
+    unlimited.stepped(1)
+    clock.now += 5
+    unlimited.stepped(2)
+    assert unlimited.left() == pytest.approx(498 * 5.0)
+    trial.enter("scoring on meta-test")
+    assert trial.left() == 0.0
+    assert trial.text().startswith("scoring on meta-test 0:00:0")
+
+
+def test_search_eta_keeps_baselines_apart() -> None:
+    """Baselines take seconds; the searched trials after them take minutes: the ETA after
+    the baselines comes from a searched trial's own projection, not their mean."""
+    clock = Clock()
+    search = SearchEta(4, workers=1, timeout=None, clock=clock)
+    for number in (0, 1):
+        search.started(number, TrialEta(0, clock, baseline=True))
+        clock.now += 2
+        search.finished(number)
+    assert search.left() == pytest.approx(4.0)  # nothing better known yet: 2 s each
+    trial = TrialEta(100, clock)
+    search.started(2, trial)
+    trial.enter("meta-train")
+    clock.now += 10
+    trial.stepped(10)  # 1 s a step: 90 s left, and the next trial as long (100 s)
+    assert search.left() == pytest.approx(190.0)
+    clock.now += 90
+    trial.stepped(100)
+    search.finished(2)
+    assert search.left() == pytest.approx(100.0) and search.baseline_costs == [2.0, 2.0]
+
+
 def test_lines_say_long_phases_sparingly(capsys: pytest.CaptureFixture[str]) -> None:
     clock = Clock()
     lines = LineProgress(clock=clock)

@@ -32,6 +32,7 @@ from autometa.leaderboard import Leaderboard, compute_leaderboard
 from autometa.plugins import PluginHost, create_host
 from autometa.progress import NullProgress, Progress
 from autometa.study.artifacts import check_shared
+from autometa.study.baselines import is_baseline
 from autometa.study.settings import stored_search
 from autometa.study.urls import local_file
 from autometa.threads import wait_policy_note
@@ -138,7 +139,8 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
     with progress:
         progress.search_started(None if remaining is None else remaining + baselines, done,
                                 config.timeout, prepared.task.metric.name,
-                                prepared.task.metric.direction, len(specs), _costs(trials))
+                                prepared.task.metric.direction, len(specs), _costs(trials),
+                                trial_timeout=config.trial_timeout)
         if remaining != 0 or baselines:
             if len(specs) == 1:  # in this process: no start-up cost, same trials as ever
                 run_worker(specs[0], send, prepared=prepared)
@@ -159,11 +161,12 @@ def _trials_and_leaderboard(prepared: Prepared, study: optuna.Study,
 
 
 def _costs(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
-    """Wall seconds of the finished trials (complete, pruned, failed in their own code; not
-    those interrupted or lost), from which a resumed search's ETA starts."""
+    """Wall seconds of the finished searched trials (complete, pruned, failed in their own
+    code; not those interrupted or lost, nor baselines: seconds each, run first), from
+    which a resumed search's ETA starts."""
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return [t.duration.total_seconds() for t in trials
-            if t.state in finished and t.duration is not None
+            if t.state in finished and t.duration is not None and not is_baseline(t)
             and (t.state != TrialState.FAIL or "failure" in t.user_attrs)]
 
 
