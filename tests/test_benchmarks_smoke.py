@@ -65,7 +65,7 @@ def test_speed_beside_a_busy_neighbour(bench, tmp_path: Path) -> None:
                 "--quiet"])
     result, md = written(tmp_path, "speed")
     assert [s["model"] for s in result["summary"]] == ["sinusoid", "sinusoid (neighbour)"]
-    assert [s["peer_target"] for s in result["summary"]] == [5.0, 5.0]  # the same target
+    assert [s["peer_target"] for s in result["summary"]] == [8.0, 8.0]  # the same target
     assert {(r["model"], r["contender"]) for r in result["speed"]} == {
         (m, c) for m in ("sinusoid", "sinusoid (neighbour)")
         for c in ("autometa-auto", "reference-loop")}
