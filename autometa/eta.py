@@ -167,9 +167,10 @@ class SearchEta:
     """The time left to the whole search: the trials still to run times the mean wall
     time of the finished ones (complete, pruned or failed; stored ones first, as on a
     resume), divided among the workers; before any has finished, a running trial's own
-    projection. Baseline trials (seconds each, run first) are kept apart: their mean
-    stands for the others only until a searched trial has finished or projects its own
-    length. Capped by the time left to ``timeout``, past which no trial starts."""
+    projection. Baseline trials (seconds each, run first) are kept apart: their times
+    never stand for a searched trial's, so until one has finished or timed a meta-step
+    the search's ETA is unknown ("eta after the first trial"). Capped by the time left to
+    ``timeout``, past which no trial starts."""
 
     def __init__(self, remaining: int | None, workers: int, timeout: float | None,
                  costs: Iterable[float] = (), clock: Clock = time.monotonic) -> None:
@@ -203,9 +204,7 @@ class SearchEta:
             mean = sum(costs) / len(costs)
         else:
             guesses = [g for g in (t.expected() for t in trials if not t.baseline) if g]
-            cheap = list(self.baseline_costs)
-            mean = (max(guesses) if guesses else sum(cheap) / len(cheap) if cheap
-                    else math.nan)
+            mean = max(guesses) if guesses else math.nan
         running = [max(0.0, (t.expected() or mean) - (now - t.started)) for t in trials]
         running = [r for r in running if math.isfinite(r)]
         if self.remaining is None:
