@@ -243,3 +243,17 @@ def test_a_resume_refuses_a_task_that_no_longer_declares_a_stored_setting(tmp_pa
                                           r"trial, which task 'noisy' no longer declares"):
         _search(n_trials=2, host=host(noisy_task.Plain))
     assert len(_trials()) == 1
+
+
+def test_params_text_names_only_what_a_trial_set() -> None:
+    """A baseline on raw inputs (a source without settings) ends at its own settings: no
+    dangling " |" (the fresh user saw "C=1 normalize=True |  | bf16")."""
+    from autometa.study.trials import TrialPlan
+
+    raw = TrialPlan("linear-probe", "raw", {"C": 1, "normalize": True})
+    assert raw.params_text() == "C=1 normalize=True"
+    bf16 = TrialPlan("linear-probe", "raw", {"C": 1, "normalize": True}, precision="bf16")
+    assert bf16.params_text() == "C=1 normalize=True | bf16"
+    searched = TrialPlan("maml", "mlp", {"inner_lr": 0.01}, {"hidden": 40}, {"flip": True})
+    assert searched.params_text({}) == "inner_lr=0.01 | hidden=40 | task: flip=True"
+    assert TrialPlan("protonet", "mlp", {}, {"hidden": 40}).params_text() == " | hidden=40"

@@ -187,13 +187,15 @@ class TrialPlan:
                + (f" in {self.precision}" if self.precision != DEFAULT_PRECISION else "")
 
     def params_text(self, task_defaults: Mapping[str, Any] | None = None) -> str:
-        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins;
+        """``inner_lr=0.01 inner_steps=1 | hidden=40``, for tables that name the plugins (a
+        source without settings adds nothing: ``C=1 normalize=True``);
         ``... | task: flip=True`` where task settings differ from ``task_defaults`` (all of
         them if None); ``... | bf16`` where the precision is not the default."""
         task = self._task_changes(task_defaults)
-        return f"{_kv(self.algorithm_params, ' ')} | {_kv(self.source_params, ' ')}" \
-               + (f" | task: {_kv(task, ' ')}" if task else "") \
-               + (f" | {self.precision}" if self.precision != DEFAULT_PRECISION else "")
+        source = _kv(self.source_params, " ")  # none (a baseline on raw inputs): no " | "
+        return _kv(self.algorithm_params, " ") + (f" | {source}" if source else "") \
+            + (f" | task: {_kv(task, ' ')}" if task else "") \
+            + (f" | {self.precision}" if self.precision != DEFAULT_PRECISION else "")
 
     def _task_changes(self, defaults: Mapping[str, Any] | None) -> dict[str, Any]:
         if defaults is None:
