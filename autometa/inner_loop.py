@@ -203,9 +203,17 @@ def adapt_and_predict(
     chosen = resolve_strategy(model, strategy, first_order=first_order)
     layers = stacked.layers_of(model) if chosen == "vmap" else None
     if layers is not None:  # a perceptron: vmap's computation, without its transforms
-        return stacked.adapt_and_predict(layers, params, support_x, support_y, query_x,
-                                         loss_fn, steps=steps, lr=lr, first_order=first_order,
-                                         adapt_only=adapt_only)
+        names = [n for n in params if adapt_only is None or adapt_only(n)]
+        frozen = {n: p for n, p in params.items() if n not in names}
+        episode_loss = vmap(loss_fn)  # (tasks,): each episode's own mean loss
+
+        def support_loss(fast: Params) -> Tensor:  # their sum: each slice's grad its own
+            pred = stacked.forward(layers, {**frozen, **fast}, support_x)
+            return episode_loss(pred, support_y).sum()
+
+        fast = {n: params[n].expand(len(support_x), *params[n].shape) for n in names}
+        fast = _sgd_autograd(support_loss, fast, steps=steps, lr=lr, first_order=first_order)
+        return stacked.forward(layers, {**frozen, **fast}, query_x)
     # The loop takes inner gradients with autograd.grad (cheaper outside vmap; and a grad
     # transform cannot write BatchNorm's running statistics).
     return each_task(functools.partial(one, autograd=chosen == "loop"), support_x, support_y,

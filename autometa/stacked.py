@@ -13,24 +13,21 @@ rounding, checked in float64 by tests/test_stacked.py) without vmap's and
 benchmarks/README.md, finding 9, measured the sinusoid MAML meta-step.
 
 :func:`autometa.inner_loop.adapt_and_predict` takes this path where it would vmap and
-:func:`layers_of` recognises the model; nothing else changes for the caller.
+:func:`layers_of` recognises the model, running its inner steps with :func:`forward`
+through the same ``torch.autograd.grad`` steps as the loop strategy; nothing else changes
+for the caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
 from autometa.source_model import Backbone
 
-Params = dict[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
-LearningRate = float | Tensor | Mapping[str, Tensor]  # as autometa.inner_loop's
-
-__all__ = ["ELEMENTWISE", "adapt_and_predict", "layers_of"]
+__all__ = ["ELEMENTWISE", "forward", "layers_of"]
 
 #: Parameter-free activations applied element by element: the same on a stacked batch.
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -99,52 +96,3 @@ def forward(layers: list[Layer], params: Mapping[str, Tensor], x: Tensor) -> Ten
             h = module(h)
     return h
 
-
-def adapt_and_predict(
-    layers: list[Layer],
-    params: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    query_x: Tensor,
-    loss_fn: LossFn,
-    *,
-    steps: int,
-    lr: LearningRate,
-    first_order: bool = False,
-    adapt_only: Callable[[str], bool] | None = None,
-) -> Tensor:
-    """:func:`autometa.inner_loop.adapt_and_predict` for a perceptron (:func:`layers_of`).
-
-    Shapes: support_x (tasks, n_s, *in), support_y (tasks, n_s[, out]), query_x (tasks,
-    n_q, *in) -> (tasks, n_q, out). ``loss_fn(pred, y)`` is one episode's mean loss (it
-    is vmapped over the episodes). With gradients enabled the result is differentiable
-    w.r.t. ``params`` (second order unless ``first_order``) and tensors in ``lr``; under
-    ``no_grad`` the inner steps still take gradients, and nothing keeps a graph.
-    """
-    tasks = support_x.shape[0]
-    keep = torch.is_grad_enabled()  # a meta-gradient will flow back through the steps
-    names = [n for n in params if adapt_only is None or adapt_only(n)]
-    frozen = {n: p for n, p in params.items() if n not in names}
-
-    def leaf(p: Tensor) -> Tensor:
-        return p.detach().requires_grad_()
-
-    fast = {n: params[n].unsqueeze(0).expand(tasks, *params[n].shape) for n in names}
-    fast = {n: p if keep and p.requires_grad else leaf(p) for n, p in fast.items()}
-    episode_loss = vmap(loss_fn)
-    with torch.enable_grad():
-        for _ in range(steps):
-            losses = episode_loss(forward(layers, {**frozen, **fast}, support_x), support_y)
-            grads = torch.autograd.grad(losses.sum(), list(fast.values()),
-                                        create_graph=keep and not first_order)
-            fast = {n: p - _lr(lr, n) * g for (n, p), g in zip(fast.items(), grads,
-                                                                strict=True)}
-            if not keep:
-                fast = {n: leaf(p) for n, p in fast.items()}
-    if not keep:
-        fast = {n: p.detach() for n, p in fast.items()}
-    return forward(layers, {**frozen, **fast}, query_x)
-
-
-def _lr(lr: LearningRate, name: str) -> float | Tensor:
-    return lr[name] if isinstance(lr, Mapping) else lr
