@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autometa.cli.common import (
     cache_dir_flag,
@@ -29,7 +30,11 @@ from autometa.config import (
     tomllib,
 )
 from autometa.errors import ConfigError, redact
+from autometa.launch import STORAGE_ENV
 from autometa.params import CliText
+
+if TYPE_CHECKING:
+    from autometa.plugins import PluginHost
 
 #: ``autometa run`` flag -> SearchConfig field, for the flags given on the command line.
 RUN_FLAGS = {
@@ -50,6 +55,16 @@ def add_parsers(sub: Any) -> None:
     run = sub.add_parser("run", help="run or resume a search",
                          description="Run a search from flags and/or a TOML/YAML config file "
                                      "(flags win). Re-running with the same study name resumes.")
+    search_flags(run)
+    report_flags(run)
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars: one plain line per finished trial")
+    _worker_parsers(sub)
+
+
+def search_flags(run: argparse.ArgumentParser) -> None:
+    """The flags that describe a search (``run``'s, also ``launch``'s): see
+    :func:`config_from_args`."""
     run.add_argument("--config", type=Path, help="TOML or YAML file of SearchConfig keys")
     run.add_argument("--task", help="task plugin name (see `autometa plugins`)")
     run.add_argument("--algorithms", help="comma-separated algorithm names (default: all "
@@ -120,10 +135,9 @@ def add_parsers(sub: Any) -> None:
                      help="fix or restrict a hyperparameter, e.g. maml.inner_steps=1 or "
                           "maml.first_order=[true,false] (repeatable)")
     plugin_option_flag(run)
-    report_flags(run)
-    run.add_argument("--no-progress", action="store_true",
-                     help="no progress bars: one plain line per finished trial")
 
+
+def _worker_parsers(sub: Any) -> None:
     worker = sub.add_parser(
         "worker", help="join a stored study from this machine and run its trials",
         description="Join study STUDY in the storage at --storage (e.g. a PostgreSQL server "
@@ -133,8 +147,10 @@ def add_parsers(sub: Any) -> None:
                     "plugins the versions and spaces the study was made with (see "
                     "`autometa requirements STUDY --storage URL --check`).")
     worker.add_argument("study", help="study name (as `autometa run` created it)")
-    worker.add_argument("--storage", required=True,
-                        help="the study's storage URL, e.g. postgresql://user@host/db")
+    worker.add_argument("--storage",
+                        help="the study's storage URL, e.g. postgresql://user@host/db "
+                             f"(default: the environment's {STORAGE_ENV}, which launched "
+                             "workers get: a password stays out of command lines)")
     worker.add_argument("--artifacts", help="the artifact store as this machine reaches it "
                                             "(default: the study's)")
     data_root_flag(worker)
@@ -239,19 +255,29 @@ def _parse_value(raw: str) -> Any:
     return CliText(raw)
 
 
-def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+def checked_config(args: argparse.Namespace) -> tuple[PluginHost, SearchConfig]:
+    """The plugin host and the search ``args`` describe, its plugin names checked before
+    torch, Optuna and pandas are imported (seconds under load): a misspelt plugin is one
+    line at once.
+
+    Raises:
+        ConfigError, PluginError: a bad setting or an unknown name ("did you mean").
+    """
     from autometa.plugins import Kind, create_host
 
     host = create_host()
     config = config_from_args(args, sources=host.names("source"))
-    # Names are checked before torch, Optuna and pandas are imported (seconds under load):
-    # a misspelt plugin is one line at once.
     named: tuple[tuple[Kind, list[str]], ...] = (
         ("task", [config.task] if config.task else []), ("algorithm", config.algorithms),
         ("source", config.sources))
     for kind, names in named:
         for name in names:
             host.get(kind, name)  # PluginError: unknown, with "did you mean"
+    return host, config
+
+
+def cmd_run(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    host, config = checked_config(args)
     check_writable_dir(args.out, "--out")
     first_line(f"study {config.study!r} in {config.storage}")
     from autometa.engine.run import run_search
@@ -294,13 +320,16 @@ def cmd_worker(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     from autometa.plugins import create_host
 
     check_writable_dir(args.out, "--out")
-    first_line(f"joining study {args.study!r} in {args.storage}")
+    storage = args.storage or os.environ.get(STORAGE_ENV)
+    if not storage:
+        raise ConfigError(f"give the study's storage: --storage URL, or set {STORAGE_ENV}")
+    first_line(f"joining study {args.study!r} in {storage}")
     from autometa.engine.run import join_search
     from autometa.progress import LineProgress, RichProgress
 
     quiet_optuna()
     progress = LineProgress() if args.no_progress else RichProgress()
-    board = join_search(args.study, args.storage, host=create_host(), progress=progress,
+    board = join_search(args.study, storage, host=create_host(), progress=progress,
                         ready=ready, artifacts=args.artifacts, data_root=args.data_root,
                         cache_dir=args.cache_dir, devices=args.devices,
                         workers=args.workers, threads=args.threads,

@@ -209,6 +209,33 @@ def join_search(study_name: str, storage: str, *, host: PluginHost | None = None
                       out=out)
 
 
+def create_search(config: SearchConfig, *, host: PluginHost | None = None,
+                  store: bool = True) -> str:
+    """Check every input of ``config`` and create (or finish, or find) its study without
+    running a trial: what ``autometa launch`` does before workers join it elsewhere.
+
+    Args:
+        store: ``False`` checks only (``--dry-run``): nothing is stored.
+
+    Returns:
+        The study's name.
+
+    Raises:
+        ConfigError, DataError, PluginError: a bad input, before anything is stored.
+    """
+    host = host or create_host()
+    prepared = prepare(config, host)
+    if not store:
+        return prepared.config.study
+    try:
+        study = open_study(prepared, *strategy(prepared.config, host,
+                                               prepared.task.metric.direction))
+    except Exception as exc:  # a read-only or full storage: one line
+        stop_search(exc, config.storage, config.artifacts)
+        raise
+    return study.study_name
+
+
 def worker_specs(config: SearchConfig, out: Path | None = None) -> list[WorkerSpec]:
     """One spec per worker: the devices in turn, one deadline for all.
 

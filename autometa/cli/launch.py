@@ -1,0 +1,65 @@
+"""``autometa launch BACKEND``: create a study here, then start its workers on a cluster
+through the cluster's own scheduler (SLURM, Ray, Kubernetes; see :mod:`autometa.launch`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autometa.cli.search import checked_config, first_line, search_flags
+from autometa.errors import ConfigError
+from autometa.launch import BACKENDS, WorkerJob, backend
+
+
+def add_parsers(sub: Any) -> None:
+    """``launch`` and one sub-command per backend."""
+    launch = sub.add_parser(
+        "launch", help="create a study and start its workers on a cluster (SLURM, Ray, "
+                       "Kubernetes)",
+        description="Check the search's inputs and create (or resume) its study here, then "
+                    "start --workers `autometa worker` processes on a cluster through its "
+                    "scheduler; they run trials until the study's budget is spent. The "
+                    "storage must be one every node reaches (PostgreSQL, or a SQLite file "
+                    "on a shared disk for one node); its URL reaches workers in their "
+                    "environment, never in a script or manifest.")
+    backends = launch.add_subparsers(dest="backend", required=True, metavar="BACKEND")
+    for name in BACKENDS:
+        module = backend(name)
+        parser = backends.add_parser(name, help=module.HELP, description=module.HELP)
+        search_flags(parser)
+        parser.add_argument("--gpus-per-worker", type=float, default=1, metavar="G",
+                            help="GPUs each worker asks its scheduler for (default 1; 0: "
+                                 "CPU workers)")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="check the inputs and print what would be submitted; "
+                                 "store and submit nothing")
+        module.add_arguments(parser)
+
+
+def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    module = backend(args.backend)
+    host, config = checked_config(args)
+    workers = config.workers or 1
+    if args.gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker {args.gpus_per_worker:g}: expected 0 or more")
+    if config.storage.startswith("sqlite") and ":memory:" in config.storage \
+            or config.storage in ("sqlite://", "sqlite:///"):
+        raise ConfigError("launched workers need a storage every node reaches: give --storage "
+                          "postgresql://... (or a SQLite file on a shared disk)")
+    first_line(f"study {config.study!r} in {config.storage}: {workers} worker(s) via "
+               f"{args.backend}{' (dry run)' if args.dry_run else ''}")
+    from autometa.engine.run import create_search
+
+    create_search(config, host=host, store=not args.dry_run)
+    ready()
+    # Nodes share this machine's paths (a shared disk): relative ones are made absolute.
+    artifacts = config.artifacts
+    if "://" not in artifacts:
+        artifacts = str(Path(artifacts).resolve())
+    job = WorkerJob(study=config.study, storage=config.storage, artifacts=artifacts,
+                    data_root=str(Path(args.data_root or ".").resolve()),
+                    devices=args.devices or ("cuda" if args.gpus_per_worker > 0 else "cpu"),
+                    threads=config.threads)
+    return int(module.launch(job, workers, args))
