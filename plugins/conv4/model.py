@@ -13,7 +13,7 @@ gradients:
 * each block max-pools before its ReLU: ``max`` commutes with the monotone ReLU, so the
   values are the same bit for bit, and the ReLU and its (double) backward see a quarter of
   the elements;
-* on a CPU each convolution's output is made ``channels_last`` (NHWC): PyTorch's CPU
+* on a CPU each convolution runs ``channels_last`` (NHWC), input and output: PyTorch's CPU
   max-pool is ~8x faster in that layout than in NCHW (32 ms against 4 ms for a
   75x64x28x28 query set on one thread), and oneDNN's convolutions and BatchNorm follow it.
   The layout changes which kernels run, so results agree with the NCHW model to float
@@ -31,21 +31,41 @@ from torch import Tensor, nn
 from autometa import Backbone, Categorical, SourceModel, TaskSpec
 
 
-class ChannelsLastConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose output is ``channels_last`` on a CPU (module docstring).
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) in the ``channels_last`` layout, without a copy where it already is
+    one in memory: a contiguous one-channel batch (grayscale images) is the same bytes in
+    both layouts, but PyTorch reads its strides as NCHW, so oneDNN would return an NCHW
+    output (then copied: two copies of a 75x64x28x28 query set per episode and meta-step,
+    forward and backward, ~10% of a conv4 meta-step). Its strides are restated instead.
 
-    Elsewhere (CUDA) and under ``torch.func.vmap`` (which cannot make that layout) the
-    output is the plain convolution's.
+    Raises:
+        RuntimeError: under ``torch.func.vmap`` (which cannot query layouts).
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
+        return x
+    if x.size(1) == 1 and x.is_contiguous():
+        n, _, h, w = x.shape
+        return x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class ChannelsLastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs ``channels_last`` on a CPU (module docstring): its input is
+    made so (the first block's images; later blocks' inputs already are), and so is its
+    output.
+
+    Elsewhere (CUDA) and under ``torch.func.vmap`` (which cannot make that layout) it is
+    the plain convolution.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        out = super().forward(x)
-        if out.device.type != "cpu":
-            return out
+        if x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
         try:
-            return out.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
         except RuntimeError:  # vmap: "NYI: querying is_contiguous inside of vmap ..."
-            return out
+            return super().forward(x)
+        return super().forward(x).contiguous(memory_format=torch.channels_last)
 
 
 class Conv4(SourceModel):

@@ -80,6 +80,19 @@ def test_fast_blocks_compute_the_paper_blocks() -> None:
     torch.testing.assert_close(net(x), paper_conv4(net)(x), rtol=1e-12, atol=1e-12)
 
 
+def test_grayscale_batches_run_channels_last_without_copies() -> None:
+    """A one-channel batch is already channels_last in memory: the first convolution reads
+    it as such, so its (large) output needs no NCHW -> NHWC copy, forward or backward."""
+    net = Conv4(channels=8).build(SPEC)
+    x = episodes().query_x[0].float()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = net.features[0](x)
+        out.backward(torch.ones_like(out))  # a channels_last gradient, as BatchNorm's is
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    copies = [e.input_shapes for e in prof.events() if e.name == "aten::copy_"]
+    assert not [s for s in copies if s and s[0][1:2] == [8]], copies
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("steps", [1, 5])
 def test_meta_gradient_equals_the_float64_reference(steps: int, threads: int) -> None:
