@@ -70,7 +70,7 @@ class SearchConfig:
     study_name: str | None = None  # default: "<task>-seed<seed>"
     storage: str = DEFAULT_STORAGE  # any Optuna storage URL
     # where trial states go: a directory (for many machines, one they all mount) or
-    # s3://bucket; states sit in <artifacts>/<study> (Optuna's artifact store)
+    # s3://bucket; states sit in <artifacts>/<id> (Optuna's artifact store)
     artifacts: str = "autometa-artifacts"
     keep: int | str = "all"  # trial states kept: "all", or those of the best k on meta-val
     # relative paths of input files (CSVs, image folders, checkpoints) resolve against

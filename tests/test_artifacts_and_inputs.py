@@ -33,7 +33,7 @@ def test_keep_bounds_the_states_to_the_best_k_on_meta_val(tmp_path):
     url = f"sqlite:///{tmp_path / 'a.db'}"
     board = autometa.search("sinusoid", n_trials=5, keep=2, top_k=2, storage=url,
                             artifacts=str(tmp_path / "art"), **TINY)
-    store = tmp_path / "art" / "sinusoid-seed0"
+    store = tmp_path / "art"  # every study's states side by side, as optuna-dashboard reads
     assert len(_states(store)) == 2  # 5 trials ran, each uploaded its state
     study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
     complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
@@ -60,12 +60,33 @@ def test_artifacts_given_on_resume_are_used(tmp_path):
                     artifacts=str(tmp_path / "first"), **TINY)
     autometa.search("sinusoid", n_trials=2, top_k=1, storage=url,
                     artifacts=str(tmp_path / "second"), **TINY)
-    assert len(_states(tmp_path / "first" / "sinusoid-seed0")) == 1
-    assert len(_states(tmp_path / "second" / "sinusoid-seed0")) == 1  # not ignored
+    assert len(_states(tmp_path / "first")) == 1
+    assert len(_states(tmp_path / "second")) == 1  # not ignored
     # A store without the states: one line naming the store and the fix.
     with pytest.raises(ConfigError, match=r"is not in the artifact store '.*empty'; give the "
                                           r"store the workers wrote to"):
         autometa.load_model("sinusoid-seed0", storage=url, artifacts=str(tmp_path / "empty"))
+
+
+def test_states_stored_in_a_folder_per_study_are_still_read_and_removed(tmp_path):
+    """Earlier versions kept a directory store's states in ``<store>/<study>``: loading,
+    resuming and ``keep`` find them there, while new states go to the store itself."""
+    url, art = f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "art"
+    autometa.search("sinusoid", n_trials=2, top_k=2, storage=url, artifacts=str(art), **TINY)
+    earlier = art / "sinusoid-seed0"
+    earlier.mkdir()
+    for state in _states(art):
+        state.rename(earlier / state.name)  # the layout those versions wrote
+    assert {autometa.load_model("sinusoid-seed0", rank, storage=url).trial
+            for rank in (1, 2)} == {0, 1}
+    board = autometa.search("sinusoid", n_trials=4, keep=1, top_k=1, storage=url,
+                            artifacts=str(art), **TINY)
+    study = optuna.load_study(study_name="sinusoid-seed0", storage=url)
+    assert len(study.user_attrs[REMOVED_ATTR]) == 3  # from either place
+    kept, = _states(art) + _states(earlier)
+    best = autometa.load_model("sinusoid-seed0", storage=url)
+    assert best.trial == board.frame["trial"].iloc[0]
+    assert kept.name == state_artifact(study.trials[best.trial], study._storage)
 
 
 # -- input files: the same data on every machine -----------------------------------------

@@ -373,8 +373,7 @@ def test_optuna_dashboard_shows_the_metric_test_scores_and_states(searched: Sear
     from optuna_dashboard import wsgi
 
     name = searched.names[0]
-    app = wsgi(searched.storage,
-               artifact_store=FileSystemArtifactStore(f"{searched.artifacts}/{name}"))
+    app = wsgi(searched.storage, artifact_store=FileSystemArtifactStore(searched.artifacts))
 
     def get(path: str) -> dict[str, Any]:
         environ: dict[str, Any] = {}

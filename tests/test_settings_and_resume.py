@@ -204,7 +204,7 @@ def test_a_damaged_trial_state_is_one_line_without_torchs_advice(tmp_path, capsy
     autometa.search("sinusoid", host=_host(), sources=["mlp"], n_trials=1, top_k=1,
                     storage=f"sqlite:///{tmp_path / 'a.db'}", artifacts=str(tmp_path / "art"),
                     task_params=SMALL, meta_steps=2, eval_every=2, seed=0)
-    state, = (tmp_path / "art" / "sinusoid-seed0").iterdir()  # Optuna's artifact, by its id
+    state, = (tmp_path / "art").iterdir()  # Optuna's artifact, by its id
     state.write_bytes(content)
     # Its worker scored it on meta-test: handing the model back is what reads the state.
     code = main(["export", "sinusoid-seed0", "--storage", f"sqlite:///{tmp_path}/a.db",

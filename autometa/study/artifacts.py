@@ -6,11 +6,18 @@ uploaded with :func:`optuna.artifacts.upload_artifact` as ``trial-<number>.pt``;
 storage records its artifact id (so optuna-dashboard lists it), and the bytes live in the
 store:
 
-- a directory (default ``autometa-artifacts``): Optuna's ``FileSystemArtifactStore`` in
-  ``<directory>/<study>``; for several machines, a path they all mount (NFS, a shared disk);
+- a directory (default ``autometa-artifacts``): Optuna's ``FileSystemArtifactStore`` in the
+  directory itself, every study's states side by side as ``<directory>/<artifact id>`` (ids
+  are UUIDs); for several machines, a path they all mount (NFS, a shared disk);
 - ``s3://bucket``: Optuna's ``Boto3ArtifactStore`` (``pip install boto3``; credentials and
   an S3-compatible endpoint such as MinIO from boto3's usual environment variables,
-  ``AWS_ENDPOINT_URL`` among them).
+  ``AWS_ENDPOINT_URL`` among them), ``s3://bucket/<artifact id>``.
+
+Either is the layout optuna-dashboard reads: ``optuna-dashboard URL --artifact-dir
+<directory>`` (or, for S3, ``--from-config`` with ``[artifact_store.boto3]
+bucket_name = "bucket"``) serves the states of every study in the storage. Earlier
+versions kept a directory's states in ``<directory>/<study>``, a folder per study that
+optuna-dashboard cannot serve: autometa still reads and removes them there.
 """
 
 from __future__ import annotations
@@ -77,9 +84,29 @@ def open_store(location: str, study: str) -> ArtifactStore:
     bucket = check_location(location)
     if bucket is not None:
         return optuna.artifacts.Boto3ArtifactStore(bucket)
-    directory = Path(location) / study
-    directory.mkdir(parents=True, exist_ok=True)
-    return optuna.artifacts.FileSystemArtifactStore(directory)
+    Path(location).mkdir(parents=True, exist_ok=True)
+    return _Directory(Path(location), study)
+
+
+class _Directory(optuna.artifacts.FileSystemArtifactStore):
+    """Optuna's file store in ``root`` that also reads and removes the states earlier
+    versions wrote into ``root/<study>``."""
+
+    def __init__(self, root: Path, study: str) -> None:
+        super().__init__(root)
+        self.earlier = optuna.artifacts.FileSystemArtifactStore(root / study)
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        try:
+            return super().open_reader(artifact_id)
+        except ArtifactNotFound:
+            return self.earlier.open_reader(artifact_id)
+
+    def remove(self, artifact_id: str) -> None:
+        try:
+            super().remove(artifact_id)
+        except ArtifactNotFound:
+            self.earlier.remove(artifact_id)
 
 
 def state_name(number: int) -> str:
