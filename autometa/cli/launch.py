@@ -28,7 +28,8 @@ def add_parsers(sub: Any) -> None:
     for name in BACKENDS:
         module = backend(name)
         parser = backends.add_parser(name, help=module.HELP, description=module.HELP)
-        search_flags(parser)
+        search_flags(parser, workers="workers to start (default 1), each its own job, "
+                                      "task or pod running trials until the budget is spent")
         parser.add_argument("--gpus-per-worker", type=float, default=1, metavar="G",
                             help="GPUs each worker asks its scheduler for (default 1; 0: "
                                  "CPU workers)")

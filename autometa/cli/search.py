@@ -62,9 +62,10 @@ def add_parsers(sub: Any) -> None:
     _worker_parsers(sub)
 
 
-def search_flags(run: argparse.ArgumentParser) -> None:
-    """The flags that describe a search (``run``'s, also ``launch``'s): see
-    :func:`config_from_args`."""
+def search_flags(run: argparse.ArgumentParser, workers: str = "trials at once, each in its "
+                 "own process (default: one per device; e.g. 2 on a CPU)") -> None:
+    """The flags that describe a search (``run``'s, also ``launch``'s, whose ``--workers``
+    means something else: ``workers`` is its help): see :func:`config_from_args`."""
     run.add_argument("--config", type=Path, help="TOML or YAML file of SearchConfig keys")
     run.add_argument("--task", help="task plugin name (see `autometa plugins`)")
     run.add_argument("--algorithms", help="comma-separated algorithm names (default: all "
@@ -93,9 +94,7 @@ def search_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     run.add_argument("--devices", help="comma-separated devices, one trial per device at a "
                                        "time, e.g. cuda:0,cuda:1; 'cuda' = every visible GPU")
-    run.add_argument("--workers", type=int,
-                     help="trials at once, each in its own process (default: one per device; "
-                          "e.g. 2 on a CPU)")
+    run.add_argument("--workers", type=int, help=workers)
     run.add_argument("--top-k", type=int, help="best trials scored on meta-test (3)")
     run.add_argument("--threads", type=int,
                      help="torch CPU threads (default: torch's; 1 is fastest for small models)")
