@@ -154,6 +154,12 @@ def test_s3_artifacts_need_no_volume(capsys: pytest.CaptureFixture[str]) -> None
                             "--image", IMAGE, "--artifacts", "s3://bucket",
                             "--data-claim", "data", "--output", "job.yaml")
     assert code == 0, err
+    job = yaml.safe_load(Path("job.yaml").read_text())
+    worker = container(job)
+    assert worker["command"][-4:] == ["--artifacts", "s3://bucket", "--data-root", os.getcwd()]
+    assert worker["volumeMounts"] == [{"name": "claim-0", "mountPath": os.getcwd(),
+                                       "readOnly": True}]
+    check_with_kubernetes_models(job)
 
 
 BAD = {
