@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +225,36 @@ def test_without_dry_run_kubectl_must_reach_the_cluster_before_anything_is_store
     (line,) = err.splitlines()
     assert line.startswith("autometa: error: kubectl cannot reach the cluster: "), line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_image_context_holds_what_the_image_installs(tmp_path: Path) -> None:
+    """What docker/Dockerfile.dockerignore lets into the build context (the repository root)
+    builds the wheel the image installs, first-party plugins and launchers included."""
+    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    kept = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    context = tmp_path / "context"
+    for name in kept:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, context / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.exists():  # requirements.txt: only where a user wrote it
+            context.mkdir(exist_ok=True)
+            shutil.copy2(source, context / name)
+    # Every file the Dockerfile copies, but the optional requirements.txt, is there.
+    for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for name in line.split()[1:-1]:
+                assert "[" in name or (context / name).exists(), name
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheel"), str(context)],
+        capture_output=True, text=True, timeout=QUICK_SUBPROCESS)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("autometa_ml-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"autometa/launch/kubernetes.py", "autometa/cli/launch.py",
+            "autometa_plugins/sinusoid/__init__.py"} <= names
 
 
 def docker_reason() -> str | None:
