@@ -85,8 +85,9 @@ def check(args: argparse.Namespace, config: SearchConfig) -> None:
 
     Raises:
         ConfigError: no ``--image``, fractional GPUs, an artifact store or a storage file
-            no pod reaches, a bad Job name, or (without ``--dry-run``) no kubectl, a cluster
-            kubectl does not reach or a missing Secret; one line naming the fix.
+            no pod reaches, a bad Job name, an ``--output`` in no folder, or (without
+            ``--dry-run``) no kubectl, a cluster kubectl does not reach or a missing Secret;
+            one line naming the fix.
     """
     if not args.image:
         raise ConfigError("give --image: the worker image pods run, e.g. "
@@ -115,6 +116,9 @@ def check(args: argparse.Namespace, config: SearchConfig) -> None:
     if not _NAME.fullmatch(name):
         raise ConfigError(f"--name {name!r}: a Kubernetes name is at most 63 lower-case "
                           "letters, digits and '-', starting and ending with a letter or digit")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ConfigError(f"--output {args.output}: its folder does not exist; give a file "
+                          "in an existing folder")
     if not args.dry_run:
         _check_cluster(args, config.storage)
 
