@@ -10,6 +10,7 @@ built where a docker daemon answers, and skipped, with the reason, where none do
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,13 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from limits import DOCKER_BUILD, DOCKER_RUN, QUICK_SUBPROCESS
+from limits import DOCKER_BUILD, DOCKER_RUN, POOL_SEARCH, QUICK_SUBPROCESS
 
 from autometa.cli import main
+from autometa.cli.app import build_parser
+from autometa.cli.search import checked_config
+from autometa.engine.claim import counts
+from autometa.engine.run import create_search
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret-K8s-pw"
@@ -230,22 +235,31 @@ def test_without_dry_run_kubectl_must_reach_the_cluster_before_anything_is_store
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_image_context_holds_what_the_image_installs(tmp_path: Path) -> None:
-    """What docker/Dockerfile.dockerignore lets into the build context (the repository root)
-    builds the wheel the image installs, first-party plugins and launchers included."""
-    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
-    kept = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
-    context = tmp_path / "context"
-    for name in kept:
+def image_context(context: Path) -> Path:
+    """``context`` made what the docker build of docker/Dockerfile receives: the files
+    docker/Dockerfile.dockerignore lets in from the repository root (BuildKit reads that
+    file; it is also written as the context's .dockerignore, for the classic builder)."""
+    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text()
+    context.mkdir()
+    for name in [line[1:].rstrip("/") for line in ignore.splitlines() if line.startswith("!")]:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, context / name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif source.exists():  # requirements.txt: only where a user wrote it
-            context.mkdir(exist_ok=True)
             shutil.copy2(source, context / name)
+    (context / "docker").mkdir()
+    shutil.copy2(ROOT / "docker" / "Dockerfile", context / "docker" / "Dockerfile")
+    (context / ".dockerignore").write_text(ignore)
+    return context
+
+
+def test_the_image_context_holds_what_the_image_installs(tmp_path: Path) -> None:
+    """What docker/Dockerfile.dockerignore lets into the build context builds the wheel the
+    image installs, first-party plugins and launchers included."""
+    context = image_context(tmp_path / "context")
     # Every file the Dockerfile copies, but the optional requirements.txt, is there.
-    for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines():
+    for line in (context / "docker" / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY "):
             for name in line.split()[1:-1]:
                 assert "[" in name or (context / name).exists(), name
@@ -258,6 +272,12 @@ def test_the_image_context_holds_what_the_image_installs(tmp_path: Path) -> None
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"autometa/launch/kubernetes.py", "autometa/cli/launch.py",
             "autometa_plugins/sinusoid/__init__.py"} <= names
+
+
+#: Extra ``docker build`` flags where the defaults (the base image from Docker Hub, the
+#: CPU torch from PyTorch's index) cannot be reached: a mirror, a wheelhouse, another base,
+#: e.g. ``--network host --build-arg PIP_FIND_LINKS=http://127.0.0.1:8765/``.
+BUILD_FLAGS_ENV = "AUTOMETA_DOCKER_BUILD_FLAGS"
 
 
 def docker_reason() -> str | None:
@@ -273,19 +293,22 @@ def docker_reason() -> str | None:
 
 
 @pytest.mark.slow
-def test_the_worker_image_builds_and_runs_the_manifests_command(tmp_path: Path) -> None:
+def test_the_worker_image_runs_a_search_from_the_manifest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     reason = docker_reason()
     if reason:
         pytest.skip(reason)
     pins = (ROOT / "requirements-dev.txt").read_text().splitlines()
     (torch,) = [line.split("==")[1] for line in pins if line.startswith("torch==")]
     tag = f"autometa-worker-test:{os.getpid()}"
+    flags = shlex.split(os.environ.get(
+        BUILD_FLAGS_ENV, "--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu"))
     build = subprocess.run(
         ["docker", "build", "-f", "docker/Dockerfile", "-t", tag,
-         "--build-arg", f"TORCH_VERSION={torch}",
-         "--build-arg", "TORCH_INDEX=https://download.pytorch.org/whl/cpu", "."],
-        cwd=ROOT, capture_output=True, text=True, timeout=DOCKER_BUILD)
-    assert build.returncode == 0, build.stderr[-3000:]
+         "--build-arg", f"TORCH_VERSION={torch}", *flags, "."],
+        cwd=image_context(tmp_path / "context"), capture_output=True, text=True,
+        timeout=DOCKER_BUILD)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
     try:
         def run(*argv: str) -> str:
             done = subprocess.run(["docker", "run", "--rm", *argv], capture_output=True,
@@ -293,15 +316,39 @@ def test_the_worker_image_builds_and_runs_the_manifests_command(tmp_path: Path) 
             assert done.returncode == 0, done.stderr[-3000:]
             return done.stdout
 
-        assert "joining" not in run(tag, "worker", "--help")  # the entrypoint: autometa
-        # The manifest's command, the pinned torch, the postgres driver; no dev tools, and
-        # nothing of the build context beyond what the image installs.
+        assert run(tag, "worker", "--help").startswith("usage: autometa worker")
+        # The pinned torch, the postgres driver; no dev tools; the image's user and workdir.
         probe = ("import importlib.util as u, os, torch, psycopg, autometa; "
                  "print(torch.__version__.split('+')[0], u.find_spec('pytest') is None, "
-                 "os.path.exists('/src/.venv'), os.getcwd(), os.getuid())")
+                 "os.getcwd(), os.getuid())")
         assert run("--entrypoint", "python", tag, "-c", probe).split() == [
-            torch, "True", "False", "/work", "1000"]
-        run("--entrypoint", "python", tag, "-m", "autometa", "worker", "--help")
+            torch, "True", "/work", "1000"]
+        # A search: the study created here (as `autometa launch` does), then two containers
+        # run the manifest's command on a shared folder (a claim), the storage URL in
+        # their environment only.
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)  # the image's user writes there (a claim's fsGroup)
+        url = f"sqlite:///{shared / 's.db'}"
+        search = [*SINUSOID, "--study", "img", "--storage", url, "--artifacts", str(shared)]
+        args = build_parser(["run", *search]).parse_args(["run", *search])
+        host, config = checked_config(args)
+        create_search(config, host=host)
+        (shared / "s.db").chmod(0o666)
+        code, _, err = launch(capsys, "--dry-run", *search, "--image", tag,
+                              "--gpus-per-worker", "0", "--artifacts-claim", "shared",
+                              "--output", str(tmp_path / "job.yaml"))
+        assert code == 0, err
+        command = container(yaml.safe_load((tmp_path / "job.yaml").read_text()))["command"]
+        workers = [subprocess.Popen(
+            ["docker", "run", "--rm", "--network", "none", "-v", f"{shared}:{shared}",
+             "-e", f"AUTOMETA_STORAGE={url}", "--entrypoint", "", tag, *command],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        for worker in workers:
+            out, _ = worker.communicate(timeout=POOL_SEARCH)
+            assert worker.returncode == 0, out[-3000:]
+        trials = optuna.load_study(study_name="img", storage=url).trials
+        assert sum(1 for t in trials if counts(t)) == 4
     finally:
         subprocess.run(["docker", "image", "rm", "-f", tag], capture_output=True,
                        timeout=DOCKER_RUN)
