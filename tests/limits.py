@@ -126,3 +126,10 @@ PG_KILLED = guard(60)
 #: Each Playwright step of opening a report: launching the system Chromium, loading the
 #: page, waiting for its images, the full-page screenshot. Quiet 1-3 s each.
 BROWSER_STEP = guard(180)
+
+# -- container images (tests/test_launch_k8s.py) -------------------------------------------
+
+#: Building docker/Dockerfile's worker image (torch and the pinned set downloaded and
+#: installed, layers cached after the first build), or running one command in it.
+DOCKER_BUILD = guard(3600)
+DOCKER_RUN = guard(300)

@@ -49,6 +49,9 @@ def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
             or config.storage in ("sqlite://", "sqlite:///"):
         raise ConfigError("launched workers need a storage every node reaches: give --storage "
                           "postgresql://... (or a SQLite file on a shared disk)")
+    check = getattr(module, "check", None)
+    if check is not None:  # the backend's own flags, before anything is stored
+        check(args, config)
     first_line(f"study {config.study!r} in {config.storage}: {workers} worker(s) via "
                f"{args.backend}{' (dry run)' if args.dry_run else ''}")
     from autometa.engine.run import create_search
