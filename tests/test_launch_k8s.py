@@ -136,9 +136,10 @@ def test_cpu_pods_and_the_manifest_on_stdout(tmp_path: Path,
         "--env-secret", "s3-credentials", "--secret", "my-storage")
     assert code == 0, err
     first, rest = out.split("\n", 1)
-    assert first.startswith("study 'sinusoid-seed0' in sqlite:///")
-    # After the first line, a YAML stream: the Job, then the hints as comments.
-    (job,) = list(yaml.safe_load_all(rest))
+    assert first.startswith("# study 'sinusoid-seed0' in sqlite:///")
+    # The whole output is a YAML stream (`| kubectl apply -f -`): the Job; the first line
+    # and the hints are comments.
+    (job,) = list(yaml.safe_load_all(out))
     assert "# the storage Secret, once" in rest and "# watch: kubectl get job" in rest
     assert job["spec"]["parallelism"] == 2
     worker = container(job)

@@ -52,8 +52,9 @@ def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     check = getattr(module, "check", None)
     if check is not None:  # the backend's own flags, before anything is stored
         check(args, config)
-    first_line(f"study {config.study!r} in {config.storage}: {workers} worker(s) via "
-               f"{args.backend}{' (dry run)' if args.dry_run else ''}")
+    # A dry run's first line is a comment: its output pipes into kubectl apply -f - / a file.
+    first_line(f"{'# ' if args.dry_run else ''}study {config.study!r} in {config.storage}: "
+               f"{workers} worker(s) via {args.backend}{' (dry run)' if args.dry_run else ''}")
     from autometa.engine.run import create_search
 
     create_search(config, host=host, store=not args.dry_run)
