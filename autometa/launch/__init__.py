@@ -7,7 +7,7 @@ controller/worker split. Each backend is a module of this package with
 
 * ``NAME``: the ``autometa launch NAME`` word; ``EXTRA``: the pip extra it needs;
 * ``add_arguments(parser)``: its own flags (no heavy import);
-* ``launch(job, args) -> int``: submit ``args.workers`` workers running ``job`` (imports
+* ``launch(job, workers, args) -> int``: start ``workers`` workers running ``job`` (imports
   its scheduler's library there; a missing one is a :class:`~autometa.errors.ConfigError`
   naming the install line) and return the exit code.
 
@@ -62,8 +62,10 @@ class WorkerJob:
 
     def argv(self) -> list[str]:
         """The worker's command line, without the storage URL (see :meth:`env`)."""
+        # No --workers: one trial at a time per device the scheduler gave (a worker
+        # asking for 2 GPUs runs 2 trials at once).
         argv = [self.python, "-m", "autometa", "worker", self.study, "--devices", self.devices,
-                "--workers", "1", "--no-progress"]
+                "--no-progress"]
         if self.artifacts is not None:
             argv += ["--artifacts", self.artifacts]
         if self.data_root is not None:
