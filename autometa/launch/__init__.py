@@ -7,6 +7,8 @@ controller/worker split. Each backend is a module of this package with
 
 * ``NAME``: the ``autometa launch NAME`` word; ``EXTRA``: the pip extra it needs;
 * ``add_arguments(parser)``: its own flags (no heavy import);
+* ``check(args, config)`` (optional): its flags and the cluster checked before the study
+  is stored (a :class:`~autometa.errors.ConfigError` naming the fix);
 * ``launch(job, workers, args) -> int``: start ``workers`` workers running ``job`` (imports
   its scheduler's library there; a missing one is a :class:`~autometa.errors.ConfigError`
   naming the install line) and return the exit code.
