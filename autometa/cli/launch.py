@@ -41,6 +41,8 @@ def add_parsers(sub: Any) -> None:
 def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     module = backend(args.backend)
     host, config = checked_config(args)
+    if hasattr(module, "check"):  # the backend's flags and library, before anything is stored
+        module.check(args)
     workers = config.workers or 1
     if args.gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker {args.gpus_per_worker:g}: expected 0 or more")
