@@ -116,7 +116,7 @@ class SlurmCluster:
             "AuthType=auth/munge",
             "CredType=cred/munge",
             # cred_expire also delays a requeued job's new start: the default 120 s is long.
-            f"AuthInfo=socket={munge},cred_expire=10",
+            f"AuthInfo=socket={munge},cred_expire=5",
             f"StateSaveLocation={self.root}/state",
             f"SlurmdSpoolDir={self.root}/spool",
             f"SlurmctldPidFile={self.root}/run/slurmctld.pid",

@@ -150,9 +150,10 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     print(f"submitted SLURM {what}, {gpus} GPU(s) each, time limit {args.time_limit} min"
           + (f", partition {args.partition}" if args.partition else ""))
     print(f"logs: {folder}/{array}_{'<task>_' if workers > 1 else ''}0_log.out and .err")
-    print(f"watch: squeue -j {array}   |   autometa leaderboard {shlex.quote(job.study)} "
+    print(f"watch: squeue -j {array}")
+    print(f"       autometa leaderboard {shlex.quote(job.study)} "
           f"--storage {shlex.quote(redact(job.storage))}")
-    print(f"stop: scancel {array} (trials in flight are queued again)")
+    print(f"stop:  scancel {array} (the trials in flight are queued again)")
     if not args.wait:
         return 0
     return _wait(jobs, array)
@@ -178,7 +179,8 @@ class Task:
         return {"argv": self.argv}  # never the running process
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["argv"])  # type: ignore[misc]
+        self.argv = list(state["argv"])
+        self._process = None
 
     def __call__(self) -> int:
         """Run the worker until it exits; return 0 when the study's budget is spent.
@@ -211,7 +213,8 @@ class Task:
         if code < 0 or code - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                       signal.SIGKILL):
             sys.exit(128 + abs(code) if code < 0 else code)
-        raise RuntimeError(f"autometa worker exited with code {code} (its output is above)")
+        raise RuntimeError(f"autometa worker exited with code {code}: its message is in "
+                           "this task's log")
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -292,9 +295,8 @@ def _parameters(job: WorkerJob, args: argparse.Namespace) -> dict[str, Any]:
         parameters["account"] = args.account
     if args.cpus_per_worker:
         parameters["cpus_per_task"] = args.cpus_per_worker
-    extra = _extra_options(args.sbatch)
-    if extra:
-        parameters["additional_parameters"] = extra
+    # Requeueable whatever the site's JobRequeue: a pre-empted or warned task comes back.
+    parameters["additional_parameters"] = {"requeue": True, **_extra_options(args.sbatch)}
     return parameters
 
 
@@ -361,4 +363,7 @@ def _wait(jobs: Sequence[Any], array: str, poll_s: float = 2.0) -> int:
         failures += 1
         print(f"task {job.job_id} failed: {why}; its log: {job.paths.stderr}")
     print(f"SLURM job {array}: {len(jobs) - failures} of {len(jobs)} task(s) ended cleanly")
+    if failures:
+        print("their trials in flight were queued again: re-run the same `autometa launch "
+              "slurm` command to start workers that resume the study")
     return 1 if failures else 0
