@@ -36,7 +36,8 @@ from types import TracebackType
 from limits import SLURM_START, SLURM_STOP
 
 #: The programs a cluster needs (Debian: munge, slurmctld, slurmd, slurm-client).
-TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun")
+TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun", "sinfo",
+         "scancel")
 #: The one partition (the default).
 PARTITION = "debug"
 #: CPUs the node declares (each worker task takes one, unless told otherwise).
@@ -204,6 +205,20 @@ class SlurmCluster:
             parts.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(parts)
 
+    def _cancel_jobs(self) -> None:
+        """Cancel every job left (a failed test's), and wait until none is left: slurmd's
+        end does not end the job steps it started."""
+        deadline = time.monotonic() + SLURM_STOP
+        while time.monotonic() < deadline:
+            listed = subprocess.run(["squeue", "-h", "-o", "%A"], env=self.env(),
+                                    capture_output=True, text=True, timeout=SLURM_STOP)
+            jobs = listed.stdout.split()
+            if listed.returncode != 0 or not jobs:
+                return
+            subprocess.run(["scancel", "--full", *jobs], env=self.env(), capture_output=True,
+                           timeout=SLURM_STOP)
+            time.sleep(0.5)
+
     def env(self) -> dict[str, str]:
         """This process's environment plus ``SLURM_CONF`` pointing at this cluster."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -212,6 +227,8 @@ class SlurmCluster:
         """End the daemons (each by its pid: slurmd's jobs first) and delete the directory.
         Safe to call twice."""
         atexit.unregister(self.stop)
+        if self._daemons and all(d.poll() is None for d in self._daemons):
+            self._cancel_jobs()
         for daemon in reversed(self._daemons):
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGTERM)

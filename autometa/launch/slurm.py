@@ -126,11 +126,15 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
 
         command = " ".join([shlex.quote(job.python), "-u -m submitit.core._submit",
                             shlex.quote(str(folder))])
+        script = _make_sbatch_string(command=command, folder=folder,
+                                     map_count=workers if workers > 1 else None,
+                                     **parameters).splitlines()
         what = f"a {workers}-task array" if workers > 1 else "a 1-task job"
-        print(f"# the sbatch script of {what} (not submitted); each task runs, with "
-              f"{STORAGE_ENV} from sbatch's environment:\n#   {job.command()}")
-        print(_make_sbatch_string(command=command, folder=folder,
-                                  map_count=workers if workers > 1 else None, **parameters))
+        note = [f"# autometa launch slurm --dry-run: {what}, not submitted (submitting also "
+                f"writes each task's pickle into {folder})",
+                f"# each task runs, with {STORAGE_ENV} from sbatch's environment (never in "
+                f"this script): {job.command()}"]
+        print("\n".join([script[0], *note, *script[1:]]))
         return 0
 
     submitit = _submitit()
