@@ -200,6 +200,22 @@ def test_bad_slurm_flags_are_one_line_before_anything_is_stored(tmp_path, flags,
     assert not (tmp_path / "s.db").exists()
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (("--partition", "nope"), "sbatch refuses the job: invalid partition specified: nope"),
+    (("--gpus-per-worker", "9"), "sbatch refuses the job: "),  # the node has 3
+])
+def test_what_the_cluster_refuses_is_one_line_before_anything_is_stored(slurm, tmp_path,
+                                                                        flags, expected):
+    """``sbatch --test-only`` asks the cluster itself before the study is created."""
+    result = _launch("--task", "sinusoid", "--storage", f"sqlite:///{tmp_path}/s.db",
+                     "--workers", "2", *flags, cwd=tmp_path, env=slurm.env(),
+                     timeout=QUICK_SUBPROCESS)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"autometa: error: {expected}"), line
+    assert not (tmp_path / "s.db").exists() and not (tmp_path / "autometa-slurm").exists()
+
+
 def test_without_submitit_the_launch_is_one_line_naming_the_extra(tmp_path):
     """A ``submitit`` that cannot be imported (a shim ahead of site-packages stands for an
     environment without it): one line naming the install, exit 2, nothing stored."""

@@ -27,6 +27,7 @@ that message.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import pickle
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -60,6 +61,8 @@ SIGNAL_DELAY_S = 90
 #: Seconds a warned worker is given to fail its trial and exit before it is killed (less
 #: than :data:`SIGNAL_DELAY_S`, so that the task can still requeue itself).
 STOP_GRACE_S = 60
+#: Seconds ``sbatch --test-only`` may take (the controller's answer) before it is given up.
+SBATCH_TIMEOUT_S = 120
 #: The signals a task forwards to its worker (SLURM's stop, Ctrl-C through srun, a hang-up).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -100,9 +103,26 @@ def check(args: argparse.Namespace) -> None:
     if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
         raise ConfigError(f"--cpus-per-worker {args.cpus_per_worker}: expected 1 or more")
     _extra_options(args.sbatch)
-    if not args.dry_run and shutil.which("sbatch") is None:
+    if args.dry_run:
+        return
+    if shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: run `autometa launch slurm` on a SLURM login "
                           "node (or add --dry-run to print the script)")
+    # The cluster's own check (partition, account, GPUs, time), submitting nothing.
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    script = _make_sbatch_string(command="true", folder=Path(args.folder).resolve(),
+                                 map_count=args.workers if (args.workers or 1) > 1 else None,
+                                 **_parameters("autometa", args))
+    try:
+        tried = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True,
+                               text=True, timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise ConfigError(f"sbatch --test-only had no answer in {SBATCH_TIMEOUT_S} s: is the "
+                          "SLURM controller reachable from here?") from error
+    if tried.returncode != 0:
+        raise ConfigError(f"sbatch refuses the job: {_sbatch_error(tried.stderr)}; check "
+                          "--partition, --account, --gpus-per-worker, --time-limit, --sbatch")
 
 
 def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
@@ -115,11 +135,11 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
         0, or 1 when ``--wait`` saw a task fail (each named, with its log).
 
     Raises:
-        ConfigError: bad flags, or submitit or sbatch missing (see :func:`check`).
+        ConfigError: sbatch refused the job (its message); bad flags (:func:`check`,
+            which ``autometa launch`` calls first, says so before a study is stored).
     """
-    check(args)
     folder = Path(args.folder).resolve()
-    parameters = _parameters(job, args)
+    parameters = _parameters(f"autometa-{job.study}", args)
     task = Task(job.argv())
     if args.dry_run:
         from submitit.slurm.slurm import _make_sbatch_string
@@ -143,10 +163,11 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
                                       python=shlex.quote(job.python))
     executor.update_parameters(**parameters)
     try:
-        with _exported(STORAGE_ENV, job.storage):
+        # submitit prints sbatch's stderr when it fails: the error below says it once.
+        with _exported(STORAGE_ENV, job.storage), redirect_stderr(io.StringIO()):
             jobs = executor.submit_array([task] * workers)
-    except Exception as error:  # submitit's FailedSubmissionError: sbatch's own message
-        raise ConfigError(f"sbatch refused the array: {_one_line(error)}") from error
+    except Exception as error:  # submitit's FailedJobError: sbatch's own message
+        raise ConfigError(f"sbatch refused the job: {_sbatch_error(str(error))}") from error
     array = jobs[0].job_id.split("_")[0]
     gpus = _gpus(args.gpus_per_worker)
     what = (f"job array {array}: {workers} worker tasks {array}_[0-{workers - 1}]"
@@ -283,11 +304,11 @@ def _extra_options(options: Sequence[str]) -> dict[str, str]:
     return extra
 
 
-def _parameters(job: WorkerJob, args: argparse.Namespace) -> dict[str, Any]:
+def _parameters(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters (sbatch's, as ``_make_sbatch_string`` names
-    them) for one worker task."""
+    them) for one worker task of job ``name``."""
     parameters: dict[str, Any] = {
-        "job_name": f"autometa-{job.study}", "time": args.time_limit,
+        "job_name": name, "time": args.time_limit,
         "signal_delay_s": SIGNAL_DELAY_S, "stderr_to_stdout": False,
     }
     gpus = _gpus(args.gpus_per_worker)
@@ -316,6 +337,13 @@ def _exported(name: str, value: str) -> Iterator[None]:
             del os.environ[name]
         else:
             os.environ[name] = before
+
+
+def _sbatch_error(stderr: str) -> str:
+    """sbatch's error lines as one (``sbatch: error: `` said once)."""
+    lines = [line.strip().removeprefix("sbatch: error:").strip()
+             for line in stderr.splitlines() if line.strip()]
+    return redact("; ".join(lines) or "no message")
 
 
 def _one_line(error: BaseException) -> str:
