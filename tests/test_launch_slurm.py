@@ -187,13 +187,17 @@ def test_dry_run_prints_the_sbatch_script_without_the_password_and_stores_nothin
     assert tables == (0,)  # nothing stored
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (("--gpus-per-worker", "0.5"), "--gpus-per-worker 0.5: SLURM gives whole GPUs"),
-    (("--sbatch", "qos"), "--sbatch 'qos': expected KEY=VALUE"),
+@pytest.mark.parametrize("flags, env, expected", [
+    (("--gpus-per-worker", "0.5"), {}, "--gpus-per-worker 0.5: SLURM gives whole GPUs"),
+    (("--sbatch", "qos"), {}, "--sbatch 'qos': expected KEY=VALUE"),
+    ((), {"SBATCH_EXPORT": "NONE"}, "SBATCH_EXPORT=NONE keeps AUTOMETA_STORAGE (the storage "
+                                    "URL) from the worker tasks"),
 ])
-def test_bad_slurm_flags_are_one_line_before_anything_is_stored(tmp_path, flags, expected):
+def test_bad_slurm_flags_are_one_line_before_anything_is_stored(tmp_path, flags, env,
+                                                                expected):
     result = _launch("--task", "sinusoid", "--storage", f"sqlite:///{tmp_path}/s.db",
-                     *flags, "--dry-run", cwd=tmp_path, timeout=QUICK_SUBPROCESS)
+                     *flags, "--dry-run", cwd=tmp_path, env={**os.environ, **env},
+                     timeout=QUICK_SUBPROCESS)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert expected in line, line

@@ -103,6 +103,10 @@ def check(args: argparse.Namespace) -> None:
     if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
         raise ConfigError(f"--cpus-per-worker {args.cpus_per_worker}: expected 1 or more")
     _extra_options(args.sbatch)
+    export = os.environ.get("SBATCH_EXPORT")
+    if export is not None and not {"ALL", STORAGE_ENV} & set(export.split(",")):
+        raise ConfigError(f"SBATCH_EXPORT={export} keeps {STORAGE_ENV} (the storage URL) "
+                          "from the worker tasks: add it to the list or unset SBATCH_EXPORT")
     if args.dry_run:
         return
     if shutil.which("sbatch") is None:
