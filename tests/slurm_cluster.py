@@ -70,6 +70,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie nobody reaps: munged is a
+    daemon, the child of init)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+
+
 def _binary(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -240,9 +249,14 @@ class SlurmCluster:
         self._daemons = []
         if self._munged_pid is not None and self._munged_pid.exists():
             try:
-                os.kill(int(self._munged_pid.read_text().strip()), signal.SIGTERM)
+                pid = int(self._munged_pid.read_text().strip())
+                os.kill(pid, signal.SIGTERM)
             except (ValueError, ProcessLookupError):
                 pass
+            else:  # munged writes its seed file as it ends: let it, before the directory goes
+                deadline = time.monotonic() + SLURM_STOP
+                while not _ended(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
             self._munged_pid = None
         shutil.rmtree(self.root, ignore_errors=True)
 
