@@ -147,6 +147,40 @@ def test_a_preempted_task_queues_its_trial_and_its_requeued_task_finishes_the_st
     assert "Requeued job" in log and log.count("autometa worker on ") == 2, log
 
 
+def test_scancel_queues_the_trials_in_flight_and_wait_says_the_tasks_failed(slurm, tmp_path):
+    """``scancel`` (the printed "stop" line): SLURM's SIGTERM reaches the worker, whose
+    trial is failed as interrupted and queued again; ``--wait`` names the task that ended
+    without a result, says how to resume, and exits 1."""
+    db = tmp_path / "study.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autometa", "launch", "slurm", *SEARCH, "--trials", "2",
+         "--meta-steps", "10000000", "--eval-every", "5000000",
+         "--storage", f"sqlite:///{db}", "--workers", "1", "--gpus-per-worker", "0",
+         "--wait"],
+        cwd=tmp_path, env={**slurm.env(), "COLUMNS": "200"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _wait_running(db, proc)
+        job = _job_of(tmp_path)
+        subprocess.run(["scancel", job], check=True, env=slurm.env(),
+                       timeout=QUICK_SUBPROCESS)
+        out, err = proc.communicate(timeout=SLURM_ARRAY)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, (out, err)
+    assert f"task {job} failed: ended without a result (cancelled, killed or out of time)" \
+        in out, out
+    assert f"SLURM job {job}: 0 of 1 task(s) ended cleanly" in out
+    assert "re-run the same `autometa launch slurm` command" in out
+    trials = stored_trials(db)
+    assert trials[victim.number].state == TrialState.FAIL
+    assert trials[victim.number].user_attrs["crash"].startswith("interrupted (SIGTERM")
+    [copy] = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert copy.state == TrialState.WAITING and copy.params == trials[victim.number].params
+
+
 def _job_of(folder: Path) -> str:
     """The job's id, from the job folder submitit wrote (the launch is still waiting)."""
     end = time.monotonic() + QUICK_SUBPROCESS

@@ -65,6 +65,9 @@ STOP_GRACE_S = 60
 SBATCH_TIMEOUT_S = 120
 #: The signals a task forwards to its worker (SLURM's stop, Ctrl-C through srun, a hang-up).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: A worker ended by one of these was stopped (SLURM's stop, its kill after KillWait): the
+#: task leaves no result, so that a requeued task runs again.
+STOPPED = frozenset({*FORWARDED, signal.SIGKILL})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,11 +242,11 @@ class Task:
                 signal.signal(s, handler)
         if code == 0:
             return 0
-        if code < 0 or code - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                      signal.SIGKILL):
-            sys.exit(128 + abs(code) if code < 0 else code)
-        raise RuntimeError(f"autometa worker exited with code {code}: its message is in "
-                           "this task's log")
+        signum = -code if code < 0 else code - 128  # killed by it, or exited after it
+        if signum in STOPPED:
+            sys.exit(128 + signum)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise RuntimeError(f"autometa worker {how}: its message is in this task's log")
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if self._process is not None and self._process.poll() is None:
