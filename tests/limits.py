@@ -121,6 +121,19 @@ PG_FAST_SHUTDOWN = guard(120)
 PG_IMMEDIATE_SHUTDOWN = guard(60)
 PG_KILLED = guard(60)
 
+# -- SLURM (tests/slurm_cluster.py) ---------------------------------------------------------
+
+#: From starting munged, slurmctld and slurmd until the node is idle (and munged's own start).
+#: Quiet: about 2 s.
+SLURM_START = guard(300)
+
+#: Stopping one SLURM daemon after SIGTERM, before SIGKILL. Quiet: under 1 s.
+SLURM_STOP = guard(60)
+
+#: ``autometa launch slurm --wait`` of a tiny study's worker array, from submission until
+#: every task ended (torch imported in each task). Quiet: about 30 s.
+SLURM_ARRAY = guard(900)
+
 # -- the browser (tests/browser.py) ---------------------------------------------------------
 
 #: Each Playwright step of opening a report: launching the system Chromium, loading the

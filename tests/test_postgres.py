@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 from limits import POOL_SEARCH, QUICK_SUBPROCESS, STOPPED_PROCESS, TRIAL_START
 from optuna.trial import FrozenTrial, TrialState
+from stored_trials import stored_trials
 
 from autometa.engine.lock import PG_LOCK_KEY
-from autometa.study.storage import schema_ready
 
 #: Every test here runs CLI searches and workers against a real PostgreSQL server: slow.
 pytestmark = pytest.mark.slow
@@ -83,18 +83,7 @@ def _worker(url: str, artifacts: Path) -> list[str]:
 
 
 def _trials(url: str) -> list[FrozenTrial]:
-    """The study's trials, read without creating or writing anything (Optuna's storage
-    would stamp its version rows into tables being created: see ``schema_ready``)."""
-    if not schema_ready(url):
-        return []
-    storage = optuna.storages.RDBStorage(url, skip_table_creation=True,
-                                         skip_compatibility_check=True)
-    try:
-        return optuna.load_study(study_name=STUDY, storage=storage).trials
-    except KeyError:  # no study yet
-        return []
-    finally:
-        storage.engine.dispose()
+    return stored_trials(url, STUDY)
 
 
 def _wait(condition: Callable[[], bool], procs: list[subprocess.Popen[str]],

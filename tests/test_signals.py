@@ -13,13 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import psutil
 import pytest
 from limits import QUICK_SUBPROCESS, STOPPED_PROCESS, TRIAL_START
 from optuna.trial import FrozenTrial, TrialState
-
-from autometa.study.storage import schema_ready
+from stored_trials import stored_trials
 
 #: Every test here runs CLI searches with worker processes: slow.
 pytestmark = pytest.mark.slow
@@ -40,25 +38,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _trials(db: Path) -> list[FrozenTrial]:
-    """The study's trials, read without writing anything (see tests/test_pool.py)."""
-    url = f"sqlite:///{db}"
-    if not db.exists() or not schema_ready(url):
-        return []
-    storage = optuna.storages.RDBStorage(url, skip_table_creation=True,
-                                         skip_compatibility_check=True)
-    try:
-        return optuna.load_study(study_name=STUDY, storage=storage).trials
-    except KeyError:  # no study yet
-        return []
-
-
 def _in_flight(db: Path, proc: subprocess.Popen[str], workers: int) -> list[FrozenTrial]:
     """Once ``workers`` trials run at once, each with its plan sampled: those trials."""
     end = time.monotonic() + TRIAL_START
     while time.monotonic() < end:
         assert proc.poll() is None, proc.communicate()
-        running = [t for t in _trials(db) if t.state == TrialState.RUNNING
+        running = [t for t in stored_trials(db) if t.state == TrialState.RUNNING
                    and "worker" in t.user_attrs and "source_params" in t.user_attrs]
         if len(running) == workers:
             return running
@@ -125,7 +110,7 @@ def test_sigterm_stops_every_worker_and_queues_their_trials(tmp_path, to):
     _none_left(proc.pid)
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
                    != psutil.STATUS_ZOMBIE for pid in workers)
-    _interrupted_and_queued(_trials(db), [t.number for t in running], "SIGTERM")
+    _interrupted_and_queued(stored_trials(db), [t.number for t in running], "SIGTERM")
 
     board = subprocess.run([sys.executable, "-m", "autometa", "leaderboard", STUDY],
                            cwd=tmp_path, capture_output=True, text=True,
@@ -153,7 +138,7 @@ def test_sighup_stops_a_single_process_search_with_129(tmp_path):
     assert err.strip().splitlines() == [
         "autometa: stopped by SIGHUP; re-run the same command to resume"]
     _none_left(proc.pid)
-    _interrupted_and_queued(_trials(db), [running.number], "SIGHUP")
+    _interrupted_and_queued(stored_trials(db), [running.number], "SIGHUP")
 
     report = subprocess.run([sys.executable, "-m", "autometa", "report", STUDY], cwd=tmp_path,
                             capture_output=True, text=True, timeout=QUICK_SUBPROCESS)
@@ -173,7 +158,7 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=STOPPED_PROCESS)
     _none_left(proc.pid)
-    _interrupted_and_queued(_trials(db), [t.number for t in running],
+    _interrupted_and_queued(stored_trials(db), [t.number for t in running],
                             "SIGTERM: its supervising process ended")
 
 
@@ -191,7 +176,7 @@ def test_sigterm_stops_a_joined_worker_and_leaves_the_search_running(tmp_path):
         worker.send_signal(signal.SIGTERM)
         out, err = worker.communicate(timeout=STOPPED_PROCESS)
         assert worker.returncode == 143, (out, err)
-        trials = _trials(db)
+        trials = stored_trials(db)
         assert trials[first.number].state == TrialState.RUNNING and search.poll() is None
         _interrupted_and_queued(trials, [joined.number], "SIGTERM", running=(first.number,))
     finally:

@@ -50,7 +50,7 @@ def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         raise ConfigError("launched workers need a storage every node reaches: give --storage "
                           "postgresql://... (or a SQLite file on a shared disk)")
     check = getattr(module, "check", None)
-    if check is not None:  # the backend's own flags, before anything is stored
+    if check is not None:  # the backend's flags, library and cluster, before anything is stored
         check(args, config)
     # A dry run's first line is a comment: its output pipes into kubectl apply -f - / a file.
     first_line(f"{'# ' if args.dry_run else ''}study {config.study!r} in {config.storage}: "
