@@ -210,7 +210,7 @@ def test_dry_run_prints_the_sbatch_script_without_the_password_and_stores_nothin
                  "#SBATCH --signal=USR2@90", "#SBATCH --requeue",
                  "-u -m submitit.core._submit"):
         assert line in out, out
-    assert f"-m autometa worker {STUDY} --devices cuda --workers 1 --no-progress" in out
+    assert f"-m autometa worker {STUDY} --devices cuda --no-progress" in out
     assert "s3cret-pw" not in out + result.stderr
     assert not (tmp_path / "autometa-slurm").exists()
     import psycopg
