@@ -1,26 +1,223 @@
 """Ray: one ``autometa worker`` per Ray task, placed across the cluster by Ray (``autometa
-launch ray``)."""
+launch ray``).
+
+Each task asks Ray for ``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs and runs
+the worker command (:meth:`~autometa.launch.WorkerJob.argv`) as a subprocess of its Ray
+worker process, on the GPUs Ray gave it (Ray sets ``CUDA_VISIBLE_DEVICES`` for the task;
+the subprocess inherits it). The launcher waits for every task and says, for each, the
+node, the GPU ids and the exit code.
+
+Where the storage URL travels: in the task's *arguments* (the environment
+:meth:`~autometa.launch.WorkerJob.env`), which Ray carries inside its task specification
+from this process to the node, and from there into the subprocess's environment
+(:data:`~autometa.launch.STORAGE_ENV`). It is never in a command line (``ps``), in a
+``runtime_env`` (shown by Ray's dashboard and ``ray list jobs``) or in anything printed.
+
+When a node dies (its raylet and processes gone), Ray runs its task again on a node with
+free resources (:data:`MAX_RETRIES` times), and the trial the lost worker was running is
+failed and queued again with its parameters by the study itself: at once by a worker on
+the same machine (the process is gone), else by any worker's heartbeat after
+:data:`~autometa.study.storage.GRACE` seconds of silence
+(:mod:`autometa.engine.heartbeat`). The budget stays exact: it is counted in the storage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
-from autometa.errors import ConfigError
-from autometa.launch import WorkerJob
+from autometa.errors import ConfigError, one_line, redact
+from autometa.launch import STORAGE_ENV, WorkerJob
 
 HELP = "workers as Ray tasks across a Ray cluster (pip install 'autometa-ml[ray]')"
 EXTRA = "ray"
+#: A task whose node or Ray worker process dies is run again this many times (Ray's
+#: ``max_retries``, on any node with the resources); a worker that exits with an error is
+#: not (its exit code is reported: running it again would fail the same way).
+MAX_RETRIES = 3
+#: Seconds to wait for the head at ``--address`` to accept a connection.
+CONNECT_TIMEOUT = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Ray's own flags."""
     parser.add_argument("--address", default="auto",
-                        help="the Ray cluster to join (ray.init address; default auto: the "
-                             "cluster this node belongs to)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1,
+                        help="the Ray cluster to join (ray.init address, HOST:PORT of its "
+                             "head; default auto: the cluster this node belongs to)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1, metavar="C",
                         help="CPUs each worker task asks Ray for (default 1)")
 
 
+@dataclass(frozen=True)
+class Ended:
+    """How one worker task ended.
+
+    Attributes:
+        node: the Ray node id it ran on (its last try's, after a retry).
+        ip: that node's IP address.
+        gpus: the GPU ids Ray assigned to it on that node (empty: a CPU worker).
+        exit_code: the ``autometa worker`` process's exit status (negative: killed by
+            that signal).
+    """
+
+    node: str
+    ip: str
+    gpus: tuple[str, ...]
+    exit_code: int
+
+
+def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
+    """The body of one Ray task, on its node: run ``argv`` with ``env`` added to the
+    task's environment (which holds the ``CUDA_VISIBLE_DEVICES`` Ray set for the task),
+    in ``cwd`` where that directory exists on this node (a shared disk), and wait for it.
+
+    The subprocess is sent SIGTERM if this Ray worker process dies (Linux), as when its
+    node's raylet is lost or the launcher is stopped: it then fails its trial, which is
+    queued again, instead of computing on as an orphan beside the task's retry.
+    """
+    import ray
+
+    context = ray.get_runtime_context()
+    gpus = tuple(str(gpu) for gpu in ray.get_gpu_ids())
+    process = subprocess.Popen(list(argv), env={**os.environ, **env},
+                               cwd=cwd if os.path.isdir(cwd) else None,
+                               preexec_fn=_die_with_parent())
+    try:
+        code = process.wait()
+    except BaseException:  # the task cancelled (ray.cancel): stop the worker as SIGTERM does
+        process.terminate()
+        process.wait()
+        raise
+    return Ended(node=context.get_node_id(), ip=ray.util.get_node_ip_address(), gpus=gpus,
+                 exit_code=code)
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn`` that has the child sent SIGTERM when its parent dies (Linux's
+    ``PR_SET_PDEATHSIG``); None elsewhere. libc is loaded here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+def describe(workers: int, args: argparse.Namespace) -> str:
+    """The tasks ``launch`` starts, in a few words."""
+    return (f"{workers} Ray task(s) on the cluster at {args.address}, each asking for "
+            f"{args.gpus_per_worker:g} GPU(s) and {args.cpus_per_worker:g} CPU(s) (run again "
+            f"up to {MAX_RETRIES} times if its node dies)")
+
+
 def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
-    """Run ``workers`` Ray tasks each running ``job``; return when they end."""
-    raise ConfigError("autometa launch ray is not built yet")
+    """Run ``workers`` Ray tasks each running ``job``; return when they all end.
+
+    Prints the submission and how to watch it, then one line per worker as it ends (its
+    node, GPU ids and exit code). ``--dry-run``: prints what would be started (no
+    password) and starts nothing, without needing Ray.
+
+    Returns:
+        0 if every worker exited with 0; 1 otherwise (a worker's error, or a task lost more
+        than :data:`MAX_RETRIES` times).
+
+    Raises:
+        ConfigError: Ray not installed (naming ``pip install 'autometa-ml[ray]'``), or no
+            Ray cluster at ``--address``.
+    """
+    if args.dry_run:
+        print(f"dry run: would start {describe(workers, args)}, each running:")
+        print(f"  {job.command()}")
+        print(f"  with {STORAGE_ENV} set to the storage URL (carried in the task's arguments, "
+              "never in a command line)")
+        print("nothing was started")
+        return 0
+    ray = _import_ray()
+    _connect(ray, args.address)
+    task = ray.remote(num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker,
+                      max_retries=MAX_RETRIES)(run_worker)
+    refs = [task.remote(job.argv(), job.env(), os.getcwd()) for _ in range(workers)]
+    print(f"started {describe(workers, args)}", flush=True)
+    _say_fit(ray, workers, args)
+    board = ["autometa", "leaderboard", job.study, "--storage", redact(job.storage)]
+    if job.artifacts is not None:
+        board += ["--artifacts", job.artifacts]
+    print(f"watch: `ray status` (the cluster), `{' '.join(board)}` (the study)", flush=True)
+    return _wait(ray, refs)
+
+
+def _import_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("autometa launch ray needs Ray: pip install 'autometa-ml[ray]' "
+                          "(on this machine and on every node)") from None
+    return ray
+
+
+def _connect(ray: ModuleType, address: str) -> None:
+    """``ray.init`` on the cluster at ``address``; no cluster there is one line (Ray itself
+    would wait for minutes on a HOST:PORT where nothing listens)."""
+    fix = ("start one with `ray start --head` (and `ray start --address HEAD:6379` on the "
+           "other nodes), or give --address HOST:PORT of its head")
+    if address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--address {address!r}: expected HOST:PORT of the Ray head "
+                              "(or auto)")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise ConfigError(f"ray: nothing answers at --address {address} ({why}): "
+                              f"{fix}") from None
+    try:
+        ray.init(address=address)
+    except ConnectionError as exc:
+        raise ConfigError(f"ray: no running Ray cluster at --address {address}: {fix} "
+                          f"({one_line(str(exc))[:200]})") from None
+
+
+def _say_fit(ray: ModuleType, workers: int, args: argparse.Namespace) -> None:
+    """Say when no node can hold one worker (its tasks wait, for an autoscaler perhaps)."""
+    need = {"GPU": args.gpus_per_worker, "CPU": args.cpus_per_worker}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if not any(all(have.get(k, 0) >= v for k, v in need.items() if v) for have in nodes):
+        print(f"no node of the cluster now has {need['GPU']:g} GPU(s) and {need['CPU']:g} "
+              "CPU(s) for one worker: the tasks wait until one joins", flush=True)
+
+
+def _wait(ray: ModuleType, refs: list[Any]) -> int:
+    """Wait for every task, printing one line per worker as it ends; 0 if all exited 0."""
+    index = {ref: number for number, ref in enumerate(refs, 1)}
+    pending, ok = list(refs), True
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        number = index[done[0]]
+        try:
+            ended = ray.get(done[0])
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            print(f"worker {number}/{len(refs)}: lost: "
+                  f"{redact(one_line(str(cause).splitlines()[0] if str(cause) else ''))}"
+                  f" ({type(cause).__name__})", flush=True)
+            ok = False
+            continue
+        gpus = ",".join(ended.gpus) or "none"
+        print(f"worker {number}/{len(refs)}: node {ended.node[:12]} ({ended.ip}), GPU {gpus}: "
+              f"exit {ended.exit_code}", flush=True)
+        ok = ok and ended.exit_code == 0
+    return 0 if ok else 1
