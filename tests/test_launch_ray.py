@@ -84,6 +84,7 @@ def _raylet_of(pid: Any, raylets: dict[int, Any]) -> Any:
     return None
 
 
+@pytest.mark.slow
 def test_workers_placed_by_ray_end_the_budget_and_a_lost_node_s_trial_runs_again(
         cluster, tmp_path):
     """Two workers, one per node and GPU; once one of them is in a trial, its node is lost
@@ -181,6 +182,16 @@ def test_no_cluster_at_the_address_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "nothing answers at --address 127.0.0.1:1" in err and "ray start --head" in err
+
+
+def test_a_bad_cpus_per_worker_is_refused_before_the_study_is_stored(tmp_path, capsys):
+    database = tmp_path / "s.db"
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+        main(_search(f"sqlite:///{database}", "--cpus-per-worker", "-1"))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cpus-per-worker: '-1': expected a number of CPUs, 0 or more" in err
+    assert len(err.splitlines()) == 1 and not database.exists()
 
 
 def test_help_does_not_import_ray():

@@ -52,8 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="auto",
                         help="the Ray cluster to join (ray.init address, HOST:PORT of its "
                              "head; default auto: the cluster this node belongs to)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1, metavar="C",
+    parser.add_argument("--cpus-per-worker", type=_cpus, default=1, metavar="C",
                         help="CPUs each worker task asks Ray for (default 1)")
+
+
+def _cpus(text: str) -> float:
+    """``--cpus-per-worker``: a number of CPUs, 0 or more (checked before the study is
+    stored)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of CPUs, 0 or more "
+                                         "(such as 1 or 0.5)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,7 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
                       max_retries=MAX_RETRIES)(run_worker)
     refs = [task.remote(job.argv(), job.env(), os.getcwd()) for _ in range(workers)]
     print(f"started {describe(workers, args)}", flush=True)
-    _say_fit(ray, workers, args)
+    _say_fit(ray, args)
     board = ["autometa", "leaderboard", job.study, "--storage", redact(job.storage)]
     if job.artifacts is not None:
         board += ["--artifacts", job.artifacts]
@@ -191,7 +204,7 @@ def _connect(ray: ModuleType, address: str) -> None:
                           f"({one_line(str(exc))[:200]})") from None
 
 
-def _say_fit(ray: ModuleType, workers: int, args: argparse.Namespace) -> None:
+def _say_fit(ray: ModuleType, args: argparse.Namespace) -> None:
     """Say when no node can hold one worker (its tasks wait, for an autoscaler perhaps)."""
     need = {"GPU": args.gpus_per_worker, "CPU": args.cpus_per_worker}
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
