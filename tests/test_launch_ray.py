@@ -29,15 +29,18 @@ from autometa.engine.claim import counts
 
 STUDY = "rayed"
 TRIALS = 8
-#: Long enough (seconds each, here) that a node can be lost while its worker is in a
-#: trial; short enough for a few minutes of CI.
-META_STEPS = 100
+#: Meta-steps of each trial, all of one small shape (about 1 ms each here): long enough
+#: (seconds) that a node is lost while its worker is in a trial, short enough for CI.
+META_STEPS = 2000
 
 
 def _search(storage: str, *extra: str) -> list[str]:
     return ["launch", "ray", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
-            # small inner learning rates: no trial diverges, so each of them completes
-            "--param", "maml.inner_lr=[0.001,0.002,0.004,0.008]",
+            # Trials that differ in learning rates only: each takes about as long, and none
+            # diverges (small inner steps), so each completes.
+            "--param", "maml.inner_lr=[0.001,0.002,0.004,0.008]", "--param",
+            "maml.meta_batch_size=4", "--param", "maml.inner_steps=1", "--param",
+            "maml.first_order=true", "--param", "mlp.hidden=40", "--param", "mlp.layers=1",
             "--meta-steps", str(META_STEPS), "--eval-every", str(META_STEPS),
             "--pruner", "none", "--no-baselines", "--threads", "1", "--trials", str(TRIALS),
             "--study", STUDY, "--storage", storage, "--workers", "2", "--gpus-per-worker", "1",

@@ -92,9 +92,10 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
     task's environment (which holds the ``CUDA_VISIBLE_DEVICES`` Ray set for the task),
     in ``cwd`` where that directory exists on this node (a shared disk), and wait for it.
 
-    The subprocess is sent SIGTERM if this Ray worker process dies (Linux), as when its
-    node's raylet is lost or the launcher is stopped: it then fails its trial, which is
-    queued again, instead of computing on as an orphan beside the task's retry.
+    The subprocess is also sent SIGTERM if this Ray worker process dies (Linux): Ray 2.60
+    ends a dead worker's children itself (seen with its raylet killed and with the worker
+    killed by ``kill -9``), but an orphan left by a Ray that does not would compute on
+    beside the task's retry, on the same GPU.
     """
     import ray
 
