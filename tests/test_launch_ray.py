@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 import pytest
 from conftest import SMALL_SINUSOID
-from limits import CLI_SEARCH, QUICK_SUBPROCESS, TRIAL_START
+from limits import CLI_SEARCH, QUICK_SUBPROCESS, STOPPED_PROCESS, TRIAL_START
 from optuna.trial import FrozenTrial, TrialState
 
 from autometa.cli import main
@@ -34,28 +34,49 @@ TRIALS = 8
 META_STEPS = 2000
 
 
-def _search(storage: str, *extra: str) -> list[str]:
+def _search(storage: str, *extra: str, study: str = STUDY, trials: int = TRIALS,
+            meta_steps: int = META_STEPS) -> list[str]:
     return ["launch", "ray", "--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
             # Trials that differ in learning rates only: each takes about as long, and none
             # diverges (small inner steps), so each completes.
             "--param", "maml.inner_lr=[0.001,0.002,0.004,0.008]", "--param",
             "maml.meta_batch_size=4", "--param", "maml.inner_steps=1", "--param",
             "maml.first_order=true", "--param", "mlp.hidden=40", "--param", "mlp.layers=1",
-            "--meta-steps", str(META_STEPS), "--eval-every", str(META_STEPS),
-            "--pruner", "none", "--no-baselines", "--threads", "1", "--trials", str(TRIALS),
-            "--study", STUDY, "--storage", storage, "--workers", "2", "--gpus-per-worker", "1",
+            "--meta-steps", str(meta_steps), "--eval-every", str(meta_steps),
+            "--pruner", "none", "--no-baselines", "--threads", "1", "--trials", str(trials),
+            "--study", study, "--storage", storage, "--workers", "2", "--gpus-per-worker", "1",
             "--devices", "cpu",
             *(a for k, v in SMALL_SINUSOID.items() for a in ("--task-param", f"{k}={v}")),
             *extra]
 
 
-def _trials(storage: str) -> list[FrozenTrial]:
-    return optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+def _trials(storage: str, study: str = STUDY) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
 
 
-@pytest.fixture
+def _running(storage: str, study: str = STUDY) -> list[FrozenTrial]:
+    """The study's trials that a worker runs (none while the study is being created)."""
+    try:
+        trials = _trials(storage, study)
+    except KeyError:  # no such study yet
+        return []
+    return [t for t in trials if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+
+
+def _launch(storage: str, cluster: Any, out: Path, **search: Any) -> subprocess.Popen[str]:
+    """``autometa launch ray`` on ``cluster`` in a subprocess, its output in ``out``."""
+    with out.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "autometa",
+             *_search(storage, "--address", cluster.address, **search)],
+            stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "COLUMNS": "200", "RAY_DEDUP_LOGS": "0"})
+
+
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    """A head (no GPU: the launcher's) and two worker nodes with one GPU each."""
+    """A head (no GPU: the launcher's) and two worker nodes with one GPU each (for the
+    module: a test may lose a node if it adds one)."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'autometa-ml[ray]')")
     from ray.cluster_utils import Cluster
 
@@ -97,11 +118,7 @@ def test_workers_placed_by_ray_end_the_budget_and_a_lost_node_s_trial_runs_again
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     out = tmp_path / "launch.out"
     start = time.monotonic()
-    with out.open("w") as sink:
-        launcher = subprocess.Popen(
-            [sys.executable, "-m", "autometa", *_search(storage, "--address", cluster.address)],
-            stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "COLUMNS": "200", "RAY_DEDUP_LOGS": "0"})
+    launcher = _launch(storage, cluster, out)
     try:
         raylets = {node.all_processes["raylet"][0].process.pid: node
                    for node in cluster.worker_nodes}
@@ -110,10 +127,8 @@ def test_workers_placed_by_ray_end_the_budget_and_a_lost_node_s_trial_runs_again
         while lost is None:
             assert time.monotonic() < end, f"no trial started: {out.read_text()[-3000:]}"
             assert launcher.poll() is None, out.read_text()[-3000:]
-            running = [t for t in _trials(storage) if t.state == TrialState.RUNNING] \
-                if (tmp_path / "study.db").exists() else []
-            for trial in running:
-                node = _raylet_of(trial.user_attrs.get("worker", {}).get("pid"), raylets)
+            for trial in _running(storage):
+                node = _raylet_of(trial.user_attrs["worker"].get("pid"), raylets)
                 if node is not None:  # the first worker seen in a trial loses its node
                     lost, doomed = trial, node
                     break
@@ -154,6 +169,41 @@ def test_workers_placed_by_ray_end_the_budget_and_a_lost_node_s_trial_runs_again
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
     assert retry[0].params == failed.params
     assert len(trials) == TRIALS + 1  # the budget, plus the one lost trial
+
+
+@pytest.mark.slow
+def test_a_stopped_launcher_stops_its_workers_and_their_trials_run_again(cluster, tmp_path):
+    """SIGTERM to the launcher (a scheduler's stop, Ctrl-C alike): every worker fails its
+    trial in flight as interrupted and queues it again, then exits; the launcher exits 143
+    saying how to resume."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "launch.out"
+    launcher = _launch(storage, cluster, out, study="stopped", trials=4, meta_steps=100_000)
+    try:
+        end = time.monotonic() + TRIAL_START
+        running: list[FrozenTrial] = []
+        while len(running) < 2:  # both workers in a trial
+            assert time.monotonic() < end, f"no trials started: {out.read_text()[-3000:]}"
+            assert launcher.poll() is None, out.read_text()[-3000:]
+            running = _running(storage, "stopped")
+            time.sleep(0.2)
+        launcher.terminate()
+        assert launcher.wait(timeout=STOPPED_PROCESS) == 143, out.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, 9)
+    text = out.read_text()
+    assert "stopping the 2 worker(s)" in text
+    assert text.rstrip().endswith("autometa: stopped by SIGTERM; re-run the same command to "
+                                  "resume")
+    trials = _trials(storage, "stopped")
+    for stopped in running:
+        assert trials[stopped.number].state == TrialState.FAIL
+        assert trials[stopped.number].user_attrs["crash"] == "interrupted (SIGTERM)"
+        again = [t for t in trials if t.system_attrs.get("failed_trial") == stopped.number]
+        assert len(again) == 1 and again[0].state == TrialState.WAITING
+        assert again[0].params == stopped.params
+        assert not Path(f"/proc/{stopped.user_attrs['worker']['pid']}").exists()
 
 
 def test_dry_run_prints_the_tasks_and_stores_nothing(pg_url, capsys):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from autometa.engine.signals import STOP_SIGNALS, deferred, raise_if_stopped
 from autometa.errors import ConfigError, one_line, redact
 from autometa.launch import STORAGE_ENV, WorkerJob
 
@@ -45,6 +46,8 @@ EXTRA = "ray"
 MAX_RETRIES = 3
 #: Seconds to wait for the head at ``--address`` to accept a connection.
 CONNECT_TIMEOUT = 10
+#: Seconds a stopped worker gets to fail its trial and exit (then it is killed).
+STOP_GRACE = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,10 +108,19 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
                                cwd=cwd if os.path.isdir(cwd) else None,
                                preexec_fn=_die_with_parent())
     try:
-        code = process.wait()
-    except BaseException:  # the task cancelled (ray.cancel): stop the worker as SIGTERM does
-        process.terminate()
-        process.wait()
+        while True:  # in steps: Ray's cancel (a KeyboardInterrupt) comes between two
+            try:
+                code = process.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:  # cancelled (the launcher stopped): the worker fails its trial
+        process.terminate()  # as interrupted and queues it again, as on SIGTERM anywhere
+        try:
+            process.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         raise
     return Ended(node=context.get_node_id(), ip=ray.util.get_node_ip_address(), gpus=gpus,
                  exit_code=code)
@@ -144,6 +156,10 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     node, GPU ids and exit code). ``--dry-run``: prints what would be started (no
     password) and starts nothing, without needing Ray.
 
+    Stopped (Ctrl-C, SIGTERM, SIGHUP), it cancels every task: each worker fails its trial
+    in flight as interrupted and queues it again (:data:`STOP_GRACE`); then the
+    interruption goes on (``autometa`` exits 130, 143, 129) and the same command resumes.
+
     Returns:
         0 if every worker exited with 0; 1 otherwise (a worker's error, or a task lost more
         than :data:`MAX_RETRIES` times).
@@ -160,7 +176,11 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
         print("nothing was started")
         return 0
     ray = _import_ray()
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     _connect(ray, args.address)
+    for stop, handler in handlers.items():  # ray.init's own would end this process at once
+        if callable(handler):
+            signal.signal(stop, handler)
     task = ray.remote(num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker,
                       max_retries=MAX_RETRIES)(run_worker)
     refs = [task.remote(job.argv(), job.env(), os.getcwd()) for _ in range(workers)]
@@ -170,7 +190,19 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     if job.artifacts is not None:
         board += ["--artifacts", job.artifacts]
     print(f"watch: `ray status` (the cluster), `{' '.join(board)}` (the study)", flush=True)
-    return _wait(ray, refs)
+    try:
+        return _wait(ray, refs)
+    except KeyboardInterrupt:  # Ctrl-C; SIGTERM and SIGHUP too (autometa's Interrupted)
+        with deferred():
+            print(f"stopping the {workers} worker(s): their trials in flight are failed and "
+                  "queued again", flush=True)
+            for ref in refs:
+                ray.cancel(ref)
+            # A cancelled task ends once its worker has (within its STOP_GRACE): leaving
+            # sooner would have Ray kill the workers while they queue their trials again.
+            ray.wait(refs, num_returns=len(refs), timeout=3 * STOP_GRACE)
+        raise_if_stopped()  # SIGTERM's own Interrupted (Ray's wait makes any a KeyboardInterrupt)
+        raise
 
 
 def _import_ray() -> ModuleType:
@@ -219,7 +251,10 @@ def _wait(ray: ModuleType, refs: list[Any]) -> int:
     index = {ref: number for number, ref in enumerate(refs, 1)}
     pending, ok = list(refs), True
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        # In steps: a stop signal's handler runs between two (not inside Ray's wait).
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        if not done:
+            continue
         number = index[done[0]]
         try:
             ended = ray.get(done[0])
