@@ -202,7 +202,7 @@ def test_a_stopped_launcher_stops_its_workers_and_their_trials_run_again(cluster
         assert trials[stopped.number].user_attrs["crash"] == "interrupted (SIGTERM)"
         again = [t for t in trials if t.system_attrs.get("failed_trial") == stopped.number]
         assert len(again) == 1 and again[0].state == TrialState.WAITING
-        assert again[0].params == stopped.params
+        assert again[0].params == trials[stopped.number].params
         assert not Path(f"/proc/{stopped.user_attrs['worker']['pid']}").exists()
 
 
@@ -216,25 +216,30 @@ def test_dry_run_prints_the_tasks_and_stores_nothing(pg_url, capsys):
     assert "dry run: would start 2 Ray task(s)" in text
     assert "each asking for 1 GPU(s) and 1 CPU(s)" in text
     command = next(line.strip() for line in text.splitlines() if " worker rayed " in line)
-    assert command.endswith(f"-m autometa worker {STUDY} --devices cpu --workers 1 "
-                            f"--no-progress --artifacts {Path('autometa-artifacts').resolve()} "
-                            f"--data-root {Path.cwd()} --threads 1")
+    assert command.endswith(f"-m autometa worker {STUDY} --devices cpu --no-progress "
+                            f"--artifacts {Path('autometa-artifacts').resolve()} "
+                            f"--data-root {Path.cwd()} --threads 1 --workers 1")
     assert optuna.get_all_study_names(secret) == []
 
 
-def test_without_ray_one_line_names_the_extra(tmp_path, monkeypatch, capsys):
+def test_without_ray_one_line_names_the_extra_and_nothing_is_stored(tmp_path, monkeypatch,
+                                                                     capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray: ImportError, as uninstalled
-    assert main(_search(f"sqlite:///{tmp_path / 's.db'}", "--address", "127.0.0.1:1")) == 2
+    database = tmp_path / "s.db"
+    assert main(_search(f"sqlite:///{database}", "--address", "127.0.0.1:1")) == 2
     err = capsys.readouterr().err.strip()
     assert "pip install 'autometa-ml[ray]'" in err and len(err.splitlines()) == 1
+    assert not database.exists()
 
 
-def test_no_cluster_at_the_address_is_one_line(tmp_path, capsys):
+def test_no_cluster_at_the_address_is_one_line_and_nothing_is_stored(tmp_path, capsys):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'autometa-ml[ray]')")
-    assert main(_search(f"sqlite:///{tmp_path / 's.db'}", "--address", "127.0.0.1:1")) == 2
+    database = tmp_path / "s.db"
+    assert main(_search(f"sqlite:///{database}", "--address", "127.0.0.1:1")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "nothing answers at --address 127.0.0.1:1" in err and "ray start --head" in err
+    assert not database.exists()
 
 
 def test_a_bad_cpus_per_worker_is_refused_before_the_study_is_stored(tmp_path, capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from autometa.config import SearchConfig
 from autometa.engine.signals import STOP_SIGNALS, deferred, raise_if_stopped
 from autometa.errors import ConfigError, one_line, redact
 from autometa.launch import STORAGE_ENV, WorkerJob
@@ -104,7 +106,7 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
 
     context = ray.get_runtime_context()
     gpus = tuple(str(gpu) for gpu in ray.get_gpu_ids())
-    process = subprocess.Popen(list(argv), env={**os.environ, **env},
+    process = subprocess.Popen(with_processes(argv, len(gpus)), env={**os.environ, **env},
                                cwd=cwd if os.path.isdir(cwd) else None,
                                preexec_fn=_die_with_parent())
     try:
@@ -124,6 +126,13 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
         raise
     return Ended(node=context.get_node_id(), ip=ray.util.get_node_ip_address(), gpus=gpus,
                  exit_code=code)
+
+
+def with_processes(argv: Sequence[str], gpus: int) -> list[str]:
+    """``argv`` running one trial at a time on each of the ``gpus`` GPUs Ray gave the task
+    (one on a CPU or a GPU's fraction): ``--workers`` said, or ``autometa worker`` would
+    take the study's (the number of workers launched)."""
+    return [*argv, "--workers", str(max(1, gpus))] if "--workers" not in argv else list(argv)
 
 
 def _die_with_parent() -> Any:
@@ -170,17 +179,15 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     """
     if args.dry_run:
         print(f"dry run: would start {describe(workers, args)}, each running:")
-        print(f"  {job.command()}")
+        gpus = int(args.gpus_per_worker) if args.gpus_per_worker >= 1 else 0
+        print(f"  {shlex.join(with_processes(job.argv(), gpus))}")
         print(f"  with {STORAGE_ENV} set to the storage URL (carried in the task's arguments, "
               "never in a command line)")
         print("nothing was started")
         return 0
     ray = _import_ray()
-    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    _connect(ray, args.address)
-    for stop, handler in handlers.items():  # ray.init's own would end this process at once
-        if callable(handler):
-            signal.signal(stop, handler)
+    if not ray.is_initialized():  # check() connects first, when autometa launch calls it
+        _connect(ray, args.address)
     task = ray.remote(num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker,
                       max_retries=MAX_RETRIES)(run_worker)
     refs = [task.remote(job.argv(), job.env(), os.getcwd()) for _ in range(workers)]
@@ -203,6 +210,18 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
             ray.wait(refs, num_returns=len(refs), timeout=3 * STOP_GRACE)
         raise_if_stopped()  # SIGTERM's own Interrupted (Ray's wait makes any a KeyboardInterrupt)
         raise
+
+
+def check(args: argparse.Namespace, config: SearchConfig) -> None:
+    """Join the Ray cluster before anything is stored (not for ``--dry-run``, which needs
+    neither Ray nor a cluster).
+
+    Raises:
+        ConfigError: Ray not installed (naming ``pip install 'autometa-ml[ray]'``), or no
+            Ray cluster at ``--address``; one line naming the fix.
+    """
+    if not args.dry_run:
+        _connect(_import_ray(), args.address)
 
 
 def _import_ray() -> ModuleType:
@@ -230,11 +249,15 @@ def _connect(ray: ModuleType, address: str) -> None:
             why = exc.strerror or str(exc)
             raise ConfigError(f"ray: nothing answers at --address {address} ({why}): "
                               f"{fix}") from None
+    handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
     try:
         ray.init(address=address)
     except ConnectionError as exc:
         raise ConfigError(f"ray: no running Ray cluster at --address {address}: {fix} "
                           f"({one_line(str(exc))[:200]})") from None
+    for stop, handler in handlers.items():  # ray.init's own would end this process at once
+        if callable(handler):
+            signal.signal(stop, handler)
 
 
 def _say_fit(ray: ModuleType, args: argparse.Namespace) -> None:
