@@ -49,7 +49,7 @@ def test_the_worker_command_holds_no_storage_url() -> None:
     job = WorkerJob(study="s", storage="postgresql://u:secret@db/x", artifacts="/shared/art",
                     data_root="/shared/data", devices="cuda", threads=4, python="python")
     assert job.argv() == ["python", "-m", "autometa", "worker", "s", "--devices", "cuda",
-                          "--no-progress", "--artifacts", "/shared/art",
+                          "--workers", "1", "--no-progress", "--artifacts", "/shared/art",
                           "--data-root", "/shared/data", "--threads", "4"]
     assert "secret" not in job.command()
     assert job.env() == {STORAGE_ENV: "postgresql://u:secret@db/x"}

@@ -102,7 +102,7 @@ def test_dry_run_writes_the_job_without_the_password_and_stores_nothing(
     assert worker["image"] == IMAGE
     # The image's python, the study's worker, one process per pod; no storage URL.
     assert worker["command"] == ["python", "-m", "autometa", "worker", "K8s_Sinus",
-                                 "--devices", "cuda", "--no-progress",
+                                 "--devices", "cuda", "--workers", "2", "--no-progress",
                                  "--artifacts", str(arts), "--data-root", str(data)]
     assert worker["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     storage = [e for e in worker["env"] if e["name"] == "AUTOMETA_STORAGE"]

@@ -216,9 +216,9 @@ def test_dry_run_prints_the_tasks_and_stores_nothing(pg_url, capsys):
     assert "dry run: would start 2 Ray task(s)" in text
     assert "each asking for 1 GPU(s) and 1 CPU(s)" in text
     command = next(line.strip() for line in text.splitlines() if " worker rayed " in line)
-    assert command.endswith(f"-m autometa worker {STUDY} --devices cpu --no-progress "
+    assert command.endswith(f"-m autometa worker {STUDY} --devices cpu --workers 1 --no-progress "
                             f"--artifacts {Path('autometa-artifacts').resolve()} "
-                            f"--data-root {Path.cwd()} --threads 1 --workers 1")
+                            f"--data-root {Path.cwd()} --threads 1")
     assert optuna.get_all_study_names(secret) == []
 
 

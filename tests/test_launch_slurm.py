@@ -15,10 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from limits import CLI_SEARCH, QUICK_SUBPROCESS, SLURM_ARRAY, TRIAL_START
 from optuna.trial import FrozenTrial, TrialState
 from stored_trials import stored_trials
+
+from autometa.study.settings import stored_settings
 
 #: Every test here starts real processes (autometa, SLURM's daemons and jobs).
 pytestmark = pytest.mark.slow
@@ -90,6 +93,9 @@ def test_a_job_array_runs_the_study_to_exactly_its_budget_one_gpu_per_worker(slu
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, \
         [(t.number, t.state.name, t.user_attrs.get("crash")) for t in trials]
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 6
+    # --workers 3 counts the tasks: not stored as each worker's own trials at once.
+    settings = stored_settings(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{db}"))
+    assert "task" in settings and settings.get("workers") is None
     starts = [line for path in sorted(logs.glob(f"{array}_*_0_log.out"))
               for line in path.read_text().splitlines() if "autometa worker on " in line]
     assert len(starts) == 3, starts
@@ -210,7 +216,7 @@ def test_dry_run_prints_the_sbatch_script_without_the_password_and_stores_nothin
                  "#SBATCH --signal=USR2@90", "#SBATCH --requeue",
                  "-u -m submitit.core._submit"):
         assert line in out, out
-    assert f"-m autometa worker {STUDY} --devices cuda --no-progress" in out
+    assert f"-m autometa worker {STUDY} --devices cuda --workers 2 --no-progress" in out
     assert "s3cret-pw" not in out + result.stderr
     assert not (tmp_path / "autometa-slurm").exists()
     import psycopg

@@ -4,6 +4,7 @@ through the cluster's own scheduler (SLURM, Ray, Kubernetes; see :mod:`autometa.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,19 @@ def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                f"{workers} worker(s) via {args.backend}{' (dry run)' if args.dry_run else ''}")
     from autometa.engine.run import create_search
 
-    create_search(config, host=host, store=not args.dry_run)
+    # --workers counts the launched workers, not trials at once in each: not stored (each
+    # worker would take it as its own default).
+    create_search(dataclasses.replace(config, workers=None), host=host,
+                  store=not args.dry_run)
     ready()
     # Nodes share this machine's paths (a shared disk): relative ones are made absolute.
     artifacts = config.artifacts
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).resolve())
+    devices = args.devices or ("cuda" if args.gpus_per_worker > 0 else "cpu")
     job = WorkerJob(study=config.study, storage=config.storage, artifacts=artifacts,
                     data_root=str(Path(args.data_root or ".").resolve()),
-                    devices=args.devices or ("cuda" if args.gpus_per_worker > 0 else "cpu"),
+                    devices=devices, workers=max(1, int(args.gpus_per_worker))
+                    if devices == "cuda" else 1,
                     threads=config.threads)
     return int(module.launch(job, workers, args))

@@ -50,6 +50,7 @@ class WorkerJob:
         data_root: where the nodes find the study's relative data paths.
         devices: each worker's ``--devices`` (``cuda`` = the GPUs its scheduler gave it,
             ``cpu``).
+        workers: trials at once in each worker (one per GPU its scheduler gives it).
         threads: torch CPU threads per worker; ``None``: torch's default.
         python: the nodes' Python (default: this one, for a shared environment).
     """
@@ -59,15 +60,14 @@ class WorkerJob:
     artifacts: str | None = None
     data_root: str | None = None
     devices: str = "cuda"
+    workers: int = 1
     threads: int | None = None
     python: str = sys.executable
 
     def argv(self) -> list[str]:
         """The worker's command line, without the storage URL (see :meth:`env`)."""
-        # No --workers: one trial at a time per device the scheduler gave (a worker
-        # asking for 2 GPUs runs 2 trials at once).
         argv = [self.python, "-m", "autometa", "worker", self.study, "--devices", self.devices,
-                "--no-progress"]
+                "--workers", str(self.workers), "--no-progress"]
         if self.artifacts is not None:
             argv += ["--artifacts", self.artifacts]
         if self.data_root is not None:

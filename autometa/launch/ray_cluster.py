@@ -106,7 +106,7 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
 
     context = ray.get_runtime_context()
     gpus = tuple(str(gpu) for gpu in ray.get_gpu_ids())
-    process = subprocess.Popen(with_processes(argv, len(gpus)), env={**os.environ, **env},
+    process = subprocess.Popen(list(argv), env={**os.environ, **env},
                                cwd=cwd if os.path.isdir(cwd) else None,
                                preexec_fn=_die_with_parent())
     try:
@@ -126,13 +126,6 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
         raise
     return Ended(node=context.get_node_id(), ip=ray.util.get_node_ip_address(), gpus=gpus,
                  exit_code=code)
-
-
-def with_processes(argv: Sequence[str], gpus: int) -> list[str]:
-    """``argv`` running one trial at a time on each of the ``gpus`` GPUs Ray gave the task
-    (one on a CPU or a GPU's fraction): ``--workers`` said, or ``autometa worker`` would
-    take the study's (the number of workers launched)."""
-    return [*argv, "--workers", str(max(1, gpus))] if "--workers" not in argv else list(argv)
 
 
 def _die_with_parent() -> Any:
@@ -179,8 +172,7 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     """
     if args.dry_run:
         print(f"dry run: would start {describe(workers, args)}, each running:")
-        gpus = int(args.gpus_per_worker) if args.gpus_per_worker >= 1 else 0
-        print(f"  {shlex.join(with_processes(job.argv(), gpus))}")
+        print(f"  {shlex.join(job.argv())}")
         print(f"  with {STORAGE_ENV} set to the storage URL (carried in the task's arguments, "
               "never in a command line)")
         print("nothing was started")
