@@ -24,7 +24,8 @@ def add_parsers(sub: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (127.0.0.1; 0.0.0.0 for every interface: "
                              "the proxy has no authentication, keep it on a private network)")
-    parser.add_argument("--port", type=int, default=13000, help="port to listen on (13000)")
+    parser.add_argument("--port", type=int, default=13000,
+                        help="port to listen on (13000; 0: any free port, printed)")
 
 
 def cmd_storage_proxy(args: argparse.Namespace, ready: Callable[[], None]) -> int:
