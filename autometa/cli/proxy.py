@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from autometa.errors import redact
+from autometa.errors import ConfigError, redact
 
 
 def add_parsers(sub: Any) -> None:
@@ -26,6 +26,9 @@ def add_parsers(sub: Any) -> None:
                              "the proxy has no authentication, keep it on a private network)")
     parser.add_argument("--port", type=int, default=13000,
                         help="port to listen on (13000; 0: any free port, printed)")
+    parser.add_argument("--threads", type=int, default=1024,
+                        help="calls served at once (1024): each worker waiting for the budget's "
+                             "lock holds one; beyond, workers retry after a pause")
 
 
 def cmd_storage_proxy(args: argparse.Namespace, ready: Callable[[], None]) -> int:
@@ -34,7 +37,9 @@ def cmd_storage_proxy(args: argparse.Namespace, ready: Callable[[], None]) -> in
     from autometa.engine.signals import Interrupted
 
     quiet_optuna()
-    proxy = Proxy(args.url, host=args.host, port=args.port)
+    if args.threads < 2:
+        raise ConfigError(f"--threads: expected at least 2, got {args.threads}")
+    proxy = Proxy(args.url, host=args.host, port=args.port, threads=args.threads)
     print(f"serving {redact(args.url)} on {proxy.address} (workers: --storage "
           f"{proxy.address}; Ctrl-C stops it)", flush=True)
     ready()

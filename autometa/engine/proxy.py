@@ -30,9 +30,12 @@ from autometa.version import __version__
 
 log = logging.getLogger(__name__)
 
-#: Threads serving calls; at most half of them wait for the lock at once (the others serve
-#: the storage, so the worker holding the lock is never starved of one).
-THREADS = 64
+#: Threads serving calls. Each worker waiting for the lock holds one (idle: a thread
+#: blocked on a lock costs no CPU), so this bounds the workers that wait without retrying.
+THREADS = 1024
+#: Threads kept for the storage's calls, never waiting for the lock: the worker holding it
+#: is never starved of one.
+SPARE = 32
 #: Seconds calls in flight get to finish when the proxy is stopped.
 STOP_GRACE = 2.0
 
@@ -69,7 +72,7 @@ class Proxy:
                                    options=[("grpc.so_reuseport", 0)])
         api_pb2_grpc.add_StorageServiceServicer_to_server(
             OptunaStorageProxyService(self.storage), self._server)
-        self._service = _Service(self.storage, url, max(1, threads // 2))
+        self._service = _Service(self.storage, url, max(1, threads - SPARE, threads // 2))
         self._server.add_generic_rpc_handlers((self._service.handler(grpc),))
         try:
             self.port = self._server.add_insecure_port(f"{host}:{port}")
@@ -118,8 +121,8 @@ class _Service:
 
     def lock(self, request: Any, context: Any) -> Iterator[bool]:
         """Answer True once the lock is held, and hold it until the caller's call ends
-        (the caller cancels it, or its connection drops); False (try again) when too many
-        calls wait already."""
+        (the caller cancels it, or its connection drops); False (try again later) when all
+        the threads that may wait are waiting already."""
         if not self._waiting.acquire(blocking=False):
             yield False
             return

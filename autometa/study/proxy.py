@@ -40,6 +40,8 @@ SERVICE = "autometa.StorageProxy"
 LOCK, BEAT, STALE, INFO = "Lock", "Heartbeat", "StaleTrials", "Info"
 #: Seconds a client waits for the proxy to answer when it opens the storage.
 CONNECT_TIMEOUT = 20
+#: Longest pause, in seconds, before asking again for a lock the proxy could not queue.
+MAX_BACKOFF = 1.0
 #: The extra that installs grpcio.
 INSTALL = "pip install 'autometa-ml[grpc]'"
 
@@ -132,11 +134,13 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, BaseHeartbeat):
     def hold_lock(self) -> Iterator[None]:
         """Hold the lock of the storage behind the proxy (see the module's docstring).
 
-        The proxy lets a bounded number of calls wait for the lock (the rest of its threads
-        serve the storage); a call it turns away is made again after a few milliseconds.
+        The proxy lets a bounded number of calls wait for the lock (``--threads`` less the
+        threads it keeps for the storage); a call it turns away is made again after a
+        random pause that doubles each time, up to :data:`MAX_BACKOFF` seconds.
         """
         method = self._channel.unary_stream(f"/{SERVICE}/{LOCK}", request_serializer=encode,
                                             response_deserializer=decode)
+        pause = 0.01
         while True:
             call = method({})
             try:
@@ -147,7 +151,8 @@ class ProxyStorage(optuna.storages.GrpcStorageProxy, BaseHeartbeat):
             if held:
                 break
             call.cancel()
-            time.sleep(random.uniform(0.002, 0.02))
+            time.sleep(random.uniform(0.5, 1.0) * pause)
+            pause = min(2 * pause, MAX_BACKOFF)
         try:
             yield
         finally:
