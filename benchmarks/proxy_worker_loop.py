@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from postgres_worker_loop import ALGORITHMS
+from postgres_worker_loop import dummy_trial
 
 
 def worker_url(url: str, index: int) -> str:
@@ -57,6 +57,7 @@ def process_main(url: str, study_name: str, n_trials: int, indices: list[int], r
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lock_wait: list[float] = []
     lock_held: list[float] = []
+    last = threading.local()  # this thread's latest (wait, held)
     real_lock = claim_module.storage_lock
 
     @contextmanager
@@ -64,11 +65,10 @@ def process_main(url: str, study_name: str, n_trials: int, indices: list[int], r
         asked = time.perf_counter()
         with real_lock(lock_url):
             got = time.perf_counter()
-            lock_wait.append(got - asked)
             try:
                 yield
             finally:
-                lock_held.append(time.perf_counter() - got)
+                last.timing = (got - asked, time.perf_counter() - got)
 
     claim_module.storage_lock = timed_lock  # type: ignore[assignment]
     go = threading.Event()
@@ -92,16 +92,14 @@ def process_main(url: str, study_name: str, n_trials: int, indices: list[int], r
                 asked = time.perf_counter()
                 trial = claim(study, mine, n_trials, None, {"device": "cpu", "worker": index},
                               lambda number: trial_sampler(0, number))
-                if trial is None:
+                if trial is None:  # after this worker's last tell: outside the timed window
                     break
                 claimed = time.perf_counter()
                 report["claim_s"].append(claimed - asked)
+                lock_wait.append(last.timing[0])
+                lock_held.append(last.timing[1])
                 with Heartbeat(study, trial, mine):
-                    algorithm = trial.suggest_categorical("algorithm", ALGORITHMS)
-                    lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-                    steps = trial.suggest_int("steps", 1, 10)
-                    value = lr * steps * (1.0 if algorithm == "maml" else 2.0)
-                    trial.report(value, 1)
+                    value = dummy_trial(trial)
                 study.tell(trial, value)
                 report["last_tell"] = time.time()
                 report["trials"] += 1
