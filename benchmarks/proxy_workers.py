@@ -94,14 +94,14 @@ def run_once(url: str, study_name: str, monitor: Monitor, log: ServerLog, *, mod
     beats_before = monitor.heartbeats()
     before = monitor.settled()
     # Started after the counters settle: its start-up (a few queries) is counted.
-    proxy, target = (start_proxy(url) if mode == "proxy" else (None, url))
+    proxy, address = (start_proxy(url) if mode == "proxy" else (None, url))
     log.mark()
     load = load_average()
     groups = [list(range(workers))[p::processes] for p in range(min(processes, workers))]
     context = multiprocessing.get_context("spawn")
     ready, results, start = context.Queue(), context.Queue(), context.Event()
     procs = [context.Process(target=process_main, daemon=True,
-                             args=(target, study_name, trials, group, ready, start, results))
+                             args=(address, study_name, trials, group, ready, start, results))
              for group in groups]
     try:
         with monitor.peak_connections() as peak:

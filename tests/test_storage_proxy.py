@@ -176,3 +176,14 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_without_grpcio_the_proxy_and_grpc_urls_name_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "grpc", None)  # `import grpc` fails, as uninstalled
+    for args in (["storage-proxy", f"sqlite:///{tmp_path / 's.db'}"],
+                 ["leaderboard", "x", "--storage", "grpc://127.0.0.1:5"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["autometa: error: the gRPC storage proxy needs grpcio; install it with "
+                       "pip install 'autometa-ml[grpc]'"]
+    assert not (tmp_path / "s.db").exists()
