@@ -102,6 +102,39 @@ def test_two_workers_through_a_proxy_of_postgresql_finish_exactly_the_budget(pg_
     assert beats == 5
 
 
+def test_a_database_restart_behind_the_proxy_is_an_outage_workers_wait_for(postgres, pg_url,
+                                                                            tmp_path):
+    import threading
+
+    from autometa.engine.outage import is_storage_error
+
+    with _proxy(pg_url, tmp_path) as address:
+        storage = open_storage(address)
+        optuna.create_study(storage=storage, study_name="s")
+        seen: list[Exception] = []
+        done = threading.Event()
+
+        def use() -> None:
+            while not done.is_set():
+                try:  # the lock and a storage call, as a claim makes them
+                    with storage_lock(address):
+                        storage.get_all_studies()
+                except Exception as exc:
+                    seen.append(exc)
+                time.sleep(0.05)
+
+        user = threading.Thread(target=use)
+        user.start()
+        try:  # in this thread: the server's process dies with the thread that started it
+            postgres.restart(downtime=3.0)
+        finally:
+            done.set()
+            user.join()
+        assert seen and all(is_storage_error(exc) for exc in seen), seen[:3]
+        with storage_lock(address):  # the proxy reconnects by itself
+            assert [s.study_name for s in storage.get_all_studies()] == ["s"]
+
+
 def test_the_lock_through_a_proxy_is_the_databases_and_is_freed_when_its_holder_dies(
         tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"

@@ -22,9 +22,10 @@ from typing import Any
 import optuna
 
 from autometa.engine.lock import storage_lock
+from autometa.engine.outage import is_storage_error
 from autometa.errors import ConfigError, redact
 from autometa.study.proxy import BEAT, INFO, LOCK, SERVICE, STALE, decode, encode, require_grpc
-from autometa.study.storage import open_storage
+from autometa.study.storage import one_reason, open_storage
 from autometa.study.urls import JOURNAL_SUFFIXES, is_proxy, scheme
 from autometa.version import __version__
 
@@ -69,6 +70,7 @@ class Proxy:
         # fail, not share the port with the first and serve half of the calls.
         self._server = grpc.server(ThreadPoolExecutor(max_workers=threads,
                                                       thread_name_prefix="proxy"),
+                                   interceptors=(_outage_interceptor(grpc),),
                                    options=[("grpc.so_reuseport", 0)])
         api_pb2_grpc.add_StorageServiceServicer_to_server(
             OptunaStorageProxyService(self.storage), self._server)
@@ -101,6 +103,32 @@ class Proxy:
         self.storage._backend.engine.dispose()
 
 
+def _outage_interceptor(grpc: Any) -> Any:
+    """Calls that fail because the database cannot be reached (a server restarting) end
+    with gRPC's UNAVAILABLE, not UNKNOWN: a worker then waits for it as it waits for a
+    database it reaches directly (:func:`~autometa.engine.outage.is_storage_error`)."""
+
+    def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def call(request: Any, context: Any) -> Any:
+            try:
+                return behavior(request, context)
+            except Exception as exc:
+                if is_storage_error(exc):
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"the database is unreachable: {one_reason(exc)}")
+                raise
+        return call
+
+    class Interceptor(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            handler = continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler  # the lock (a stream) reports its own failures
+            return handler._replace(unary_unary=guard(handler.unary_unary))
+
+    return Interceptor()
+
+
 class _Service:
     """autometa's calls (:mod:`autometa.study.proxy`) on the proxy's storage."""
 
@@ -110,6 +138,7 @@ class _Service:
         self._waiting = threading.BoundedSemaphore(waiters)
 
     def handler(self, grpc: Any) -> Any:
+        self._grpc = grpc
         def unary(fn: Callable[[Any, Any], Any]) -> Any:
             return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=decode,
                                                        response_serializer=encode)
@@ -136,7 +165,13 @@ class _Service:
                 self._waiting.release()
             if not context.is_active():
                 return
-            held.enter_context(storage_lock(self._url))
+            try:
+                held.enter_context(storage_lock(self._url))
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                context.abort(self._grpc.StatusCode.UNAVAILABLE,
+                              f"the database is unreachable: {one_reason(exc)}")
             yield True
             while not ended.wait(1.0) and context.is_active():
                 pass
