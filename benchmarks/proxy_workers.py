@@ -7,8 +7,9 @@ simulated workers (``--workers``), each one thread holding its own storage clien
 databases get the same budget: one used directly (each worker ~3 connections: Optuna's
 pool, the heartbeat, the advisory lock), one through ``autometa storage-proxy`` (a
 process of its own; workers hold one gRPC channel each, the proxy the connections). The
-two modes run one after the other for each count (direct, proxy, direct, proxy, ...), so
-a change in the machine's load hits both.
+two modes run one after the other for each count, in alternating order over
+``--repeats`` repetitions (medians reported), so a change in the machine's load hits
+both.
 
 Measured per run, as postgres_workers.py does: trials/s from the first claim to the last
 tell; exactly ``--trials`` COMPLETE trials; claim, lock-wait and lock-held times; the
@@ -16,8 +17,9 @@ database's load (``pg_stat_database`` commits and rollbacks, peak client connect
 heartbeat rows, the server's ERROR lines); the CPU of the worker processes and of the
 proxy process.
 
-    python benchmarks/proxy_workers.py            # ~6 min on 2 cores
-    python benchmarks/proxy_workers.py --workers 8 --trials 40 --processes 2   # ~1 min
+    python benchmarks/proxy_workers.py            # ~10 min on 2 cores
+    python benchmarks/proxy_workers.py --workers 8 --trials 40 --processes 2 \\
+        --repeats 1                               # ~30 s
 
 Writes benchmarks/results/proxy_workers.json and .md (``--out``).
 """
@@ -155,22 +157,62 @@ def run_once(url: str, study_name: str, monitor: Monitor, log: ServerLog, *, mod
     }
 
 
-HEADERS = ["workers", "mode", "trials/s", "proxy / direct", "claim (ms, median)",
+HEADERS = ["workers", "mode", "trials/s (range)", "proxy / direct (paired)", "claim (ms, median)",
            "lock held (ms, median)", "lock busy", "commits/trial", "peak connections",
            "CPU: workers / proxy", "exact budget"]
 
 
-def rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
-    """One table row per run, with the proxy's throughput over direct's at the same count."""
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per worker count and mode, the medians over the repetitions (runs' own keys), the
+    range of trials/s and, for the proxy, the median of its ratios to direct's run of the
+    same repetition."""
     out = []
-    for run in runs:
-        direct = [r["trials_per_s"] for r in runs
+    for w in dict.fromkeys(r["workers"] for r in runs):
+        for mode in ("direct", "proxy"):
+            mine = [r for r in runs if r["workers"] == w and r["mode"] == mode]
+            if not mine:
+                continue
+
+            def med(get: Any, mine: list[dict[str, Any]] = mine) -> Any:
+                values = [get(r) for r in mine]
+                return None if None in values else statistics.median(values)
+
+            paired = [r["trials_per_s"] / d["trials_per_s"] for r in mine for d in runs
+                      if d["mode"] == "direct" and d["workers"] == w
+                      and d.get("repeat") == r.get("repeat")] if mode == "proxy" else []
+            out.append({
+                "workers": w, "mode": mode, "runs": len(mine),
+                "ok": all(r["ok"] for r in mine), "states": [r["states"] for r in mine],
+                "trials_per_s": med(lambda r: r["trials_per_s"]),
+                "trials_per_s_range": [min(r["trials_per_s"] for r in mine),
+                                       max(r["trials_per_s"] for r in mine)],
+                "paired_ratio": statistics.median(paired) if paired else None,
+                "claim_ms": {"median": med(lambda r: r["claim_ms"]["median"])},
+                "lock_held_ms": {"median": med(lambda r: r["lock_held_ms"]["median"])},
+                "lock_busy": med(lambda r: r["lock_busy"]),
+                "commits_per_trial": med(lambda r: r["commits_per_trial"]),
+                "max_connections": max(r["max_connections"] for r in mine),
+                "workers_cpu": med(lambda r: r["workers_cpu"]),
+                "proxy_cpu": med(lambda r: r["proxy_cpu"]),
+            })
+    return out
+
+
+def rows(summary: list[dict[str, Any]]) -> list[list[Any]]:
+    """One table row per worker count and mode, with the proxy's throughput over direct's
+    (the ratio of medians, and the median of the per-repetition ratios)."""
+    out = []
+    for run in summary:
+        direct = [r["trials_per_s"] for r in summary
                   if r["workers"] == run["workers"] and r["mode"] == "direct"]
-        ratio = (f"{run['trials_per_s'] / statistics.median(direct):.2f}x"
+        ratio = (f"{run['trials_per_s'] / direct[0]:.2f}x"
+                 + (f" ({run['paired_ratio']:.2f}x)" if run["paired_ratio"] else "")
                  if run["mode"] == "proxy" and direct else "")
         cpu = f"{run['workers_cpu']:.0%}" + (f" / {run['proxy_cpu']:.0%}"
                                               if run["proxy_cpu"] is not None else "")
-        out.append([run["workers"], run["mode"], f"{run['trials_per_s']:.1f}", ratio,
+        low, high = run["trials_per_s_range"]
+        spread = f" ({low:.1f}-{high:.1f})" if run["runs"] > 1 else ""
+        out.append([run["workers"], run["mode"], f"{run['trials_per_s']:.1f}{spread}", ratio,
                     f"{run['claim_ms']['median']:.0f}", f"{run['lock_held_ms']['median']:.1f}",
                     f"{run['lock_busy']:.0%}", f"{run['commits_per_trial']:.1f}",
                     run["max_connections"], cpu,
@@ -211,26 +253,28 @@ def notes(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def render(result: dict[str, Any]) -> str:
-    env, settings, runs = result["environment"], result["settings"], result["runs"]
+    env, settings = result["environment"], result["settings"]
+    summary = summarise(result["runs"])
     return "\n".join([
         "# Many workers on one PostgreSQL server: direct and through the storage proxy", "",
         f"{settings['trials']} near-instant dummy trials per run (autometa's claim, "
         "Heartbeat, three suggests, one report, tell), each simulated worker a thread with "
         f"its own storage client, over {settings['processes']} processes; for each count "
-        "the two modes back to back on fresh databases of one throwaway local server "
+        "the two modes back to back (their order alternating) on fresh databases of one "
+        f"throwaway local server, {settings['repeats']} repetitions, medians "
         f"(fsync off, max_connections {MAX_CONNECTIONS}). {env['cpu']}, {env['cores']} "
         f"cores, load average {env['load_average_1m']:.2f} at start; "
         f"{env['postgresql'].split(' on ')[0]}; optuna {env['versions']['optuna']}, grpcio "
         f"{env['versions']['grpcio']}; autometa {env['autometa_commit']}; {env['date']}; "
         f"{result['runtime_s'] / 60:.1f} min (`{env['command']}`).", "",
-        markdown_table(HEADERS, rows(runs)), "",
+        markdown_table(HEADERS, rows(summary)), "",
         "*claim*: one successful `claim()` (the lock, failing dead trials, counting the "
         "budget, `ask`); *lock held*: the serial section; *lock busy*: its share of the "
         "run; *commits/trial*: the database's committed transactions (`pg_stat_database`) "
         "per trial; *peak connections*: client connections to the database (polled every "
         "50 ms); *CPU*: share of all cores used by the worker processes and by the proxy "
         "process during the run.", "",
-        *notes(runs),
+        *notes(summary),
     ])
 
 
@@ -239,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trials", type=int, default=300, help="budget per run (300)")
     parser.add_argument("--workers", default="8,32,128",
                         help="simulated worker counts, comma-separated (8,32,128)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="repetitions, the modes' order alternating (2)")
     parser.add_argument("--processes", type=int, default=8,
                         help="processes the simulated workers are spread over (8)")
     parser.add_argument("--url", help="an existing server's database (postgresql+psycopg://"
@@ -272,14 +318,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         env = environment(extra_versions=("optuna", "sqlalchemy", "psycopg", "grpcio"))
         with monitor.connect() as conn:
             env["postgresql"] = conn.execute("SELECT version()").fetchone()[0]
-        for w in workers:
-            for mode in ("direct", "proxy"):
-                label = f"pxw_{tag}_{mode}_w{w}"
+        for repeat, w in ((r, w) for r in range(args.repeats) for w in workers):
+            for mode in ("direct", "proxy")[::1 if repeat % 2 == 0 else -1]:
+                label = f"pxw_{tag}_r{repeat}_{mode}_w{w}"
                 url, monitor, log = target(server, args.url, label)
                 run = run_once(url, label, monitor, log, mode=mode, workers=w,
                                trials=args.trials, processes=args.processes)
+                run["repeat"] = repeat
                 runs.append(run)
-                print(f"{w} workers, {mode}: {run['trials_per_s']:.1f} trials/s, claim "
+                print(f"repeat {repeat}, {w} workers, {mode}: {run['trials_per_s']:.1f} "
+                      f"trials/s, claim "
                       f"{run['claim_ms']['median']:.0f} ms, {run['commits_per_trial']:.1f} "
                       f"commits/trial, {run['max_connections']} connections"
                       + ("" if run["ok"] else "  FAILURE"), flush=True)
@@ -291,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {"environment": env, "settings": vars(args) | {"out": str(args.out),
                                                              "workers": workers},
               "runtime_s": time.perf_counter() - began, "runs": runs}
-    print(text_table(HEADERS, rows(runs)))
-    print("\n".join(notes(runs)))
+    print(text_table(HEADERS, rows(summarise(runs))))
+    print("\n".join(notes(summarise(runs))))
     for path in write_results(args.name, result, render(result), args.out):
         print(f"wrote {path}")
     return result
