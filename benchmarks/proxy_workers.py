@@ -220,8 +220,10 @@ def rows(summary: list[dict[str, Any]]) -> list[list[Any]]:
     return out
 
 
-def notes(runs: list[dict[str, Any]]) -> list[str]:
-    """What limits throughput, read off the runs: the largest worker count, both modes."""
+def notes(summary: list[dict[str, Any]]) -> list[str]:
+    """What limits throughput, read off the summary (:func:`summarise`): the largest worker
+    count, both modes."""
+    runs = summary
     most = max(r["workers"] for r in runs)
     pick = {r["mode"]: r for r in runs if r["workers"] == most}
     if set(pick) != {"direct", "proxy"}:
@@ -235,20 +237,21 @@ def notes(runs: list[dict[str, Any]]) -> list[str]:
         "## What limits it", "",
         f"At {most} workers the proxy ran {ratio:.2f}x direct's trials/s "
         f"({proxy['trials_per_s']:.1f} against {direct['trials_per_s']:.1f}), {verdict} 3x. "
-        f"The database saw {proxy['max_connections']} client connections instead of "
-        f"{direct['max_connections']}. The claim is still one serial section per trial "
+        "The claim is still one serial section per trial "
         f"(the lock busy {proxy['lock_busy']:.0%} of the run through the proxy): its storage "
         "calls are made one after another, each a gRPC call to the proxy and the query it "
         "makes, so trials/s stays under 1 / lock held = "
         f"{1e3 / proxy['lock_held_ms']['median']:.1f}/s whatever the number of workers. "
-        f"The proxy does not shorten that section (lock held {min(held):.0f}-"
-        f"{max(held):.0f} ms through it, {min(held_direct):.0f}-{max(held_direct):.0f} ms "
-        "directly, over the worker counts): each storage call still costs a query, plus a "
-        "gRPC hop and the proxy's CPU (one Python process). What it removes is connections "
-        f"and some commits ({direct['commits_per_trial']:.1f} -> "
-        f"{proxy['commits_per_trial']:.1f} per trial). Beyond this, the claim itself would "
-        "have to move into the proxy (one call per trial instead of one per storage "
-        "operation).",
+        f"The section held {min(held):.0f}-{max(held):.0f} ms through the proxy and "
+        f"{min(held_direct):.0f}-{max(held_direct):.0f} ms directly over the worker counts: "
+        "through the proxy each storage call still costs a query, plus a gRPC hop and the "
+        "proxy's CPU (one Python process), so what it gains is what the workers' own "
+        "connections cost the server and the cores (directly "
+        f"{direct['max_connections']} connections and {direct['commits_per_trial']:.1f} "
+        f"commits per trial, against {proxy['max_connections']} and "
+        f"{proxy['commits_per_trial']:.1f}), not a shorter section. Beyond this, the claim "
+        "itself would have to move into the proxy (one call per trial instead of one per "
+        "storage operation).",
     ]
 
 
