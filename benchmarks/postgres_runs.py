@@ -54,6 +54,40 @@ def _get(queue: Any, processes: Sequence[Any]) -> Any:
                 raise RuntimeError(f"a worker process died (exit codes {dead})") from None
 
 
+def target(server: Any, url: str | None, label: str) -> tuple[str, Monitor, ServerLog]:
+    """A fresh database ``label`` on ``server`` (the script's own), else the existing
+    server's ``url`` (a fresh study in it); its monitor and server log."""
+    url = server.url(label) if server is not None else url
+    log = ServerLog(server.base_dir / "server.log" if server is not None and
+                    server.base_dir is not None else None)
+    return url, Monitor(url), log
+
+
+def outcome(url: str, study_name: str, trials: int, reports: Sequence[dict[str, Any]],
+            label: str) -> tuple[list[Any], dict[str, int], int, list[str], bool, float]:
+    """What a run left: its trials, their states, the COMPLETE count, the workers' errors,
+    whether exactly ``trials`` COMPLETE trials and nothing else, and the timed window (s)."""
+    import optuna
+
+    from autometa.study.storage import open_storage
+
+    storage = open_storage(url, create_tables=False)
+    done = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    storage.engine.dispose()
+    states: dict[str, int] = {}
+    for t in done:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    complete = states.get("COMPLETE", 0)
+    worker_errors = [r["error"] for r in reports if r["error"]]
+    ok = complete == trials == len(done) and not worker_errors
+    if not ok:
+        print(f"FAILURE: {label}: {complete} COMPLETE of {trials} (states {states}); worker "
+              f"errors: {worker_errors[:5]}", flush=True)
+    started = [r["first_claim"] for r in reports if "first_claim" in r]
+    wall = max(r["last_tell"] for r in reports if "last_tell" in r) - min(started)
+    return done, states, complete, worker_errors, ok, wall
+
+
 def run_once(url: str, study_name: str, monitor: Monitor, log: ServerLog, *, workers: int,
              trials: int, trial_seconds: float) -> dict[str, Any]:
     """``workers`` processes spend a budget of ``trials`` in a new study; what it cost."""
@@ -89,20 +123,8 @@ def run_once(url: str, study_name: str, monitor: Monitor, log: ServerLog, *, wor
     beats_after = monitor.heartbeats()
     errors = log.errors()
 
-    storage = open_storage(url, create_tables=False)
-    done = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
-    storage.engine.dispose()
-    states: dict[str, int] = {}
-    for t in done:
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    complete = states.get("COMPLETE", 0)
-    worker_errors = [r["error"] for r in reports if r["error"]]
-    ok = complete == trials == len(done) and not worker_errors
-    if not ok:
-        print(f"FAILURE: {workers} worker(s): {complete} COMPLETE of {trials} "
-              f"(states {states}); worker errors: {worker_errors}", flush=True)
-    started = [r["first_claim"] for r in reports if "first_claim" in r]
-    wall = max(r["last_tell"] for r in reports if "last_tell" in r) - min(started)
+    done, states, complete, worker_errors, ok, wall = outcome(
+        url, study_name, trials, reports, f"{workers} worker(s)")
     commits = after["commit"] - before["commit"]
     rollbacks = after["rollback"] - before["rollback"]
     claims = [s for r in reports for s in r["claim_s"]]

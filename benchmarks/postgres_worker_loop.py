@@ -16,6 +16,16 @@ from typing import Any
 ALGORITHMS = ["maml", "protonet"]
 
 
+def dummy_trial(trial: Any) -> float:
+    """A trial without a model: three suggests and one report; its value."""
+    algorithm = trial.suggest_categorical("algorithm", ALGORITHMS)
+    lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    steps = trial.suggest_int("steps", 1, 10)
+    value = lr * steps * (1.0 if algorithm == "maml" else 2.0)
+    trial.report(value, 1)
+    return value
+
+
 def worker_main(url: str, study_name: str, n_trials: int, trial_seconds: float, index: int,
                 ready: Any, start: Any, results: Any) -> None:
     """One worker process: autometa's claim/heartbeat/tell loop with no model.
@@ -89,11 +99,7 @@ def worker_main(url: str, study_name: str, n_trials: int, trial_seconds: float, 
             claimed = time.perf_counter()
             report["claim_s"].append(claimed - asked)
             with Heartbeat(study, trial, url):
-                algorithm = trial.suggest_categorical("algorithm", ALGORITHMS)
-                lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-                steps = trial.suggest_int("steps", 1, 10)
-                value = lr * steps * (1.0 if algorithm == "maml" else 2.0)
-                trial.report(value, 1)
+                value = dummy_trial(trial)
                 if trial_seconds:
                     time.sleep(trial_seconds)
             study.tell(trial, value)

@@ -58,9 +58,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from harness import environment  # noqa: E402
-from postgres_monitor import Monitor, ServerLog  # noqa: E402
+from postgres_monitor import Monitor  # noqa: E402
 from postgres_report import publish, summarise  # noqa: E402
-from postgres_runs import heartbeat_load, run_once  # noqa: E402
+from postgres_runs import heartbeat_load, run_once, target  # noqa: E402
 
 
 def machine(monitor: Monitor) -> dict[str, Any]:
@@ -113,19 +113,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     heartbeat = None
     try:
-        def target(label: str) -> tuple[str, Monitor, ServerLog]:
-            """A fresh database (own server) or study (--url) for one run."""
-            url = server.url(label) if server is not None else args.url
-            log = ServerLog(server.base_dir / "server.log" if server is not None and
-                            server.base_dir is not None else None)
-            return url, Monitor(url), log
-
-        url, monitor, _ = target("pgw_setup")
+        url, monitor, _ = target(server, args.url, "pgw_setup")
         env = machine(monitor)
         for repeat in range(args.repeats):
             for w in workers:
                 label = f"pgw_{tag}_r{repeat}_w{w}"
-                url, monitor, log = target(label)
+                url, monitor, log = target(server, args.url, label)
                 run = run_once(url, label, monitor, log, workers=w, trials=args.trials,
                                trial_seconds=args.trial_seconds)
                 run["repeat"] = repeat
@@ -140,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     server.drop_database(label)
         if args.heartbeat_seconds > 0:
             label = f"pgw_{tag}_heartbeat"
-            url, monitor, log = target(label)
+            url, monitor, log = target(server, args.url, label)
             heartbeat = heartbeat_load(url, label, monitor, log, workers=max(workers),
                                        seconds=args.heartbeat_seconds)
             print(f"heartbeat: {heartbeat['writes']} rows in {heartbeat['span_s']:.1f} s = "

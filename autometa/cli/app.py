@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from autometa.cli import cache, launch, plugins, results, search
+from autometa.cli import cache, launch, plugins, proxy, results, search
 from autometa.cli.common import Parser
 from autometa.engine.signals import Interrupted, stop_on_signals
 from autometa.errors import AutometaError, one_line, redact
@@ -24,6 +24,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], None]], int]] = {
     "predict": results.cmd_predict, "export": results.cmd_export,
     "new-plugin": plugins.cmd_new_plugin, "cache": cache.cmd_cache,
     "launch": launch.cmd_launch,
+    "storage-proxy": proxy.cmd_storage_proxy,
 }
 
 
@@ -46,6 +47,7 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     results.add_parsers(sub)
     cache.add_parsers(sub)
     launch.add_parsers(sub)
+    proxy.add_parsers(sub)
     _plugin_commands(sub, list(sys.argv[1:] if argv is None else argv))
     return parser
 

@@ -8,6 +8,9 @@ of machines finish exactly ``n_trials``.
   its own, so every machine's workers queue on the server; the server releases it if the
   holder's connection dies, so a killed worker never leaves it taken;
 - MySQL: ``GET_LOCK`` (the same, by name);
+- ``grpc://host:port``, an ``autometa storage-proxy``: the proxy takes the lock of the
+  database behind it (one of the above) for the caller, and holds it while the caller's
+  call stays open (:mod:`autometa.study.proxy`); it too is freed if the caller dies;
 - anything else (in-memory storages): none is needed, one process uses it.
 """
 
@@ -20,7 +23,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from autometa.errors import ConfigError
-from autometa.study.urls import check_folder, local_file, open_error, scheme, with_driver
+from autometa.study.proxy import hold_lock
+from autometa.study.urls import (
+    check_folder,
+    is_proxy,
+    local_file,
+    open_error,
+    scheme,
+    with_driver,
+)
 
 #: The advisory lock's key on a PostgreSQL server (any 64-bit number; "auto" in ASCII),
 #: and the lock's name on MySQL.
@@ -48,6 +59,9 @@ def storage_lock(url: str, *, tidy: bool = False) -> Iterator[None]:
             yield
     elif scheme(url) in ("postgresql", "mysql"):
         with _server_lock(url):
+            yield
+    elif is_proxy(url):
+        with hold_lock(url):
             yield
     else:
         yield

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 import time
 
 import optuna
@@ -30,9 +31,9 @@ OUTAGE = 300
 
 def is_storage_error(exc: BaseException) -> bool:
     """True if ``exc`` (or what caused it) says the storage cannot be reached: a dropped or
-    refused database connection, as opposed to an error of the trial itself or a
-    :func:`lasting_fault`. Optuna wraps SQLAlchemy's errors in ``StorageInternalError``;
-    the cause is checked."""
+    refused database connection, or a storage proxy that does not answer (gRPC's
+    UNAVAILABLE), as opposed to an error of the trial itself or a :func:`lasting_fault`.
+    Optuna wraps SQLAlchemy's errors in ``StorageInternalError``; the cause is checked."""
     import sqlalchemy.exc
 
     if lasting_fault(exc) is not None:
@@ -43,8 +44,18 @@ def is_storage_error(exc: BaseException) -> bool:
             return True
         if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
             return True
+        if _proxy_unavailable(seen):
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _proxy_unavailable(exc: BaseException) -> bool:
+    """True for gRPC's UNAVAILABLE (a storage proxy restarting); grpc is imported only
+    where a proxy was used."""
+    grpc = sys.modules.get("grpc")
+    return grpc is not None and isinstance(exc, grpc.RpcError) \
+        and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
 class StorageFault(AutometaError):

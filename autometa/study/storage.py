@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 
 from autometa.errors import ConfigError, one_line, redact
+from autometa.study.proxy import open_proxy
 from autometa.study.urls import (
     JOURNAL_SUFFIXES,
     check_folder,
@@ -43,6 +44,8 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
     RDB storages get heartbeats, so a trial of a process that died is found stale on any
     machine and retried (:data:`GRACE`). A path ending in ``.log``, ``.journal`` or
     ``.jsonl`` is Optuna's journal file storage (local processes, no server).
+    ``grpc://host:port`` is an ``autometa storage-proxy`` (:mod:`autometa.study.proxy`):
+    heartbeats and the lock go through it, tables are the proxy's to create.
 
     Args:
         must_exist: for read-only commands: a file that does not exist is an error instead
@@ -69,6 +72,10 @@ def open_storage(url: str, *, must_exist: bool = False, create_tables: bool = Tr
         raise ConfigError(f"storage: {shown} is neither a database URL (sqlite:///x.db, "
                           "postgresql://...) nor a journal file path ending in "
                           f"{', '.join(JOURNAL_SUFFIXES)}")
+    if kind == "grpc":
+        proxy = open_proxy(url)
+        proxy.stale_callback = retry_callback()
+        return proxy
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -35,6 +35,11 @@ def is_server(url: str) -> bool:
     return scheme(url) in {"postgresql", "mysql"}
 
 
+def is_proxy(url: str) -> bool:
+    """True for ``grpc://host:port``: an ``autometa storage-proxy`` in front of a database."""
+    return scheme(url) == "grpc"
+
+
 def with_driver(url: str) -> str:
     """``url`` with an installed driver named: ``postgresql://`` (which SQLAlchemy reads as
     psycopg2) becomes ``postgresql+psycopg://`` when psycopg 3 is the one installed.
@@ -70,5 +75,6 @@ def open_error(url: str, exc: BaseException) -> ConfigError:
     if len(reason) > 200:
         reason = reason[:197] + "..."
     hint = ("that the server is reachable, the database exists and the user may use it"
-            if is_server(url) else "its folder and permissions (e.g. sqlite:///autometa.db)")
+            if is_server(url) else "that `autometa storage-proxy` runs there" if is_proxy(url)
+            else "its folder and permissions (e.g. sqlite:///autometa.db)")
     return ConfigError(f"storage: cannot open {redact(url)}: {reason}; check the URL, {hint}")
