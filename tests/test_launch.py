@@ -43,6 +43,16 @@ def test_a_worker_reads_its_storage_from_the_environment(tmp_path: Path) -> None
     assert joined.stdout.splitlines()[0] == "joining study 's' in sqlite:///a.db"
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'a.db'}")
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    # Every command's --storage: the variable when not given (no password in argv).
+    (tmp_path / "elsewhere").mkdir()
+    board = cli(tmp_path / "elsewhere", "leaderboard", "s", "--artifacts", "../art",
+                "--data-root", "..", **{STORAGE_ENV: f"sqlite:///{tmp_path / 'a.db'}"})
+    assert board.returncode == 0, board.stderr
+    assert "s: sinusoid, mse" in board.stdout and "maml" in board.stdout, board.stdout
+    pins = cli(tmp_path / "elsewhere", "requirements", "s",
+               **{STORAGE_ENV: f"sqlite:///{tmp_path / 'a.db'}"})
+    assert pins.returncode == 0 and "autometa-ml==" in pins.stdout, pins.stderr
+    assert not (tmp_path / "elsewhere" / "autometa.db").exists()
 
 
 def test_the_worker_command_holds_no_storage_url() -> None:

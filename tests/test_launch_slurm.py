@@ -104,6 +104,16 @@ def test_a_job_array_runs_the_study_to_exactly_its_budget_one_gpu_per_worker(slu
     written = [p for p in logs.iterdir() if p.suffix in (".pkl", ".sh")]
     assert written and not [p for p in written if str(db).encode() in p.read_bytes()]
     print(f"3-task array, 6 trials: {seconds:.1f} s")
+    again = _launch(*SEARCH, "--trials", "6", "--meta-steps", "10", "--eval-every", "5",
+                    "--storage", f"sqlite:///{db}", "--workers", "3",
+                    "--gpus-per-worker", "1", "--devices", "cpu", "--partition", "debug",
+                    "--time-limit", "10", "--wait", cwd=tmp_path, env=slurm.env(),
+                    timeout=SLURM_ARRAY)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == (f"study {STUDY!r}: its budget of 6 trials is "
+                                             "spent; nothing submitted (a larger --trials "
+                                             "runs more)")
+    assert len(stored_trials(db)) == 6
 
 
 def _wait_running(db: Path, proc: subprocess.Popen[str]) -> FrozenTrial:

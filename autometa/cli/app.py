@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from autometa.cli import cache, launch, plugins, proxy, results, search
 from autometa.cli.common import Parser
 from autometa.engine.signals import Interrupted, stop_on_signals
 from autometa.errors import AutometaError, one_line, redact
+from autometa.launch import STORAGE_ENV
 from autometa.version import __version__
 
 #: autometa's own commands -> their handlers (a plugin's command cannot take these names).
@@ -151,6 +153,8 @@ def _main(argv: Sequence[str] | None, gate: _LogGate) -> int:
         print(f"autometa: error: {redact(one_line(str(exc)))}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if getattr(args, "storage", "") is None:  # every --storage: $AUTOMETA_STORAGE when not given
+        args.storage = os.environ.get(STORAGE_ENV) or getattr(args, "storage_default", None)
     root.setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if args.debug:
         gate.release()

@@ -56,13 +56,19 @@ def cmd_launch(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     # A dry run's first line is a comment: its output pipes into kubectl apply -f - / a file.
     first_line(f"{'# ' if args.dry_run else ''}study {config.study!r} in {config.storage}: "
                f"{workers} worker(s) via {args.backend}{' (dry run)' if args.dry_run else ''}")
+    from autometa.cli.common import quiet_optuna
     from autometa.engine.run import create_search
 
+    quiet_optuna()
     # --workers counts the launched workers, not trials at once in each: not stored (each
     # worker would take it as its own default).
-    create_search(dataclasses.replace(config, workers=None), host=host,
-                  store=not args.dry_run)
+    pending = create_search(dataclasses.replace(config, workers=None), host=host,
+                            store=not args.dry_run)
     ready()
+    if pending == 0:
+        print(f"study {config.study!r}: its budget of {config.n_trials} trials is spent; "
+              "nothing submitted (a larger --trials runs more)")
+        return 0
     # Nodes share this machine's paths (a shared disk): relative ones are made absolute.
     artifacts = config.artifacts
     if "://" not in artifacts:

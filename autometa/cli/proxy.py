@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from autometa.errors import ConfigError, redact
+from autometa.launch import STORAGE_ENV
 
 
 def add_parsers(sub: Any) -> None:
@@ -20,7 +22,9 @@ def add_parsers(sub: Any) -> None:
                     "and every other command then take --storage grpc://HOST:PORT: they "
                     "hold one gRPC connection each instead of ~3 database connections. "
                     "Needs pip install 'autometa-ml[grpc]'. Ctrl-C or SIGTERM stops it.")
-    parser.add_argument("url", metavar="URL", help="the database storage to serve")
+    parser.add_argument("url", metavar="URL", nargs="?",
+                        help="the database storage to serve (default: $AUTOMETA_STORAGE: the "
+                             "password stays off the command line)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (127.0.0.1; 0.0.0.0 for every interface: "
                              "the proxy has no authentication, keep it on a private network)")
@@ -39,8 +43,11 @@ def cmd_storage_proxy(args: argparse.Namespace, ready: Callable[[], None]) -> in
     quiet_optuna()
     if args.threads < 2:
         raise ConfigError(f"--threads: expected at least 2, got {args.threads}")
-    proxy = Proxy(args.url, host=args.host, port=args.port, threads=args.threads)
-    print(f"serving {redact(args.url)} on {proxy.address} (workers: --storage "
+    url = args.url or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise ConfigError(f"give the storage to serve: URL, or set {STORAGE_ENV}")
+    proxy = Proxy(url, host=args.host, port=args.port, threads=args.threads)
+    print(f"serving {redact(url)} on {proxy.address} (workers: --storage "
           f"{proxy.address}; Ctrl-C stops it)", flush=True)
     ready()
     try:

@@ -38,7 +38,9 @@ def add_parsers(sub: Any) -> None:
 
 def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
     """Where this machine finds a stored study: its storage, artifact store, data, device."""
-    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    parser.add_argument("--storage", help="Optuna storage URL (default: $AUTOMETA_STORAGE, "
+                                          f"else {DEFAULT_STORAGE})")
+    parser.set_defaults(storage_default=DEFAULT_STORAGE)
     parser.add_argument("--artifacts", help="the artifact store as this machine reaches it "
                                             "(default: the study's)")
     data_root_flag(parser)

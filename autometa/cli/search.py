@@ -83,7 +83,8 @@ def search_flags(run: argparse.ArgumentParser, workers: str = "trials at once, e
                           "what it has (default: none)")
     run.add_argument("--seed", type=int, help="seed of the whole search (0)")
     run.add_argument("--study", help="study name (default: <task>-seed<seed>)")
-    run.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    run.add_argument("--storage", help=f"Optuna storage URL (default: ${STORAGE_ENV}, else "
+                                       f"the config's, else {DEFAULT_STORAGE})")
     run.add_argument("--artifacts", help="where trained trial states go: a directory (one "
                                          "every machine mounts, for many) or s3://BUCKET "
                                          "(default autometa-artifacts)")
@@ -178,9 +179,10 @@ def _worker_parsers(sub: Any) -> None:
                     "pre-release on one side, a hyperparameter or choice the installed "
                     "plugin does not accept). Nothing runs and nothing is written.")
     pins.add_argument("study", help="study name (as `autometa run` created it)")
-    pins.add_argument("--storage", default=DEFAULT_STORAGE,
+    pins.add_argument("--storage",
                       help="the study's storage URL, e.g. postgresql://user@host/db "
-                           f"(default: {DEFAULT_STORAGE})")
+                           f"(default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
+    pins.set_defaults(storage_default=DEFAULT_STORAGE)
     pins.add_argument("--check", action="store_true",
                       help="check this machine's installed packages against the study")
 

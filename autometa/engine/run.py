@@ -210,7 +210,7 @@ def join_search(study_name: str, storage: str, *, host: PluginHost | None = None
 
 
 def create_search(config: SearchConfig, *, host: PluginHost | None = None,
-                  store: bool = True) -> str:
+                  store: bool = True) -> int | None:
     """Check every input of ``config`` and create (or finish, or find) its study without
     running a trial: what ``autometa launch`` does before workers join it elsewhere.
 
@@ -218,7 +218,9 @@ def create_search(config: SearchConfig, *, host: PluginHost | None = None,
         store: ``False`` checks only (``--dry-run``): nothing is stored.
 
     Returns:
-        The study's name.
+        The trials workers still have to run: the budget's remaining ones, queued
+        baselines and initial trials, and (a spent budget) the completions a pruner owes;
+        ``None`` for a dry run or a search without a trial budget (only a timeout).
 
     Raises:
         ConfigError, DataError, PluginError: a bad input, before anything is stored.
@@ -226,14 +228,23 @@ def create_search(config: SearchConfig, *, host: PluginHost | None = None,
     host = host or create_host()
     prepared = prepare(config, host)
     if not store:
-        return prepared.config.study
+        return None
     try:
         study = open_study(prepared, *strategy(prepared.config, host,
                                                prepared.task.metric.direction))
     except Exception as exc:  # a read-only or full storage: one line
         stop_search(exc, config.storage, config.artifacts)
         raise
-    return study.study_name
+    if config.n_trials is None:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    remaining = max(config.n_trials - sum(1 for t in trials if counts(t)), 0)
+    queued = sum(1 for t in trials if t.state == TrialState.WAITING and outside_budget(t))
+    owed = 0
+    if remaining == 0 and config.pruner != "none":
+        owed = len(to_complete(trials, list(prepared.algorithms),
+                               prepared.task.metric.direction))
+    return remaining + queued + owed
 
 
 def worker_specs(config: SearchConfig, out: Path | None = None) -> list[WorkerSpec]:
