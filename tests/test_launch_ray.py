@@ -260,3 +260,19 @@ def test_help_does_not_import_ray():
                           timeout=QUICK_SUBPROCESS)
     assert done.stdout.strip().endswith("no ray"), done.stdout + done.stderr
     assert "--address" in done.stdout and "--cpus-per-worker" in done.stdout
+
+
+def test_more_gpus_per_worker_than_any_node_has_is_one_line_and_nothing_is_stored(
+        cluster, tmp_path, capsys):
+    """Each node has 1 GPU: a worker asking for 2 would wait for ever (Ray's autoscaler
+    repeating that no node type fits): refused before the study is stored."""
+    database = tmp_path / "s.db"
+    assert main(_search(f"sqlite:///{database}", "--address", cluster.address,
+                        "--gpus-per-worker", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "autometa: error: ray: no node of the cluster" in err
+    line = next(line for line in err.splitlines() if "no node of the cluster" in line)
+    assert line == err.splitlines()[-1] and "has 2 GPU(s) and 1 CPU(s) for one worker" in line
+    assert "(the largest has 1 GPU(s) and 1 CPU(s))" in line
+    assert "lower --gpus-per-worker / --cpus-per-worker, or add a node with more" in line
+    assert not database.exists()

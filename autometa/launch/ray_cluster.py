@@ -184,7 +184,7 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
                       max_retries=MAX_RETRIES)(run_worker)
     refs = [task.remote(job.argv(), job.env(), os.getcwd()) for _ in range(workers)]
     print(f"started {describe(workers, args)}", flush=True)
-    _say_fit(ray, args)
+    _say_fit(ray, args, workers)
     board = ["autometa", "leaderboard", job.study, "--storage", redact(job.storage)]
     if job.artifacts is not None:
         board += ["--artifacts", job.artifacts]
@@ -205,15 +205,49 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace, config: SearchConfig) -> None:
-    """Join the Ray cluster before anything is stored (not for ``--dry-run``, which needs
-    neither Ray nor a cluster).
+    """Join the Ray cluster before anything is stored, and check that one of its nodes can
+    hold one worker (not for ``--dry-run``, which needs neither Ray nor a cluster).
 
     Raises:
-        ConfigError: Ray not installed (naming ``pip install 'autometa-ml[ray]'``), or no
-            Ray cluster at ``--address``; one line naming the fix.
+        ConfigError: Ray not installed (naming ``pip install 'autometa-ml[ray]'``), no Ray
+            cluster at ``--address``, or no alive node with ``--gpus-per-worker`` GPUs and
+            ``--cpus-per-worker`` CPUs (Ray would queue the tasks for ever); one line
+            naming the fix.
     """
-    if not args.dry_run:
-        _connect(_import_ray(), args.address)
+    if args.dry_run:
+        return
+    ray = _import_ray()
+    _connect(ray, args.address)
+    need = _need(args)
+    nodes = _nodes(ray)
+    if not any(_fits(have, need) for have in nodes):
+        largest = max(nodes, key=lambda have: (have.get("GPU", 0), have.get("CPU", 0)),
+                      default={})
+        ray.shutdown()
+        raise ConfigError(
+            f"ray: no node of the cluster at --address {args.address} has "
+            f"{need['GPU']:g} GPU(s) and {need['CPU']:g} CPU(s) for one worker (the largest "
+            f"has {largest.get('GPU', 0):g} GPU(s) and {largest.get('CPU', 0):g} CPU(s)): "
+            "lower --gpus-per-worker / --cpus-per-worker, or add a node with more "
+            "(`ray start --address HEAD:6379 --num-gpus N --num-cpus N`)")
+
+
+def _need(args: argparse.Namespace) -> dict[str, float]:
+    """What one worker task asks Ray for."""
+    return {"GPU": args.gpus_per_worker, "CPU": args.cpus_per_worker}
+
+
+def _nodes(ray: ModuleType) -> list[dict[str, float]]:
+    """The total resources (``{"GPU": 2.0, "CPU": 16.0, ...}``) of each alive node of the
+    cluster (``ray.nodes()``)."""
+    return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def _fits(have: Mapping[str, float], need: Mapping[str, float]) -> int:
+    """How many workers a node with resources ``have`` holds at a time (a large number
+    when a worker needs nothing)."""
+    return min((int(have.get(k, 0) / v + 1e-9) for k, v in need.items() if v),
+               default=sys.maxsize)
 
 
 def _import_ray() -> ModuleType:
@@ -252,13 +286,16 @@ def _connect(ray: ModuleType, address: str) -> None:
             signal.signal(stop, handler)
 
 
-def _say_fit(ray: ModuleType, args: argparse.Namespace) -> None:
-    """Say when no node can hold one worker (its tasks wait, for an autoscaler perhaps)."""
-    need = {"GPU": args.gpus_per_worker, "CPU": args.cpus_per_worker}
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    if not any(all(have.get(k, 0) >= v for k, v in need.items() if v) for have in nodes):
-        print(f"no node of the cluster now has {need['GPU']:g} GPU(s) and {need['CPU']:g} "
-              "CPU(s) for one worker: the tasks wait until one joins", flush=True)
+def _say_fit(ray: ModuleType, args: argparse.Namespace, workers: int) -> None:
+    """Say when the cluster holds fewer than ``workers`` workers at a time (the others'
+    tasks queue until one ends, or until a node joins)."""
+    need, nodes = _need(args), _nodes(ray)
+    at_once = sum(_fits(have, need) for have in nodes)
+    if at_once < workers:
+        gpus = sum(have.get("GPU", 0) for have in nodes)
+        cpus = sum(have.get("CPU", 0) for have in nodes)
+        print(f"the cluster has {gpus:g} GPU(s) and {cpus:g} CPU(s) on {len(nodes)} node(s): "
+              f"{at_once} worker(s) at a time, the others queue", flush=True)
 
 
 def _wait(ray: ModuleType, refs: list[Any]) -> int:
