@@ -211,15 +211,19 @@ def _job_of(folder: Path) -> str:
 def test_dry_run_prints_the_sbatch_script_without_the_password_and_stores_nothing(
         pg_url, tmp_path):
     """The array, partition, time, account, GPUs and CPUs as sbatch options; the worker's
-    command; no password anywhere; no study stored, no folder made. No cluster needed."""
+    command; no password anywhere; no study stored, no folder made. No sbatch on PATH: the
+    cluster is not asked, and the script says so."""
     url = pg_url.replace("://postgres@", "://postgres:s3cret-pw@")  # trust auth: any password
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not (Path(d) / "sbatch").exists())
     result = _launch("--task", "sinusoid", "--algorithms", "maml", "--sources", "mlp",
                      "--trials", "6", "--storage", url, "--workers", "3",
                      "--gpus-per-worker", "2", "--partition", "gpu", "--time-limit", "120",
                      "--account", "lab", "--cpus-per-worker", "4", "--sbatch", "qos=high",
-                     "--dry-run", cwd=tmp_path)
+                     "--dry-run", cwd=tmp_path, env={**os.environ, "PATH": path})
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    assert "\n# the cluster was not asked (no sbatch here)" in out, out
     for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --time=120",
                  "#SBATCH --account=lab", "#SBATCH --gpus-per-node=2",
                  "#SBATCH --cpus-per-task=4", "#SBATCH --qos=high",
@@ -240,6 +244,8 @@ def test_dry_run_prints_the_sbatch_script_without_the_password_and_stores_nothin
 @pytest.mark.parametrize("flags, env, expected", [
     (("--gpus-per-worker", "0.5"), {}, "--gpus-per-worker 0.5: SLURM gives whole GPUs"),
     (("--sbatch", "qos"), {}, "--sbatch 'qos': expected KEY=VALUE"),
+    (("--time-limit", "2"), {}, "--time-limit 2: under 5 minutes; SLURM warns a task 90 s "
+                                "before its limit"),
     ((), {"SBATCH_EXPORT": "NONE"}, "SBATCH_EXPORT=NONE keeps AUTOMETA_STORAGE (the storage "
                                     "URL) from the worker tasks"),
 ])
@@ -257,16 +263,29 @@ def test_bad_slurm_flags_are_one_line_before_anything_is_stored(tmp_path, flags,
 @pytest.mark.parametrize("flags, expected", [
     (("--partition", "nope"), "sbatch refuses the job: invalid partition specified: nope"),
     (("--gpus-per-worker", "9"), "sbatch refuses the job: "),  # the node has 3
+    (("--partition", "gpu", "--dry-run"),  # a dry run asks the cluster too
+     "sbatch refuses the job: invalid partition specified: gpu"),
 ])
 def test_what_the_cluster_refuses_is_one_line_before_anything_is_stored(slurm, tmp_path,
                                                                         flags, expected):
-    """``sbatch --test-only`` asks the cluster itself before the study is created."""
+    """``sbatch --test-only`` asks the cluster itself before the study is created (before
+    a dry run prints its script too)."""
     result = _launch("--task", "sinusoid", "--storage", f"sqlite:///{tmp_path}/s.db",
                      "--workers", "2", *flags, cwd=tmp_path, env=slurm.env(),
                      timeout=QUICK_SUBPROCESS)
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"autometa: error: {expected}"), line
+    assert not (tmp_path / "s.db").exists() and not (tmp_path / "autometa-slurm").exists()
+
+
+def test_a_dry_run_the_cluster_accepts_prints_the_script_saying_so(slurm, tmp_path):
+    result = _launch("--task", "sinusoid", "--storage", f"sqlite:///{tmp_path}/s.db",
+                     "--workers", "2", "--partition", "debug", "--dry-run", cwd=tmp_path,
+                     env=slurm.env(), timeout=QUICK_SUBPROCESS)
+    assert result.returncode == 0, result.stderr
+    assert "\n# the cluster accepted it (sbatch --test-only)\n" in result.stdout
+    assert "#SBATCH --partition=debug" in result.stdout
     assert not (tmp_path / "s.db").exists() and not (tmp_path / "autometa-slurm").exists()
 
 

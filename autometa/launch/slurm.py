@@ -56,6 +56,10 @@ EXTRA = "slurm"
 #: A worker task's time limit when ``--time-limit`` is not given, in minutes. Before it
 #: ends the task is requeued (up to :data:`REQUEUES` times) and its worker joins again.
 DEFAULT_TIME_LIMIT = 60
+#: The shortest ``--time-limit``, in minutes: a task is warned :data:`SIGNAL_DELAY_S`
+#: before its limit and its worker stops its trial there, so a shorter task would requeue
+#: itself again and again without finishing a trial.
+MIN_TIME_LIMIT = 5
 #: How many times one array task is requeued at its time limit (submitit's
 #: ``max_num_timeout``): a requeued task only joins the study again, so many is harmless.
 REQUEUES = 100
@@ -80,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=int, default=DEFAULT_TIME_LIMIT,
                         metavar="MINUTES",
                         help="each worker task's time limit in minutes (sbatch --time; "
-                             f"default {DEFAULT_TIME_LIMIT}); before it ends, the task's "
-                             "trial is queued again and the task requeued")
+                             f"default {DEFAULT_TIME_LIMIT}, at least {MIN_TIME_LIMIT}); "
+                             "90 s before it ends, the task's trial is queued again and "
+                             "the task requeued")
     parser.add_argument("--account", help="SLURM account to charge (sbatch --account)")
     parser.add_argument("--cpus-per-worker", type=int, metavar="N",
                         help="CPUs per worker task (sbatch --cpus-per-task)")
@@ -99,13 +104,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, config: SearchConfig) -> None:
     """Refuse bad SLURM flags, and a missing submitit or sbatch, before a study is stored.
 
+    Where ``sbatch`` is on PATH (``--dry-run`` included), ``sbatch --test-only`` asks the
+    cluster itself (partition, account, GPUs, time limit), submitting nothing; a dry run
+    without sbatch skips that (its script says so).
+
     Raises:
         ConfigError: naming the flag (or the install line) and the fix.
     """
     _submitit()
     _gpus(args.gpus_per_worker)
-    if args.time_limit < 1:
-        raise ConfigError(f"--time-limit {args.time_limit}: expected whole minutes, 1 or more")
+    if args.time_limit < MIN_TIME_LIMIT:
+        raise ConfigError(f"--time-limit {args.time_limit}: under {MIN_TIME_LIMIT} minutes; "
+                          f"SLURM warns a task {SIGNAL_DELAY_S} s before its limit and the "
+                          "worker stops its trial there, so it would requeue without "
+                          f"finishing one; give at least {MIN_TIME_LIMIT} (minutes), or "
+                          "more than a trial lasts")
     if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
         raise ConfigError(f"--cpus-per-worker {args.cpus_per_worker}: expected 1 or more")
     _extra_options(args.sbatch)
@@ -113,9 +126,9 @@ def check(args: argparse.Namespace, config: SearchConfig) -> None:
     if export is not None and not {"ALL", STORAGE_ENV} & set(export.split(",")):
         raise ConfigError(f"SBATCH_EXPORT={export} keeps {STORAGE_ENV} (the storage URL) "
                           "from the worker tasks: add it to the list or unset SBATCH_EXPORT")
-    if args.dry_run:
-        return
     if shutil.which("sbatch") is None:
+        if args.dry_run:
+            return  # the cluster is not asked: the printed script says so
         raise ConfigError("sbatch not found: run `autometa launch slurm` on a SLURM login "
                           "node (or add --dry-run to print the script)")
     # The cluster's own check (partition, account, GPUs, time), submitting nothing.
@@ -138,8 +151,10 @@ def check(args: argparse.Namespace, config: SearchConfig) -> None:
 def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     """Submit a job array of ``workers`` tasks, each running ``job``'s worker.
 
-    ``--dry-run`` prints the sbatch script instead. Otherwise prints the array's job id,
-    its log folder and how to watch and stop it; with ``--wait`` waits for every task.
+    ``--dry-run`` prints the sbatch script instead (:func:`check` has had it tested by
+    ``sbatch --test-only`` where sbatch is on PATH; the script says whether). Otherwise
+    prints the array's job id, its log folder and how to watch and stop it; with
+    ``--wait`` waits for every task.
 
     Returns:
         0, or 1 when ``--wait`` saw a task fail (each named, with its log).
@@ -163,7 +178,10 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
         note = [f"# autometa launch slurm --dry-run: {what}, not submitted (submitting also "
                 f"writes each task's pickle into {folder})",
                 f"# each task runs, with {STORAGE_ENV} from sbatch's environment (never in "
-                f"this script): {job.command()}"]
+                f"this script): {job.command()}",
+                "# the cluster accepted it (sbatch --test-only)" if shutil.which("sbatch")
+                else "# the cluster was not asked (no sbatch here): sbatch --test-only "
+                     "checks it on a login node"]
         print("\n".join([script[0], *note, *script[1:]]))
         return 0
 
