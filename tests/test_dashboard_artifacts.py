@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from conftest import SMALL_SINUSOID
+from limits import QUICK_SUBPROCESS, STOPPED_PROCESS
 
 import autometa
 from autometa.cli import main
@@ -44,7 +45,7 @@ class Dashboard:
     def get(self, path: str) -> tuple[int, bytes]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
-                                        timeout=30) as response:
+                                        timeout=QUICK_SUBPROCESS) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
@@ -77,7 +78,7 @@ def dashboard() -> Iterator[Dashboard]:
         yield board
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=STOPPED_PROCESS)
 
 
 def test_the_documented_dashboard_command_downloads_every_studys_trial_states() -> None:
