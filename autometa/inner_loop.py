@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from autometa import stacked
+from autometa import fused_blocks, stacked
 from autometa.errors import ConfigError
 from autometa.task import Episodes
 
@@ -180,6 +180,7 @@ def adapt_and_predict(
     first_order: bool = False,
     adapt_only: Callable[[str], bool] | None = None,
     strategy: Strategy = "vmap",
+    fused_query: bool = False,
 ) -> Tensor:
     """Adapt to each episode's support set and predict its query set.
 
@@ -189,6 +190,9 @@ def adapt_and_predict(
     Args:
         strategy: ``"vmap"``, ``"loop"`` or ``"auto"`` (:func:`choose_strategy`); a
             meta-gradient is taken where gradients are enabled.
+        fused_query: the loop runs each query pass through :mod:`autometa.fused_blocks`
+            where it recognises the model (faster on a CPU); the result may then be
+            differentiated once only, as :func:`meta_backward` does.
 
     Raises:
         ConfigError: an unknown strategy, or ``"vmap"`` where it is refused (module
@@ -198,7 +202,8 @@ def adapt_and_predict(
     def one(sx: Tensor, sy: Tensor, qx: Tensor, autograd: bool) -> Tensor:
         fast = adapt(model, params, sx, sy, loss_fn, steps=steps, lr=lr,
                      first_order=first_order, adapt_only=adapt_only, autograd=autograd)
-        return functional_call(model, fast, (qx,))
+        fused = fused_query and autograd and fused_blocks.try_forward(model, fast, qx)
+        return fused if isinstance(fused, Tensor) else functional_call(model, fast, (qx,))
 
     chosen = resolve_strategy(model, strategy, first_order=first_order)
     layers = stacked.layers_of(model) if chosen == "vmap" else None
@@ -283,7 +288,8 @@ def _episode_losses(model: nn.Module, episodes: Episodes, loss_fn: LossFn,
     the losses of all episodes add up to the batch's mean), one episode at a time."""
     for i in indices:
         episode = episodes[i : i + 1]
-        pred = adapt_episodes(model, episode, loss_fn, strategy="loop", **options)
+        pred = adapt_episodes(model, episode, loss_fn, strategy="loop", fused_query=True,
+                              **options)
         yield loss_fn(pred, episode.query_y) / len(episodes)
 
 

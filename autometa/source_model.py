@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from autometa.space import SearchSpace
 from autometa.task import Task, TaskSpec
 
-__all__ = ["Backbone", "SourceModel"]
+__all__ = ["Backbone", "SourceModel", "chain_leaves"]
 
 
 class Backbone(nn.Module):
@@ -30,6 +30,34 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def chain_leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]] | None:
+    """The leaf modules (no children) of a chain, in the order its forward runs them, each
+    with its parameters' name prefix (``"features.0."``); None where a container is not
+    an ``nn.Sequential`` or a :class:`Backbone` (by exact type: a subclass may override
+    ``forward``) or any module has a forward hook. The inner loop's fast paths
+    (:mod:`autometa.stacked`, :mod:`autometa.fused_blocks`) run such chains themselves.
+    """
+    if model._forward_hooks or model._forward_pre_hooks:
+        return None
+    kind = type(model)
+    if kind is nn.Sequential:
+        children: list[tuple[str, nn.Module]] = list(model.named_children())
+    elif kind is Backbone:
+        children = [("features", model.get_submodule("features")),
+                    ("head", model.get_submodule("head"))]
+    elif next(model.children(), None) is None:
+        return [(prefix, model)]
+    else:
+        return None
+    leaves: list[tuple[str, nn.Module]] = []
+    for name, child in children:
+        inner = chain_leaves(child, f"{prefix}{name}.")
+        if inner is None:
+            return None
+        leaves += inner
+    return leaves
 
 
 class SourceModel(ABC):

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from autometa.source_model import Backbone
+from autometa.source_model import chain_leaves
 
 __all__ = ["ELEMENTWISE", "forward", "layers_of"]
 
@@ -49,29 +49,19 @@ def layers_of(model: nn.Module, prefix: str = "") -> list[Layer] | None:
     activations of :data:`ELEMENTWISE`. Anything else (a convolution, BatchNorm, LoRA
     adapters, a hook on a module) gives None.
     """
-    if model._forward_hooks or model._forward_pre_hooks:
+    layers = chain_leaves(model, prefix)
+    if layers is None or not all(_stackable(m) for _, m in layers):
         return None
-    kind = type(model)
-    if kind is nn.Sequential:
-        children: list[tuple[str, nn.Module]] = list(model.named_children())
-    elif kind is Backbone:
-        children = [("features", model.get_submodule("features")),
-                    ("head", model.get_submodule("head"))]
-    elif kind is nn.Linear or kind in ELEMENTWISE or (
-            kind is nn.Flatten and model.start_dim == 1 and model.end_dim == -1):
-        if kind is not nn.Linear and (any(True for _ in model.parameters())
-                                      or any(True for _ in model.buffers())):
-            return None
-        return [(prefix, model)]
-    else:
-        return None
-    layers: list[Layer] = []
-    for name, child in children:
-        inner = layers_of(child, f"{prefix}{name}.")
-        if inner is None:
-            return None
-        layers += inner
     return layers
+
+
+def _stackable(m: nn.Module) -> bool:
+    kind = type(m)
+    if kind is nn.Linear:
+        return True
+    if kind in ELEMENTWISE or (kind is nn.Flatten and m.start_dim == 1 and m.end_dim == -1):
+        return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+    return False
 
 
 def forward(layers: list[Layer], params: Mapping[str, Tensor], x: Tensor) -> Tensor:
