@@ -217,10 +217,10 @@ def adapt_and_predict(
             return episode_loss(pred, support_y).sum()
 
         fast = {n: params[n].expand(len(support_x), *params[n].shape) for n in names}
-        fast = _sgd_autograd(support_loss, fast, steps=steps, lr=lr, first_order=first_order)
-        return stacked.forward(layers, {**frozen, **fast}, query_x)
-    # The loop takes inner gradients with autograd.grad (cheaper outside vmap; and a grad
-    # transform cannot write BatchNorm's running statistics).
+        with stacked.threads_for(model, query_x):  # a small perceptron: one thread
+            fast = _sgd_autograd(support_loss, fast, steps=steps, lr=lr, first_order=first_order)
+            return stacked.forward(layers, {**frozen, **fast}, query_x)
+    # The loop: inner gradients by autograd.grad (cheaper outside vmap; can write BN stats).
     return each_task(functools.partial(one, autograd=chosen == "loop"), support_x, support_y,
                      query_x, strategy=chosen)
 
@@ -268,9 +268,10 @@ def meta_backward(
                                 first_order=options.get("first_order", False),
                                 meta_gradient=True)
     if strategy == "vmap":
-        loss = loss_fn(adapt_episodes(model, episodes, loss_fn, strategy="vmap", **options),
-                       episodes.query_y)
-        loss.backward()
+        with stacked.threads_for(model, episodes.query_x):  # a small perceptron: 1 thread
+            loss = loss_fn(adapt_episodes(model, episodes, loss_fn, strategy="vmap",
+                                          **options), episodes.query_y)
+            loss.backward()
         return loss.item()
     workers = _episode_workers(model, episodes)
     if workers > 1:

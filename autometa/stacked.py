@@ -20,14 +20,15 @@ for the caller.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from autometa.source_model import chain_leaves
 
-__all__ = ["ELEMENTWISE", "forward", "layers_of"]
+__all__ = ["ELEMENTWISE", "SMALL_MACS", "forward", "layers_of", "threads_for"]
 
 #: Parameter-free activations applied element by element: the same on a stacked batch.
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -37,6 +38,15 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 
 #: A layer as :func:`layers_of` lists it: (its parameters' name prefix, the module).
 Layer = tuple[str, nn.Module]
+
+#: Below this many multiply-adds in its largest layer (all episodes' examples at once), a
+#: stacked perceptron runs on one CPU thread. Its kernels then take microseconds, and on
+#: 2 cores a second intra-op thread cost more than it gave: every parallel kernel wakes a
+#: sleeping thread (autometa's passive OpenMP wait, autometa.threads), and on an idle
+#: virtual CPU that wake-up outlasts the kernel. Sinusoid MAML (1-40-40-1, meta-batch 25,
+#: ~0.4 M multiply-adds) on a quiet 2-core machine: ~10,000 tasks/s on one thread against
+#: ~4,000 on two (benchmarks/README.md, finding 11).
+SMALL_MACS = 1 << 23
 
 
 def layers_of(model: nn.Module, prefix: str = "") -> list[Layer] | None:
@@ -62,6 +72,26 @@ def _stackable(m: nn.Module) -> bool:
     if kind in ELEMENTWISE or (kind is nn.Flatten and m.start_dim == 1 and m.end_dim == -1):
         return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
     return False
+
+
+@contextlib.contextmanager
+def threads_for(model: nn.Module, x: Tensor) -> Iterator[None]:
+    """One intra-op thread inside, where ``model`` is a perceptron :func:`layers_of`
+    recognises whose largest layer on ``x`` (tasks, n, *in) is below :data:`SMALL_MACS`
+    multiply-adds on a CPU; otherwise torch's setting as it is. Restored on exit."""
+    layers = layers_of(model) if x.device.type == "cpu" else None
+    rows = x.shape[0] * x.shape[1] if x.dim() >= 2 else 1
+    macs = max((rows * m.in_features * m.out_features for _, m in layers or []
+                if isinstance(m, nn.Linear)), default=SMALL_MACS)
+    before = torch.get_num_threads()
+    if macs >= SMALL_MACS or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def forward(layers: list[Layer], params: Mapping[str, Tensor], x: Tensor) -> Tensor:

@@ -67,6 +67,17 @@ class ProtoConv4Plain(Autometa):
                     seq._modules[a], seq._modules[b] = seq._modules[b], seq._modules[a]
 
 
+class ProtoUnfusedQuery(Autometa):
+    """The query pass through the model's own modules, as before ``autometa.fused_blocks``:
+    a forward hook that does nothing keeps the inner loop off its fast paths (a hooked model
+    is not a chain it runs itself, ``autometa.source_model.chain_leaves``)."""
+
+    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
+        super().__init__(model, work, steps, "auto")
+        self.label, self.strategy = "proto: query pass unfused (previous)", "auto"
+        self.algorithm.model.register_forward_hook(lambda *_: None)
+
+
 class ProtoVmapPerceptron(Autometa):
     """The toolkit's previous path for a perceptron: ``torch.func.vmap`` of each episode's
     adaptation (``torch.func.grad`` steps), which ``autometa.stacked`` replaced."""
@@ -98,16 +109,19 @@ class ProtoVmapPerceptron(Autometa):
 #: Prototypes left out on a workload, and why.
 PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there",
                   ("proto-conv4-plain", "sinusoid"): "a conv4 layout",
+                  ("proto-unfused-query", "sinusoid"): "no BatchNorm or max-pool to fuse",
                   ("proto-vmap-perceptron", "conv4"): "a perceptron's path"}
 
 PROTOTYPES: dict[str, type[Contender]] = {
     "proto-fused-adam": ProtoFusedAdam,
     "proto-compile": ProtoCompiled,
     "proto-conv4-plain": ProtoConv4Plain,
+    "proto-unfused-query": ProtoUnfusedQuery,
     "proto-vmap-perceptron": ProtoVmapPerceptron,
 }
 
 
 #: What each prototype is compared with: the unpatched contender it modifies.
 PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap",
-                  "proto-conv4-plain": "autometa-auto", "proto-vmap-perceptron": "autometa-auto"}
+                  "proto-conv4-plain": "autometa-auto", "proto-vmap-perceptron": "autometa-auto",
+                  "proto-unfused-query": "autometa-auto"}

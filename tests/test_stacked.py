@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from autometa import inner_loop, stacked
+from autometa import Episodes, inner_loop, stacked
 from autometa.source_model import Backbone
 
 TASKS = 6
@@ -122,3 +122,29 @@ def test_only_plain_perceptrons_are_stacked() -> None:
     hooked[0].register_forward_hook(lambda module, args, out: out * 2)
     for model in (conv, norm, Custom(nn.Linear(2, 2)), nn.Sequential(nn.Flatten(0)), hooked):
         assert stacked.layers_of(model) is None
+
+
+@pytest.mark.parametrize(("hidden", "threads_inside"), [(40, 1), (1024, 2)])
+def test_a_small_perceptron_runs_on_one_thread(hidden: int, threads_inside: int) -> None:
+    """A perceptron whose largest layer is below stacked.SMALL_MACS multiply-adds runs its
+    meta-step on one intra-op thread (a second one's wake-ups cost more than they give);
+    a larger one keeps torch's setting; both leave the setting as it was."""
+    model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                          nn.ReLU(), nn.Linear(hidden, 1))
+    g = torch.Generator().manual_seed(0)
+    batch = Episodes(torch.randn(25, 10, 8, generator=g), torch.randn(25, 10, 1, generator=g),
+                     torch.randn(25, 10, 8, generator=g), torch.randn(25, 10, 1, generator=g))
+    seen: list[int] = []
+
+    def loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return F.mse_loss(pred, y)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inner_loop.meta_backward(model, batch, loss, steps=1, lr=0.01, strategy="vmap")
+        assert set(seen) == {threads_inside}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
