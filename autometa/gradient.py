@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from autometa import stacked
 from autometa.adapters import Adapter, LoraTargets, add_lora, check_adapter, lora_incompatibility
 from autometa.algorithm import MetaAlgorithm
 from autometa.errors import ConfigError
@@ -204,8 +205,15 @@ class GradientMetaLearner(MetaAlgorithm):
                 "adapt_only": self.adapt_only, "strategy": self.strategy}
 
     def meta_step(self, batch: Episodes) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        # Query loss after adaptation, back-propagated through the inner steps.
+        # A small perceptron's whole step, Adam's too, on one thread (stacked.threads_for).
+        with stacked.threads_for(self.model, batch.query_x):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._meta_gradient(batch)
+            self.optimizer.step()
+        return loss
+
+    def _meta_gradient(self, batch: Episodes) -> float:
+        """The query loss after adaptation, back-propagated through the inner steps."""
         try:
             loss = meta_backward(self.model, batch, self.task.loss, **self.inner_loop_options())
         except RuntimeError as exc:
@@ -219,7 +227,6 @@ class GradientMetaLearner(MetaAlgorithm):
                     "(the transformers source's default, transformers.attention=eager)"
                 ) from exc
             raise
-        self.optimizer.step()
         return loss
 
     def adapt_and_predict(self, episodes: Episodes) -> Tensor:
