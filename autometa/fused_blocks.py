@@ -14,9 +14,9 @@ slope commutes with the max (of negative slope, it turns it into a min), so
 :class:`BatchNormMaxPool` computes the statistics in one pass over ``x``, pools ``x``
 itself, and applies the affine map to the pooled quarter; its backward writes one
 full-resolution gradient (BatchNorm's backward written for pooled outputs, plus the pooled
-positions' share added in place). The same function, float rounding apart (tests compare
-float64 meta-gradients with the plain modules'); measured on a conv4 meta-step in
-benchmarks/README.md (finding 10).
+positions' share added in place), over the convolution's output where nothing else needs
+it. The same function, float rounding apart (tests compare float64 meta-gradients with the
+plain modules'); measured on a conv4 meta-step in benchmarks/README.md (finding 10).
 
 Its backward is ``once_differentiable``: it serves a graph that is differentiated once.
 The inner loop uses it only there: :func:`autometa.inner_loop.meta_backward`'s query pass,
@@ -24,7 +24,8 @@ whose loss is back-propagated once (the support passes, differentiated twice for
 second-order meta-gradient, keep the plain modules). :func:`blocks_of` recognises the
 models it can run (``nn.Sequential`` / :class:`~autometa.source_model.Backbone`
 containers of leaf modules, with a ``BatchNorm2d`` of batch statistics followed by a
-2x2 ``MaxPool2d``, optionally with a ``ReLU`` between them); :func:`forward` runs one.
+2x2 ``MaxPool2d``, a ``ReLU`` before or after the pool joining them); :func:`forward` runs
+one.
 """
 
 from __future__ import annotations
@@ -168,13 +169,12 @@ def blocks_of(model: nn.Module) -> list[Step] | None:
     return steps if fused else None
 
 
-def _fusable_norm(m: nn.Module) -> bool:
-    return (type(m) is nn.BatchNorm2d and m.running_mean is None and m.affine
-            and not m._forward_hooks)
+def _fusable_norm(m: nn.Module) -> bool:  # (chain_leaves refused hooked modules)
+    return type(m) is nn.BatchNorm2d and m.running_mean is None and m.affine
 
 
 def _relu(m: nn.Module) -> bool:
-    return type(m) is nn.ReLU and not m._forward_hooks and not m._forward_pre_hooks
+    return type(m) is nn.ReLU
 
 
 def _pool2(m: nn.Module) -> bool:
