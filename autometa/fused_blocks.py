@@ -82,7 +82,10 @@ class BatchNormMaxPool(torch.autograd.Function):
         out = torch.addcmul(shift.view(shape), pooled, scale.view(shape))
         if relu:
             out.clamp_min_(0)
-        ctx.save_for_backward(x, pooled, index, weight, mean, invstd, out if relu else None)
+        # Not ``out``: a later in-place op (Dropout(inplace=True)) may change it; the ReLU's
+        # mask is recomputed from the pooled map instead.
+        ctx.save_for_backward(x, pooled, index, weight, mean, invstd, shift)
+        ctx.relu = relu
         ctx.reuse_input = (x.grad_fn is not None and x._base is None
                            and type(x.grad_fn).__name__ in OUTPUT_FREE_NODES)
         return out
@@ -90,10 +93,11 @@ class BatchNormMaxPool(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, pooled, index, weight, mean, invstd, out = ctx.saved_tensors
-        if out is not None:  # the ReLU's backward
-            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        x, pooled, index, weight, mean, invstd, shift = ctx.saved_tensors
         shape = (1, -1, 1, 1)
+        if ctx.relu:  # the ReLU's backward, on its input recomputed
+            before_relu = torch.addcmul(shift.view(shape), pooled, (weight * invstd).view(shape))
+            grad = torch.ops.aten.threshold_backward(grad, before_relu, 0)
         dims = (0, 2, 3)
         count = x.numel() // x.size(1)  # the statistics' sample size, N * H * W
         grad_bias = grad.sum(dims)

@@ -206,7 +206,7 @@ class GradientMetaLearner(MetaAlgorithm):
 
     def meta_step(self, batch: Episodes) -> float:
         # A small perceptron's whole step, Adam's too, on one thread (stacked.threads_for).
-        with stacked.threads_for(self.model, batch.query_x):
+        with stacked.threads_for(self.model, batch.support_x, batch.query_x):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._meta_gradient(batch)
             self.optimizer.step()

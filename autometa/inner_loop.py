@@ -217,7 +217,7 @@ def adapt_and_predict(
             return episode_loss(pred, support_y).sum()
 
         fast = {n: params[n].expand(len(support_x), *params[n].shape) for n in names}
-        with stacked.threads_for(model, query_x):  # a small perceptron: one thread
+        with stacked.threads_for(model, support_x, query_x):  # a small perceptron: 1
             fast = _sgd_autograd(support_loss, fast, steps=steps, lr=lr, first_order=first_order)
             return stacked.forward(layers, {**frozen, **fast}, query_x)
     # The loop: inner gradients by autograd.grad (cheaper outside vmap; can write BN stats).
@@ -268,7 +268,7 @@ def meta_backward(
                                 first_order=options.get("first_order", False),
                                 meta_gradient=True)
     if strategy == "vmap":
-        with stacked.threads_for(model, episodes.query_x):  # a small perceptron: 1 thread
+        with stacked.threads_for(model, episodes.support_x, episodes.query_x):  # small: 1
             loss = loss_fn(adapt_episodes(model, episodes, loss_fn, strategy="vmap",
                                           **options), episodes.query_y)
             loss.backward()
@@ -289,8 +289,8 @@ def _episode_losses(model: nn.Module, episodes: Episodes, loss_fn: LossFn,
     the losses of all episodes add up to the batch's mean), one episode at a time."""
     for i in indices:
         episode = episodes[i : i + 1]
-        pred = adapt_episodes(model, episode, loss_fn, strategy="loop", fused_query=True,
-                              **options)
+        pred = adapt_episodes(model, episode, loss_fn, strategy="loop",
+                              **{"fused_query": True, **options})
         yield loss_fn(pred, episode.query_y) / len(episodes)
 
 

@@ -32,18 +32,35 @@ class Backbone(nn.Module):
         return self.head(self.features(x))
 
 
-def chain_leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]] | None:
+def chain_leaves(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The leaf modules (no children) of a chain, in the order its forward runs them, each
-    with its parameters' name prefix (``"features.0."``); None where a container is not
-    an ``nn.Sequential`` or a :class:`Backbone` (by exact type: a subclass may override
-    ``forward``) or any module has a forward hook. The inner loop's fast paths
-    (:mod:`autometa.stacked`, :mod:`autometa.fused_blocks`) run such chains themselves.
+    with its parameters' name prefix (``"features.0."``); None where a container is not an
+    ``nn.Sequential`` or a :class:`Backbone` (by exact type: a subclass may override
+    ``forward``), a module has a hook (forward or backward, its own or a global one), or a
+    parameter is reached under two names (a module used twice, tied weights). The inner
+    loop's fast paths (:mod:`autometa.stacked`, :mod:`autometa.fused_blocks`) run such
+    chains themselves, each leaf with its parameters by name.
     """
-    if model._forward_hooks or model._forward_pre_hooks:
+    if any(getattr(nn.modules.module, g, None) for g in _GLOBAL_HOOKS):
+        return None
+    named = list(model.named_parameters(remove_duplicate=False))
+    if len({id(p) for _, p in named}) != len(named):
+        return None
+    return _chain(model, "")
+
+
+#: torch.nn's registries of hooks on every module (``register_module_forward_hook``, ...).
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _chain(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]] | None:
+    if (model._forward_hooks or model._forward_pre_hooks or model._backward_hooks
+            or model._backward_pre_hooks):
         return None
     kind = type(model)
-    if kind is nn.Sequential:
-        children: list[tuple[str, nn.Module]] = list(model.named_children())
+    if kind is nn.Sequential:  # every entry, a module placed twice too (as forward runs it)
+        children = [(n, m) for n, m in model._modules.items() if m is not None]
     elif kind is Backbone:
         children = [("features", model.get_submodule("features")),
                     ("head", model.get_submodule("head"))]
@@ -53,7 +70,7 @@ def chain_leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Modul
         return None
     leaves: list[tuple[str, nn.Module]] = []
     for name, child in children:
-        inner = chain_leaves(child, f"{prefix}{name}.")
+        inner = _chain(child, f"{prefix}{name}.")
         if inner is None:
             return None
         leaves += inner

@@ -49,7 +49,7 @@ Layer = tuple[str, nn.Module]
 SMALL_MACS = 1 << 23
 
 
-def layers_of(model: nn.Module, prefix: str = "") -> list[Layer] | None:
+def layers_of(model: nn.Module) -> list[Layer] | None:
     """The model's layers in the order its forward runs them, if it is a perceptron this
     module can run stacked; None otherwise.
 
@@ -59,7 +59,7 @@ def layers_of(model: nn.Module, prefix: str = "") -> list[Layer] | None:
     activations of :data:`ELEMENTWISE`. Anything else (a convolution, BatchNorm, LoRA
     adapters, a hook on a module) gives None.
     """
-    layers = chain_leaves(model, prefix)
+    layers = chain_leaves(model)
     if layers is None or not all(_stackable(m) for _, m in layers):
         return None
     return layers
@@ -75,12 +75,15 @@ def _stackable(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def threads_for(model: nn.Module, x: Tensor) -> Iterator[None]:
+def threads_for(model: nn.Module, *batches: Tensor) -> Iterator[None]:
     """One intra-op thread inside, where ``model`` is a perceptron :func:`layers_of`
-    recognises whose largest layer on ``x`` (tasks, n, *in) is below :data:`SMALL_MACS`
-    multiply-adds on a CPU; otherwise torch's setting as it is. Restored on exit."""
+    recognises whose largest layer on the largest of ``batches`` (each (tasks, n, *in))
+    is below :data:`SMALL_MACS` multiply-adds on a CPU; otherwise torch's setting as it
+    is. Restored on exit. ``torch.set_num_threads`` is process-wide: call it from one
+    thread at a time (the meta-step's), not from the inner loop's episode workers."""
+    x = batches[0]
     layers = layers_of(model) if x.device.type == "cpu" else None
-    rows = x.shape[0] * x.shape[1] if x.dim() >= 2 else 1
+    rows = max(b.shape[0] * b.shape[1] if b.dim() >= 2 else 1 for b in batches)
     macs = max((rows * m.in_features * m.out_features for _, m in layers or []
                 if isinstance(m, nn.Linear)), default=SMALL_MACS)
     before = torch.get_num_threads()

@@ -169,3 +169,61 @@ def test_a_hook_keeps_the_plain_modules() -> None:
     assert blocks_of(model) is not None
     model.features[1].register_forward_hook(lambda *_: None)
     assert blocks_of(model) is None
+
+
+def test_float32_meta_gradient_agrees_with_the_plain_modules() -> None:
+    model = net("bn-pool-relu").float()
+    batch = episodes()
+    batch = Episodes(batch.support_x.float(), batch.support_y, batch.query_x.float(),
+                     batch.query_y)
+    expected = reference(model, batch, 1, lr=0.3)
+    meta_backward(model, batch, loss, steps=1, lr=0.3, strategy="loop")
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_an_in_place_op_after_a_block_and_a_module_used_twice() -> None:
+    """A later in-place op (here ReLU6(inplace=True) after the paper's block, whose max-pool
+    keeps no output) may change the block's output; a parameter-free module placed twice
+    runs twice, as nn.Sequential runs it."""
+    torch.manual_seed(0)
+    act = nn.LeakyReLU(0.1)
+    layers = [NHWCConv(3, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False),
+              nn.ReLU(), nn.MaxPool2d(2), nn.ReLU6(inplace=True), act,
+              NHWCConv(6, 6, 3, padding=1), act, nn.BatchNorm2d(6, track_running_stats=False),
+              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4, 4)]
+    model = nn.Sequential(*layers).double()
+    blocks = blocks_of(model)
+    assert blocks is not None
+    assert sum(1 for b in blocks if isinstance(b, tuple) and b[1] is act) == 2
+    batch = episodes()
+    expected = reference(model, batch, 2, lr=0.3)
+    meta_backward(model, batch, loss, steps=2, lr=0.3, strategy="loop")
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fused_query_can_be_turned_off() -> None:
+    model = net("bn-pool-relu")
+    batch = episodes()
+    expected = reference(model, batch, 1, lr=0.3)
+    meta_backward(model, batch, loss, steps=1, lr=0.3, strategy="loop", fused_query=False)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+
+
+def test_tied_weights_backward_and_global_hooks_keep_the_plain_modules() -> None:
+    conv = NHWCConv(3, 3, 3, padding=1)
+    tied = nn.Sequential(conv, nn.BatchNorm2d(3, track_running_stats=False), nn.MaxPool2d(2),
+                         conv, nn.BatchNorm2d(3, track_running_stats=False), nn.MaxPool2d(2))
+    assert blocks_of(tied) is None
+    model = net("bn-pool-relu")
+    handle = model.features[1].register_full_backward_hook(lambda *_: None)
+    assert blocks_of(model) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert blocks_of(model) is None
+    finally:
+        handle.remove()
+    assert blocks_of(model) is not None

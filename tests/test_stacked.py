@@ -148,3 +148,15 @@ def test_a_small_perceptron_runs_on_one_thread(hidden: int, threads_inside: int)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_activation_placed_twice_runs_twice_and_tied_weights_are_refused() -> None:
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(3, 5), act, nn.Linear(5, 5), act, nn.Linear(5, 1))
+    layers = stacked.layers_of(model)
+    assert layers is not None and len(layers) == 5
+    x = torch.randn(2, 4, 3)
+    out = stacked.forward(layers, dict(model.named_parameters()), x)
+    torch.testing.assert_close(out, model(x))
+    lin = nn.Linear(5, 5)
+    assert stacked.layers_of(nn.Sequential(nn.Linear(3, 5), lin, nn.ReLU(), lin)) is None
