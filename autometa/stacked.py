@@ -81,13 +81,15 @@ def threads_for(model: nn.Module, *batches: Tensor) -> Iterator[None]:
     is below :data:`SMALL_MACS` multiply-adds on a CPU; otherwise torch's setting as it
     is. Restored on exit. ``torch.set_num_threads`` is process-wide: call it from one
     thread at a time (the meta-step's), not from the inner loop's episode workers."""
-    x = batches[0]
-    layers = layers_of(model) if x.device.type == "cpu" else None
+    before = torch.get_num_threads()
+    if before == 1:  # already one (an outer meta-step's threads_for): no model walk again
+        yield
+        return
+    layers = layers_of(model) if batches[0].device.type == "cpu" else None
     rows = max(b.shape[0] * b.shape[1] if b.dim() >= 2 else 1 for b in batches)
     macs = max((rows * m.in_features * m.out_features for _, m in layers or []
                 if isinstance(m, nn.Linear)), default=SMALL_MACS)
-    before = torch.get_num_threads()
-    if macs >= SMALL_MACS or before == 1:
+    if macs >= SMALL_MACS:
         yield
         return
     torch.set_num_threads(1)
