@@ -269,6 +269,15 @@ def test_help_does_not_import_ray():
     assert "--address" in done.stdout and "--cpus-per-worker" in done.stdout
 
 
+def test_a_stopped_worker_outlasts_its_own_wait_for_its_trial():
+    """Ray's wrapper must not kill ``autometa worker`` before the worker has waited for its
+    trial process and written the trial's end (else the trial stays RUNNING)."""
+    from autometa.engine.pool import STOP_GRACE as POOL_STOP_GRACE
+    from autometa.launch.ray_cluster import STOP_GRACE
+
+    assert STOP_GRACE >= POOL_STOP_GRACE + 5
+
+
 def test_more_gpus_per_worker_than_any_node_has_is_one_line_and_nothing_is_stored(
         cluster, tmp_path, capsys):
     """Each node has 1 GPU: a worker asking for 2 would wait for ever (Ray's autoscaler

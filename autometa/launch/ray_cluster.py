@@ -36,7 +36,6 @@ from types import ModuleType
 from typing import Any
 
 from autometa.config import SearchConfig
-from autometa.engine.pool import STOP_GRACE as POOL_STOP_GRACE
 from autometa.engine.signals import STOP_SIGNALS, deferred, raise_if_stopped
 from autometa.errors import ConfigError, one_line, redact
 from autometa.launch import STORAGE_ENV, WorkerJob
@@ -52,7 +51,8 @@ CONNECT_TIMEOUT = 10
 #: Seconds a stopped worker gets to fail its trial and exit (then it is killed): longer
 #: than the worker's own wait for its trial process (``engine.pool.STOP_GRACE``), after
 #: which it writes the trial's end; an equal grace killed it first on a loaded machine.
-STOP_GRACE = POOL_STOP_GRACE + 10.0
+#: A literal, not derived: importing the pool here would import torch for ``--help``.
+STOP_GRACE = 15.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
