@@ -1,4 +1,4 @@
-"""A query set's forward pass with BatchNorm and max-pooling fused, for the inner loop.
+"""An episode's forward passes with BatchNorm and max-pooling fused, for the inner loop.
 
 In a second-order MAML meta-step on a convolutional backbone most of the time goes to the
 query set's forward and backward pass (75 images against the support set's 5 in a 5-way
@@ -20,8 +20,10 @@ plain modules'); measured on a conv4 meta-step in benchmarks/README.md (finding 
 
 Its backward is ``once_differentiable``: it serves a graph that is differentiated once.
 The inner loop uses it only there: :func:`autometa.inner_loop.meta_backward`'s query pass,
-whose loss is back-propagated once (the support passes, differentiated twice for a
-second-order meta-gradient, keep the plain modules). :func:`blocks_of` recognises the
+whose loss is back-propagated once. The support passes, differentiated twice for a
+second-order meta-gradient, run :class:`DifferentiableBatchNormMaxPool`: the same
+forward, and a backward written in differentiable ops, mostly on the pooled map, in place
+of BatchNorm's native double backward (finding 12). :func:`blocks_of` recognises the
 models it can run (``nn.Sequential`` / :class:`~autometa.source_model.Backbone`
 containers of leaf modules, with a ``BatchNorm2d`` of batch statistics followed by a
 2x2 ``MaxPool2d``, a ``ReLU`` before or after the pool joining them); :func:`forward` runs
@@ -42,8 +44,8 @@ from torch.func import functional_call
 
 from autometa.source_model import chain_leaves
 
-__all__ = ["OUTPUT_FREE_NODES", "BatchNormMaxPool", "FusedBlock", "Step", "blocks_of", "forward",
-           "try_forward", "usable"]
+__all__ = ["OUTPUT_FREE_NODES", "BatchNormMaxPool", "FusedBlock", "Step",
+           "DifferentiableBatchNormMaxPool", "blocks_of", "forward", "try_forward", "usable"]
 
 
 #: Autograd nodes that keep their inputs, not their output, for their backward: a BatchNorm
@@ -68,20 +70,9 @@ class BatchNormMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor,
                 eps: float, relu: bool) -> Tensor:
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # one pass, biased
+        out, pooled, index, mean, var = _normalise_pooled(x, weight, bias, eps, relu)
         invstd = (var + eps).rsqrt()
-        scale = weight * invstd
-        shift = bias - scale * mean
-        shape = (1, -1, 1, 1)
-        if bool((scale < 0).any()):  # pool the minimum of those channels
-            sign = torch.where(scale < 0, -1.0, 1.0).to(x.dtype).view(shape)
-            pooled, index = F.max_pool2d(x * sign, 2, return_indices=True)
-            pooled = pooled * sign
-        else:
-            pooled, index = F.max_pool2d(x, 2, return_indices=True)
-        out = torch.addcmul(shift.view(shape), pooled, scale.view(shape))
-        if relu:
-            out.clamp_min_(0)
+        shift = bias - weight * invstd * mean
         # Not ``out``: a later in-place op (Dropout(inplace=True)) may change it; the ReLU's
         # mask is recomputed from the pooled map instead.
         ctx.save_for_backward(x, pooled, index, weight, mean, invstd, shift)
@@ -120,6 +111,98 @@ class BatchNormMaxPool(torch.autograd.Function):
             rows.scatter_add_(1, _rows(index, c), _rows(src, c))
         return (grad_x, grad_weight if ctx.needs_input_grad[1] else None,
                 grad_bias if ctx.needs_input_grad[2] else None, None, None)
+
+
+class DifferentiableBatchNormMaxPool(torch.autograd.Function):
+    """:class:`BatchNormMaxPool` for a graph that is differentiated more than once: a
+    support set's loss, whose gradient is taken with ``create_graph=True`` and then
+    back-propagated by a second-order meta-gradient.
+
+    Shapes and semantics as :class:`BatchNormMaxPool`. The backward is written in
+    differentiable ops, most of them on the pooled quarter-size map (the ReLU's mask,
+    the affine map's gradients), with one full-resolution affine map and a scatter of the
+    pooled positions' share; the batch statistics' derivative comes from
+    :class:`_BatchStatistics`. Autograd differentiates that backward for the second
+    derivative, which BatchNorm's native double backward does with ~30 full-resolution
+    ops (benchmarks/README.md, finding 12); differentiable any number of times (the
+    ReLU's mask and the pooled positions, piecewise constant, have no derivative, as in
+    the modules). Nothing is written in place: ``x`` stays valid.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor,
+                eps: float, relu: bool) -> Tensor:
+        out, _, index, mean, var = _normalise_pooled(x, weight, bias, eps, relu)
+        ctx.save_for_backward(x, weight, bias, index, mean, var)
+        ctx.eps, ctx.relu = eps, relu
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, saved_index, saved_mean, saved_var = ctx.saved_tensors
+        n, c, h, w = x.shape
+        count = n * h * w  # the statistics' sample size
+        mean, var = _BatchStatistics.apply(x, saved_mean, saved_var)
+        invstd = (var + ctx.eps).rsqrt()
+        scale = weight * invstd
+        # (N, positions, C) rows: channels last, so (C,) vectors broadcast without views
+        index, rows_x, grad = _rows(saved_index, c), _rows(x, c), _rows(grad, c)
+        pooled = rows_x.gather(1, index)
+        if ctx.relu:  # the ReLU's backward (its mask has no derivative)
+            with torch.no_grad():
+                before_relu = torch.addcmul(bias - scale * mean, pooled, scale)
+            grad = torch.ops.aten.threshold_backward(grad, before_relu, 0)
+        grad_bias = grad.sum((0, 1))
+        grad_weight = (grad * ((pooled - mean) * invstd)).sum((0, 1))
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # as BatchNormMaxPool's, out of place
+            slope = -scale * invstd * grad_weight / count
+            offset = -scale * grad_bias / count - slope * mean
+            rows = torch.addcmul(offset, rows_x, slope).scatter_add(1, index, grad * scale)
+            grad_x = rows.view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last (N, C, H, W)
+        return (grad_x, grad_weight if ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.needs_input_grad[2] else None, None, None)
+
+
+class _BatchStatistics(torch.autograd.Function):
+    """Per-channel ``(mean, var)`` of x (N, C, H, W), biased, as already computed by the
+    forward pass (returned as copies), with their derivative w.r.t. ``x``:
+    ``d/dx = (grad_mean + 2 * grad_var * (x - mean)) / (N * H * W)``, itself written with
+    this function's mean, so differentiable any number of times."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x, mean, var)
+        return mean.clone(), var.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, var = ctx.saved_tensors
+        mean, _ = _BatchStatistics.apply(x, mean, var)  # its dependence on x, for higher orders
+        count = x.numel() // x.size(1)
+        slope = 2 * grad_var / count
+        offset = grad_mean / count - slope * mean
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(offset.view(shape), x, slope.view(shape)), None, None
+
+
+def _normalise_pooled(x: Tensor, weight: Tensor, bias: Tensor, eps: float, relu: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The block's output, the pooled map and its indices, and the batch's per-channel
+    mean and biased variance (both blocks' forward pass)."""
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # one pass, biased
+    scale = weight * (var + eps).rsqrt()
+    shape = (1, -1, 1, 1)
+    if bool((scale < 0).any()):  # pool the minimum of those channels
+        sign = torch.where(scale < 0, -1.0, 1.0).to(x.dtype).view(shape)
+        pooled, index = F.max_pool2d(x * sign, 2, return_indices=True)
+        pooled = pooled * sign
+    else:
+        pooled, index = F.max_pool2d(x, 2, return_indices=True)
+    out = torch.addcmul((bias - scale * mean).view(shape), pooled, scale.view(shape))
+    if relu:
+        out.clamp_min_(0)
+    return out, pooled, index, mean, var
 
 
 def _rows(t: Tensor, channels: int) -> Tensor:
@@ -196,22 +279,25 @@ def usable(x: Tensor) -> bool:
             and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
-def try_forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor | None:
+def try_forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, *,
+                higher_order: bool = False) -> Tensor | None:
     """:func:`forward` where :func:`usable` and :func:`blocks_of` allow it, else None."""
     if not usable(x):
         return None
     steps = blocks_of(model)
-    return None if steps is None else forward(steps, params, x)
+    return None if steps is None else forward(steps, params, x, higher_order=higher_order)
 
 
-def forward(steps: list[Step], params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+def forward(steps: list[Step], params: Mapping[str, Tensor], x: Tensor, *,
+            higher_order: bool = False) -> Tensor:
     """The model on ``x`` with ``params`` (``{name: tensor}``, as ``functional_call``
-    takes them), each fused block one :class:`BatchNormMaxPool` node where its input is a
-    4-d ``channels_last`` map (a block whose input is not runs its modules as they are)."""
+    takes them), each fused block one :class:`BatchNormMaxPool` node (with ``higher_order``, a
+    :class:`DifferentiableBatchNormMaxPool`) where its input is a 4-d
+    ``channels_last`` map (a block whose input is not runs its modules as they are)."""
     h = x
     for step in steps:
         if isinstance(step, FusedBlock):
-            h = _fused(step, params, h)
+            h = _fused(step, params, h, higher_order)
         else:
             prefix, module = step
             own = {n: params[prefix + n] for n, _ in module.named_parameters()
@@ -220,7 +306,8 @@ def forward(steps: list[Step], params: Mapping[str, Tensor], x: Tensor) -> Tenso
     return h
 
 
-def _fused(block: FusedBlock, params: Mapping[str, Tensor], h: Tensor) -> Tensor:
+def _fused(block: FusedBlock, params: Mapping[str, Tensor], h: Tensor,
+           higher_order: bool) -> Tensor:
     weight = params.get(block.prefix + "weight", block.norm.weight)
     bias = params.get(block.prefix + "bias", block.norm.bias)
     if h.dim() != 4 or not h.is_contiguous(memory_format=torch.channels_last) or min(
@@ -228,4 +315,5 @@ def _fused(block: FusedBlock, params: Mapping[str, Tensor], h: Tensor) -> Tensor
         h = F.max_pool2d(F.batch_norm(h, None, None, weight, bias, True, 0.0,
                                       block.norm.eps), 2)
         return torch.relu(h) if block.relu else h
-    return BatchNormMaxPool.apply(h, weight, bias, block.norm.eps, block.relu)
+    function = DifferentiableBatchNormMaxPool if higher_order else BatchNormMaxPool
+    return function.apply(h, weight, bias, block.norm.eps, block.relu)

@@ -33,9 +33,9 @@ algorithm built on this toolkit, whatever the strategy and the order of the meta
 
 A meta-step calls :func:`meta_backward`: adaptation, query loss and backward in one, so
 that the loop strategy can back-propagate each episode as soon as its loss is known and
-hold one episode's graph at a time instead of the whole meta-batch's. On a CPU with
-several intra-op threads (``torch.get_num_threads()``) that loop gives whole episodes to
-that many worker threads instead of splitting each small kernel across them (below).
+hold one episode's graph at a time instead of the whole meta-batch's, and can run its
+passes through :mod:`autometa.fused_blocks` (``fused``). On a CPU with several intra-op
+threads that loop gives whole episodes to worker threads instead of splitting each kernel.
 """
 
 from __future__ import annotations
@@ -57,21 +57,9 @@ from autometa import fused_blocks, stacked
 from autometa.errors import ConfigError
 from autometa.task import Episodes
 
-__all__ = [
-    "LearningRate",
-    "LossFn",
-    "Params",
-    "Strategy",
-    "adapt",
-    "adapt_and_predict",
-    "adapt_episodes",
-    "choose_strategy",
-    "each_task",
-    "meta_backward",
-    "parameters_of",
-    "resolve_strategy",
-    "with_parameters",
-]
+__all__ = ["LearningRate", "LossFn", "Params", "Strategy", "adapt", "adapt_and_predict",
+           "adapt_episodes", "choose_strategy", "each_task", "meta_backward", "parameters_of",
+           "resolve_strategy", "with_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +98,7 @@ def adapt(
     first_order: bool = False,
     adapt_only: Callable[[str], bool] | None = None,
     autograd: bool = False,
+    fused: bool = False,
 ) -> Params:
     """Run ``steps`` of SGD on one support set (x: (n, *input_shape)) and return new params.
 
@@ -120,12 +109,15 @@ def adapt(
             ``torch.func.grad``: the same values and meta-gradients, without func.grad's
             per-call transform set-up, which costs more than a small model's backward
             (benchmarks/README.md, finding 5). Only outside ``vmap``.
+        fused: with ``autograd``, the support passes run :mod:`autometa.fused_blocks`.
     """
     names = [n for n in params if adapt_only is None or adapt_only(n)]
     frozen = {n: p for n, p in params.items() if n not in names}
 
     def support_loss(fast: Params) -> Tensor:
-        return loss_fn(functional_call(model, {**frozen, **fast}, (x,)), y)
+        every = {**frozen, **fast}
+        out = fused and autograd and fused_blocks.try_forward(model, every, x, higher_order=True)
+        return loss_fn(out if isinstance(out, Tensor) else functional_call(model, every, (x,)), y)
 
     fast = {n: params[n] for n in names}
     if autograd:
@@ -180,7 +172,7 @@ def adapt_and_predict(
     first_order: bool = False,
     adapt_only: Callable[[str], bool] | None = None,
     strategy: Strategy = "vmap",
-    fused_query: bool = False,
+    fused: bool = False,
 ) -> Tensor:
     """Adapt to each episode's support set and predict its query set.
 
@@ -190,9 +182,9 @@ def adapt_and_predict(
     Args:
         strategy: ``"vmap"``, ``"loop"`` or ``"auto"`` (:func:`choose_strategy`); a
             meta-gradient is taken where gradients are enabled.
-        fused_query: the loop runs each query pass through :mod:`autometa.fused_blocks`
-            where it recognises the model (faster on a CPU); the result may then be
-            differentiated once only, as :func:`meta_backward` does.
+        fused: the loop runs each support and query pass through
+            :mod:`autometa.fused_blocks` where it recognises the model (faster on a CPU);
+            the result may then be differentiated once only, as :func:`meta_backward` does.
 
     Raises:
         ConfigError: an unknown strategy, or ``"vmap"`` where it is refused (module
@@ -200,10 +192,10 @@ def adapt_and_predict(
     """
 
     def one(sx: Tensor, sy: Tensor, qx: Tensor, autograd: bool) -> Tensor:
-        fast = adapt(model, params, sx, sy, loss_fn, steps=steps, lr=lr,
-                     first_order=first_order, adapt_only=adapt_only, autograd=autograd)
-        fused = fused_query and autograd and fused_blocks.try_forward(model, fast, qx)
-        return fused if isinstance(fused, Tensor) else functional_call(model, fast, (qx,))
+        fast = adapt(model, params, sx, sy, loss_fn, steps=steps, lr=lr, first_order=first_order,
+                     adapt_only=adapt_only, autograd=autograd, fused=fused)
+        out = fused and autograd and fused_blocks.try_forward(model, fast, qx)
+        return out if isinstance(out, Tensor) else functional_call(model, fast, (qx,))
 
     chosen = resolve_strategy(model, strategy, first_order=first_order)
     layers = stacked.layers_of(model) if chosen == "vmap" else None
@@ -252,7 +244,8 @@ def meta_backward(
     known, so only one episode's graph is alive at a time: a second-order conv4 meta-step
     over 32 episodes peaks at ~65 MB of tensors per worker thread (below) instead of ~1.9 GB
     (benchmarks/memory.py).
-    The vmap strategy computes all episodes at once and back-propagates once.
+    The vmap strategy computes all episodes at once and back-propagates once. The loop
+    runs with ``fused=True`` unless ``options`` say otherwise (:func:`adapt_and_predict`).
 
     On a CPU with several intra-op threads, the loop runs episodes on that many worker
     threads, one graph alive per worker, and adds their gradients in a fixed order; there
@@ -290,7 +283,7 @@ def _episode_losses(model: nn.Module, episodes: Episodes, loss_fn: LossFn,
     for i in indices:
         episode = episodes[i : i + 1]
         pred = adapt_episodes(model, episode, loss_fn, strategy="loop",
-                              **{"fused_query": True, **options})
+                              **{"fused": True, **options})
         yield loss_fn(pred, episode.query_y) / len(episodes)
 
 
@@ -406,8 +399,6 @@ def adapt_episodes(model: nn.Module, episodes: Episodes, loss_fn: LossFn, **opti
     """
     return adapt_and_predict(model, parameters_of(model), episodes.support_x,
                              episodes.support_y, episodes.query_x, loss_fn, **options)
-
-
 
 
 # --------------------------------------------------------------------------- strategy

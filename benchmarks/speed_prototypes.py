@@ -67,15 +67,41 @@ class ProtoConv4Plain(Autometa):
                     seq._modules[a], seq._modules[b] = seq._modules[b], seq._modules[a]
 
 
-class ProtoUnfusedQuery(Autometa):
-    """The query pass through the model's own modules, as before ``autometa.fused_blocks``:
-    a forward hook that does nothing keeps the inner loop off its fast paths (a hooked model
+class ProtoUnfused(Autometa):
+    """Every pass through the model's own modules, as before ``autometa.fused_blocks``: a
+    forward hook that does nothing keeps the inner loop off its fast paths (a hooked model
     is not a chain it runs itself, ``autometa.source_model.chain_leaves``)."""
 
     def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
         super().__init__(model, work, steps, "auto")
-        self.label, self.strategy = "proto: query pass unfused (previous)", "auto"
+        self.label, self.strategy = "proto: passes unfused", "auto"
         self.algorithm.model.register_forward_hook(lambda *_: None)
+
+
+class ProtoUnfusedSupport(Autometa):
+    """The query pass fused but the support passes through the model's own modules
+    (BatchNorm's native double backward), as before
+    ``fused_blocks.DifferentiableBatchNormMaxPool``: ``fused_blocks.try_forward`` declines
+    the support passes for the length of this contender's step."""
+
+    def __init__(self, model: nn.Module, work: Workload, steps: int) -> None:
+        super().__init__(model, work, steps, "auto")
+        self.label, self.strategy = "proto: support passes unfused (previous)", "auto"
+
+    def step(self, batch: Episodes) -> None:
+        from autometa import fused_blocks
+
+        fused = fused_blocks.try_forward
+
+        def query_only(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                       *, higher_order: bool = False) -> torch.Tensor | None:
+            return None if higher_order else fused(model, params, x)
+
+        fused_blocks.try_forward = query_only  # type: ignore[assignment]
+        try:
+            super().step(batch)
+        finally:
+            fused_blocks.try_forward = fused
 
 
 class ProtoVmapPerceptron(Autometa):
@@ -109,14 +135,16 @@ class ProtoVmapPerceptron(Autometa):
 #: Prototypes left out on a workload, and why.
 PROTOTYPE_SKIP = {("proto-compile", "conv4"): "vmap is slower and wrong with BatchNorm there",
                   ("proto-conv4-plain", "sinusoid"): "a conv4 layout",
-                  ("proto-unfused-query", "sinusoid"): "no BatchNorm or max-pool to fuse",
+                  ("proto-unfused", "sinusoid"): "no BatchNorm or max-pool to fuse",
+                  ("proto-unfused-support", "sinusoid"): "no BatchNorm or max-pool to fuse",
                   ("proto-vmap-perceptron", "conv4"): "a perceptron's path"}
 
 PROTOTYPES: dict[str, type[Contender]] = {
     "proto-fused-adam": ProtoFusedAdam,
     "proto-compile": ProtoCompiled,
     "proto-conv4-plain": ProtoConv4Plain,
-    "proto-unfused-query": ProtoUnfusedQuery,
+    "proto-unfused": ProtoUnfused,
+    "proto-unfused-support": ProtoUnfusedSupport,
     "proto-vmap-perceptron": ProtoVmapPerceptron,
 }
 
@@ -124,4 +152,4 @@ PROTOTYPES: dict[str, type[Contender]] = {
 #: What each prototype is compared with: the unpatched contender it modifies.
 PROTOTYPE_BASE = {"proto-fused-adam": "autometa-auto", "proto-compile": "autometa-vmap",
                   "proto-conv4-plain": "autometa-auto", "proto-vmap-perceptron": "autometa-auto",
-                  "proto-unfused-query": "autometa-auto"}
+                  "proto-unfused": "autometa-auto", "proto-unfused-support": "autometa-auto"}

@@ -1,4 +1,4 @@
-"""The query pass's fused BatchNorm + max-pool (autometa.fused_blocks): the same
+"""The fused BatchNorm + max-pool of an episode's passes (autometa.fused_blocks): the same
 meta-gradients as the plain modules in float64, taken only where it is safe."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from autometa import Backbone, Episodes
-from autometa.fused_blocks import blocks_of, forward
+from autometa.fused_blocks import DifferentiableBatchNormMaxPool, blocks_of, forward
 from autometa.inner_loop import adapt_and_predict, meta_backward, parameters_of
 
 
@@ -109,7 +109,7 @@ def test_the_query_pass_runs_fused_and_refuses_a_second_derivative() -> None:
     batch = episodes(1)
     params = parameters_of(model)
     pred = adapt_and_predict(model, params, batch.support_x, batch.support_y, batch.query_x,
-                             loss, steps=1, lr=0.3, strategy="loop", fused_query=True)
+                             loss, steps=1, lr=0.3, strategy="loop", fused=True)
     assert "BatchNormMaxPoolBackward" in nodes(pred)
     first = torch.autograd.grad(loss(pred, batch.query_y), list(params.values()),
                                 create_graph=True)
@@ -117,13 +117,81 @@ def test_the_query_pass_runs_fused_and_refuses_a_second_derivative() -> None:
         torch.autograd.grad(sum(g.sum() for g in first), list(params.values()))
 
 
-def test_without_fused_query_the_plain_modules_run() -> None:
-    """adapt_and_predict's default keeps every graph differentiable twice (a user's Hessian)."""
+def test_the_support_pass_runs_the_differentiable_block() -> None:
+    """The support loss's gradient is taken with create_graph through the differentiable
+    block: its recorded backward (with the statistics' node) is in the prediction's graph."""
+    model = net("bn-pool-relu")
+    batch = episodes(1)
+    pred = adapt_and_predict(model, parameters_of(model), batch.support_x, batch.support_y,
+                             batch.query_x, loss, steps=1, lr=0.3, strategy="loop", fused=True)
+    assert "_BatchStatisticsBackward" in nodes(pred)
+
+
+def test_the_differentiable_blocks_third_derivative_against_finite_differences() -> None:
+    """Differentiable any number of times: the second derivative's own gradient agrees with
+    finite differences (BatchNorm2d's native double backward does not: its third
+    derivative fails this same check in torch 2.13)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    probe = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64)
+
+    def second(x, weight, bias):
+        out = DifferentiableBatchNormMaxPool.apply(x, weight, bias, 1e-5, True)
+        first = torch.autograd.grad((out * probe).sum(), (x, weight), create_graph=True)
+        return torch.autograd.grad(sum((f * f).sum() for f in first), (x, weight),
+                                   create_graph=True)
+
+    assert torch.autograd.gradcheck(second, (x, weight, bias))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("size", [(4, 6, 8, 8), (3, 5, 7, 9)])  # odd sides: a row/col unpooled
+def test_differentiable_block_matches_the_modules_to_the_second_derivative(
+        relu: bool, size: tuple[int, int, int, int]) -> None:
+    """Values, gradients and Hessian-vector products of the block equal BatchNorm2d +
+    max_pool2d (+ ReLU)'s in float64, with negative scales in some channels."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*size, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.rand(size[1], generator=g, dtype=torch.float64) * 3 - 1.5).requires_grad_()
+    bias = torch.randn(size[1], generator=g, dtype=torch.float64).requires_grad_()
+    probe = torch.randn(size[0], size[1], size[2] // 2, size[3] // 2, generator=g,
+                        dtype=torch.float64)
+    before = x.detach().clone()
+
+    def plain(x, weight, bias):
+        y = F.max_pool2d(F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5), 2)
+        return torch.relu(y) if relu else y
+
+    def fused(x, weight, bias):
+        return DifferentiableBatchNormMaxPool.apply(x, weight, bias, 1e-5, relu)
+
+    results = []
+    for fn in (plain, fused):
+        out = fn(x, weight, bias)
+        first = torch.autograd.grad((out * probe).sum(), (x, weight, bias), create_graph=True)
+        # the second derivative along the first gradients squared (a Hessian-vector product)
+        second = torch.autograd.grad(sum((f * f).sum() for f in first), (x, weight, bias),
+                                     allow_unused=True)  # the bias: only through the mask
+        results.append([out, *first, *(torch.zeros_like(t) if s is None else s
+                                       for s, t in zip(second, (x, weight, bias), strict=True))])
+    for name, a, b in zip(["out", "dx", "dw", "db", "d2x", "d2w", "d2b"], *results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=name)
+    assert torch.equal(x.detach(), before)  # nothing written over the input
+    torch.autograd.gradgradcheck(fused, (x, weight, bias))
+
+
+def test_without_fused_the_plain_modules_run() -> None:
+    """adapt_and_predict's default keeps every graph differentiable as often as a user
+    wants (a Hessian of the meta-loss)."""
     model = net("bn-pool-relu")
     batch = episodes(1)
     pred = adapt_and_predict(model, parameters_of(model), batch.support_x, batch.support_y,
                              batch.query_x, loss, steps=1, lr=0.3, strategy="loop")
-    assert "BatchNormMaxPoolBackward" not in nodes(pred)
+    assert not {"BatchNormMaxPoolBackward", "_BatchStatisticsBackward"} & nodes(pred)
 
 
 def test_a_second_backward_through_a_reused_input_raises() -> None:
@@ -203,11 +271,11 @@ def test_an_in_place_op_after_a_block_and_a_module_used_twice() -> None:
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_fused_query_can_be_turned_off() -> None:
+def test_fusion_can_be_turned_off() -> None:
     model = net("bn-pool-relu")
     batch = episodes()
     expected = reference(model, batch, 1, lr=0.3)
-    meta_backward(model, batch, loss, steps=1, lr=0.3, strategy="loop", fused_query=False)
+    meta_backward(model, batch, loss, steps=1, lr=0.3, strategy="loop", fused=False)
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
