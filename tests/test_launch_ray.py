@@ -51,7 +51,11 @@ def _search(storage: str, *extra: str, study: str = STUDY, trials: int = TRIALS,
 
 
 def _trials(storage: str, study: str = STUDY) -> list[FrozenTrial]:
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    # SQLite's write lock may be held for seconds by a worker on a loaded machine (the
+    # workers' own storages wait for it; Optuna's default gives up after 5 s)
+    waits = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    rdb = optuna.storages.RDBStorage(storage, engine_kwargs=waits)
+    return optuna.load_study(study_name=study, storage=rdb).get_trials(deepcopy=False)
 
 
 def _running(storage: str, study: str = STUDY) -> list[FrozenTrial]:

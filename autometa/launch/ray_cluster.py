@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -46,13 +47,17 @@ EXTRA = "ray"
 #: ``max_retries``, on any node with the resources); a worker that exits with an error is
 #: not (its exit code is reported: running it again would fail the same way).
 MAX_RETRIES = 3
+#: Seconds to wait, at most, for the launch's :class:`StopFlag` to be up before the tasks
+#: are started (they watch it either way).
+FLAG_START = 300
 #: Seconds to wait for the head at ``--address`` to accept a connection.
 CONNECT_TIMEOUT = 10
-#: Seconds a stopped worker gets to fail its trial and exit (then it is killed): longer
-#: than the worker's own wait for its trial process (``engine.pool.STOP_GRACE``), after
-#: which it writes the trial's end; an equal grace killed it first on a loaded machine.
-#: A literal, not derived: importing the pool here would import torch for ``--help``.
-STOP_GRACE = 15.0
+#: Seconds a stopped worker gets to fail its trial and exit (then it is killed), as SLURM's
+#: (``slurm.STOP_GRACE_S``): well above the worker's own wait for its trial process
+#: (``engine.pool.STOP_GRACE``), after which it writes the trial's end. On a loaded
+#: machine (load ~7 on 2 cores) a stop took ~15 s, and a 15 s grace killed one of two
+#: workers before its write. A literal: importing the pool would import torch for --help.
+STOP_GRACE = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,10 +100,38 @@ class Ended:
     exit_code: int
 
 
-def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
+class StopFlag:
+    """Set once, by the launcher when it is stopped; every task of the launch watches it
+    (a Ray actor on the launcher's node, :func:`launch`). Ray's own cancellation of a
+    running task (a KeyboardInterrupt in its process) did not always reach the task: on
+    a loaded machine a worker ran on until the launcher left, and Ray then killed it
+    without its trial's end written."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._stopped = asyncio.Event()
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    async def wait(self) -> bool:
+        await self._stopped.wait()
+        return True
+
+
+def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str,
+               stop: Any = None) -> Ended:
     """The body of one Ray task, on its node: run ``argv`` with ``env`` added to the
     task's environment (which holds the ``CUDA_VISIBLE_DEVICES`` Ray set for the task),
     in ``cwd`` where that directory exists on this node (a shared disk), and wait for it.
+
+    When the launcher sets ``stop`` (a :class:`StopFlag` actor's handle), or Ray cancels
+    the task, the worker is sent SIGTERM: it fails its trial in flight as interrupted and
+    queues it again, and is killed if it has not exited after :data:`STOP_GRACE`.
 
     The subprocess is also sent SIGTERM if this Ray worker process dies (Linux): Ray 2.60
     ends a dead worker's children itself (seen with its raylet killed and with the worker
@@ -112,23 +145,48 @@ def run_worker(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Ended:
     process = subprocess.Popen(list(argv), env={**os.environ, **env},
                                cwd=cwd if os.path.isdir(cwd) else None,
                                preexec_fn=_die_with_parent())
+    watch = None if stop is None else stop.wait.remote()
     try:
         while True:  # in steps: Ray's cancel (a KeyboardInterrupt) comes between two
+            if watch is not None and ray.wait([watch], timeout=0)[0]:
+                if _stopped(ray, watch):
+                    code = _end(process)
+                    break
+                watch = None  # the flag's actor is gone (its node lost): no stop came
             try:
                 code = process.wait(timeout=1)
                 break
             except subprocess.TimeoutExpired:
                 pass
-    except BaseException:  # cancelled (the launcher stopped): the worker fails its trial
-        process.terminate()  # as interrupted and queues it again, as on SIGTERM anywhere
-        try:
-            process.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    except BaseException:  # cancelled: the worker fails its trial as interrupted and
+        _end(process)  # queues it again, as on SIGTERM anywhere
         raise
     return Ended(node=context.get_node_id(), ip=ray.util.get_node_ip_address(), gpus=gpus,
                  exit_code=code)
+
+
+def _stopped(ray: ModuleType, watch: Any) -> bool:
+    """Whether the :class:`StopFlag` call ``watch`` (done) says stop; False where its
+    actor died instead."""
+    try:
+        return bool(ray.get(watch))
+    except ray.exceptions.RayError:
+        return False
+
+
+def _end(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM ``process``, wait up to :data:`STOP_GRACE` for it (not cut short by a
+    KeyboardInterrupt: Ray's cancel may come meanwhile), then kill it; its exit code."""
+    process.terminate()
+    deadline = time.monotonic() + STOP_GRACE
+    while True:
+        try:
+            return process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def _die_with_parent() -> Any:
@@ -161,7 +219,8 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
     node, GPU ids and exit code). ``--dry-run``: prints what would be started (no
     password) and starts nothing, without needing Ray.
 
-    Stopped (Ctrl-C, SIGTERM, SIGHUP), it cancels every task: each worker fails its trial
+    Stopped (Ctrl-C, SIGTERM, SIGHUP), it sets the launch's :class:`StopFlag`, which every
+    task watches, and cancels the tasks still queued after: each worker fails its trial
     in flight as interrupted and queues it again (:data:`STOP_GRACE`); then the
     interruption goes on (``autometa`` exits 130, 143, 129) and the same command resumes.
 
@@ -185,7 +244,8 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
         _connect(ray, args.address)
     task = ray.remote(num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker,
                       max_retries=MAX_RETRIES)(run_worker)
-    refs = [task.remote(job.argv(), job.env(), os.getcwd()) for _ in range(workers)]
+    stop = _stop_flag(ray)
+    refs = [task.remote(job.argv(), job.env(), os.getcwd(), stop) for _ in range(workers)]
     print(f"started {describe(workers, args)}", flush=True)
     _say_fit(ray, args, workers)
     board = ["autometa", "leaderboard", job.study, "--storage", redact(job.storage)]
@@ -198,11 +258,12 @@ def launch(job: WorkerJob, workers: int, args: argparse.Namespace) -> int:
         with deferred():
             print(f"stopping the {workers} worker(s): their trials in flight are failed and "
                   "queued again", flush=True)
-            for ref in refs:
+            stop.stop.remote()
+            # A task ends once its worker has (within its STOP_GRACE): leaving sooner would
+            # have Ray kill the workers while they queue their trials again.
+            _, left = ray.wait(refs, num_returns=len(refs), timeout=3 * STOP_GRACE)
+            for ref in left:  # tasks still queued for a free node, or not answering
                 ray.cancel(ref)
-            # A cancelled task ends once its worker has (within its STOP_GRACE): leaving
-            # sooner would have Ray kill the workers while they queue their trials again.
-            ray.wait(refs, num_returns=len(refs), timeout=3 * STOP_GRACE)
         raise_if_stopped()  # SIGTERM's own Interrupted (Ray's wait makes any a KeyboardInterrupt)
         raise
 
@@ -233,6 +294,19 @@ def check(args: argparse.Namespace, config: SearchConfig) -> None:
             f"has {largest.get('GPU', 0):g} GPU(s) and {largest.get('CPU', 0):g} CPU(s)): "
             "lower --gpus-per-worker / --cpus-per-worker, or add a node with more "
             "(`ray start --address HEAD:6379 --num-gpus N --num-cpus N`)")
+
+
+def _stop_flag(ray: ModuleType) -> Any:
+    """A :class:`StopFlag` actor on this process's node (which lives as long as the
+    launcher), taking no CPU, once it is up: its process takes seconds to start (over a
+    minute on a loaded machine), which a stop must not wait for."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_concurrency=100_000, scheduling_strategy=here)(StopFlag)
+    flag = actor.remote()
+    ray.wait([flag.ready.remote()], timeout=FLAG_START)
+    return flag
 
 
 def _need(args: argparse.Namespace) -> dict[str, float]:
