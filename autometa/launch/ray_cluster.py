@@ -56,7 +56,9 @@ CONNECT_TIMEOUT = 10
 #: (``slurm.STOP_GRACE_S``): well above the worker's own wait for its trial process
 #: (``engine.pool.STOP_GRACE``), after which it writes the trial's end. On a loaded
 #: machine (load ~7 on 2 cores) a stop took ~15 s, and a 15 s grace killed one of two
-#: workers before its write. A literal: importing the pool would import torch for --help.
+#: workers before its write (at that load a worker still building its trial once outlasted
+#: 60 s too: its trial is then left to the stale-trial check). A literal: importing the
+#: pool would import torch for --help.
 STOP_GRACE = 60.0
 
 
